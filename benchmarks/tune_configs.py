@@ -1,0 +1,90 @@
+"""Sweep tile shapes, warps and pipeline stages of the kernels on one pattern (GPU only).
+
+    python benchmarks/tune_configs.py --seq-len 32768 --out benchmarks/results
+
+Prints one row per (layout tile, pass, num_warps, num_stages) with the median time and the
+effective TFLOP/s on the pattern's non-zeros, and writes them to ``tune_<gpu>.csv``. The winners
+belong in ``blocksparse_fsa/kernels/config.py``.
+"""
+
+import argparse
+import csv
+import itertools
+import os
+
+import torch
+from triton.testing import do_bench
+
+import blocksparse_fsa as bsa
+from blocksparse_fsa.kernels import config as launch_config
+
+
+def sliding_window(length, window, heads, device):
+    i = torch.arange(length, device=device)[:, None]
+    idx = i - torch.arange(window, device=device)[None, :]
+    return torch.where(idx >= 0, idx, -1).to(torch.int32)[None, None].expand(1, heads, -1, -1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=32768)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--heads-q", type=int, default=32)
+    parser.add_argument("--heads-kv", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--blocks", nargs="+", default=["64x64", "128x64", "128x128"])
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    length, hq, hkv, dim = args.seq_len, args.heads_q, args.heads_kv, args.head_dim
+    torch.manual_seed(0)
+    q = torch.randn(1, length, hq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, length, hkv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, length, hkv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(q)
+    idx = sliding_window(length, args.window, hkv, "cuda")
+    rows = []
+    default_fwd, default_bwd = launch_config.get_fwd_config, launch_config.get_bwd_config
+    for block in args.blocks:
+        block_m, block_n = map(int, block.split("x"))
+        layout = bsa.build_layout(idx, length, is_causal=True, block_m=block_m, block_n=block_n)
+        flops = 4 * layout.nnz * (hq // layout.heads) * dim
+        out = bsa.sparse_attn_func(q, k, v, layout=layout)
+        for passname, warps, stages in itertools.product(["fwd", "bwd"], [4, 8], [1, 2, 3, 4]):
+            config = dict(num_warps=warps, num_stages=stages)
+            fixed = (lambda *a, c=config: c)
+            launch_config.get_fwd_config = fixed if passname == "fwd" else default_fwd
+            launch_config.get_bwd_config = fixed if passname == "bwd" else default_bwd
+            try:
+                if passname == "fwd":
+                    ms = do_bench(lambda: bsa.sparse_attn_func(q, k, v, layout=layout),
+                                  warmup=10, rep=40, return_mode="median")
+                    work = flops
+                else:
+                    out = bsa.sparse_attn_func(q, k, v, layout=layout)
+                    ms = do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout,
+                                                              retain_graph=True),
+                                  warmup=10, rep=40, return_mode="median")
+                    work = 2.5 * flops
+                row = dict(block=block, pass_=passname, num_warps=warps, num_stages=stages,
+                           ms=round(ms, 4), tflops=round(work / ms / 1e9, 1),
+                           density=round(layout.density, 4))
+            except Exception as e:  # noqa: BLE001 (out of resources etc.: report, go on)
+                row = dict(block=block, pass_=passname, num_warps=warps, num_stages=stages,
+                           ms=None, tflops=None, density=round(layout.density, 4),
+                           error=type(e).__name__)
+            rows.append(row)
+            print(row, flush=True)
+    launch_config.get_fwd_config, launch_config.get_bwd_config = default_fwd, default_bwd
+    os.makedirs(args.out, exist_ok=True)
+    slug = torch.cuda.get_device_name().replace(" ", "_")
+    with open(os.path.join(args.out, f"tune_{slug}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({key for r in rows for key in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+    for passname in ("fwd", "bwd"):
+        best = min((r for r in rows if r["pass_"] == passname and r["ms"]), key=lambda r: r["ms"])
+        print(f"best {passname}: {best}")
+
+
+if __name__ == "__main__":
+    main()

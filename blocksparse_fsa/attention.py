@@ -1,0 +1,179 @@
+"""The public entry point ``sparse_attn_func``: argument checks, pattern -> layout, dispatch."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from .kernels import sparse_attn_bwd, sparse_attn_fwd
+from .layout import SparseLayout, build_layout
+from .reference import sparse_attention
+
+MAX_HEAD_DIM = 256
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BACKENDS = ("auto", "triton", "torch")
+
+
+class SparseAttnFunction(torch.autograd.Function):
+    """Triton forward and backward over a fixed layout; ``lse`` is differentiable too."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, softmax_scale):
+        out, lse = sparse_attn_fwd(q, k, v, layout, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout = layout
+        ctx.softmax_scale = softmax_scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None:
+            dlse = dlse.float().contiguous()
+        dq, dk, dv = sparse_attn_bwd(dout, q, k, v, out, lse, dlse, ctx.layout,
+                                     ctx.softmax_scale)
+        return dq, dk, dv, None, None
+
+
+def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causal=None,
+                     softmax_scale=None, *, attn_indices=None, layout=None, return_lse=False,
+                     backend="auto"):
+    """Exact softmax attention restricted to a sparse pattern.
+
+    Args:
+        query: ``(B, Lq, Hq, D)`` float16, bfloat16 or float32; any strides.
+        key, value: ``(B, Lk, Hkv, D)``, same dtype and device; ``Hq % Hkv == 0`` (GQA/MQA).
+        attn_mask: dense bool ``(B|1, Hq|Hkv|1, Lq, Lk)``, True = attend.
+        attn_bias: not supported in this release (raises NotImplementedError).
+        is_causal: bottom-right aligned causality (query i sees key j iff j <= i + Lk - Lq),
+            applied to the pattern in preprocessing. ``None`` means False, except with
+            ``layout=``, where it means "whatever the layout was built with"; an explicit value
+            that contradicts the layout is an error.
+        softmax_scale: defaults to ``1 / sqrt(D)``.
+        attn_indices: integer ``(B|1, Hkv|1, Lq, W)``, entries in ``[-1, Lk)``, -1 = unused.
+        layout: a :class:`SparseLayout` from :func:`build_layout` (built once, reused).
+        return_lse: also return ``lse`` ``(B, Hq, Lq)`` float32 (natural log; -inf for rows
+            with no active key). It is differentiable.
+        backend: ``"auto"`` (Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, else the
+            pure-PyTorch path), ``"triton"`` or ``"torch"``.
+
+    At most one of ``attn_mask``, ``attn_indices``, ``layout``; with none, dense attention.
+    Returns ``out`` ``(B, Lq, Hq, D)`` in the input dtype, and ``lse`` if asked.
+    """
+    if attn_bias is not None:
+        raise NotImplementedError("attn_bias is not supported yet; it arrives in "
+                                  "blocksparse_fsa 0.2.0 (FSA parity)")
+    batch, q_len, num_q_heads, head_dim = _check_qkv(query, key, value)
+    num_kv_heads, k_len = key.shape[2], key.shape[1]
+    given = [name for name, x in (("attn_mask", attn_mask), ("attn_indices", attn_indices),
+                                  ("layout", layout)) if x is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass at most one of attn_mask, attn_indices, layout; got {given}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim)
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    heads_ok = (1, num_kv_heads, num_q_heads)
+
+    if layout is not None:
+        _check_layout(layout, is_causal, batch, q_len, k_len, heads_ok, query.device)
+    elif attn_indices is not None:
+        _check_pattern("attn_indices", attn_indices, batch, q_len, None, heads_ok)
+        layout = build_layout(attn_indices, k_len, is_causal=bool(is_causal))
+    elif attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
+            raise TypeError("attn_mask must be a torch.bool tensor (True = attend), got "
+                            f"{getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
+        _check_pattern("attn_mask", attn_mask, batch, q_len, k_len, heads_ok)
+        layout = SparseLayout.from_dense_mask(attn_mask, is_causal=bool(is_causal))
+    else:
+        layout = _dense_layout(q_len, k_len, bool(is_causal), str(query.device))
+    if layout.device != query.device:
+        raise ValueError(f"the pattern is on {layout.device} but query is on {query.device}")
+
+    if backend == "torch" or (backend == "auto" and not _triton_available(query)):
+        out, lse = sparse_attention(query, key, value, layout, softmax_scale)
+    else:
+        out, lse = SparseAttnFunction.apply(query, key, value, layout, softmax_scale)
+    return (out, lse) if return_lse else out
+
+
+def _triton_available(t: torch.Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_layout(q_len, k_len, is_causal, device):
+    return SparseLayout.dense(q_len, k_len, is_causal=is_causal, device=device)
+
+
+def _check_qkv(query, key, value):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, seqlen, heads, head_dim), got "
+                             f"{tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise TypeError("query, key and value must share a dtype, got "
+                        f"{query.dtype}, {key.dtype}, {value.dtype}")
+    if not query.device == key.device == value.device:
+        raise ValueError("query, key and value must be on one device, got "
+                         f"{query.device}, {key.device}, {value.device}")
+    if key.shape != value.shape:
+        raise ValueError(f"key and value must have the same shape, got {tuple(key.shape)} and "
+                         f"{tuple(value.shape)}")
+    batch, q_len, num_q_heads, head_dim = query.shape
+    if key.shape[0] != batch:
+        raise ValueError(f"key has batch {key.shape[0]} but query has batch {batch}")
+    if key.shape[3] != head_dim:
+        raise ValueError(f"key has head_dim {key.shape[3]} but query has head_dim {head_dim}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} is not supported: it must be in "
+                         f"[1, {MAX_HEAD_DIM}]")
+    if key.shape[2] == 0 or num_q_heads % key.shape[2]:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of key/value heads "
+                         f"({key.shape[2]})")
+    return batch, q_len, num_q_heads, head_dim
+
+
+def _check_pattern(name, pattern, batch, q_len, k_len, heads_ok):
+    if pattern.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (batch, heads, q_len, ...), got "
+                         f"{tuple(pattern.shape)}")
+    n_b, n_h, n_q, n_k = pattern.shape
+    if n_b not in (1, batch):
+        raise ValueError(f"{name} has batch {n_b}; expected 1 or {batch}")
+    if n_h not in heads_ok:
+        raise ValueError(f"{name} has {n_h} heads; expected one of {sorted(set(heads_ok))}")
+    if n_q != q_len:
+        raise ValueError(f"{name} has {n_q} query rows but query has length {q_len}")
+    if k_len is not None and n_k != k_len:
+        raise ValueError(f"{name} has {n_k} key columns but key has length {k_len}")
+
+
+def _check_layout(layout, is_causal, batch, q_len, k_len, heads_ok, device):
+    if not isinstance(layout, SparseLayout):
+        raise TypeError(f"layout must be a SparseLayout, got {type(layout).__name__}")
+    if (layout.q_len, layout.k_len) != (q_len, k_len):
+        raise ValueError(f"layout is for q_len={layout.q_len}, k_len={layout.k_len} but the "
+                         f"inputs have q_len={q_len}, k_len={k_len}")
+    if layout.batch not in (1, batch):
+        raise ValueError(f"layout has batch {layout.batch}; expected 1 or {batch}")
+    if layout.heads not in heads_ok:
+        raise ValueError(f"layout has {layout.heads} heads; expected one of "
+                         f"{sorted(set(heads_ok))}")
+    if is_causal is not None and bool(is_causal) != layout.is_causal:
+        raise ValueError(f"is_causal={is_causal} contradicts the layout, built with "
+                         f"is_causal={layout.is_causal}")
+    if layout.device != device:
+        raise ValueError(f"layout is on {layout.device} but query is on {device}; "
+                         "move it once with layout.to(device)")

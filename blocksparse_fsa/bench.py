@@ -1,0 +1,1068 @@
+"""Benchmark: ``sparse_attn_func`` vs FlexAttention and SDPA on four sparse patterns.
+
+Run on one CUDA GPU from the repository root::
+
+    python -m blocksparse_fsa.bench                          # default sweep (budget: < 8 min, H200)
+    python -m blocksparse_fsa.bench --quick --seq-len 8192 --pattern bigbird
+    python -m blocksparse_fsa.bench --out /tmp/results --no-plot
+
+It prints one row per (pattern, L, system, pass) and writes ``<out>/bench_<gpu>.json``,
+``.csv`` and ``.png`` (the plot needs matplotlib; without it a warning is printed).
+
+Patterns (causal, per KV head, ``attn_indices`` of shape ``(1, Hkv, L, W)`` built on the GPU)
+    sliding_window  keys i-1023..i
+    bigbird         64-token blocks: 3 local, 2 global, 3 random earlier blocks per query block
+    dilated         512 keys at stride 4: i, i-4, ..., i-2044
+    topk_random     1024 random keys of the causal prefix [0, i] per query (with duplicates)
+
+Systems, all on the same q, k, v
+    ours         ``sparse_attn_func(q, k, v, layout=build_layout(indices, is_causal=True))``
+    flex         ``torch.compile(flex_attention)`` with the tightest BlockMask a user would
+                 write: an analytic ``mask_mod`` (sliding window, dilated), a per-head block
+                 table (bigbird), a dense ``[Hkv, L, L]`` bool tensor (topk_random)
+    sdpa_causal  dense causal FlashAttention through SDPA: the cost of ignoring the sparsity
+                 (a different function, so timed but not checked)
+    sdpa_mask    SDPA with the pattern as a dense boolean ``attn_mask`` (only L <= 8192)
+
+FLOP counting
+    ``nnz`` is the number of distinct (query, key) pairs of one (batch, KV head) after the
+    causal cut, averaged over KV heads: ``layout.nnz / (layout.batch * layout.heads)``
+    (duplicates in the indices count once). Every query head sharing that KV head computes
+    ``S = QK^T`` and ``O = PV`` on those pairs, 2 FLOPs per multiply-add, so::
+
+        fwd    = 4 * nnz * D * Hq * B
+        fwdbwd = 3.5 * fwd       (backward 2.5x: recompute S, dV, dP, dQ, dK)
+
+    Softmax and exponentials are not counted. ``tflops`` is this pattern FLOP count divided by
+    the time, for every system: a system that computes masked-out pairs gets no credit for
+    them. For ``sdpa_causal`` the extra column ``dense_tflops`` counts the dense causal work it
+    actually does (nnz = L (L + 1) / 2).
+
+Method
+    * Before timing, one forward + backward (with a fixed random dO) per system is compared
+      with ours: relative error ``||a - b|| / ||b||`` of out (and dq, dk, dv for fwdbwd) must
+      be below 2e-2. A failed check gives status ``mismatch`` and no speed-up; ours itself is
+      ``ok`` only when an independent system (flex or sdpa_mask) agrees with it.
+    * Times are medians of ``triton.testing.do_bench``. When fwdbwd is among the passes the
+      forward is timed with autograd enabled (inputs require grad), like the forward of a
+      training step: flex then compiles one graph per (pattern, L) for both passes instead of
+      two. With ``--passes fwd`` alone the inputs do not require grad.
+    * ``layout_ms`` is the steady-state cost of building the pattern's metadata once (ours:
+      ``build_layout`` + ``.to(device)``; flex: the mask_mod's tensors + compiled
+      ``create_block_mask``; sdpa_mask: the dense mask), measured with ``perf_counter`` and a synchronize; ``layout_first_ms`` is the
+      first call, including numba / torch.compile compilation. ``first_call_s`` is the
+      check run (for flex it includes compiling the attention kernels).
+    * ``peak_mb`` = ``max_memory_allocated`` during one call of the timed function (forward, or
+      forward + backward) minus the memory allocated before it (inputs, layout, masks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+PATTERNS = ("sliding_window", "bigbird", "dilated", "topk_random")
+SYSTEMS = ("ours", "flex", "sdpa_causal", "sdpa_mask")
+PASSES = ("fwd", "fwdbwd")
+FWDBWD_FLOP_FACTOR = 3.5
+REL_TOL = 2e-2
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+_REPO = Path(__file__).resolve().parents[1]
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ==== FLOP counting ==============================================================================
+def pattern_flops(nnz: float, batch: int, heads_q: int, head_dim: int, pass_name: str) -> float:
+    """FLOPs of attention over ``nnz`` pairs per (batch, query head): 4 nnz D Hq B, x3.5 fwdbwd."""
+    fwd = 4.0 * nnz * head_dim * heads_q * batch
+    return fwd * (FWDBWD_FLOP_FACTOR if pass_name == "fwdbwd" else 1.0)
+
+
+def dense_causal_flops(batch: int, heads_q: int, seq_len: int, head_dim: int,
+                       pass_name: str) -> float:
+    """FLOPs of dense causal attention (Lq == Lk): nnz = L (L + 1) / 2 per head."""
+    return pattern_flops(seq_len * (seq_len + 1) / 2, batch, heads_q, head_dim, pass_name)
+
+
+def tflops(flops: float, ms: float | None) -> float | None:
+    return None if not ms else flops / ms / 1e9
+
+
+# ==== patterns ===================================================================================
+@dataclass
+class Pattern:
+    """One sparse pattern at one length, in the three forms the systems consume.
+
+    ``indices``: ``(1, Hkv, L, W)`` int32 key indices, -1 = unused slot; entries above the
+    diagonal (bigbird's own block) are removed by ``is_causal=True``.
+    ``flex_mask``: builds the FlexAttention ``mask_mod(b, kv_head, q_idx, kv_idx)`` (causal
+    included); a factory because topk_random's needs an ``[Hkv, L, L]`` tensor.
+    ``per_head``: whether the pattern differs between KV heads (else flex broadcasts one head).
+    """
+
+    name: str
+    seq_len: int
+    indices: torch.Tensor
+    flex_mask: Callable[[], MaskMod]
+    per_head: bool
+    description: str
+    _nnz: int | None = field(default=None, repr=False)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.indices.shape[1]
+
+    def nnz(self) -> int:
+        """Distinct causal (query, key) pairs summed over KV heads (counted once, cached)."""
+        if self._nnz is None:
+            self._nnz = count_nnz(self.indices, self.seq_len, causal=True)
+        return self._nnz
+
+    def dense_mask(self) -> torch.Tensor:
+        """The exact pattern as ``[Hkv, L, L]`` bool (True = attend), causal applied;
+        ``[1, L, L]`` when every head has the same pattern."""
+        idx = self.indices if self.per_head else self.indices[:, :1]
+        return dense_mask_from_indices(idx, self.seq_len, causal=True)
+
+
+def _rows(seq_len: int, device) -> torch.Tensor:
+    return torch.arange(seq_len, device=device, dtype=torch.int32)[:, None]  # [L, 1]
+
+
+def _per_head(idx: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[L, W] or [Hkv, L, W] -> contiguous (1, Hkv, L, W) int32."""
+    idx = idx.to(torch.int32)
+    if idx.dim() == 2:
+        idx = idx.expand(num_kv_heads, *idx.shape)
+    return idx.unsqueeze(0).contiguous()
+
+
+def sliding_window(seq_len: int, num_kv_heads: int, device, window: int = 1024) -> Pattern:
+    """Causal sliding window: query i sees keys max(0, i - window + 1) .. i."""
+    window = min(window, seq_len)
+    keys = _rows(seq_len, device) - (window - 1) + torch.arange(window, device=device)  # [L, W]
+    idx = torch.where(keys >= 0, keys, -1)
+
+    def flex_mask():
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+        return mask_mod
+
+    return Pattern("sliding_window", seq_len, _per_head(idx, num_kv_heads), flex_mask, False,
+                   f"causal, window {window}")
+
+
+def dilated(seq_len: int, num_kv_heads: int, device, num_keys: int = 512,
+            stride: int = 4) -> Pattern:
+    """Causal dilated window: keys i, i - stride, ..., i - stride * (num_keys - 1), those >= 0."""
+    keys = _rows(seq_len, device) - stride * torch.arange(num_keys, device=device)  # [L, W]
+    idx = torch.where(keys >= 0, keys, -1)
+    span = stride * num_keys
+
+    def flex_mask():
+        def mask_mod(b, h, q_idx, kv_idx):
+            diff = q_idx - kv_idx
+            return (diff >= 0) & (diff < span) & (diff % stride == 0)
+        return mask_mod
+
+    return Pattern("dilated", seq_len, _per_head(idx, num_kv_heads), flex_mask, False,
+                   f"causal, {num_keys} keys at stride {stride}")
+
+
+def bigbird_blocks(seq_len: int, num_kv_heads: int, device, block: int = 64, num_local: int = 3,
+                   num_global: int = 2, num_random: int = 3, seed: int = 0) -> torch.Tensor:
+    """Key blocks of each (KV head, query block): ``[Hkv, nb, num_local + num_global +
+    num_random]`` int64, -1 = none.
+
+    Slots, in order: local blocks qb - num_local + 1 .. qb, global blocks 0 .. num_global - 1,
+    then ``min(num_random, qb)`` distinct blocks drawn uniformly from [0, qb) per (KV head,
+    query block), seeded. Random blocks may repeat a local or global block (duplicates are
+    allowed by the API and count once).
+    """
+    nb = -(-seq_len // block)
+    qb = torch.arange(nb, device=device)
+    local = qb[:, None] - torch.arange(num_local - 1, -1, -1, device=device)  # [nb, num_local]
+    glob = torch.arange(num_global, device=device).expand(nb, num_global)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scores = torch.rand(num_kv_heads, nb, nb, generator=gen, device=device)
+    scores.masked_fill_(qb[None, None, :] >= qb[None, :, None], 2.0)  # only blocks < qb
+    r = min(num_random, nb)
+    val, rnd = scores.topk(r, dim=-1, largest=False)  # r distinct random blocks, [Hkv, nb, r]
+    rnd = torch.where(val < 1.5, rnd, -1)
+    pad = torch.full((num_kv_heads, nb, num_random - r), -1, device=device, dtype=rnd.dtype)
+    blocks = torch.cat([local.expand(num_kv_heads, nb, num_local),
+                        glob.expand(num_kv_heads, nb, num_global), rnd, pad], dim=-1)
+    return torch.where((blocks >= 0) & (blocks < nb), blocks, -1)
+
+
+def bigbird(seq_len: int, num_kv_heads: int, device, block: int = 64, num_local: int = 3,
+            num_global: int = 2, num_random: int = 3, seed: int = 0) -> Pattern:
+    """BigBird-style block pattern (see :func:`bigbird_blocks`), causal at token level.
+
+    Query i's indices are all tokens of the blocks of query block ``i // block``
+    (``8 * 64 = 512`` slots by default, -1 for missing blocks and tokens >= L).
+    """
+    blocks = bigbird_blocks(seq_len, num_kv_heads, device, block, num_local, num_global,
+                            num_random, seed)  # [Hkv, nb, S]
+    nb = blocks.shape[1]
+    tokens = blocks[..., None] * block + torch.arange(block, device=device)  # [Hkv, nb, S, block]
+    tokens = torch.where((blocks[..., None] >= 0) & (tokens < seq_len), tokens, -1)
+    tokens = tokens.flatten(-2).to(torch.int32)  # [Hkv, nb, S * block]
+    idx = tokens[:, torch.arange(seq_len, device=device) // block]  # [Hkv, L, S * block]
+
+    def flex_mask():
+        # [Hkv, nb, nb] block table; an extra column swallows the -1 slots
+        table = torch.zeros(num_kv_heads, nb, nb + 1, dtype=torch.bool, device=device)
+        table.scatter_(2, torch.where(blocks >= 0, blocks, nb), True)
+        table = table[..., :nb].contiguous()
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return table[h, q_idx // block, kv_idx // block] & (q_idx >= kv_idx)
+        return mask_mod
+
+    return Pattern("bigbird", seq_len, _per_head(idx, num_kv_heads), flex_mask, True,
+                   f"{block}-token blocks: {num_local} local, {num_global} global, "
+                   f"{num_random} random; causal")
+
+
+def topk_random(seq_len: int, num_kv_heads: int, device, k: int = 1024, seed: int = 0) -> Pattern:
+    """Each query i attends ``k`` keys drawn from its causal prefix [0, i], per KV head.
+
+    Rows with ``i + 1 <= k`` take all of [0, i] (the other slots are -1). Longer rows draw ``k``
+    uniform integers ``floor(u * (i + 1))`` *with replacement*, so they hold duplicates and
+    fewer than ``k`` distinct keys (about ``(i + 1) (1 - exp(-k / (i + 1)))``); this keeps the
+    builder O(L k) in memory. FLOPs use the distinct count (``layout.nnz``), so duplicates do
+    not inflate them.
+    """
+    rows = _rows(seq_len, device)  # [L, 1]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    u = torch.rand(num_kv_heads, seq_len, k, generator=gen, device=device)
+    drawn = (u * (rows + 1).float()).to(torch.int32)  # floor, u in [0, 1)
+    drawn = torch.minimum(drawn, rows)  # guard against rounding up to i + 1
+    all_keys = torch.arange(k, device=device, dtype=torch.int32).expand(seq_len, k)
+    all_keys = torch.where(all_keys <= rows, all_keys, -1)
+    indices = _per_head(torch.where(rows + 1 <= k, all_keys, drawn), num_kv_heads)
+
+    def flex_mask():
+        # [Hkv, L, L] bool: 8.6 GB at L = 32768, Hkv = 8
+        dense = dense_mask_from_indices(indices, seq_len, causal=True)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return dense[h, q_idx, kv_idx]
+        return mask_mod
+
+    return Pattern("topk_random", seq_len, indices, flex_mask, True,
+                   f"{k} random keys of [0, i] (with replacement)")
+
+
+PATTERN_BUILDERS: dict[str, Callable[..., Pattern]] = {
+    "sliding_window": sliding_window,
+    "bigbird": bigbird,
+    "dilated": dilated,
+    "topk_random": topk_random,
+}
+
+
+def dense_mask_from_indices(indices: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
+    """``(1, H, Lq, W)`` indices -> ``[H, Lq, k_len]`` bool, built by scatter (no loop over
+    queries). With ``causal``, keys above the bottom-right diagonal are dropped."""
+    _, heads, q_len, _ = indices.shape
+    rows = torch.arange(q_len, device=indices.device)[:, None]  # [Lq, 1]
+    flat = torch.zeros(heads * q_len * k_len + 1, dtype=torch.bool, device=indices.device)
+    for h in range(heads):  # one head at a time bounds the int64 temporaries
+        idx = indices[0, h].long()  # [Lq, W]
+        valid = (idx >= 0) & (idx < k_len)
+        if causal:
+            valid &= idx <= rows + (k_len - q_len)
+        lin = (h * q_len + rows) * k_len + idx
+        flat[torch.where(valid, lin, flat.numel() - 1)] = True  # the last cell swallows -1s
+    return flat[:-1].view(heads, q_len, k_len)
+
+
+def count_nnz(indices: torch.Tensor, k_len: int, causal: bool) -> int:
+    """Distinct valid (query, key) pairs of ``(1, H, Lq, W)`` indices, summed over heads."""
+    _, heads, q_len, _ = indices.shape
+    rows = torch.arange(q_len, device=indices.device)[:, None]
+    total = 0
+    for h in range(heads):
+        idx = indices[0, h].long()
+        valid = (idx >= 0) & (idx < k_len)
+        if causal:
+            valid &= idx <= rows + (k_len - q_len)
+        keys = torch.where(valid, idx, k_len).sort(dim=-1).values  # invalid sort last
+        first = torch.ones_like(keys[:, :1], dtype=torch.bool)
+        new = torch.cat([first, keys[:, 1:] != keys[:, :-1]], dim=-1)
+        total += int((new & (keys < k_len)).sum())
+    return total
+
+
+# ==== systems ====================================================================================
+class Skipped(Exception):
+    """A system that does not apply to this configuration (reported as ``skipped: ...``)."""
+
+
+@dataclass
+class Inputs:
+    """q ``(B, L, Hq, D)``, k/v ``(B, L, Hkv, D)`` leaves that require grad, and a fixed dO."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[2] // self.k.shape[2]
+
+
+def make_inputs(batch, seq_len, heads_q, heads_kv, head_dim, dtype, device, seed=0,
+                requires_grad=True) -> Inputs:
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(heads):
+        return torch.randn(batch, seq_len, heads, head_dim, generator=gen, device=device,
+                           dtype=torch.float32).to(dtype)
+
+    q, k, v, dout = randn(heads_q), randn(heads_kv), randn(heads_kv), randn(heads_q)
+    return Inputs(*(t.requires_grad_(requires_grad) for t in (q, k, v)), dout)
+
+
+@dataclass
+class SystemRun:
+    """What the runner needs from one system on one (pattern, L).
+
+    ``fwd()`` returns the output as ``(B, L, Hq, D)``; ``fwdbwd()`` also runs the backward.
+    ``leaves`` are the tensors whose ``.grad`` the backward fills; ``grads()`` returns dq, dk, dv
+    in the inputs' shapes.
+    """
+
+    fwd: Callable[[], torch.Tensor]
+    fwdbwd: Callable[[], None]
+    leaves: tuple
+    grads: Callable[[], tuple]
+    checked: bool = True  # compared against ours
+    layout_ms: float | None = None
+    layout_first_ms: float | None = None
+    layout_mb: float | None = None
+    density: float | None = None
+    nnz: int | None = None  # summed over the layout's batch and heads
+    nnz_groups: int = 1  # layout batch * heads that nnz is summed over
+    note: str = ""
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device):
+    """(result, ms) of one call, synchronized."""
+    _sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return result, (time.perf_counter() - t0) * 1e3
+
+
+def _with_backward(fwd, dout):
+    def fwdbwd():
+        fwd().backward(dout)
+    return fwdbwd
+
+
+def _bhld(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, D) -> (B, H, L, D) view, the layout of flex and SDPA."""
+    return x.transpose(1, 2)
+
+
+def _repeated_kv(inp: Inputs):
+    """k, v repeated to Hq heads as new leaves, and a grads() that folds them back."""
+    g = inp.group
+    kr = inp.k.detach().repeat_interleave(g, dim=2).requires_grad_(inp.k.requires_grad)
+    vr = inp.v.detach().repeat_interleave(g, dim=2).requires_grad_(inp.v.requires_grad)
+
+    def grads():
+        fold = (lambda t: t.grad.unflatten(2, (-1, g)).sum(3))
+        return inp.q.grad, fold(kr), fold(vr)
+    return kr, vr, grads
+
+
+def _native_grads(inp: Inputs):
+    return lambda: (inp.q.grad, inp.k.grad, inp.v.grad)
+
+
+def setup_ours(pattern: Pattern, inp: Inputs, args) -> SystemRun:
+    """``sparse_attn_func`` on a layout built once by ``build_layout`` (timed)."""
+    import blocksparse_fsa as bsa
+
+    device = inp.q.device
+
+    def build():
+        return bsa.build_layout(pattern.indices, k_len=pattern.seq_len, is_causal=True).to(device)
+
+    layout, first_ms = _timed(build, device)  # includes numba compilation the first time
+    layout, ms = _timed(build, device)
+
+    def fwd():
+        return bsa.sparse_attn_func(inp.q, inp.k, inp.v, layout=layout)
+
+    return SystemRun(fwd, _with_backward(fwd, inp.dout), (inp.q, inp.k, inp.v),
+                     _native_grads(inp), layout_ms=ms, layout_first_ms=first_ms,
+                     layout_mb=layout.nbytes / 2**20, density=layout.density, nnz=layout.nnz,
+                     nnz_groups=layout.batch * layout.heads)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _raise_recompile_limits() -> None:
+    """Each (pattern, L) is a new flex graph; keep dynamo from falling back to eager."""
+    cfg = torch._dynamo.config
+    for name, value in (("cache_size_limit", 64), ("recompile_limit", 64),
+                        ("accumulated_cache_size_limit", 512),
+                        ("accumulated_recompile_limit", 512)):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), value))
+
+
+def compiled_flex_attention() -> Callable:
+    """One ``torch.compile(flex_attention)`` for the whole sweep (static shapes)."""
+    if "flex" not in _COMPILED:
+        from torch.nn.attention.flex_attention import flex_attention
+        _raise_recompile_limits()
+        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED["flex"]
+
+
+def compiled_create_block_mask() -> Callable:
+    """``torch.compile(create_block_mask)``: never materializes the [H, L, L] mask."""
+    if "block_mask" not in _COMPILED:
+        from torch.nn.attention.flex_attention import create_block_mask
+        _raise_recompile_limits()
+        _COMPILED["block_mask"] = torch.compile(create_block_mask, dynamic=False)
+    return _COMPILED["block_mask"]
+
+
+def flex_mask_mod(pattern: Pattern, heads_q: int) -> tuple[MaskMod, int | None]:
+    """``(mask_mod, H)`` to give ``create_block_mask`` for ``heads_q`` query heads.
+
+    Flex passes the *query* head to ``mask_mod`` and indexes the BlockMask by
+    ``query_head % H``; a per-KV-head pattern therefore needs H = Hq and ``h // group``, while
+    a head-independent one uses H = None (one head, broadcast).
+    """
+    mask_kv = pattern.flex_mask()
+    if not pattern.per_head:
+        return mask_kv, None
+    group = heads_q // pattern.num_kv_heads
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask_kv(b, h // group, q_idx, kv_idx)
+    return mask_mod, heads_q
+
+
+def flex_block_mask(pattern: Pattern, heads_q: int, device, make: Callable | None = None):
+    """BlockMask of ``pattern`` (``make`` defaults to the eager ``create_block_mask``)."""
+    if make is None:
+        from torch.nn.attention.flex_attention import create_block_mask as make
+    mask_mod, heads = flex_mask_mod(pattern, heads_q)
+    return make(mask_mod, None, heads, pattern.seq_len, pattern.seq_len, device=device)
+
+
+def block_mask_stats(block_mask, nnz_per_head: float) -> tuple[float, float]:
+    """(MiB of the BlockMask's tensors, useful pairs / pairs in visited blocks)."""
+    tensors = [t for t in block_mask.as_tuple() if isinstance(t, torch.Tensor)]
+    mb = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+    visited = block_mask.kv_num_blocks.sum(-1).double().mean()
+    if block_mask.full_kv_num_blocks is not None:
+        visited = visited + block_mask.full_kv_num_blocks.sum(-1).double().mean()
+    bq, bk = block_mask.BLOCK_SIZE
+    visited = float(visited) * bq * bk
+    return mb, (nnz_per_head / visited if visited else 1.0)
+
+
+def setup_flex(pattern: Pattern, inp: Inputs, args) -> SystemRun:
+    """Compiled FlexAttention on a BlockMask from compiled ``create_block_mask``, GQA native.
+
+    ``layout_ms`` = building the mask_mod's tensors (block table, dense topk mask) + one
+    ``create_block_mask`` call once compiled (the second call, with the same mask_mod).
+    """
+    device, heads_q, L = inp.q.device, inp.q.shape[2], pattern.seq_len
+    (mask_mod, heads), prep_ms = _timed(lambda: flex_mask_mod(pattern, heads_q), device)
+    make, note = compiled_create_block_mask(), ""
+    try:
+        block_mask, first_ms = _timed(lambda: make(mask_mod, None, heads, L, L, device=device),
+                                      device)
+    except Exception as exc:  # fall back to the eager builder (materializes the mask)
+        from torch.nn.attention.flex_attention import create_block_mask as make
+        note = f"compiled create_block_mask failed ({_short(exc, 60)}); eager"
+        block_mask, first_ms = _timed(lambda: make(mask_mod, None, heads, L, L, device=device),
+                                      device)
+    block_mask, ms = _timed(lambda: make(mask_mod, None, heads, L, L, device=device), device)
+    flex = compiled_flex_attention()
+
+    def fwd():
+        out = flex(_bhld(inp.q), _bhld(inp.k), _bhld(inp.v), block_mask=block_mask,
+                   enable_gqa=True)
+        return out.transpose(1, 2)
+
+    mb, density = block_mask_stats(block_mask, pattern.nnz() / pattern.num_kv_heads)
+    return SystemRun(fwd, _with_backward(fwd, inp.dout), (inp.q, inp.k, inp.v),
+                     _native_grads(inp), layout_ms=prep_ms + ms,
+                     layout_first_ms=prep_ms + first_ms, layout_mb=mb, density=density, note=note)
+
+
+def setup_sdpa_causal(pattern: Pattern, inp: Inputs, args) -> SystemRun:
+    """Dense causal FlashAttention via SDPA (GQA native, or k/v repeated if flash refuses)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def native():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = sdpa(_bhld(inp.q), _bhld(inp.k), _bhld(inp.v), is_causal=True,
+                       enable_gqa=True)
+        return out.transpose(1, 2)
+
+    try:  # probe once: does flash take GQA here?
+        native().backward(inp.dout) if inp.q.requires_grad else native()
+        run = SystemRun(native, _with_backward(native, inp.dout), (inp.q, inp.k, inp.v),
+                        _native_grads(inp), checked=False)
+    except (RuntimeError, TypeError) as exc:
+        kr, vr, grads = _repeated_kv(inp)
+
+        def repeated():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                out = sdpa(_bhld(inp.q), _bhld(kr), _bhld(vr), is_causal=True)
+            return out.transpose(1, 2)
+
+        run = SystemRun(repeated, _with_backward(repeated, inp.dout), (inp.q, kr, vr), grads,
+                        checked=False, note=f"k/v repeated outside timing ({_short(exc, 60)})")
+    for t in (inp.q, inp.k, inp.v):
+        t.grad = None
+    return run
+
+
+def setup_sdpa_mask(pattern: Pattern, inp: Inputs, args) -> SystemRun:
+    """SDPA with the pattern as a dense bool ``attn_mask``; k/v repeated to Hq outside timing
+    so the mask-capable fused kernels (not the math fallback) are eligible."""
+    L = pattern.seq_len
+    if L > args.sdpa_mask_max_len:
+        raise Skipped(f"dense mask only for L <= {args.sdpa_mask_max_len}")
+    device = inp.q.device
+    heads_q = inp.q.shape[2]
+
+    def build():
+        mask = pattern.dense_mask()  # [Hkv or 1, L, L]
+        if pattern.per_head:  # (1, Hq, L, L)
+            return mask.repeat_interleave(heads_q // pattern.num_kv_heads, dim=0)[None]
+        return mask[None]  # (1, 1, L, L), broadcast over heads
+
+    mask, first_ms = _timed(build, device)
+    del mask
+    mask, ms = _timed(build, device)
+    kr, vr, grads = _repeated_kv(inp)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def fwd():
+        return sdpa(_bhld(inp.q), _bhld(kr), _bhld(vr), attn_mask=mask).transpose(1, 2)
+
+    return SystemRun(fwd, _with_backward(fwd, inp.dout), (inp.q, kr, vr), grads,
+                     layout_ms=ms, layout_first_ms=first_ms, layout_mb=mask.nbytes / 2**20)
+
+
+SYSTEM_SETUPS: dict[str, Callable[[Pattern, Inputs, argparse.Namespace], SystemRun]] = {
+    "ours": setup_ours,
+    "flex": setup_flex,
+    "sdpa_causal": setup_sdpa_causal,
+    "sdpa_mask": setup_sdpa_mask,
+}
+
+
+# ==== runner =====================================================================================
+@dataclass
+class Row:
+    pattern: str
+    seq_len: int
+    system: str
+    pass_name: str
+    status: str = "ok"
+    ms: float | None = None
+    tflops: float | None = None
+    dense_tflops: float | None = None
+    speedup_vs_flex: float | None = None
+    rel_err: float | None = None
+    nan_count: int | None = None
+    peak_mb: float | None = None
+    layout_ms: float | None = None
+    layout_first_ms: float | None = None
+    layout_mb: float | None = None
+    density: float | None = None
+    nnz: int | None = None  # distinct pairs summed over (batch, KV heads)
+    first_call_s: float | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return {("pass" if k == "pass_name" else k): v for k, v in asdict(self).items()}
+
+
+def _short(exc: BaseException, limit: int = 100) -> str:
+    lines = str(exc).strip().splitlines()
+    msg = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return msg if len(msg) <= limit else msg[:limit - 3] + "..."
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float32 (nan if either holds a NaN)."""
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def bench_ms(fn, leaves, args, device) -> float:
+    """Median ms of ``fn`` by ``triton.testing.do_bench`` (a plain loop off CUDA, for tests)."""
+    if torch.device(device).type != "cuda":
+        times = [_timed(fn, device)[1] for _ in range(3)]
+        return sorted(times)[1]
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep,
+                                   grad_to_none=list(leaves) or None, return_mode="median")
+
+
+def peak_mb(fn, leaves, device) -> float | None:
+    """Peak extra GPU memory (MiB) of one ``fn()`` over what was allocated before it."""
+    if torch.device(device).type != "cuda":
+        return None
+    for t in leaves:
+        t.grad = None
+    _free()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    for t in leaves:
+        t.grad = None
+    return peak / 2**20
+
+
+def check_run(run: SystemRun, inp: Inputs, with_backward: bool, device):
+    """One forward (+ backward) kept for the checks: (out, (dq, dk, dv) or None, seconds)."""
+    for t in run.leaves:
+        t.grad = None
+    t0 = time.perf_counter()
+    out = run.fwd()
+    grads = None
+    if with_backward:
+        out.backward(inp.dout)
+        grads = tuple(g.detach().clone() for g in run.grads())
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    for t in run.leaves:
+        t.grad = None
+    return out.detach().clone(), grads, seconds
+
+
+def _nan_count(*tensors) -> int:
+    return int(sum(int(torch.isnan(t).sum()) for t in tensors if t is not None))
+
+
+def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device) -> tuple[list, tuple]:
+    """Rows (one per pass) of one system, and its (out, grads) for later checks."""
+    rows = [Row(pattern.name, pattern.seq_len, system, p) for p in args.passes]
+    with_backward = "fwdbwd" in args.passes
+    run = None
+    result = (None, None)
+    step = "setup"
+    try:
+        run = SYSTEM_SETUPS[system](pattern, inp, args)
+        step = "check"
+        out, grads, seconds = check_run(run, inp, with_backward, device)
+        result = (out, grads)
+        for row in rows:
+            row.first_call_s, row.note = seconds, run.note
+            row.layout_ms, row.layout_first_ms = run.layout_ms, run.layout_first_ms
+            row.layout_mb, row.density = run.layout_mb, run.density
+            if run.nnz is not None:
+                row.nnz = round(run.nnz * pattern.num_kv_heads / run.nnz_groups)
+            bwd = row.pass_name == "fwdbwd"
+            row.nan_count = _nan_count(out, *(grads if bwd else ()))
+            if system == "ours":
+                row.status = "ok"  # the reference; finalize() says whether others agree
+            elif not run.checked:
+                row.status = "unchecked"
+            elif ref[0] is None:
+                row.status = "unchecked"
+                row.note = (row.note + "; " if row.note else "") + "no reference (ours failed)"
+            else:
+                errs = [rel_err(out, ref[0])]
+                if bwd:
+                    errs += [rel_err(a, b) for a, b in zip(grads, ref[1])]
+                row.rel_err = max(errs) if not any(math.isnan(e) for e in errs) else math.nan
+                row.status = "ok" if row.rel_err < REL_TOL else "mismatch"
+        for row in rows:
+            step = f"{row.pass_name} timing"
+            fn = run.fwd if row.pass_name == "fwd" else run.fwdbwd
+            leaves = run.leaves if row.pass_name == "fwdbwd" else ()
+            row.peak_mb = peak_mb(fn, run.leaves, device)
+            row.ms = bench_ms(fn, leaves, args, device)
+    except Skipped as exc:
+        for row in rows:
+            row.status = f"skipped: {exc}"
+    except Exception as exc:  # OOM, compile failure, ...: report and go on
+        msg = _short(exc)
+        for row in rows:
+            if row.ms is None:
+                row.status, row.ms = f"error ({step}): {msg}", None
+    finally:
+        if run is not None:
+            for t in run.leaves:
+                t.grad = None
+        del run
+        _free()
+    return rows, result
+
+
+def finalize(rows: list[Row], pattern: Pattern, args, nnz_ref: int) -> None:
+    """Fill nnz, TFLOP/s, ours' status and speed-ups of one (pattern, L) once all ran."""
+    by = {(r.system, r.pass_name): r for r in rows}
+    for p in args.passes:
+        ours = by.get(("ours", p))
+        if ours is not None and ours.status == "ok":
+            verdicts = [by[(s, p)].status for s in ("flex", "sdpa_mask") if (s, p) in by]
+            if ours.nan_count:
+                ours.status = "mismatch"  # NaN in out or grads
+            elif "ok" in verdicts:
+                ours.status = "ok"
+            elif "mismatch" in verdicts:
+                ours.status = "mismatch"
+            else:
+                ours.status = "unverified"
+    nnz = by[("ours", args.passes[0])].nnz if ("ours", args.passes[0]) in by else None
+    if nnz is None:
+        nnz = nnz_ref
+    elif nnz != nnz_ref:
+        warnings.warn(f"{pattern.name} L={pattern.seq_len}: layout.nnz={nnz} but the indices "
+                      f"have {nnz_ref} distinct causal pairs")
+    nnz_per_head = nnz / pattern.num_kv_heads
+    L = pattern.seq_len
+    for r in rows:
+        r.nnz = nnz
+        r.tflops = tflops(pattern_flops(nnz_per_head, args.batch, args.heads_q, args.head_dim,
+                                        r.pass_name), r.ms)
+        if r.system == "sdpa_causal":
+            r.dense_tflops = tflops(dense_causal_flops(args.batch, args.heads_q, L,
+                                                       args.head_dim, r.pass_name), r.ms)
+    good = ("ok", "unchecked", "unverified")
+    for p in args.passes:
+        flex = by.get(("flex", p))
+        if flex is None or flex.status not in good or not flex.ms:
+            continue
+        for s in SYSTEMS:
+            r = by.get((s, p))
+            if r is not None and r.status in good and r.ms:
+                r.speedup_vs_flex = flex.ms / r.ms
+
+
+def run_pattern(name: str, seq_len: int, args, device) -> list[Row]:
+    """All systems and passes of one (pattern, L)."""
+    try:
+        pattern = PATTERN_BUILDERS[name](seq_len, args.heads_kv, device)
+        nnz_ref = pattern.nnz()
+        inp = make_inputs(args.batch, seq_len, args.heads_q, args.heads_kv, args.head_dim,
+                          args.torch_dtype, device, seed=args.seed,
+                          requires_grad="fwdbwd" in args.passes)
+    except Exception as exc:
+        msg = f"error (pattern): {_short(exc)}"
+        _free()
+        return [Row(name, seq_len, s, p, status=msg) for s in args.systems for p in args.passes]
+    rows, ref = [], (None, None)
+    for system in sorted(args.systems, key=SYSTEMS.index):  # ours first: it is the reference
+        t0 = time.perf_counter()
+        sys_rows, result = run_system(system, pattern, inp, args, ref, device)
+        if system == "ours":
+            ref = result  # (None, None) if ours failed
+        del result
+        rows += sys_rows
+        _log(f"  {system:<12} {time.perf_counter() - t0:6.1f} s  "
+             f"{', '.join(sorted({r.status for r in sys_rows}))}")
+    finalize(rows, pattern, args, nnz_ref)
+    del pattern, inp, ref
+    _free()
+    return rows
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ==== output =====================================================================================
+_COLUMNS = (("pattern", "pattern", "{:<14}"), ("L", "seq_len", "{:>6}"),
+            ("system", "system", "{:<11}"), ("pass", "pass_name", "{:<6}"),
+            ("ms", "ms", "{:>9.3f}"), ("TFLOP/s", "tflops", "{:>7.1f}"),
+            ("dense", "dense_tflops", "{:>6.1f}"), ("x_flex", "speedup_vs_flex", "{:>6.2f}"),
+            ("rel_err", "rel_err", "{:>8.1e}"), ("nan", "nan_count", "{:>4}"),
+            ("peak_MB", "peak_mb", "{:>8.0f}"), ("layout_ms", "layout_ms", "{:>9.1f}"),
+            ("layout_MB", "layout_mb", "{:>9.1f}"), ("density", "density", "{:>7.3f}"),
+            ("status", "status", "{}"))
+
+
+def format_row(row: Row | None = None) -> str:
+    """One table line (the header when ``row`` is None)."""
+    cells = []
+    for title, attr, fmt in _COLUMNS:
+        width = int(re.search(r"(\d+)", fmt).group(1)) if re.search(r"\d", fmt) else 0
+        if row is None:
+            cells.append(title.ljust(width) if "<" in fmt or not width else title.rjust(width))
+            continue
+        value = getattr(row, attr)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            cells.append(("-" if value is None else "nan").rjust(width))
+        else:
+            cells.append(fmt.format(value))
+    return "  ".join(cells)
+
+
+def summary(rows: list[Row], seq_lens, sdpa_mask_max_len: int) -> list[str]:
+    """The headline numbers: ours vs flex, vs dense causal flash, vs SDPA + dense mask."""
+    idx = {(r.pattern, r.seq_len, r.system, r.pass_name): r for r in rows}
+    L = 32768 if 32768 in seq_lens else max(seq_lens)
+    lines = [f"Summary (L={L} unless noted)"]
+
+    def fmt(x, spec="{:.2f}x"):
+        return "n/a" if x is None else spec.format(x)
+
+    for pat in ("sliding_window", "bigbird"):
+        parts = [f"{p} {fmt(getattr(idx.get((pat, L, 'ours', p)), 'speedup_vs_flex', None))}"
+                 for p in PASSES]
+        lines.append(f"  {pat:<14} ours vs flex:  " + ", ".join(parts))
+    ours = idx.get(("sliding_window", L, "ours", "fwd"))
+    dense = idx.get(("sliding_window", L, "sdpa_causal", "fwd"))
+    if ours and dense and ours.tflops and dense.dense_tflops and ours.status == "ok":
+        lines.append(f"  sliding_window ours fwd {ours.tflops:.0f} effective TFLOP/s = "
+                     f"{100 * ours.tflops / dense.dense_tflops:.0f}% of sdpa_causal's dense "
+                     f"{dense.dense_tflops:.0f} TFLOP/s")
+    else:
+        lines.append("  sliding_window ours fwd TFLOP/s vs sdpa_causal dense: n/a")
+    mask_lens = [x for x in seq_lens if x <= sdpa_mask_max_len]
+    if mask_lens:
+        Lm = max(mask_lens)
+        for pat in PATTERNS:
+            parts = []
+            for p in PASSES:
+                a, b = idx.get((pat, Lm, "ours", p)), idx.get((pat, Lm, "sdpa_mask", p))
+                ok = (a and b and a.ms and b.ms and a.status == "ok" and b.status == "ok")
+                parts.append(f"{p} {fmt(b.ms / a.ms if ok else None)}")
+            if any("n/a" not in s for s in parts):
+                lines.append(f"  {pat:<14} ours vs sdpa_mask (L={Lm}):  " + ", ".join(parts))
+    return lines
+
+
+def git_commit(repo: Path = _REPO) -> str:
+    """Short HEAD commit, '-dirty' if the tree has changes; 'unknown' without git/commits."""
+    def git(*cmd):
+        try:
+            res = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True,
+                                 timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    status = git("status", "--porcelain")
+    return commit + ("-dirty" if status else "")
+
+
+def metadata(args, device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    cuda = torch.device(device).type == "cuda"
+    return {
+        "gpu": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "batch": args.batch, "heads_q": args.heads_q, "heads_kv": args.heads_kv,
+        "head_dim": args.head_dim, "dtype": str(args.torch_dtype).replace("torch.", ""),
+        "seq_lens": list(args.seq_len), "patterns": list(args.pattern),
+        "systems": list(args.systems), "passes": list(args.passes),
+        "warmup_ms": args.warmup, "rep_ms": args.rep, "rel_tol": REL_TOL,
+        "flops": "fwd = 4*nnz*D*Hq*B with nnz = distinct causal pairs per (batch, KV head); "
+                 "fwdbwd = 3.5*fwd; dense_tflops (sdpa_causal) uses nnz = L(L+1)/2",
+    }
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def write_results(rows: list[Row], meta: dict, out_dir: Path, plot: bool = True) -> list[Path]:
+    """``bench_<gpu>.json`` / ``.csv`` (rows + metadata) and, if asked, ``.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"bench_{slug(meta['gpu'])}"
+    dicts = [r.as_dict() for r in rows]
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".csv")]
+    strict = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+              for d in dicts]  # NaN is not JSON
+    paths[0].write_text(json.dumps({"meta": meta, "rows": strict}, indent=1, default=str) + "\n")
+    meta_cols = {k: v for k, v in meta.items()
+                 if not isinstance(v, (list, dict)) and k != "flops"}
+    with paths[1].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*dicts[0], *meta_cols] if dicts else [])
+        writer.writeheader()
+        for d in dicts:
+            writer.writerow({**d, **meta_cols})
+    if plot:
+        png = plot_results(rows, meta, stem.with_suffix(".png"))
+        if png is not None:
+            paths.append(png)
+    return paths
+
+
+def plot_results(rows: list[Row], meta: dict, path: Path) -> Path | None:
+    """One panel per pass; per (pattern, L) one bar per system: speed-up vs flex (or
+    effective TFLOP/s when no speed-up could be computed)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    passes = [p for p in PASSES if any(r.pass_name == p for r in rows)]
+    groups = list(dict.fromkeys((r.pattern, r.seq_len) for r in rows))
+    systems = [s for s in SYSTEMS if any(r.system == s for r in rows)]
+    metric = "speedup_vs_flex" if any(r.speedup_vs_flex for r in rows) else "tflops"
+    idx = {(r.pattern, r.seq_len, r.system, r.pass_name): getattr(r, metric) for r in rows}
+    fig, axes = plt.subplots(len(passes), 1, figsize=(max(8, 1.3 * len(groups)), 3.6 * len(passes)),
+                             squeeze=False)
+    width = 0.8 / max(1, len(systems))
+    for ax, p in zip(axes[:, 0], passes):
+        for k, s in enumerate(systems):
+            xs, ys = [], []
+            for g, (pat, L) in enumerate(groups):
+                y = idx.get((pat, L, s, p))
+                if y:
+                    xs.append(g + (k - (len(systems) - 1) / 2) * width)
+                    ys.append(y)
+            bars = ax.bar(xs, ys, width, label=s, color=f"C{SYSTEMS.index(s)}")
+            ax.bar_label(bars, fmt="%.2g", fontsize=6)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([f"{pat}\nL={L}" for pat, L in groups], fontsize=8)
+        if metric == "speedup_vs_flex":
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.set_ylabel("speed-up vs FlexAttention")
+        else:
+            ax.set_ylabel("effective TFLOP/s")
+        ax.set_title(p, fontsize=10)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(systems), fontsize=8,
+               bbox_to_anchor=(0.5, 0.975))
+    fig.suptitle(f"{meta['gpu']}  B={meta['batch']} Hq={meta['heads_q']} Hkv={meta['heads_kv']} "
+                 f"D={meta['head_dim']} {meta['dtype']}  (higher is better; no bar = failed, "
+                 f"skipped or mismatched)", fontsize=9, y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+# ==== CLI ========================================================================================
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m blocksparse_fsa.bench",
+        description="Time sparse_attn_func against FlexAttention and SDPA on sparse patterns "
+                    "(one CUDA GPU). FLOPs are counted on the pattern's non-zeros: "
+                    "fwd = 4*nnz*D*Hq*B, fwdbwd = 3.5x.")
+    ap.add_argument("--seq-len", type=int, nargs="+", default=[8192, 32768], metavar="L",
+                    help="sequence lengths (Lq = Lk; default: 8192 32768)")
+    ap.add_argument("--pattern", nargs="+", choices=PATTERNS, default=list(PATTERNS),
+                    metavar="NAME", help=f"patterns (default: all of {', '.join(PATTERNS)})")
+    ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
+                    metavar="NAME", help=f"systems (default: all of {', '.join(SYSTEMS)})")
+    ap.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES),
+                    metavar="PASS", help="fwd and/or fwdbwd (default: both)")
+    ap.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    ap.add_argument("--heads-q", type=int, default=32, help="query heads (default: 32)")
+    ap.add_argument("--heads-kv", type=int, default=8, help="key/value heads (default: 8)")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dim (default: 128)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                    help="bf16 (default) or fp16")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                    help="output directory (default: benchmarks/results, relative to the "
+                         "current directory)")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (warmup 10, rep 30 ms)")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    ap.add_argument("--sdpa-mask-max-len", type=int, default=8192,
+                    help="largest L at which sdpa_mask builds its dense mask (default 8192)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke tests
+    args = ap.parse_args(argv)
+    if args.heads_q % args.heads_kv:
+        ap.error(f"--heads-q ({args.heads_q}) must be a multiple of --heads-kv ({args.heads_kv})")
+    args.warmup, args.rep = (10, 30) if args.quick else (25, 100)
+    args.torch_dtype = DTYPES[args.dtype]
+    args.passes = [p for p in PASSES if p in args.passes]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: this benchmark needs a CUDA GPU (torch.cuda.is_available() is False)",
+              file=sys.stderr)
+        return 2
+    meta = metadata(args, device)
+    print(f"# {meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | "
+          f"commit {meta['git_commit']} | B={args.batch} Hq={args.heads_q} Hkv={args.heads_kv} "
+          f"D={args.head_dim} {meta['dtype']} | warmup {args.warmup} ms, rep {args.rep} ms")
+    print(format_row())
+    rows: list[Row] = []
+    t_start = time.perf_counter()
+    for seq_len in args.seq_len:
+        for name in args.pattern:
+            _log(f"[{time.perf_counter() - t_start:6.0f} s] {name} L={seq_len}")
+            new = run_pattern(name, seq_len, args, device)
+            for r in new:
+                print(format_row(r), flush=True)
+            rows += new
+    print()
+    print("\n".join(summary(rows, args.seq_len, args.sdpa_mask_max_len)))
+    paths = write_results(rows, meta, args.out, plot=not args.no_plot)
+    print(f"wrote {', '.join(str(p) for p in paths)}  ({time.perf_counter() - t_start:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""Backward: rowsum(dO * O), then dK/dV over the transposed tile lists and dQ over the forward
+ones. Each output element is written by exactly one program: no atomics, deterministic."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LOG2E, launch_args, new_empty, row_range, stride_args, tile_bits
+from . import config as launch_config
+
+
+@triton.jit
+def sparse_attn_bwd_preprocess(
+    Out, DOut, DLse, Delta, q_len, num_q_heads,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    stride_dob, stride_dol, stride_doh, stride_dod,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dLse for one query tile of one (batch, head); grid
+    (num_q_tiles, B * Hq). Delta and DLse are (B, Hq, Lq) float32, contiguous."""
+    qt = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // num_q_heads
+    h = bh % num_q_heads
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows * stride_ol + offs_d[None, :] * stride_od,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b * stride_dob + h * stride_doh + rows * stride_dol
+                 + offs_d[None, :] * stride_dod, mask=ok, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)  # [BLOCK_M]
+    if HAS_DLSE:
+        delta -= tl.load(DLse + bh * q_len + offs_m, mask=offs_m < q_len, other=0.0)
+    tl.store(Delta + bh * q_len + offs_m, delta, mask=offs_m < q_len)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, row_ptr, mask_idx_ptr, masks,
+                start, end, qk_scale, q_len,
+                stride_ql, stride_qd, stride_dol, stride_dod,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles ``row_ptr[start:end]``."""
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for t in range(start, end):
+        qt = tl.load(row_ptr + t).to(tl.int64)
+        offs_m = qt * BLOCK_M + offs_i
+        q_ok = d_ok[None, :]
+        if IS_PARTIAL:
+            q_ok = q_ok & (offs_m[:, None] < q_len)
+        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                    mask=q_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
+        lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * LOG2E
+        qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+        if IS_PARTIAL:
+            mask_idx = tl.load(mask_idx_ptr + t).to(tl.int64)
+            bits_t = tile_bits(masks + mask_idx * (BLOCK_M * N_WORDS), offs_i, offs_n, N_WORDS,
+                               True)
+            p_t = tl.where(bits_t, p_t, 0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                     mask=q_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def sparse_attn_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV,
+    full_ptr_t, full_row_t, part_ptr_t, part_row_t, part_mask_t, masks,
+    qk_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div, layout_heads,
+    layout_batch_step,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_dob, stride_dol, stride_doh, stride_dod,
+    stride_dkb, stride_dkl, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_WORDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program = one key tile of one (batch, KV head), looping over the query heads of its
+    group; grid (num_k_tiles, B * Hkv). Lse and Delta are (B, Hq, Lq) float32, contiguous."""
+    kt = tl.program_id(0)
+    bh = tl.program_id(1)
+    num_kv_heads = num_q_heads // group_size
+    b = (bh // num_kv_heads).to(tl.int64)
+    hk = (bh % num_kv_heads).to(tl.int64)
+    offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_ok = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_n[:, None].to(tl.int64)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + rows * stride_kl + offs_d[None, :] * stride_kd,
+                mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(V + b * stride_vb + hk * stride_vh + rows * stride_vl + offs_d[None, :] * stride_vd,
+                mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(group_size):
+        hq = hk * group_size + g
+        row = (b * layout_batch_step * layout_heads + hq // head_div) * tl.num_programs(0) + kt
+        q_base = Q + b * stride_qb + hq * stride_qh
+        do_base = DOut + b * stride_dob + hq * stride_doh
+        lse_base = Lse + (b * num_q_heads + hq) * q_len
+        delta_base = Delta + (b * num_q_heads + hq) * q_len
+        start, end = row_range(full_ptr_t, row)
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, full_row_t, full_row_t, masks,
+            start, end, qk_scale, q_len,
+            stride_ql, stride_qd, stride_dol, stride_dod,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, INPUT_PRECISION)
+        start, end = row_range(part_ptr_t, row)
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, part_row_t, part_mask_t, masks,
+            start, end, qk_scale, q_len,
+            stride_ql, stride_qd, stride_dol, stride_dod,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, INPUT_PRECISION)
+    dk *= softmax_scale
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkl
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + rows * stride_dvl
+             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end, qk_scale, k_len,
+              stride_kl, stride_kd, stride_vl, stride_vd,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles ``col_ptr[start:end]``."""
+    offs_i = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for t in range(start, end):
+        kt = tl.load(col_ptr + t).to(tl.int64)
+        offs_kn = kt * BLOCK_N + offs_n
+        kv_ok = d_ok[None, :]
+        if IS_PARTIAL:
+            kv_ok = kv_ok & (offs_kn[:, None] < k_len)
+        k = tl.load(k_base + offs_kn[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                    mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_base + offs_kn[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=kv_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if IS_PARTIAL:
+            bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_i, offs_n,
+                             N_WORDS, False)
+            p = tl.where(bits, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def sparse_attn_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ,
+    full_ptr, full_col, part_ptr, part_col, masks,
+    qk_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div, layout_heads,
+    layout_batch_step,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_dob, stride_dol, stride_doh, stride_dod,
+    stride_dqb, stride_dql, stride_dqh, stride_dqd,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_WORDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program = one query tile of one (batch, query head); grid (num_q_tiles, B * Hq)."""
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_q_heads).to(tl.int64)
+    hq = (bh % num_q_heads).to(tl.int64)
+    hk = hq // group_size
+    row = (b * layout_batch_step * layout_heads + hq // head_div) * tl.num_programs(0) + qt
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    rows = offs_m[:, None].to(tl.int64)
+    q = tl.load(Q + b * stride_qb + hq * stride_qh + rows * stride_ql + offs_d[None, :] * stride_qd,
+                mask=ok, other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(DOut + b * stride_dob + hq * stride_doh + rows * stride_dol
+                 + offs_d[None, :] * stride_dod, mask=ok, other=0.0)
+    lse = tl.load(Lse + (b * num_q_heads + hq) * q_len + offs_m, mask=offs_m < q_len,
+                  other=0.0) * LOG2E
+    delta = tl.load(Delta + (b * num_q_heads + hq) * q_len + offs_m, mask=offs_m < q_len,
+                    other=0.0)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    start, end = row_range(full_ptr, row)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, full_col, masks,
+                   start, end, qk_scale, k_len,
+                   stride_kl, stride_kd, stride_vl, stride_vd,
+                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, INPUT_PRECISION)
+    start, end = row_range(part_ptr, row)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, part_col, masks,
+                   start, end, qk_scale, k_len,
+                   stride_kl, stride_kd, stride_vl, stride_vd,
+                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, INPUT_PRECISION)
+    dq *= softmax_scale
+    tl.store(DQ + b * stride_dqb + hq * stride_dqh + rows * stride_dql
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ok)
+
+
+def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale):
+    """Launch the three backward kernels. ``dlse`` (B, Hq, Lq) or None. Returns dq, dk, dv."""
+    batch, q_len, num_q_heads, head_dim = q.shape
+    dq = new_empty(like=q)
+    dk = new_empty(like=k)
+    dv = new_empty(like=v)
+    delta = new_empty(like=lse)
+    common = launch_args(q, k, layout)
+    config = launch_config.get_bwd_config(head_dim, layout.block_m, layout.block_n)
+    qk_scale = softmax_scale * LOG2E.value
+    q_grid = (layout.num_q_tiles, batch * num_q_heads)
+    if q_grid[0] * q_grid[1]:
+        sparse_attn_bwd_preprocess[q_grid](
+            Out=out, DOut=do, DLse=dlse if dlse is not None else delta, Delta=delta,
+            q_len=q_len, num_q_heads=num_q_heads, HEAD_DIM=head_dim, BLOCK_M=layout.block_m,
+            BLOCK_D=common["BLOCK_D"], HAS_DLSE=dlse is not None,
+            **stride_args(o=out, do=do))
+        sparse_attn_bwd_dq_kernel[q_grid](
+            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DQ=dq,
+            full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
+            part_col=layout.part_col, masks=layout.masks,
+            qk_scale=qk_scale, softmax_scale=softmax_scale, q_len=q_len, k_len=k.shape[1],
+            **common, **stride_args(q=q, k=k, v=v, do=do, dq=dq), **config)
+    kv_grid = (layout.num_k_tiles, batch * k.shape[2])
+    if kv_grid[0] * kv_grid[1]:
+        sparse_attn_bwd_dkdv_kernel[kv_grid](
+            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DK=dk, DV=dv,
+            full_ptr_t=layout.full_ptr_t, full_row_t=layout.full_row_t,
+            part_ptr_t=layout.part_ptr_t, part_row_t=layout.part_row_t,
+            part_mask_t=layout.part_mask_t, masks=layout.masks,
+            qk_scale=qk_scale, softmax_scale=softmax_scale, q_len=q_len, k_len=k.shape[1],
+            **common, **stride_args(q=q, k=k, v=v, do=do, dk=dk, dv=dv), **config)
+    return dq, dk, dv

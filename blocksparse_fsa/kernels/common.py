@@ -1,0 +1,79 @@
+"""Pieces shared by the forward and backward kernels."""
+
+import torch
+import triton
+import triton.language as tl
+
+# kernels may only read globals that are constexpr; host code uses ``LOG2E.value``
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Tests set this to fill every fresh output buffer with NaN, so a tile a kernel forgot to write
+# fails loudly instead of passing on stale zeros.
+POISON_OUTPUTS = False
+
+
+def new_empty(*args, like=None, **kwargs) -> torch.Tensor:
+    """``torch.empty`` (or ``empty_like(like)``, always contiguous), NaN-filled under
+    ``POISON_OUTPUTS``."""
+    if like is not None:
+        t = torch.empty_like(like, memory_format=torch.contiguous_format)
+    else:
+        t = torch.empty(*args, **kwargs)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
+
+@triton.jit
+def tile_bits(mask_ptr, offs_q, offs_k, N_WORDS: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Decode one partial tile's bitmask at query rows ``offs_q`` and key columns ``offs_k``.
+
+    ``mask_ptr`` points at the tile's ``[block_m, N_WORDS]`` int32 words (offsets are within the
+    tile). Returns bool ``[len(offs_q), len(offs_k)]``, or its transpose if ``TRANSPOSED``.
+    """
+    word_of_k = offs_k // 32
+    shift = offs_k % 32
+    if TRANSPOSED:
+        bits = tl.zeros([offs_k.shape[0], offs_q.shape[0]], dtype=tl.int32)
+    else:
+        bits = tl.zeros([offs_q.shape[0], offs_k.shape[0]], dtype=tl.int32)
+    for w in tl.static_range(N_WORDS):
+        word = tl.load(mask_ptr + offs_q * N_WORDS + w)  # [Q]
+        if TRANSPOSED:
+            bit = (word[None, :] >> shift[:, None]) & 1  # [K, Q]
+            bits = tl.where((word_of_k == w)[:, None], bit, bits)
+        else:
+            bit = (word[:, None] >> shift[None, :]) & 1  # [Q, K]
+            bits = tl.where((word_of_k == w)[None, :], bit, bits)
+    return bits != 0
+
+
+def launch_args(q, k, layout) -> dict:
+    """Kernel arguments shared by every pass: head grouping, the layout's (batch, head) mapping,
+    tile sizes and the padded head dim. ``q`` is (B, Lq, Hq, D), ``k`` is (B, Lk, Hkv, D)."""
+    num_q_heads, head_dim = q.shape[2], q.shape[3]
+    return dict(
+        num_q_heads=num_q_heads,
+        group_size=num_q_heads // k.shape[2],
+        head_div=num_q_heads // layout.heads,
+        layout_heads=layout.heads,
+        layout_batch_step=0 if layout.batch == 1 else 1,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=layout.block_m,
+        BLOCK_N=layout.block_n,
+        N_WORDS=-(-layout.block_n // 32),
+        # fp32 inputs get exact fp32 products; tf32 would miss the fp32 accuracy bar
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def stride_args(**tensors) -> dict:
+    """``stride_<name><axis>`` keyword arguments of (B, L, H, D) tensors, e.g. stride_qh."""
+    return {f"stride_{name}{axis}": s for name, t in tensors.items()
+            for axis, s in zip("blhd", t.stride())}
+
+
+@triton.jit
+def row_range(ptr, row):
+    """``(start, end)`` of CSR row ``row`` as int64 (tile offsets may pass 2**31 in bytes)."""
+    return tl.load(ptr + row).to(tl.int64), tl.load(ptr + row + 1).to(tl.int64)

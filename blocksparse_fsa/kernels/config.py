@@ -1,0 +1,24 @@
+"""Launch configuration: one small function per pass, easy to override.
+
+Tile shapes come from the layout (``block_m`` x ``block_n``); these functions choose warps and
+pipeline stages. Replace them (``blocksparse_fsa.kernels.config.get_fwd_config = mine``) to tune
+for another GPU.
+"""
+
+
+def get_fwd_config(head_dim: int, block_m: int, block_n: int) -> dict:
+    """Warps and stages of the forward kernel."""
+    if head_dim <= 64:
+        return dict(num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return dict(num_warps=4 if block_m <= 64 else 8, num_stages=3)
+    return dict(num_warps=8, num_stages=2)
+
+
+def get_bwd_config(head_dim: int, block_m: int, block_n: int) -> dict:
+    """Warps and stages of the dK/dV and dQ kernels."""
+    if head_dim <= 64:
+        return dict(num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return dict(num_warps=4 if block_m * block_n <= 64 * 64 else 8, num_stages=2)
+    return dict(num_warps=8, num_stages=1)

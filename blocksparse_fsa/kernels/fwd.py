@@ -1,0 +1,130 @@
+"""Forward: online softmax over the key tiles a query tile touches (full tiles first, unmasked)."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LN2, LOG2E, launch_args, new_empty, row_range, stride_args, tile_bits
+from . import config as launch_config
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_scale, k_len,
+               stride_kl, stride_kd, stride_vl, stride_vd,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr):
+    """Fold the tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query tile."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for t in range(start, end):
+        kt = tl.load(col_ptr + t).to(tl.int64)
+        offs_kn = kt * BLOCK_N + offs_n
+        kv_ok = d_ok[None, :]
+        if IS_PARTIAL:
+            kv_ok = kv_ok & (offs_kn[:, None] < k_len)
+        k = tl.load(k_base + offs_kn[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                    mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if IS_PARTIAL:
+            bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_m, offs_n,
+                             N_WORDS, False)
+            s = tl.where(bits, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if IS_PARTIAL:
+            # a row with no active key so far keeps m = -inf: shift by 0 so exp2 gives 0, not
+            # NaN (full tiles, visited first, make every row's m finite)
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        p = tl.math.exp2(s - m_new_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_kn[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def sparse_attn_fwd_kernel(
+    Q, K, V, Out, Lse,
+    full_ptr, full_col, part_ptr, part_col, masks,
+    qk_scale, q_len, k_len, num_q_heads, group_size, head_div, layout_heads, layout_batch_step,
+    stride_qb, stride_ql, stride_qh, stride_qd,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_ob, stride_ol, stride_oh, stride_od,
+    stride_lse_b, stride_lse_h,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    N_WORDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program = one query tile of one (batch, query head); grid (num_q_tiles, B * Hq).
+
+    q/k/v/out are (B, L, H, D) with any strides; lse is (B, Hq, Lq) float32, natural log.
+    Rows with no active key get out = 0 and lse = -inf.
+    """
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_q_heads).to(tl.int64)
+    hq = bh % num_q_heads
+    hk = (hq // group_size).to(tl.int64)
+    row = (b * layout_batch_step * layout_heads + hq // head_div) * tl.num_programs(0) + qt
+
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < q_len
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = (Q + b * stride_qb + hq.to(tl.int64) * stride_qh
+              + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    start, end = row_range(full_ptr, row)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, full_col, masks,
+        start, end, qk_scale, k_len,
+        stride_kl, stride_kd, stride_vl, stride_vd,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, INPUT_PRECISION)
+    start, end = row_range(part_ptr, row)
+    acc, l_i, m_i = _fwd_tiles(
+        acc, l_i, m_i, q, k_base, v_base, part_col, masks,
+        start, end, qk_scale, k_len,
+        stride_kl, stride_kd, stride_vl, stride_vd,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, INPUT_PRECISION)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_ptrs = (Out + b * stride_ob + hq.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + b * stride_lse_b + hq.to(tl.int64) * stride_lse_h + offs_m, lse, mask=m_ok)
+
+
+def sparse_attn_fwd(q, k, v, layout, softmax_scale):
+    """Launch the forward kernel. Returns ``out`` (like q) and ``lse`` (B, Hq, Lq) float32."""
+    batch, q_len, num_q_heads, head_dim = q.shape
+    out = new_empty(like=q)
+    lse = new_empty(batch, num_q_heads, q_len, dtype=torch.float32, device=q.device)
+    grid = (layout.num_q_tiles, batch * num_q_heads)
+    if grid[0] * grid[1] == 0:
+        return out, lse
+    sparse_attn_fwd_kernel[grid](
+        Q=q, K=k, V=v, Out=out, Lse=lse,
+        full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
+        part_col=layout.part_col, masks=layout.masks,
+        qk_scale=softmax_scale * LOG2E.value, q_len=q_len, k_len=k.shape[1],
+        stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
+        **launch_args(q, k, layout), **stride_args(q=q, k=k, v=v, o=out),
+        **launch_config.get_fwd_config(head_dim, layout.block_m, layout.block_n),
+    )
+    return out, lse

@@ -1,0 +1,241 @@
+"""``SparseLayout``: the tile metadata every kernel walks, and the ways to build it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+
+from .preprocess import dense_to_tiles, indices_to_tiles, mask_to_tiles, transpose_csr
+
+DEFAULT_BLOCK_M = 64
+DEFAULT_BLOCK_N = 64
+_VALID_BLOCKS = (16, 32, 64, 128, 256)
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+@dataclass(frozen=True, eq=False)
+class SparseLayout:
+    """Which (query tile, key tile) pairs an attention pattern touches, and its exact pairs.
+
+    A *row* is one (layout batch ``b``, layout head ``h``, query tile ``qt``), numbered
+    ``(b * heads + h) * num_q_tiles + qt``; a transposed row is one (b, h, key tile). Full tiles
+    (every pair active) carry no mask; partial tiles carry ``masks[p]``: ``block_m`` rows of
+    ``ceil(block_n / 32)`` int32 words, bit ``c % 32`` of word ``c // 32`` = key column ``c``.
+    ``batch`` is 1 (broadcast) or the batch size; ``heads`` is 1, the number of KV heads or the
+    number of query heads. All index tensors are int32 and live on one device.
+    """
+
+    q_len: int
+    k_len: int
+    block_m: int
+    block_n: int
+    batch: int
+    heads: int
+    is_causal: bool
+    nnz: int  # active (query, key) pairs summed over the layout's batch and heads
+    full_ptr: torch.Tensor  # [rows + 1] -> full_col
+    full_col: torch.Tensor  # [Tf] key tile of each full tile
+    part_ptr: torch.Tensor  # [rows + 1] -> part_col, masks
+    part_col: torch.Tensor  # [Tp] key tile of each partial tile
+    masks: torch.Tensor  # [Tp, block_m, n_words] int32
+    full_ptr_t: torch.Tensor  # [rows_t + 1] -> full_row_t
+    full_row_t: torch.Tensor  # [Tf] query tile of each full tile, by key tile
+    part_ptr_t: torch.Tensor  # [rows_t + 1] -> part_row_t, part_mask_t
+    part_row_t: torch.Tensor  # [Tp] query tile of each partial tile, by key tile
+    part_mask_t: torch.Tensor  # [Tp] index into masks
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def num_q_tiles(self) -> int:
+        return -(-self.q_len // self.block_m)
+
+    @property
+    def num_k_tiles(self) -> int:
+        return -(-self.k_len // self.block_n)
+
+    @property
+    def num_full_tiles(self) -> int:
+        return self.full_col.numel()
+
+    @property
+    def num_partial_tiles(self) -> int:
+        return self.part_col.numel()
+
+    @property
+    def num_tiles(self) -> int:
+        """Visited (query tile, key tile) pairs, summed over the layout's batch and heads."""
+        return self.num_full_tiles + self.num_partial_tiles
+
+    @property
+    def density(self) -> float:
+        """Useful pairs / pairs in visited tiles (1.0 = no wasted work inside tiles)."""
+        visited = self.num_tiles * self.block_m * self.block_n
+        return self.nnz / visited if visited else 1.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    @property
+    def device(self) -> torch.device:
+        return self.full_ptr.device
+
+    def _tensors(self):
+        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name),
+                                                                           torch.Tensor)]
+
+    def to(self, device) -> SparseLayout:
+        """A copy on ``device`` (the same object if it already lives there)."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
+
+    def __repr__(self) -> str:
+        return (f"SparseLayout(q_len={self.q_len}, k_len={self.k_len}, batch={self.batch}, "
+                f"heads={self.heads}, block={self.block_m}x{self.block_n}, "
+                f"tiles={self.num_tiles} ({self.num_full_tiles} full), "
+                f"density={self.density:.3f}, nnz={self.nnz}, causal={self.is_causal}, "
+                f"nbytes={self.nbytes}, device={self.device})")
+
+    # ---- inspection ---------------------------------------------------------------------------
+    def to_dense_mask(self) -> torch.Tensor:
+        """The exact pattern as a dense ``(batch, heads, q_len, k_len)`` bool tensor.
+
+        O(Lq * Lk) memory: meant for tests and small sizes.
+        """
+        qt_n, kt_n, bm, bn = self.num_q_tiles, self.num_k_tiles, self.block_m, self.block_n
+        groups = self.batch * self.heads
+        dense = torch.zeros(groups, qt_n, bm, kt_n, bn, dtype=torch.bool, device=self.device)
+        for ptr, col, bits in ((self.full_ptr, self.full_col, None),
+                               (self.part_ptr, self.part_col, unpack_bits(self.masks, bn))):
+            rows = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=self.device),
+                                           (ptr[1:] - ptr[:-1]).long())
+            g, qt, kt = rows // qt_n, rows % qt_n, col.long()
+            dense[g, qt, :, kt, :] = True if bits is None else bits
+        dense = dense.view(self.batch, self.heads, qt_n * bm, kt_n * bn)
+        return dense[:, :, :self.q_len, :self.k_len]
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_indices(cls, attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = False,
+                     block_m: int | None = None, block_n: int | None = None) -> SparseLayout:
+        """See :func:`build_layout`."""
+        block_m, block_n = _check_blocks(block_m, block_n)
+        idx = _check_indices(attn_indices, k_len)
+        n_b, n_h, q_len, _ = idx.shape
+        arrays = indices_to_tiles(idx, q_len, int(k_len), bool(is_causal), block_m, block_n)
+        arrays = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in arrays]
+        arrays[4] = arrays[4].view(torch.int32)  # uint32 words -> int32 bit patterns
+        layout = _finish(q_len, int(k_len), block_m, block_n, n_b, n_h, bool(is_causal), *arrays)
+        return layout.to(attn_indices.device)
+
+    @classmethod
+    def from_dense_mask(cls, attn_mask: torch.Tensor, *, is_causal: bool = False,
+                        block_m: int | None = None, block_n: int | None = None) -> SparseLayout:
+        """Layout of a dense boolean mask ``(B|1, H|1, Lq, Lk)`` (True = attend).
+
+        The reduction to tiles runs on the mask's device; the result lives there too.
+        """
+        block_m, block_n = _check_blocks(block_m, block_n)
+        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
+            raise TypeError("attn_mask must be a torch.bool tensor (True = attend), got "
+                            f"{getattr(attn_mask, 'dtype', type(attn_mask))}")
+        if attn_mask.dim() != 4:
+            raise ValueError("attn_mask must have shape (batch, heads, q_len, k_len), got "
+                             f"{tuple(attn_mask.shape)}")
+        n_b, n_h, q_len, k_len = attn_mask.shape
+        arrays = mask_to_tiles(attn_mask, bool(is_causal), block_m, block_n)
+        layout = _finish(q_len, k_len, block_m, block_n, n_b, n_h, bool(is_causal), *arrays)
+        return layout.to(attn_mask.device)
+
+    @classmethod
+    def dense(cls, q_len: int, k_len: int, *, is_causal: bool = False, block_m: int | None = None,
+              block_n: int | None = None, device="cpu") -> SparseLayout:
+        """Layout of dense attention (causal if asked), built without a dense mask."""
+        block_m, block_n = _check_blocks(block_m, block_n)
+        arrays = dense_to_tiles(q_len, k_len, bool(is_causal), block_m, block_n, device)
+        layout = _finish(q_len, k_len, block_m, block_n, 1, 1, bool(is_causal), *arrays)
+        return layout.to(device)
+
+
+def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = False,
+                 block_m: int | None = None, block_n: int | None = None) -> SparseLayout:
+    """Build the tile layout of ``attn_indices`` once; reuse it for every layer and the backward.
+
+    ``attn_indices``: integer tensor ``(B|1, H|1, Lq, W)``, entries in ``[-1, k_len)``, ``-1`` =
+    unused slot, duplicates count once, order within a row is free. ``is_causal`` drops every
+    index ``j > i + k_len - Lq`` (bottom-right aligned). The numba preprocessor runs on the CPU in
+    O(Lq * W) per (batch, head); the layout is returned on ``attn_indices``' device.
+    """
+    return SparseLayout.from_indices(attn_indices, k_len, is_causal=is_causal, block_m=block_m,
+                                     block_n=block_n)
+
+
+def unpack_bits(masks: torch.Tensor, block_n: int) -> torch.Tensor:
+    """``[T, block_m, n_words]`` int32 words -> ``[T, block_m, block_n]`` bool."""
+    shifts = torch.arange(32, device=masks.device, dtype=torch.int32)
+    bits = (masks[..., None] >> shifts) & 1
+    return bits.flatten(-2)[..., :block_n].bool()
+
+
+def _finish(q_len, k_len, block_m, block_n, n_b, n_h, is_causal, full_ptr, full_col, part_ptr,
+            part_col, masks, nnz) -> SparseLayout:
+    """Add the transposed CSR and pack everything as int32 tensors (on the CPU)."""
+    n_qt, n_kt = -(-q_len // block_m), -(-k_len // block_n)
+    to_np = (lambda t: t.cpu().numpy())
+    full_ptr_np, full_col_np = to_np(full_ptr).astype(np.int64), to_np(full_col).astype(np.int32)
+    part_ptr_np, part_col_np = to_np(part_ptr).astype(np.int64), to_np(part_col).astype(np.int32)
+    if max(full_ptr_np[-1], part_ptr_np[-1]) >= 2**31:
+        raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
+    full_ptr_t, full_row_t, _ = transpose_csr(full_ptr_np, full_col_np, n_b * n_h, n_qt, n_kt)
+    part_ptr_t, part_row_t, part_mask_t = transpose_csr(part_ptr_np, part_col_np, n_b * n_h, n_qt, n_kt)
+
+    def i32(a):
+        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int32)
+
+    return SparseLayout(
+        q_len=q_len, k_len=k_len, block_m=block_m, block_n=block_n, batch=n_b, heads=n_h,
+        is_causal=is_causal, nnz=int(nnz),
+        full_ptr=i32(full_ptr_np), full_col=i32(full_col_np),
+        part_ptr=i32(part_ptr_np), part_col=i32(part_col_np),
+        masks=masks.cpu().to(torch.int32).contiguous(),
+        full_ptr_t=i32(full_ptr_t), full_row_t=i32(full_row_t),
+        part_ptr_t=i32(part_ptr_t), part_row_t=i32(part_row_t), part_mask_t=i32(part_mask_t))
+
+
+def _check_blocks(block_m, block_n):
+    block_m = DEFAULT_BLOCK_M if block_m is None else block_m
+    block_n = DEFAULT_BLOCK_N if block_n is None else block_n
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value not in _VALID_BLOCKS:
+            raise ValueError(f"{name} must be one of {_VALID_BLOCKS}, got {value!r}")
+    return block_m, block_n
+
+
+def _check_indices(attn_indices, k_len) -> np.ndarray:
+    """Validate ``attn_indices`` and return it as a contiguous int32/int64 NumPy array."""
+    if not isinstance(attn_indices, torch.Tensor):
+        raise TypeError(f"attn_indices must be a torch.Tensor, got {type(attn_indices).__name__}")
+    if attn_indices.dtype not in _INT_DTYPES:
+        raise TypeError(f"attn_indices must be an integer tensor, got {attn_indices.dtype}")
+    if attn_indices.dim() != 4:
+        raise ValueError("attn_indices must have shape (batch, kv_heads, q_len, window), got "
+                         f"{tuple(attn_indices.shape)}")
+    if not isinstance(k_len, (int, np.integer)) or isinstance(k_len, bool) or k_len < 0:
+        raise ValueError(f"k_len must be a non-negative int, got {k_len!r}")
+    idx = attn_indices.detach()
+    if idx.dtype not in (torch.int32, torch.int64):
+        idx = idx.to(torch.int32)
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -1 or hi >= k_len:
+            bad = ((idx < -1) | (idx >= k_len)).nonzero()[0].tolist()
+            value = int(idx[tuple(bad)])
+            raise ValueError(f"attn_indices must lie in [-1, k_len={k_len}); found {value} at "
+                             f"position {tuple(bad)}")
+    return np.ascontiguousarray(idx.cpu().numpy())

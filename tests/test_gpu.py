@@ -1,0 +1,118 @@
+"""GPU tier (skipped without CUDA): bf16/fp16, real head dims and lengths, determinism, and
+addresses past 2**31 elements."""
+
+import pytest
+import torch
+
+import blocksparse_fsa as bsa
+from blocksparse_fsa.reference import dense_attention
+
+from .conftest import HAS_CUDA, assert_rule
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def window_pattern(length, window, heads=1):
+    i = torch.arange(length, device="cuda")[:, None]
+    idx = i - torch.arange(window, device="cuda")[None, :]
+    return torch.where(idx >= 0, idx, -1)[None, None].expand(1, heads, -1, -1)
+
+
+def random_pattern(length, window, heads, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    idx = torch.randint(0, length, (1, heads, length, window), device="cuda", generator=g)
+    return torch.where(torch.rand(idx.shape, device="cuda", generator=g) < 0.1, -1, idx)
+
+
+def check(q, k, v, layout, dtype):
+    """Out, lse and gradients of ours vs fp32 (high) and the same math in ``dtype`` (low)."""
+    dout = torch.randn_like(q, dtype=torch.float32)
+    mask = layout.to_dense_mask()
+
+    def run(q, k, v, fn):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out, lse = fn(q, k, v)
+        return (out, lse, *torch.autograd.grad((out.float() * dout).sum(), (q, k, v)))
+
+    ref = run(q.float(), k.float(), v.float(), lambda *t: dense_attention(*t, mask))
+    low = run(q.to(dtype), k.to(dtype), v.to(dtype), lambda *t: dense_attention(*t, mask))
+    got = run(q.to(dtype), k.to(dtype), v.to(dtype),
+              lambda *t: bsa.sparse_attn_func(*t, layout=layout, return_lse=True))
+    for name, g, lo, r in zip(["out", "lse", "dq", "dk", "dv"], got, low, ref):
+        assert_rule(name, g, lo, r, ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_window_and_random_patterns(dtype, dim, group):
+    torch.manual_seed(dim + group)
+    hkv, length = 2, 1000
+    q = torch.randn(1, length, hkv * group, dim, device="cuda")
+    k = torch.randn(1, length, hkv, dim, device="cuda")
+    v = torch.randn(1, length, hkv, dim, device="cuda")
+    window = bsa.build_layout(window_pattern(length, 200, hkv), length, is_causal=True)
+    check(q, k, v, window, dtype)
+    scattered = bsa.build_layout(random_pattern(length, 64, hkv), length, is_causal=False)
+    check(q, k, v, scattered, dtype)
+
+
+@pytest.mark.parametrize("length", [4096, 8192])
+def test_long_sliding_window_bf16(length):
+    torch.manual_seed(length)
+    q = torch.randn(1, length, 8, 128, device="cuda")
+    k = torch.randn(1, length, 2, 128, device="cuda")
+    v = torch.randn(1, length, 2, 128, device="cuda")
+    layout = bsa.build_layout(window_pattern(length, 1024, 2), length, is_causal=True)
+    check(q, k, v, layout, torch.bfloat16)
+
+
+def test_dense_causal_and_mask_paths():
+    torch.manual_seed(0)
+    length = 1500
+    q, k, v = (torch.randn(2, length, 4, 64, device="cuda") for _ in range(3))
+    check(q, k, v, bsa.SparseLayout.dense(length, length, is_causal=True, device="cuda"),
+          torch.bfloat16)
+    mask = torch.rand(2, 4, length, length, device="cuda") < 0.05
+    check(q, k, v, bsa.SparseLayout.from_dense_mask(mask), torch.bfloat16)
+
+
+def test_backward_is_bitwise_deterministic():
+    """No atomics anywhere: two backward passes give the same bits."""
+    torch.manual_seed(0)
+    length = 4096
+    q = torch.randn(1, length, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, length, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, length, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layout = bsa.build_layout(random_pattern(length, 512, 2), length, is_causal=True)
+    dout = torch.randn_like(q)
+    first = torch.autograd.grad(bsa.sparse_attn_func(q, k, v, layout=layout), (q, k, v), dout)
+    for _ in range(3):
+        again = torch.autograd.grad(bsa.sparse_attn_func(q, k, v, layout=layout), (q, k, v), dout)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_addresses_past_2_pow_31_elements():
+    """q, out, dout and dq with more than 2**31 elements (int32 offsets would wrap)."""
+    length, heads, dim, window = 270_000, 64, 128, 16
+    assert length * heads * dim > 2**31
+    torch.manual_seed(0)
+    q = torch.randn(1, length, heads, dim, device="cuda", dtype=torch.bfloat16,
+                    requires_grad=True)
+    k = torch.randn(1, length, 1, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, length, 1, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layout = bsa.build_layout(window_pattern(length, window), length, is_causal=True)
+    out = bsa.sparse_attn_func(q, k, v, layout=layout)
+    dq, = torch.autograd.grad(out, (q,), torch.ones_like(out))
+    rows = torch.arange(length - 200, length, device="cuda")  # the far end of the buffers
+    tail = slice(length - 200 - window, length)
+    qs = q[:, rows].detach().float().requires_grad_()
+    i = rows[:, None]
+    j = torch.arange(tail.start, tail.stop, device="cuda")[None, :]
+    mask = ((j <= i) & (j > i - window))[None, None]
+    ref, _ = dense_attention(qs, k[:, tail].detach().float(), v[:, tail].detach().float(), mask)
+    torch.testing.assert_close(out[:, rows].float(), ref, atol=2e-2, rtol=2e-2)
+    ref_dq, = torch.autograd.grad(ref, (qs,), torch.ones_like(ref))
+    torch.testing.assert_close(dq[:, rows].float(), ref_dq, atol=5e-2, rtol=5e-2)
