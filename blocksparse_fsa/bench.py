@@ -19,7 +19,7 @@ Systems, all on the same q, k, v
     ours         ``sparse_attn_func(q, k, v, layout=build_layout(indices, is_causal=True))``
     flex         ``torch.compile(flex_attention)`` with the tightest BlockMask a user would
                  write: an analytic ``mask_mod`` (sliding window, dilated), a per-head block
-                 table (bigbird), a dense ``[Hkv, L, L]`` bool tensor (topk_random)
+                 table (bigbird), a bit-packed dense ``[Hkv, L, L/8]`` table (topk_random)
     sdpa_causal  dense causal FlashAttention through SDPA: the cost of ignoring the sparsity
                  (a different function, so timed but not checked)
     sdpa_mask    SDPA with the pattern as a dense boolean ``attn_mask`` (only L <= 8192)
@@ -65,6 +65,7 @@ import gc
 import json
 import math
 import re
+import os
 import subprocess
 import sys
 import time
@@ -260,11 +261,14 @@ def topk_random(seq_len: int, num_kv_heads: int, device, k: int = 1024, seed: in
     indices = _per_head(torch.where(rows + 1 <= k, all_keys, drawn), num_kv_heads)
 
     def flex_mask():
-        # [Hkv, L, L] bool: 8.6 GB at L = 32768, Hkv = 8
-        dense = dense_mask_from_indices(indices, seq_len, causal=True)
+        # A bit-packed [Hkv, L, L / 8] uint8 table (1 GiB at L = 32768, Hkv = 8). A plain
+        # [Hkv, L, L] bool table has more than 2**31 elements at that size, past what flex's
+        # generated indexing handles (seen: an illegal memory access on the H200).
+        packed = packed_mask_from_indices(indices, seq_len, causal=True)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return dense[h, q_idx, kv_idx]
+            byte = packed[h, q_idx, kv_idx // 8].to(torch.int32)
+            return ((byte >> (kv_idx % 8)) & 1) == 1
         return mask_mod
 
     return Pattern("topk_random", seq_len, indices, flex_mask, True,
@@ -293,6 +297,22 @@ def dense_mask_from_indices(indices: torch.Tensor, k_len: int, causal: bool) -> 
         lin = (h * q_len + rows) * k_len + idx
         flat[torch.where(valid, lin, flat.numel() - 1)] = True  # the last cell swallows -1s
     return flat[:-1].view(heads, q_len, k_len)
+
+
+def packed_mask_from_indices(indices: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
+    """Like ``dense_mask_from_indices`` but 8 keys a byte: ``[H, Lq, ceil(k_len / 8)]`` uint8,
+    bit ``j % 8`` of byte ``j // 8`` = key ``j``. Built one head at a time."""
+    _, heads, q_len, _ = indices.shape
+    n_bytes = -(-k_len // 8)
+    weights = (1 << torch.arange(8, device=indices.device)).to(torch.uint8)
+    packed = torch.empty(heads, q_len, n_bytes, dtype=torch.uint8, device=indices.device)
+    for h in range(heads):
+        dense = dense_mask_from_indices(indices[:, h:h + 1], k_len, causal)[0]  # [Lq, Lk]
+        dense = torch.nn.functional.pad(dense, (0, n_bytes * 8 - k_len))
+        packed[h] = (dense.view(q_len, n_bytes, 8).to(torch.uint8) * weights).sum(
+            -1, dtype=torch.uint8)
+        del dense
+    return packed
 
 
 def count_nnz(indices: torch.Tensor, k_len: int, causal: bool) -> int:
@@ -879,7 +899,13 @@ def summary(rows: list[Row], seq_lens, sdpa_mask_max_len: int) -> list[str]:
 
 
 def git_commit(repo: Path = _REPO) -> str:
-    """Short HEAD commit, '-dirty' if the tree has changes; 'unknown' without git/commits."""
+    """Short HEAD commit, '-dirty' if the tree has changes; 'unknown' without git/commits.
+
+    ``BSA_COMMIT`` overrides it, for copies of the tree without ``.git`` (a remote GPU box).
+    """
+    if os.environ.get("BSA_COMMIT"):
+        return os.environ["BSA_COMMIT"]
+
     def git(*cmd):
         try:
             res = subprocess.run(["git", *cmd], cwd=repo, capture_output=True, text=True,
