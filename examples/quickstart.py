@@ -2,6 +2,7 @@
 checked against the reference. Runs on a GPU if there is one, else on the CPU."""
 
 import math
+import os
 import time
 
 import torch
@@ -43,7 +44,9 @@ for name, ours, theirs in [("out", out, ref), ("dq", q.grad, qr.grad), ("dk", k.
     assert rel < (2e-2 if dtype == torch.bfloat16 else 1e-4), name
 
 dense_mask_bytes = layout.batch * layout.heads * length * length  # one byte per bool
-print(f"device {device}, {dtype}, L={length}, Hq={q_heads}, Hkv={kv_heads}, D={dim}")
+backend = ("Triton kernels" if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+           else "pure-PyTorch path (TRITON_INTERPRET=1 runs the Triton kernels on the CPU)")
+print(f"device {device}, {dtype}, L={length}, Hq={q_heads}, Hkv={kv_heads}, D={dim}: {backend}")
 print(f"layout: {layout.num_tiles} tiles ({layout.num_full_tiles} full), density "
       f"{layout.density:.2f}, {layout.nbytes / 1024:.0f} KiB, built in {build_ms:.0f} ms")
 print(f"vs a dense bool mask: {dense_mask_bytes / 1024:.0f} KiB; the indices: "
