@@ -33,6 +33,10 @@ def main():
     parser.add_argument("--heads-kv", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--blocks", nargs="+", default=["64x64", "128x64", "128x128"])
+    parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
+    parser.add_argument("--stack", nargs="+", default=["auto"],
+                        help="query heads per forward/dQ program: 'auto' (config.py) or ints")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     length, hq, hkv, dim = args.seq_len, args.heads_q, args.heads_kv, args.head_dim
@@ -44,13 +48,17 @@ def main():
     idx = sliding_window(length, args.window, hkv, "cuda")
     rows = []
     default_fwd, default_bwd = launch_config.get_fwd_config, launch_config.get_bwd_config
+    default_stack = launch_config.heads_per_program
     for block in args.blocks:
         block_m, block_n = map(int, block.split("x"))
         layout = bsa.build_layout(idx, length, is_causal=True, block_m=block_m, block_n=block_n)
         flops = 4 * layout.nnz * (hq // layout.heads) * dim
         out = bsa.sparse_attn_func(q, k, v, layout=layout)
-        for passname, warps, stages in itertools.product(["fwd", "bwd"], [4, 8], [1, 2, 3, 4]):
+        for passname, stack, warps, stages in itertools.product(
+                ["fwd", "bwd"], args.stack, args.warps, args.stages):
             config = dict(num_warps=warps, num_stages=stages)
+            launch_config.heads_per_program = (
+                default_stack if stack == "auto" else (lambda *a, n=int(stack): n))
             fixed = (lambda *a, c=config: c)
             launch_config.get_fwd_config = fixed if passname == "fwd" else default_fwd
             launch_config.get_bwd_config = fixed if passname == "bwd" else default_bwd
@@ -65,16 +73,17 @@ def main():
                                                               retain_graph=True),
                                   warmup=10, rep=40, return_mode="median")
                     work = 2.5 * flops
-                row = dict(block=block, pass_=passname, num_warps=warps, num_stages=stages,
-                           ms=round(ms, 4), tflops=round(work / ms / 1e9, 1),
+                row = dict(block=block, pass_=passname, stack=stack, num_warps=warps,
+                           num_stages=stages, ms=round(ms, 4), tflops=round(work / ms / 1e9, 1),
                            density=round(layout.density, 4))
             except Exception as e:  # noqa: BLE001 (out of resources etc.: report, go on)
-                row = dict(block=block, pass_=passname, num_warps=warps, num_stages=stages,
-                           ms=None, tflops=None, density=round(layout.density, 4),
+                row = dict(block=block, pass_=passname, stack=stack, num_warps=warps,
+                           num_stages=stages, ms=None, tflops=None, density=round(layout.density, 4),
                            error=type(e).__name__)
             rows.append(row)
             print(row, flush=True)
     launch_config.get_fwd_config, launch_config.get_bwd_config = default_fwd, default_bwd
+    launch_config.heads_per_program = default_stack
     os.makedirs(args.out, exist_ok=True)
     slug = torch.cuda.get_device_name().replace(" ", "_")
     with open(os.path.join(args.out, f"tune_{slug}.csv"), "w", newline="") as f:

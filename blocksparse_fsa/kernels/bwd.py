@@ -136,10 +136,11 @@ def sparse_attn_bwd_dkdv_kernel(
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end, qk_scale, k_len,
               stride_kl, stride_kd, stride_vl, stride_vd,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
-    """Accumulate dQ of one query tile over the key tiles ``col_ptr[start:end]``."""
-    offs_i = tl.arange(0, BLOCK_M)
+              BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
+              IS_PARTIAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile of ``HEADS`` stacked query heads over the key tiles
+    ``col_ptr[start:end]``."""
+    offs_i = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -177,42 +178,46 @@ def sparse_attn_bwd_dq_kernel(
     stride_dob, stride_dol, stride_doh, stride_dod,
     stride_dqb, stride_dql, stride_dqh, stride_dqd,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_WORDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    N_WORDS: tl.constexpr, HEADS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """One program = one query tile of one (batch, query head); grid (num_q_tiles, B * Hq)."""
+    """One program = one query tile of ``HEADS`` consecutive query heads of one batch (sharing
+    a KV head and a layout row); grid (num_q_tiles, B * Hq / HEADS)."""
     qt = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // num_q_heads).to(tl.int64)
-    hq = (bh % num_q_heads).to(tl.int64)
-    hk = hq // group_size
-    row = (b * layout_batch_step * layout_heads + hq // head_div) * tl.num_programs(0) + qt
-    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    num_stacks = num_q_heads // HEADS
+    b = (bh // num_stacks).to(tl.int64)
+    hq0 = (bh % num_stacks) * HEADS
+    hk = (hq0 // group_size).to(tl.int64)
+    row = (b * layout_batch_step * layout_heads + hq0 // head_div) * tl.num_programs(0) + qt
+    offs_r = tl.arange(0, HEADS * BLOCK_M)
+    heads = (hq0 + offs_r // BLOCK_M).to(tl.int64)  # [HEADS * BLOCK_M] query head of each row
+    offs_m = qt * BLOCK_M + offs_r % BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     rows = offs_m[:, None].to(tl.int64)
-    q = tl.load(Q + b * stride_qb + hq * stride_qh + rows * stride_ql + offs_d[None, :] * stride_qd,
-                mask=ok, other=0.0)  # [BLOCK_M, BLOCK_D]
-    do = tl.load(DOut + b * stride_dob + hq * stride_doh + rows * stride_dol
+    hs = heads[:, None]
+    q = tl.load(Q + b * stride_qb + hs * stride_qh + rows * stride_ql + offs_d[None, :] * stride_qd,
+                mask=ok, other=0.0)  # [HEADS * BLOCK_M, BLOCK_D]
+    do = tl.load(DOut + b * stride_dob + hs * stride_doh + rows * stride_dol
                  + offs_d[None, :] * stride_dod, mask=ok, other=0.0)
-    lse = tl.load(Lse + (b * num_q_heads + hq) * q_len + offs_m, mask=offs_m < q_len,
-                  other=0.0) * LOG2E
-    delta = tl.load(Delta + (b * num_q_heads + hq) * q_len + offs_m, mask=offs_m < q_len,
-                    other=0.0)
+    stat = (b * num_q_heads + heads) * q_len + offs_m  # lse / delta offsets
+    lse = tl.load(Lse + stat, mask=offs_m < q_len, other=0.0) * LOG2E
+    delta = tl.load(Delta + stat, mask=offs_m < q_len, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, end = row_range(full_ptr, row)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, full_col, masks,
                    start, end, qk_scale, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd,
-                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, INPUT_PRECISION)
+                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, part_col, masks,
                    start, end, qk_scale, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd,
-                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, INPUT_PRECISION)
+                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, INPUT_PRECISION)
     dq *= softmax_scale
-    tl.store(DQ + b * stride_dqb + hq * stride_dqh + rows * stride_dql
+    tl.store(DQ + b * stride_dqb + hs * stride_dqh + rows * stride_dql
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ok)
 
 
@@ -224,7 +229,6 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale):
     dv = new_empty(like=v)
     delta = new_empty(like=lse)
     common = launch_args(q, k, layout)
-    config = launch_config.get_bwd_config(head_dim, layout.block_m, layout.block_n)
     qk_scale = softmax_scale * LOG2E.value
     q_grid = (layout.num_q_tiles, batch * num_q_heads)
     if q_grid[0] * q_grid[1]:
@@ -233,12 +237,15 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale):
             q_len=q_len, num_q_heads=num_q_heads, HEAD_DIM=head_dim, BLOCK_M=layout.block_m,
             BLOCK_D=common["BLOCK_D"], HAS_DLSE=dlse is not None,
             **stride_args(o=out, do=do))
-        sparse_attn_bwd_dq_kernel[q_grid](
+        heads = launch_config.heads_per_program(layout.block_m, common["group_size"],
+                                                common["head_div"])
+        sparse_attn_bwd_dq_kernel[(q_grid[0], q_grid[1] // heads)](
             Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DQ=dq,
             full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
             part_col=layout.part_col, masks=layout.masks,
             qk_scale=qk_scale, softmax_scale=softmax_scale, q_len=q_len, k_len=k.shape[1],
-            **common, **stride_args(q=q, k=k, v=v, do=do, dq=dq), **config)
+            HEADS=heads, **common, **stride_args(q=q, k=k, v=v, do=do, dq=dq),
+            **launch_config.get_bwd_config(head_dim, heads * layout.block_m, layout.block_n))
     kv_grid = (layout.num_k_tiles, batch * k.shape[2])
     if kv_grid[0] * kv_grid[1]:
         sparse_attn_bwd_dkdv_kernel[kv_grid](
@@ -247,5 +254,6 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale):
             part_ptr_t=layout.part_ptr_t, part_row_t=layout.part_row_t,
             part_mask_t=layout.part_mask_t, masks=layout.masks,
             qk_scale=qk_scale, softmax_scale=softmax_scale, q_len=q_len, k_len=k.shape[1],
-            **common, **stride_args(q=q, k=k, v=v, do=do, dk=dk, dv=dv), **config)
+            **common, **stride_args(q=q, k=k, v=v, do=do, dk=dk, dv=dv),
+            **launch_config.get_bwd_config(head_dim, layout.block_m, layout.block_n))
     return dq, dk, dv

@@ -29,3 +29,13 @@ def get_bwd_config(head_dim: int, block_m: int, block_n: int) -> dict:
     if head_dim <= 128:
         return dict(num_warps=4 if block_m * block_n <= 64 * 64 else 8, num_stages=2)
     return dict(num_warps=8, num_stages=1)
+
+
+def heads_per_program(block_m: int, group_size: int, head_div: int) -> int:
+    """How many query heads one forward / dQ program stacks (they must share a KV head and a
+    layout row, so it divides ``group_size`` and ``head_div``): up to 128 rows per program."""
+    heads = 1
+    while (heads * 2 * block_m <= 128 and group_size % (heads * 2) == 0
+           and head_div % (heads * 2) == 0):
+        heads *= 2
+    return heads

@@ -12,10 +12,11 @@ from . import config as launch_config
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_scale, k_len,
                stride_kl, stride_kd, stride_vl, stride_vd,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr):
-    """Fold the tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query tile."""
-    offs_m = tl.arange(0, BLOCK_M)
+               BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
+               IS_PARTIAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Fold the tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query tile
+    of ``HEADS`` stacked query heads (rows ``h * BLOCK_M + m``; they share the tiles' bits)."""
+    offs_m = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -60,54 +61,57 @@ def sparse_attn_fwd_kernel(
     stride_ob, stride_ol, stride_oh, stride_od,
     stride_lse_b, stride_lse_h,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_WORDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    N_WORDS: tl.constexpr, HEADS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """One program = one query tile of one (batch, query head); grid (num_q_tiles, B * Hq).
-
-    q/k/v/out are (B, L, H, D) with any strides; lse is (B, Hq, Lq) float32, natural log.
-    Rows with no active key get out = 0 and lse = -inf.
+    """One program = one query tile of ``HEADS`` consecutive query heads of one batch, which
+    share a KV head and a layout row (one K/V tile load serves all of them); grid
+    (num_q_tiles, B * Hq / HEADS). q/k/v/out are (B, L, H, D) with any strides; lse is
+    (B, Hq, Lq) float32, natural log. Rows with no active key get out = 0 and lse = -inf.
     """
     qt = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // num_q_heads).to(tl.int64)
-    hq = bh % num_q_heads
-    hk = (hq // group_size).to(tl.int64)
-    row = (b * layout_batch_step * layout_heads + hq // head_div) * tl.num_programs(0) + qt
+    num_stacks = num_q_heads // HEADS
+    b = (bh // num_stacks).to(tl.int64)
+    hq0 = (bh % num_stacks) * HEADS
+    hk = (hq0 // group_size).to(tl.int64)
+    row = (b * layout_batch_step * layout_heads + hq0 // head_div) * tl.num_programs(0) + qt
 
-    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, HEADS * BLOCK_M)
+    heads = (hq0 + offs_r // BLOCK_M).to(tl.int64)  # [HEADS * BLOCK_M] query head of each row
+    offs_m = qt * BLOCK_M + offs_r % BLOCK_M  # its query position
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = (Q + b * stride_qb + hq.to(tl.int64) * stride_qh
+    q_ptrs = (Q + b * stride_qb + heads[:, None] * stride_qh
               + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [HEADS*BLOCK_M, BLOCK_D]
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    acc = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([HEADS * BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([HEADS * BLOCK_M], float("-inf"), dtype=tl.float32)
     start, end = row_range(full_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, full_col, masks,
         start, end, qk_scale, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, INPUT_PRECISION)
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, part_col, masks,
         start, end, qk_scale, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, INPUT_PRECISION)
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, INPUT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_ptrs = (Out + b * stride_ob + hq.to(tl.int64) * stride_oh
+    o_ptrs = (Out + b * stride_ob + heads[:, None] * stride_oh
               + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + b * stride_lse_b + hq.to(tl.int64) * stride_lse_h + offs_m, lse, mask=m_ok)
+    tl.store(Lse + b * stride_lse_b + heads * stride_lse_h + offs_m, lse, mask=m_ok)
 
 
 def sparse_attn_fwd(q, k, v, layout, softmax_scale):
@@ -115,7 +119,9 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale):
     batch, q_len, num_q_heads, head_dim = q.shape
     out = new_empty(like=q)
     lse = new_empty(batch, num_q_heads, q_len, dtype=torch.float32, device=q.device)
-    grid = (layout.num_q_tiles, batch * num_q_heads)
+    args = launch_args(q, k, layout)
+    heads = launch_config.heads_per_program(layout.block_m, args["group_size"], args["head_div"])
+    grid = (layout.num_q_tiles, batch * num_q_heads // heads)
     if grid[0] * grid[1] == 0:
         return out, lse
     sparse_attn_fwd_kernel[grid](
@@ -124,7 +130,7 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale):
         part_col=layout.part_col, masks=layout.masks,
         qk_scale=softmax_scale * LOG2E.value, q_len=q_len, k_len=k.shape[1],
         stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
-        **launch_args(q, k, layout), **stride_args(q=q, k=k, v=v, o=out),
-        **launch_config.get_fwd_config(head_dim, layout.block_m, layout.block_n),
+        HEADS=heads, **args, **stride_args(q=q, k=k, v=v, o=out),
+        **launch_config.get_fwd_config(head_dim, heads * layout.block_m, layout.block_n),
     )
     return out, lse
