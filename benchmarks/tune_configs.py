@@ -36,7 +36,7 @@ def main():
     parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
     parser.add_argument("--stack", nargs="+", default=["auto"],
-                        help="query heads per forward/dQ program: 'auto' (config.py) or ints")
+                        help="query heads per forward and dQ program: 'auto' (config.py) or ints")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     length, hq, hkv, dim = args.seq_len, args.heads_q, args.heads_kv, args.head_dim
@@ -58,7 +58,7 @@ def main():
                 ["fwd", "bwd"], args.stack, args.warps, args.stages):
             config = dict(num_warps=warps, num_stages=stages)
             launch_config.heads_per_program = (
-                default_stack if stack == "auto" else (lambda *a, n=int(stack): n))
+                default_stack if stack == "auto" else (lambda *a, n=int(stack), **kw: n))
             fixed = (lambda *a, c=config: c)
             launch_config.get_fwd_config = fixed if passname == "fwd" else default_fwd
             launch_config.get_bwd_config = fixed if passname == "bwd" else default_bwd

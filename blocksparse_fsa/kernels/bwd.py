@@ -238,7 +238,7 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale):
             BLOCK_D=common["BLOCK_D"], HAS_DLSE=dlse is not None,
             **stride_args(o=out, do=do))
         heads = launch_config.heads_per_program(layout.block_m, common["group_size"],
-                                                common["head_div"])
+                                                common["head_div"], kernel="dq")
         sparse_attn_bwd_dq_kernel[(q_grid[0], q_grid[1] // heads)](
             Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DQ=dq,
             full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,

@@ -31,9 +31,16 @@ def get_bwd_config(head_dim: int, block_m: int, block_n: int) -> dict:
     return dict(num_warps=8, num_stages=1)
 
 
-def heads_per_program(block_m: int, group_size: int, head_div: int) -> int:
-    """How many query heads one forward / dQ program stacks (they must share a KV head and a
-    layout row, so it divides ``group_size`` and ``head_div``): up to 128 rows per program."""
+def heads_per_program(block_m: int, group_size: int, head_div: int, kernel: str = "fwd") -> int:
+    """How many query heads one forward (``kernel="fwd"``) or dQ (``"dq"``) program stacks.
+
+    Stacked heads share a KV head and a layout row, so the count divides ``group_size`` and
+    ``head_div``. H200, D=128, 64x64 tiles (benchmarks/results/tune_NVIDIA_H200_stack.csv):
+    stacking the forward to 128 rows took it from 1.71 to 1.49 ms; stacking dQ made the
+    backward slower (4.14 -> 6.24 ms with 4 warps), so dQ stacks nothing by default.
+    """
+    if kernel != "fwd":
+        return 1
     heads = 1
     while (heads * 2 * block_m <= 128 and group_size % (heads * 2) == 0
            and head_div % (heads * 2) == 0):

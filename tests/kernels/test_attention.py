@@ -167,3 +167,17 @@ def test_non_contiguous_inputs_from_fused_qkv():
     out = bsa.sparse_attn_func(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), layout=layout.to(DEVICE))
     ref, _ = dense_attention(q.double(), k.double(), v.double(), layout.to_dense_mask())
     torch.testing.assert_close(out.cpu().double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=lambda c: c.id)
+def test_stacked_dq_programs(case, monkeypatch):
+    """dQ can stack the query heads of a GQA group (off by default: slower on an H200)."""
+    from blocksparse_fsa.kernels import config
+
+    stack = config.heads_per_program
+    monkeypatch.setattr(config, "heads_per_program",
+                        lambda bm, g, hd, kernel="fwd": stack(bm, g, hd, "fwd"))
+    assert config.heads_per_program(case.block[0], case.hq // case.hkv, case.hq // case.hkv,
+                                    "dq") > 1
+    run_case(case, "triton")
