@@ -5,8 +5,9 @@ set one bit per exact (query, key) pair, and split the tiles into *full* ones (e
 tile active: the kernels skip the mask) and *partial* ones (a bitmask of ``block_m`` rows of
 ``ceil(block_n / 32)`` 32-bit words). Cost is O(Lq * W) per (batch, head): no dense mask is built.
 
-Two passes over the indices, both parallel over rows: the first counts tiles, the second writes
-them at offsets given by a prefix sum. Within a row, tiles are sorted by key tile.
+Two passes over the indices, both parallel over chunks of rows: the first counts tiles, the
+second writes them at offsets given by a prefix sum. Each chunk owns a scratch bitmap of one
+row's key tiles, cleared tile by tile after use. Within a row, tiles are sorted by key tile.
 """
 
 import numpy as np
@@ -22,113 +23,130 @@ def _popcount32(x):
 
 
 @njit(cache=True)
-def _row_tiles(idx, b, h, qt, q_len, k_len, causal_offset, is_causal, block_m, block_n, n_words,
-               slot):
-    """Bitmasks of the key tiles touched by one query tile.
+def _scan_row(idx, b, h, qt, q_len, k_len, causal_offset, is_causal, block_m, shift_n,
+              touched, scratch):
+    """Set the bits of query tile ``qt`` in ``scratch[kt]`` (``[n_kt, block_m, n_words]``).
 
-    Returns (key tiles sorted ascending, words [n, block_m, n_words] uint32). ``slot`` is a
-    scratch array of size num_k_tiles filled with -1, restored to -1 on return.
+    Returns the touched key tiles, sorted. ``scratch`` must be all zero on entry; the caller
+    clears the touched tiles (``_clear``) once it has read them. Block sizes are powers of two,
+    so tile and column come from a shift and a mask, not a division.
     """
     window = idx.shape[3]
+    low_n = (1 << shift_n) - 1
     q0 = qt * block_m
     q1 = min(q0 + block_m, q_len)
-    # pass a: which key tiles are touched
-    touched = np.empty(min(slot.shape[0], (q1 - q0) * window + 1), dtype=np.int64)
     n = 0
     for i in range(q0, q1):
         limit = i + causal_offset
+        r = i - q0
         for w in range(window):
             j = idx[b, h, i, w]
             if j < 0 or j >= k_len or (is_causal and j > limit):
                 continue
-            kt = j // block_n
-            if slot[kt] < 0:
-                slot[kt] = 0
-                touched[n] = kt
+            kt = j >> shift_n
+            c = j & low_n
+            if touched[kt] < 0:  # touched[] doubles as the "seen" flag: -1 = not yet
+                touched[kt] = n
                 n += 1
-    tiles = np.sort(touched[:n])
-    for t in range(n):
-        slot[tiles[t]] = t
-    # pass b: the exact pairs
-    words = np.zeros((n, block_m, n_words), dtype=np.uint32)
-    for i in range(q0, q1):
-        limit = i + causal_offset
-        for w in range(window):
-            j = idx[b, h, i, w]
-            if j < 0 or j >= k_len or (is_causal and j > limit):
-                continue
-            c = j % block_n
-            words[slot[j // block_n], i - q0, c >> 5] |= np.uint32(1) << np.uint32(c & 31)
-    for t in range(n):
-        slot[tiles[t]] = -1
-    return tiles, words
+            scratch[kt, r, c >> 5] |= np.uint32(1) << np.uint32(c & 31)
+    tiles = np.empty(n, dtype=np.int64)
+    n = 0
+    for kt in range(touched.shape[0]):
+        if touched[kt] >= 0:
+            tiles[n] = kt
+            n += 1
+    return tiles
 
 
 @njit(cache=True, inline="always")
-def _tile_is_full(words, t, qt, kt, q_len, k_len, block_m, block_n, n_words):
+def _clear(tiles, touched, scratch):
+    for kt in tiles:
+        touched[kt] = -1
+        scratch[kt] = 0
+
+
+@njit(cache=True, inline="always")
+def _tile_is_full(words, qt, kt, q_len, k_len, block_m, block_n):
+    """All pairs of an in-range tile active (``words`` is its ``[block_m, n_words]`` bitmask)."""
     if (qt + 1) * block_m > q_len or (kt + 1) * block_n > k_len:
         return False
     full_word = np.uint32(0xFFFFFFFF) if block_n >= 32 else np.uint32((1 << block_n) - 1)
-    for r in range(block_m):
-        for w in range(n_words):
-            if words[t, r, w] != full_word:
+    for r in range(words.shape[0]):
+        for w in range(words.shape[1]):
+            if words[r, w] != full_word:
                 return False
     return True
 
 
+@njit(cache=True)
+def _chunks(n_rows):
+    """Row ranges for the parallel loop: a scratch buffer is allocated once per chunk."""
+    n_chunks = max(1, min(n_rows, 64))
+    bounds = np.empty(n_chunks + 1, dtype=np.int64)
+    for c in range(n_chunks + 1):
+        bounds[c] = c * n_rows // n_chunks
+    return bounds
+
+
 @njit(parallel=True, cache=True)
-def count_tiles(idx, q_len, k_len, causal_offset, is_causal, block_m, block_n, n_words):
+def count_tiles(idx, q_len, k_len, causal_offset, is_causal, block_m, shift_n, n_words):
     """Pass 1: per row (b, h, qt) the number of full tiles, partial tiles and active pairs."""
     n_b, n_h = idx.shape[0], idx.shape[1]
+    block_n = 1 << shift_n
     n_qt = (q_len + block_m - 1) // block_m
     n_kt = (k_len + block_n - 1) // block_n
     n_rows = n_b * n_h * n_qt
     n_full = np.zeros(n_rows, dtype=np.int64)
     n_part = np.zeros(n_rows, dtype=np.int64)
     nnz = np.zeros(n_rows, dtype=np.int64)
-    for r in prange(n_rows):
-        b = r // (n_h * n_qt)
-        h = (r // n_qt) % n_h
-        qt = r % n_qt
-        slot = np.full(n_kt, -1, dtype=np.int64)
-        tiles, words = _row_tiles(idx, b, h, qt, q_len, k_len, causal_offset, is_causal,
-                                  block_m, block_n, n_words, slot)
-        for t in range(tiles.shape[0]):
-            if _tile_is_full(words, t, qt, tiles[t], q_len, k_len, block_m, block_n, n_words):
-                n_full[r] += 1
-            else:
-                n_part[r] += 1
-            for m in range(block_m):
-                for w in range(n_words):
-                    nnz[r] += _popcount32(words[t, m, w])
+    bounds = _chunks(n_rows)
+    for c in prange(bounds.shape[0] - 1):
+        touched = np.full(n_kt, -1, dtype=np.int64)
+        scratch = np.zeros((n_kt, block_m, n_words), dtype=np.uint32)
+        for r in range(bounds[c], bounds[c + 1]):
+            b, h, qt = r // (n_h * n_qt), (r // n_qt) % n_h, r % n_qt
+            tiles = _scan_row(idx, b, h, qt, q_len, k_len, causal_offset, is_causal, block_m,
+                              shift_n, touched, scratch)
+            for kt in tiles:
+                if _tile_is_full(scratch[kt], qt, kt, q_len, k_len, block_m, block_n):
+                    n_full[r] += 1
+                else:
+                    n_part[r] += 1
+                for m in range(block_m):
+                    for w in range(n_words):
+                        nnz[r] += _popcount32(scratch[kt, m, w])
+            _clear(tiles, touched, scratch)
     return n_full, n_part, nnz
 
 
 @njit(parallel=True, cache=True)
-def fill_tiles(idx, q_len, k_len, causal_offset, is_causal, block_m, block_n, n_words,
+def fill_tiles(idx, q_len, k_len, causal_offset, is_causal, block_m, shift_n, n_words,
                full_ptr, part_ptr, full_col, part_col, masks):
     """Pass 2: write key tiles (and partial tiles' bitmasks) at the offsets of pass 1."""
     n_b, n_h = idx.shape[0], idx.shape[1]
+    block_n = 1 << shift_n
     n_qt = (q_len + block_m - 1) // block_m
     n_kt = (k_len + block_n - 1) // block_n
     n_rows = n_b * n_h * n_qt
-    for r in prange(n_rows):
-        b = r // (n_h * n_qt)
-        h = (r // n_qt) % n_h
-        qt = r % n_qt
-        slot = np.full(n_kt, -1, dtype=np.int64)
-        tiles, words = _row_tiles(idx, b, h, qt, q_len, k_len, causal_offset, is_causal,
-                                  block_m, block_n, n_words, slot)
-        f = full_ptr[r]
-        p = part_ptr[r]
-        for t in range(tiles.shape[0]):
-            if _tile_is_full(words, t, qt, tiles[t], q_len, k_len, block_m, block_n, n_words):
-                full_col[f] = tiles[t]
-                f += 1
-            else:
-                part_col[p] = tiles[t]
-                masks[p] = words[t]
-                p += 1
+    bounds = _chunks(n_rows)
+    for c in prange(bounds.shape[0] - 1):
+        touched = np.full(n_kt, -1, dtype=np.int64)
+        scratch = np.zeros((n_kt, block_m, n_words), dtype=np.uint32)
+        for r in range(bounds[c], bounds[c + 1]):
+            b, h, qt = r // (n_h * n_qt), (r // n_qt) % n_h, r % n_qt
+            tiles = _scan_row(idx, b, h, qt, q_len, k_len, causal_offset, is_causal, block_m,
+                              shift_n, touched, scratch)
+            f = full_ptr[r]
+            p = part_ptr[r]
+            for kt in tiles:
+                if _tile_is_full(scratch[kt], qt, kt, q_len, k_len, block_m, block_n):
+                    full_col[f] = kt
+                    f += 1
+                else:
+                    part_col[p] = kt
+                    masks[p] = scratch[kt]
+                    p += 1
+            _clear(tiles, touched, scratch)
 
 
 def indices_to_tiles(idx, q_len, k_len, is_causal, block_m, block_n):
@@ -136,12 +154,14 @@ def indices_to_tiles(idx, q_len, k_len, is_causal, block_m, block_n):
 
     Returns ``full_ptr, full_col, part_ptr, part_col, masks, nnz`` as NumPy arrays (pointers
     int64, columns int32, masks ``[Tp, block_m, n_words]`` uint32, ``nnz`` the number of active
-    pairs summed over rows).
+    pairs summed over rows). ``block_n`` must be a power of two.
     """
     n_words = (block_n + 31) // 32
+    shift_n = block_n.bit_length() - 1
+    assert 1 << shift_n == block_n, "block_n must be a power of two"
     causal_offset = k_len - q_len
     n_full, n_part, nnz = count_tiles(idx, q_len, k_len, causal_offset, is_causal,
-                                      block_m, block_n, n_words)
+                                      block_m, shift_n, n_words)
     full_ptr = np.zeros(n_full.shape[0] + 1, dtype=np.int64)
     part_ptr = np.zeros(n_part.shape[0] + 1, dtype=np.int64)
     np.cumsum(n_full, out=full_ptr[1:])
@@ -149,7 +169,7 @@ def indices_to_tiles(idx, q_len, k_len, is_causal, block_m, block_n):
     full_col = np.empty(full_ptr[-1], dtype=np.int32)
     part_col = np.empty(part_ptr[-1], dtype=np.int32)
     masks = np.empty((part_ptr[-1], block_m, n_words), dtype=np.uint32)
-    fill_tiles(idx, q_len, k_len, causal_offset, is_causal, block_m, block_n, n_words,
+    fill_tiles(idx, q_len, k_len, causal_offset, is_causal, block_m, shift_n, n_words,
                full_ptr, part_ptr, full_col, part_col, masks)
     return full_ptr, full_col, part_ptr, part_col, masks, int(nnz.sum())
 
