@@ -89,17 +89,19 @@ def _chunks(n_rows):
 
 
 @njit(parallel=True, cache=True)
-def count_tiles(idx, q_len, k_len, causal_offset, is_causal, block_m, shift_n, n_words):
-    """Pass 1: per row (b, h, qt) the number of full tiles, partial tiles and active pairs."""
+def _tile_pass(idx, q_len, k_len, causal_offset, is_causal, block_m, shift_n, n_words, write,
+               n_full, n_part, nnz, full_ptr, part_ptr, full_col, part_col, masks):
+    """One parallel scan of every row (b, h, qt).
+
+    ``write=False`` (pass 1): count each row's full tiles, partial tiles and active pairs into
+    ``n_full``, ``n_part``, ``nnz``. ``write=True`` (pass 2): write the tiles, and the partial
+    tiles' bitmasks, at the offsets ``full_ptr`` / ``part_ptr`` that pass 1's counts gave.
+    """
     n_b, n_h = idx.shape[0], idx.shape[1]
     block_n = 1 << shift_n
     n_qt = (q_len + block_m - 1) // block_m
     n_kt = (k_len + block_n - 1) // block_n
-    n_rows = n_b * n_h * n_qt
-    n_full = np.zeros(n_rows, dtype=np.int64)
-    n_part = np.zeros(n_rows, dtype=np.int64)
-    nnz = np.zeros(n_rows, dtype=np.int64)
-    bounds = _chunks(n_rows)
+    bounds = _chunks(n_b * n_h * n_qt)
     for c in prange(bounds.shape[0] - 1):
         touched = np.full(n_kt, -1, dtype=np.int64)
         scratch = np.zeros((n_kt, block_m, n_words), dtype=np.uint32)
@@ -107,45 +109,24 @@ def count_tiles(idx, q_len, k_len, causal_offset, is_causal, block_m, shift_n, n
             b, h, qt = r // (n_h * n_qt), (r // n_qt) % n_h, r % n_qt
             tiles = _scan_row(idx, b, h, qt, q_len, k_len, causal_offset, is_causal, block_m,
                               shift_n, touched, scratch)
+            f, p = (full_ptr[r], part_ptr[r]) if write else (0, 0)
             for kt in tiles:
-                if _tile_is_full(scratch[kt], qt, kt, q_len, k_len, block_m, block_n):
-                    n_full[r] += 1
-                else:
-                    n_part[r] += 1
-                for m in range(block_m):
-                    for w in range(n_words):
-                        nnz[r] += _popcount32(scratch[kt, m, w])
-            _clear(tiles, touched, scratch)
-    return n_full, n_part, nnz
-
-
-@njit(parallel=True, cache=True)
-def fill_tiles(idx, q_len, k_len, causal_offset, is_causal, block_m, shift_n, n_words,
-               full_ptr, part_ptr, full_col, part_col, masks):
-    """Pass 2: write key tiles (and partial tiles' bitmasks) at the offsets of pass 1."""
-    n_b, n_h = idx.shape[0], idx.shape[1]
-    block_n = 1 << shift_n
-    n_qt = (q_len + block_m - 1) // block_m
-    n_kt = (k_len + block_n - 1) // block_n
-    n_rows = n_b * n_h * n_qt
-    bounds = _chunks(n_rows)
-    for c in prange(bounds.shape[0] - 1):
-        touched = np.full(n_kt, -1, dtype=np.int64)
-        scratch = np.zeros((n_kt, block_m, n_words), dtype=np.uint32)
-        for r in range(bounds[c], bounds[c + 1]):
-            b, h, qt = r // (n_h * n_qt), (r // n_qt) % n_h, r % n_qt
-            tiles = _scan_row(idx, b, h, qt, q_len, k_len, causal_offset, is_causal, block_m,
-                              shift_n, touched, scratch)
-            f = full_ptr[r]
-            p = part_ptr[r]
-            for kt in tiles:
-                if _tile_is_full(scratch[kt], qt, kt, q_len, k_len, block_m, block_n):
+                full = _tile_is_full(scratch[kt], qt, kt, q_len, k_len, block_m, block_n)
+                if write and full:
                     full_col[f] = kt
-                    f += 1
-                else:
+                elif write:
                     part_col[p] = kt
                     masks[p] = scratch[kt]
+                else:
+                    for m in range(block_m):
+                        for w in range(n_words):
+                            nnz[r] += _popcount32(scratch[kt, m, w])
+                if full:
+                    f += 1
+                else:
                     p += 1
+            if not write:
+                n_full[r], n_part[r] = f, p
             _clear(tiles, touched, scratch)
 
 
@@ -160,17 +141,21 @@ def indices_to_tiles(idx, q_len, k_len, is_causal, block_m, block_n):
     shift_n = block_n.bit_length() - 1
     assert 1 << shift_n == block_n, "block_n must be a power of two"
     causal_offset = k_len - q_len
-    n_full, n_part, nnz = count_tiles(idx, q_len, k_len, causal_offset, is_causal,
-                                      block_m, shift_n, n_words)
-    full_ptr = np.zeros(n_full.shape[0] + 1, dtype=np.int64)
-    part_ptr = np.zeros(n_part.shape[0] + 1, dtype=np.int64)
+    n_rows = idx.shape[0] * idx.shape[1] * ((q_len + block_m - 1) // block_m)
+    counts = [np.zeros(n_rows, dtype=np.int64) for _ in range(3)]  # full, partial, pairs
+    ptrs = [np.zeros(n_rows + 1, dtype=np.int64) for _ in range(2)]
+    common = (idx, q_len, k_len, causal_offset, is_causal, block_m, shift_n, n_words)
+    no_masks = np.empty((0, block_m, n_words), dtype=np.uint32)
+    no_cols = np.empty(0, dtype=np.int32)
+    _tile_pass(*common, False, *counts, *ptrs, no_cols, no_cols, no_masks)
+    n_full, n_part, nnz = counts
+    full_ptr, part_ptr = ptrs
     np.cumsum(n_full, out=full_ptr[1:])
     np.cumsum(n_part, out=part_ptr[1:])
     full_col = np.empty(full_ptr[-1], dtype=np.int32)
     part_col = np.empty(part_ptr[-1], dtype=np.int32)
     masks = np.empty((part_ptr[-1], block_m, n_words), dtype=np.uint32)
-    fill_tiles(idx, q_len, k_len, causal_offset, is_causal, block_m, shift_n, n_words,
-               full_ptr, part_ptr, full_col, part_col, masks)
+    _tile_pass(*common, True, *counts, full_ptr, part_ptr, full_col, part_col, masks)
     return full_ptr, full_col, part_ptr, part_col, masks, int(nnz.sum())
 
 
