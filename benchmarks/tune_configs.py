@@ -78,7 +78,8 @@ def main():
                            density=round(layout.density, 4))
             except Exception as e:  # noqa: BLE001 (out of resources etc.: report, go on)
                 row = dict(block=block, pass_=passname, stack=stack, num_warps=warps,
-                           num_stages=stages, ms=None, tflops=None, density=round(layout.density, 4),
+                           num_stages=stages, ms=None, tflops=None,
+                           density=round(layout.density, 4),
                            error=type(e).__name__)
             rows.append(row)
             print(row, flush=True)

@@ -49,9 +49,10 @@ Method
       two. With ``--passes fwd`` alone the inputs do not require grad.
     * ``layout_ms`` is the steady-state cost of building the pattern's metadata once (ours:
       ``build_layout`` + ``.to(device)``; flex: the mask_mod's tensors + compiled
-      ``create_block_mask``; sdpa_mask: the dense mask), measured with ``perf_counter`` and a synchronize; ``layout_first_ms`` is the
-      first call, including numba / torch.compile compilation. ``first_call_s`` is the
-      check run (for flex it includes compiling the attention kernels).
+      ``create_block_mask``; sdpa_mask: the dense mask), measured with ``perf_counter`` and a
+      synchronize; ``layout_first_ms`` is the first call, including numba / torch.compile
+      compilation. ``first_call_s`` is the check run (for flex it includes compiling the
+      attention kernels).
     * ``peak_mb`` = ``max_memory_allocated`` during one call of the timed function (forward, or
       forward + backward) minus the memory allocated before it (inputs, layout, masks).
 """
@@ -113,7 +114,7 @@ class Pattern:
     ``indices``: ``(1, Hkv, L, W)`` int32 key indices, -1 = unused slot; entries above the
     diagonal (bigbird's own block) are removed by ``is_causal=True``.
     ``flex_mask``: builds the FlexAttention ``mask_mod(b, kv_head, q_idx, kv_idx)`` (causal
-    included); a factory because topk_random's needs an ``[Hkv, L, L]`` tensor.
+    included); a factory because topk_random's needs a large table, built only for flex.
     ``per_head``: whether the pattern differs between KV heads (else flex broadcasts one head).
     """
 

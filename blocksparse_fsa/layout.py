@@ -192,8 +192,10 @@ def _finish(q_len, k_len, block_m, block_n, n_b, n_h, is_causal, full_ptr, full_
     part_ptr_np, part_col_np = to_np(part_ptr).astype(np.int64), to_np(part_col).astype(np.int32)
     if max(full_ptr_np[-1], part_ptr_np[-1]) >= 2**31:
         raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
-    full_ptr_t, full_row_t, _ = transpose_csr(full_ptr_np, full_col_np, n_b * n_h, n_qt, n_kt)
-    part_ptr_t, part_row_t, part_mask_t = transpose_csr(part_ptr_np, part_col_np, n_b * n_h, n_qt, n_kt)
+    groups = n_b * n_h
+    full_ptr_t, full_row_t, _ = transpose_csr(full_ptr_np, full_col_np, groups, n_qt, n_kt)
+    part_ptr_t, part_row_t, part_mask_t = transpose_csr(part_ptr_np, part_col_np, groups, n_qt,
+                                                        n_kt)
 
     def i32(a):
         return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int32)

@@ -26,8 +26,8 @@ def sparse_attn_bwd_preprocess(
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + rows * stride_ol + offs_d[None, :] * stride_od,
-                mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows * stride_ol
+                + offs_d[None, :] * stride_od, mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DOut + b * stride_dob + h * stride_doh + rows * stride_dol
                  + offs_d[None, :] * stride_dod, mask=ok, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)  # [BLOCK_M]
