@@ -120,6 +120,49 @@ class SparseLayout:
         dense = dense.view(self.batch, self.heads, qt_n * bm, kt_n * bn)
         return dense[:, :, :self.q_len, :self.k_len]
 
+    def to_indices(self) -> torch.Tensor:
+        """The exact pattern as ``(batch, heads, q_len, W)`` int64 per-query key indices.
+
+        Keys ascending, padded with -1, ``W`` = the most keys of any query (at least 1); on the
+        layout's device, no dense mask. ``build_layout(layout.to_indices(), layout.k_len,
+        block_m=layout.block_m, block_n=layout.block_n)`` rebuilds the same tiles.
+        """
+        from .interop import layout_to_indices
+        return layout_to_indices(self)
+
+    def to_scipy(self) -> list:
+        """``[batch][heads]`` nested list of bool ``scipy.sparse.csr_array`` ``(q_len, k_len)``.
+
+        Canonical CSR (sorted, unique columns), built without a dense array.
+        """
+        from .interop import layout_to_scipy
+        return layout_to_scipy(self)
+
+    def to_flex_block_mask(self, num_q_heads: int | None = None):
+        """A FlexAttention ``BlockMask`` (with its ``mask_mod``) of exactly this pattern.
+
+        ``flex_attention(q, k, v, block_mask=layout.to_flex_block_mask(Hq), enable_gqa=True)``
+        with q ``(B, Hq, Lq, D)`` equals this layout's attention. Partial tiles become
+        ``kv_indices``, full tiles ``full_kv_indices``, ``BLOCK_SIZE = (block_m, block_n)``.
+        ``num_q_heads`` (default: ``heads``) must be a multiple of ``heads``; a per-KV-head
+        layout is expanded to one BlockMask head per query head; a batch of 1 broadcasts. The
+        ``mask_mod`` is exact on every pair (eager flex ignores the block lists and evaluates it
+        everywhere); the BlockMask holds ``[B, H, QT, KT]`` tables. A compiled flex needs its kernel
+        tile to divide ours: pass ``kernel_options={"BLOCK_M": block_m, "BLOCK_N": block_n}``
+        (or smaller) when its default is larger. See ``interop.layout_to_flex_block_mask``.
+        """
+        from .interop import layout_to_flex_block_mask
+        return layout_to_flex_block_mask(self, num_q_heads)
+
+    def plot(self, path=None, *, batch: int = 0, head: int = 0, ax=None):
+        """Picture of one (batch, head)'s tile map: density per visited tile, full tiles apart.
+
+        Saves a PNG to ``path`` if given; draws into ``ax`` if given. Returns the matplotlib
+        ``Figure``. Needs matplotlib (``pip install 'blocksparse_fsa[plot]'``).
+        """
+        from .viz import plot_layout
+        return plot_layout(self, path, batch=batch, head=head, ax=ax)
+
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_indices(cls, attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = False,
@@ -161,6 +204,20 @@ class SparseLayout:
         arrays = dense_to_tiles(q_len, k_len, bool(is_causal), block_m, block_n, device)
         layout = _finish(q_len, k_len, block_m, block_n, 1, 1, bool(is_causal), *arrays)
         return layout.to(device)
+
+    @classmethod
+    def from_scipy(cls, matrices, *, is_causal: bool = False, block_m: int | None = None,
+                   block_n: int | None = None, device="cpu") -> SparseLayout:
+        """Layout of SciPy sparse matrices: one ``(Lq, Lk)``, or a nested ``[batch][heads]``.
+
+        Any sparse format (``csr_array``, ``coo_matrix``, ...). A pair is active iff its value
+        in ``matrix.toarray()`` is nonzero: duplicates are summed, explicit zeros dropped (NaN
+        counts as nonzero). Built from the nonzeros in O(nnz) memory, never a dense array; the
+        caller's matrices are not modified.
+        """
+        from .interop import layout_from_scipy
+        return layout_from_scipy(matrices, is_causal=is_causal, block_m=block_m,
+                                 block_n=block_n, device=device)
 
 
 def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = False,

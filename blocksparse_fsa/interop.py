@@ -1,0 +1,344 @@
+"""A ``SparseLayout`` to and from other descriptions of a sparse pattern.
+
+- ``layout_csr`` / ``layout_to_indices``: the exact pattern back as one CSR over query rows, or
+  as padded per-query key indices (the input of ``build_layout``);
+- ``layout_from_csr``: the inverse of ``layout_csr``;
+- ``layout_from_scipy`` / ``layout_to_scipy``: SciPy sparse matrices, one per (batch, head);
+- ``layout_to_flex_block_mask``: a FlexAttention ``BlockMask`` with a ``mask_mod`` that decides
+  the exact pairs of partial tiles from the layout's bitmasks.
+
+Everything here is plain PyTorch on the layout's device (CPU or CUDA) and never builds an
+Lq x Lk array: memory is O(nnz + tiles * block_m) (tiles are walked a chunk at a time), plus
+O(batch * heads * Lq * W) for the padded indices and O(batch * Hq * QT * KT) for the BlockMask,
+which stores a dense tile map itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .layout import SparseLayout, _check_blocks, _finish
+
+# pairs of full tiles / words of partial tiles handled at a time: bounds the temporaries
+_CHUNK_PAIRS = 1 << 22
+# tile-map codes of the FlexAttention mask_mod (>= 0: index of a partial tile into ``masks``)
+_NO_TILE, _FULL_TILE = -1, -2
+
+
+# ---- the exact pattern as CSR / padded indices -----------------------------------------------
+def _tile_rows(ptr: torch.Tensor) -> torch.Tensor:
+    """CSR row (``(b * heads + h) * num_q_tiles + qt``) of every entry, int64."""
+    rows = torch.arange(ptr.numel() - 1, device=ptr.device)
+    return torch.repeat_interleave(rows, (ptr[1:] - ptr[:-1]).long())
+
+
+def _merged_tiles(layout: SparseLayout):
+    """Full and partial tiles in one list ordered by (row, key tile).
+
+    Returns ``row, kt, mask_id`` (int64; ``mask_id`` = index into ``masks``, -1 for a full
+    tile) and ``first``: the position of each tile's row's first tile in that list.
+    """
+    dev = layout.device
+    row = torch.cat([_tile_rows(layout.full_ptr), _tile_rows(layout.part_ptr)])
+    kt = torch.cat([layout.full_col.long(), layout.part_col.long()])
+    mask_id = torch.cat([torch.full((layout.num_full_tiles,), -1, dtype=torch.long, device=dev),
+                         torch.arange(layout.num_partial_tiles, device=dev)])
+    order = torch.argsort(row * layout.num_k_tiles + kt)  # a tile is full or partial, not both
+    row_start = layout.full_ptr.long() + layout.part_ptr.long()  # merged CSR row pointers
+    row = row[order]
+    return row, kt[order], mask_id[order], row_start[row]
+
+
+def _popcount(x: torch.Tensor) -> torch.Tensor:
+    """Set bits of each element of an int32 tensor (SWAR in int32, wrapping multiply)."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return (x * 0x01010101) >> 24
+
+
+def _lowest_bit(x: torch.Tensor) -> torch.Tensor:
+    """Position of the lowest set bit of each nonzero int32 element, int64.
+
+    ``x & -x`` isolates it (a power of two, or -2**31 for bit 31) and ``frexp`` reads its
+    exponent exactly.
+    """
+    return torch.frexp((x & -x).double()).exponent.long() - 1
+
+
+def popcount_rows(masks: torch.Tensor) -> torch.Tensor:
+    """``[T, block_m, n_words]`` int32 words -> ``[T, block_m]`` int64 active keys per row."""
+    return _popcount(masks).sum(-1, dtype=torch.long)
+
+
+def layout_csr(layout: SparseLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact pattern as one CSR over the flat query rows ``(b * heads + h) * q_len + i``.
+
+    Returns ``indptr`` int64 ``[batch * heads * q_len + 1]`` and ``indices`` int64 ``[nnz]``,
+    the active keys of each row in ascending order, on the layout's device. No sort of the
+    pairs and no expansion of partial tiles to bits: a tile's slot in its query row is a prefix
+    sum of per-row popcounts over the row's tiles, a word's slot one over the row's words, and
+    each word gives up its set bits lowest first (O(words + nnz) work).
+    """
+    bm, bn, q_len, n_qt = layout.block_m, layout.block_n, layout.q_len, layout.num_q_tiles
+    dev = layout.device
+    n_flat = layout.batch * layout.heads * q_len
+    row, kt, mask_id, first = _merged_tiles(layout)
+    # active keys of every (tile, row in tile): full tiles are always inside [0, q_len)
+    counts = torch.full((row.numel(), bm), bn, dtype=torch.long, device=dev)
+    part = mask_id >= 0
+    counts[part] = popcount_rows(layout.masks[mask_id[part]])
+    q = (row % n_qt)[:, None] * bm + torch.arange(bm, device=dev)  # [T, bm] query index
+    valid = q < q_len  # rows past q_len of an edge tile have no bits
+    flat = torch.where(valid, (row // n_qt)[:, None] * q_len + q, 0)
+    counts = torch.where(valid, counts, 0)
+    per_row = torch.zeros(n_flat, dtype=torch.long, device=dev)
+    per_row.index_add_(0, flat.flatten(), counts.flatten())
+    indptr = torch.zeros(n_flat + 1, dtype=torch.long, device=dev)
+    torch.cumsum(per_row, 0, out=indptr[1:])
+    # keys before tile t in its query row = sum of counts of the earlier tiles of its tile row
+    before = torch.cumsum(counts, 0) - counts
+    slot = indptr[flat] + before - before[first]  # [T, bm] slot of the tile's first key
+    indices = torch.empty(int(indptr[-1]), dtype=torch.long, device=dev)
+    cols = torch.arange(bn, device=dev)
+    full_tiles = (~part).nonzero().squeeze(1)
+    step = max(1, _CHUNK_PAIRS // (bm * bn))
+    for s in range(0, full_tiles.numel(), step):  # every key of every row, in order
+        t = full_tiles[s:s + step]
+        indices[slot[t][:, :, None] + cols] = (kt[t] * bn)[:, None, None] + cols  # [C, bm, bn]
+    part_tiles, n_words = part.nonzero().squeeze(1), layout.masks.shape[2]
+    word_col = 32 * torch.arange(n_words, device=dev)
+    step = max(1, _CHUNK_PAIRS // (bm * n_words))
+    for s in range(0, part_tiles.numel(), step):  # set bits of each word, lowest first
+        t = part_tiles[s:s + step]
+        words = layout.masks[mask_id[t]]  # [C, bm, n_words] int32
+        in_word = _popcount(words).long()
+        dest = slot[t][:, :, None] + torch.cumsum(in_word, -1) - in_word
+        col = ((kt[t] * bn)[:, None, None] + word_col).expand_as(words)
+        live = words != 0
+        words, dest, col = words[live], dest[live], col[live]
+        while words.numel():  # at most 32 rounds, each over the words with bits left
+            bit = _lowest_bit(words)
+            indices[dest] = col + bit
+            words = words & (words - 1)  # clear the lowest bit (int32 wraps at -2**31)
+            live = words != 0
+            words, dest, col = words[live], dest[live] + 1, col[live]
+    return indptr, indices
+
+
+def layout_to_indices(layout: SparseLayout) -> torch.Tensor:
+    """``(batch, heads, q_len, W)`` int64 active keys per query, ascending, padded with -1.
+
+    ``W`` is the largest number of keys of a query row (at least 1). The inverse of
+    ``build_layout``: ``build_layout(layout.to_indices(), layout.k_len, block_m=...,
+    block_n=...)`` rebuilds the same tiles (causality is already applied to them).
+    """
+    indptr, keys = layout_csr(layout)
+    counts = indptr[1:] - indptr[:-1]
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=keys.device), counts)
+    out = torch.full((counts.numel(), width), -1, dtype=torch.long, device=keys.device)
+    out[rows, torch.arange(keys.numel(), device=keys.device) - indptr[rows]] = keys
+    return out.view(layout.batch, layout.heads, layout.q_len, width)
+
+
+# ---- SciPy ------------------------------------------------------------------------------------
+def layout_to_scipy(layout: SparseLayout) -> list[list]:
+    """``[batch][heads]`` nested list of ``scipy.sparse.csr_array`` ``(q_len, k_len)``, bool.
+
+    ``True`` at every active pair, column indices sorted, no duplicates (canonical CSR). The
+    layout's ``batch`` and ``heads`` (1 when it broadcasts) set the nesting.
+    """
+    import scipy.sparse as sp
+
+    indptr, keys = (t.cpu().numpy() for t in layout_csr(layout))
+    if max(layout.k_len, int(indptr[-1])) < 2**31:  # SciPy's usual index type when it fits
+        indptr, keys = indptr.astype(np.int32), keys.astype(np.int32)
+    q_len = layout.q_len
+    out = []
+    for b in range(layout.batch):
+        out.append([])
+        for h in range(layout.heads):
+            lo = (b * layout.heads + h) * q_len
+            start, stop = indptr[lo], indptr[lo + q_len]
+            out[-1].append(sp.csr_array(
+                (np.ones(stop - start, dtype=bool), keys[start:stop], indptr[lo:lo + q_len + 1]
+                 - start), shape=(q_len, layout.k_len)))
+    return out
+
+
+def _scipy_grid(matrices) -> list[list]:
+    import scipy.sparse as sp
+
+    if sp.issparse(matrices):
+        return [[matrices]]
+    bad = TypeError("matrices must be a scipy.sparse matrix/array (q_len, k_len) or a nested "
+                    "[batch][heads] sequence of them")
+    if isinstance(matrices, (str, bytes)) or not isinstance(matrices, Sequence) or not matrices:
+        raise bad
+    grid = []
+    for row in matrices:
+        if sp.issparse(row):
+            raise TypeError("a flat sequence of matrices is ambiguous: nest it as [batch][heads] "
+                            "(e.g. [[m0, m1]] for one batch of two heads)")
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence) or not row:
+            raise bad
+        if not all(sp.issparse(m) for m in row):
+            raise bad
+        grid.append(list(row))
+    if len({len(row) for row in grid}) != 1:
+        raise ValueError("every batch entry must hold the same number of heads, got "
+                         f"{[len(row) for row in grid]}")
+    shapes = {m.shape for row in grid for m in row}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"all matrices must share one 2-D shape (q_len, k_len), got {shapes}")
+    return grid
+
+
+def tiles_from_csr(indptr, indices, n_groups, q_len, k_len, is_causal, block_m, block_n):
+    """A pattern in ``layout_csr``'s form -> the arrays ``_finish`` takes.
+
+    ``indptr`` int64 ``[n_groups * q_len + 1]`` over the flat query rows ``g * q_len + i``,
+    ``indices`` int64 keys; no key may repeat within a row. PyTorch on the tensors' device,
+    O(nnz + tiles * block_m) memory: one ``unique`` over tile ids gives the tiles in CSR order
+    (row, then key tile); a tile is full when it lies inside the lengths and holds
+    ``block_m * block_n`` pairs; partial tiles get their bits by summing distinct powers of two
+    (an OR, since pairs are unique).
+    """
+    dev = indices.device
+    flat = torch.repeat_interleave(torch.arange(indptr.numel() - 1, device=dev),
+                                   indptr[1:] - indptr[:-1])
+    query, key = flat % q_len, indices
+    if is_causal:
+        keep = key <= query + (k_len - q_len)
+        flat, query, key = flat[keep], query[keep], key[keep]
+    n_qt, n_kt = -(-q_len // block_m), -(-k_len // block_n)
+    n_rows, n_words = n_groups * n_qt, (block_n + 31) // 32
+    tile_of_pair = ((flat // q_len) * n_qt + query // block_m) * n_kt + key // block_n
+    tiles, inverse, pairs_per_tile = torch.unique(tile_of_pair, return_inverse=True,
+                                                  return_counts=True)
+    row, kt = tiles // n_kt, tiles % n_kt
+    qt = row % n_qt
+    full = (((qt + 1) * block_m <= q_len) & ((kt + 1) * block_n <= k_len)
+            & (pairs_per_tile == block_m * block_n))
+
+    def csr(sel):
+        ptr = torch.zeros(n_rows + 1, dtype=torch.long, device=dev)
+        torch.cumsum(torch.bincount(row[sel], minlength=n_rows), 0, out=ptr[1:])
+        return ptr, kt[sel].to(torch.int32)
+
+    full_ptr, full_col = csr(full)
+    part_ptr, part_col = csr(~full)
+    part_id = torch.cumsum(~full, 0) - 1  # index of each partial tile among partial tiles
+    in_part = ~full[inverse]
+    p = part_id[inverse[in_part]]
+    r, c = query[in_part] % block_m, key[in_part] % block_n
+    words = torch.zeros(part_col.numel() * block_m * n_words, dtype=torch.long, device=dev)
+    words.index_add_(0, (p * block_m + r) * n_words + c // 32, torch.ones_like(c) << (c % 32))
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
+    masks = words.view(part_col.numel(), block_m, n_words)
+    return full_ptr, full_col, part_ptr, part_col, masks, key.numel()
+
+
+def layout_from_csr(indptr, indices, batch, heads, q_len, k_len, *, is_causal=False,
+                    block_m=None, block_n=None) -> SparseLayout:
+    """Layout of a pattern in ``layout_csr``'s form (its inverse); on ``indices``' device.
+
+    ``indptr`` ``[batch * heads * q_len + 1]``, ``indices`` the keys of each flat query row
+    ``(b * heads + h) * q_len + i``, each in ``[0, k_len)`` and at most once per row (any order).
+    """
+    block_m, block_n = _check_blocks(block_m, block_n)
+    indptr, indices = torch.as_tensor(indptr).long(), torch.as_tensor(indices).long()
+    if indptr.shape != (batch * heads * q_len + 1,) or int(indptr[-1]) != indices.numel():
+        raise ValueError(f"indptr must have batch * heads * q_len + 1 = "
+                         f"{batch * heads * q_len + 1} entries ending at len(indices) = "
+                         f"{indices.numel()}, got shape {tuple(indptr.shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k_len):
+        raise ValueError(f"indices must lie in [0, k_len={k_len})")
+    arrays = tiles_from_csr(indptr.to(indices.device), indices, batch * heads, q_len, k_len,
+                            bool(is_causal), block_m, block_n)
+    layout = _finish(q_len, k_len, block_m, block_n, batch, heads, bool(is_causal), *arrays)
+    return layout.to(indices.device)
+
+
+def layout_from_scipy(matrices, *, is_causal=False, block_m=None, block_n=None,
+                      device="cpu") -> SparseLayout:
+    """See :meth:`SparseLayout.from_scipy`."""
+    import scipy.sparse as sp
+
+    grid = _scipy_grid(matrices)
+    q_len, k_len = grid[0][0].shape
+    indptrs, keys, offset = [np.zeros(1, dtype=np.int64)], [], 0
+    for m in (m for row in grid for m in row):
+        m = sp.csr_array(m, copy=True)  # never mutate the caller's matrix
+        m.sum_duplicates()  # duplicates add up, as in toarray()
+        m.eliminate_zeros()  # a pair is active iff its value is nonzero (NaN counts)
+        indptrs.append(m.indptr[1:].astype(np.int64) + offset)
+        keys.append(m.indices)
+        offset += m.indices.size
+    indptr = torch.from_numpy(np.concatenate(indptrs))
+    indices = torch.from_numpy(np.concatenate(keys).astype(np.int64, copy=False))
+    layout = layout_from_csr(indptr, indices, len(grid), len(grid[0]), q_len, k_len,
+                             is_causal=is_causal, block_m=block_m, block_n=block_n)
+    return layout.to(device)
+
+
+# ---- FlexAttention ----------------------------------------------------------------------------
+def layout_tile_map(layout: SparseLayout) -> torch.Tensor:
+    """``[batch * heads, QT, KT]`` int32: partial-tile index into ``masks``, -2 full, -1 none."""
+    n_qt, n_kt = layout.num_q_tiles, layout.num_k_tiles
+    dev = layout.device
+    tile_map = torch.full((layout.batch * layout.heads * n_qt * n_kt,), _NO_TILE,
+                          dtype=torch.int32, device=dev)
+    full = _tile_rows(layout.full_ptr) * n_kt + layout.full_col.long()
+    part = _tile_rows(layout.part_ptr) * n_kt + layout.part_col.long()
+    tile_map[full] = _FULL_TILE
+    tile_map[part] = torch.arange(part.numel(), dtype=torch.int32, device=dev)
+    return tile_map.view(layout.batch * layout.heads, n_qt, n_kt)
+
+
+def _ordered(dense: torch.Tensor):
+    """``[..., KT]`` bool -> (blocks per row, their indices first) as FlexAttention stores."""
+    num = dense.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
+    return num.contiguous(), idx.to(torch.int32).contiguous()
+
+
+def layout_to_flex_block_mask(layout: SparseLayout, num_q_heads: int | None = None):
+    """See :meth:`SparseLayout.to_flex_block_mask`."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    heads = layout.heads
+    num_q_heads = heads if num_q_heads is None else int(num_q_heads)
+    if num_q_heads < 1 or num_q_heads % heads:
+        raise ValueError(f"num_q_heads must be a positive multiple of the layout's heads "
+                         f"({heads}), got {num_q_heads}")
+    group = num_q_heads // heads
+    bm, bn, n_qt, n_kt = layout.block_m, layout.block_n, layout.num_q_tiles, layout.num_k_tiles
+    tile_map = layout_tile_map(layout)  # [batch * heads, QT, KT]
+    # Flex reads the BlockMask at (batch % B, query head % H): give it one row per query head
+    # (H = Hq) unless the layout has a single head, which broadcasts as H = 1.
+    per_head = tile_map.view(layout.batch, heads, n_qt, n_kt)
+    if heads > 1:
+        head_of = torch.arange(num_q_heads, device=layout.device) // group
+        per_head = per_head[:, head_of]
+    kv_num, kv_idx = _ordered(per_head >= 0)
+    full_num, full_idx = _ordered(per_head == _FULL_TILE)
+    masks = layout.masks
+    if masks.shape[0] == 0:  # keep the gather in mask_mod in bounds
+        masks = torch.zeros(1, bm, masks.shape[2], dtype=torch.int32, device=layout.device)
+    n_b = layout.batch
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        g = (b % n_b) * heads + (h // group) % heads
+        tid = tile_map[g, q_idx // bm, kv_idx // bn]
+        col = kv_idx % bn  # key column in the tile (bit col % 32 of word col // 32)
+        word = masks[torch.clamp(tid, min=0), q_idx % bm, col // 32]
+        bit = (word >> (col % 32)) & 1
+        return (tid == _FULL_TILE) | ((tid >= 0) & (bit == 1))
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bm, bn),
+                                    mask_mod=mask_mod, seq_lengths=(layout.q_len, layout.k_len))
