@@ -1,10 +1,11 @@
 """blocksparse_fsa: exact attention over fixed sparse patterns, with Triton kernels that walk
 only the tiles a pattern touches."""
 
-from . import reference
+from . import patterns, reference
 from .attention import SparseAttnFunction, sparse_attn_func
 from .layout import SparseLayout, build_layout
 
 __version__ = "0.1.0"
 
-__all__ = ["SparseAttnFunction", "SparseLayout", "build_layout", "reference", "sparse_attn_func"]
+__all__ = ["SparseAttnFunction", "SparseLayout", "build_layout", "patterns", "reference",
+           "sparse_attn_func"]

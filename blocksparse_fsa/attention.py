@@ -11,6 +11,7 @@ import torch
 from .kernels import sparse_attn_bwd, sparse_attn_fwd
 from .layout import SparseLayout, build_layout
 from .reference import sparse_attention
+from .reorder import inverse
 
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -97,10 +98,17 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
     if layout.device != query.device:
         raise ValueError(f"the pattern is on {layout.device} but query is on {query.device}")
 
+    if layout.is_reordered:  # the kernels see the tokens in the layout's order
+        query = query.index_select(1, layout.q_perm)
+        key = key.index_select(1, layout.k_perm)
+        value = value.index_select(1, layout.k_perm)
     if backend == "torch" or (backend == "auto" and not _triton_available(query)):
         out, lse = sparse_attention(query, key, value, layout, softmax_scale)
     else:
         out, lse = SparseAttnFunction.apply(query, key, value, layout, softmax_scale)
+    if layout.is_reordered:
+        q_inv = inverse(layout.q_perm)
+        out, lse = out.index_select(1, q_inv), lse.index_select(2, q_inv)
     return (out, lse) if return_lse else out
 
 

@@ -77,7 +77,7 @@ from typing import Callable
 
 import torch
 
-PATTERNS = ("sliding_window", "bigbird", "dilated", "topk_random")
+PATTERNS = ("sliding_window", "bigbird", "dilated", "dilated_reordered", "topk_random")
 SYSTEMS = ("ours", "flex", "sdpa_causal", "sdpa_mask")
 PASSES = ("fwd", "fwdbwd")
 FWDBWD_FLOP_FACTOR = 3.5
@@ -124,6 +124,7 @@ class Pattern:
     flex_mask: Callable[[], MaskMod]
     per_head: bool
     description: str
+    reorder: object = None  # ``build_layout(..., reorder=)`` for ours (token permutation)
     _nnz: int | None = field(default=None, repr=False)
 
     @property
@@ -185,6 +186,15 @@ def dilated(seq_len: int, num_kv_heads: int, device, num_keys: int = 512,
 
     return Pattern("dilated", seq_len, _per_head(idx, num_kv_heads), flex_mask, False,
                    f"causal, {num_keys} keys at stride {stride}")
+
+
+def dilated_reordered(seq_len: int, num_kv_heads: int, device, num_keys: int = 512,
+                      stride: int = 4) -> Pattern:
+    """``dilated``, with our layout's tokens grouped by position mod stride (flex unchanged)."""
+    pattern = dilated(seq_len, num_kv_heads, device, num_keys, stride)
+    pattern.name, pattern.reorder = "dilated_reordered", ("dilation", stride)
+    pattern.description += f"; ours reordered by position mod {stride}"
+    return pattern
 
 
 def bigbird_blocks(seq_len: int, num_kv_heads: int, device, block: int = 64, num_local: int = 3,
@@ -280,6 +290,7 @@ PATTERN_BUILDERS: dict[str, Callable[..., Pattern]] = {
     "sliding_window": sliding_window,
     "bigbird": bigbird,
     "dilated": dilated,
+    "dilated_reordered": dilated_reordered,
     "topk_random": topk_random,
 }
 
@@ -435,7 +446,8 @@ def setup_ours(pattern: Pattern, inp: Inputs, args) -> SystemRun:
     device = inp.q.device
 
     def build():
-        return bsa.build_layout(pattern.indices, k_len=pattern.seq_len, is_causal=True).to(device)
+        return bsa.build_layout(pattern.indices, k_len=pattern.seq_len, is_causal=True,
+                                reorder=pattern.reorder).to(device)
 
     layout, first_ms = _timed(build, device)  # includes numba compilation the first time
     layout, ms = _timed(build, device)
@@ -873,10 +885,10 @@ def summary(rows: list[Row], seq_lens, sdpa_mask_max_len: int) -> list[str]:
     def fmt(x, spec="{:.2f}x"):
         return "n/a" if x is None else spec.format(x)
 
-    for pat in ("sliding_window", "bigbird"):
+    for pat in ("sliding_window", "bigbird", "dilated_reordered"):
         parts = [f"{p} {fmt(getattr(idx.get((pat, L, 'ours', p)), 'speedup_vs_flex', None))}"
                  for p in PASSES]
-        lines.append(f"  {pat:<14} ours vs flex:  " + ", ".join(parts))
+        lines.append(f"  {pat:<17} ours vs flex:  " + ", ".join(parts))
     ours = idx.get(("sliding_window", L, "ours", "fwd"))
     dense = idx.get(("sliding_window", L, "sdpa_causal", "fwd"))
     if ours and dense and ours.tflops and dense.dense_tflops and ours.status == "ok":

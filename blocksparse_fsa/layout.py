@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .preprocess import dense_to_tiles, indices_to_tiles, mask_to_tiles, transpose_csr
+from .reorder import inverse
 
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 64
@@ -25,6 +26,12 @@ class SparseLayout:
     ``ceil(block_n / 32)`` int32 words, bit ``c % 32`` of word ``c // 32`` = key column ``c``.
     ``batch`` is 1 (broadcast) or the batch size; ``heads`` is 1, the number of KV heads or the
     number of query heads. All index tensors are int32 and live on one device.
+
+    An optional token permutation (``q_perm``, ``k_perm``, int64) means the tiles describe
+    attention between ``q[:, q_perm]`` and ``k[:, k_perm]``: ``sparse_attn_func`` gathers the
+    inputs into that order and scatters outputs and gradients back, so callers never see it.
+    ``to_dense_mask``, ``to_indices`` and ``to_scipy`` give the pattern in the callers' order;
+    ``plot`` and the tile statistics show the tiles as the kernels walk them.
     """
 
     q_len: int
@@ -45,6 +52,8 @@ class SparseLayout:
     part_ptr_t: torch.Tensor  # [rows_t + 1] -> part_row_t, part_mask_t
     part_row_t: torch.Tensor  # [Tp] query tile of each partial tile, by key tile
     part_mask_t: torch.Tensor  # [Tp] index into masks
+    q_perm: torch.Tensor | None = None  # [q_len] original query of each kernel row, or None
+    k_perm: torch.Tensor | None = None  # [k_len] original key of each kernel column, or None
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -100,7 +109,11 @@ class SparseLayout:
                 f"heads={self.heads}, block={self.block_m}x{self.block_n}, "
                 f"tiles={self.num_tiles} ({self.num_full_tiles} full), "
                 f"density={self.density:.3f}, nnz={self.nnz}, causal={self.is_causal}, "
-                f"nbytes={self.nbytes}, device={self.device})")
+                f"reordered={self.is_reordered}, nbytes={self.nbytes}, device={self.device})")
+
+    @property
+    def is_reordered(self) -> bool:
+        return self.q_perm is not None
 
     # ---- inspection ---------------------------------------------------------------------------
     def to_dense_mask(self) -> torch.Tensor:
@@ -118,7 +131,10 @@ class SparseLayout:
             g, qt, kt = rows // qt_n, rows % qt_n, col.long()
             dense[g, qt, :, kt, :] = True if bits is None else bits
         dense = dense.view(self.batch, self.heads, qt_n * bm, kt_n * bn)
-        return dense[:, :, :self.q_len, :self.k_len]
+        dense = dense[:, :, :self.q_len, :self.k_len]
+        if self.is_reordered:  # kernel order -> the callers' order
+            dense = dense[:, :, inverse(self.q_perm)][:, :, :, inverse(self.k_perm)]
+        return dense
 
     def to_indices(self) -> torch.Tensor:
         """The exact pattern as ``(batch, heads, q_len, W)`` int64 per-query key indices.
@@ -128,7 +144,14 @@ class SparseLayout:
         block_m=layout.block_m, block_n=layout.block_n)`` rebuilds the same tiles.
         """
         from .interop import layout_to_indices
-        return layout_to_indices(self)
+        if not self.is_reordered:
+            return layout_to_indices(self)
+        idx = layout_to_indices(self.unordered())  # kernel order
+        idx = torch.where(idx >= 0, self.k_perm[idx.clamp(min=0)], -1)  # original keys
+        idx = idx[:, :, inverse(self.q_perm)]  # original queries
+        big = torch.iinfo(idx.dtype).max  # keys ascending, the -1 padding last
+        idx = torch.sort(torch.where(idx < 0, big, idx), dim=-1).values
+        return idx.masked_fill_(idx == big, -1)
 
     def to_scipy(self) -> list:
         """``[batch][heads]`` nested list of bool ``scipy.sparse.csr_array`` ``(q_len, k_len)``.
@@ -136,7 +159,11 @@ class SparseLayout:
         Canonical CSR (sorted, unique columns), built without a dense array.
         """
         from .interop import layout_to_scipy
-        return layout_to_scipy(self)
+        if not self.is_reordered:
+            return layout_to_scipy(self)
+        q_inv, k_inv = (inverse(p).cpu().numpy() for p in (self.q_perm, self.k_perm))
+        return [[m[q_inv][:, k_inv].tocsr() for m in row]
+                for row in layout_to_scipy(self.unordered())]
 
     def to_flex_block_mask(self, num_q_heads: int | None = None):
         """A FlexAttention ``BlockMask`` (with its ``mask_mod``) of exactly this pattern.
@@ -152,6 +179,9 @@ class SparseLayout:
         (or smaller) when its default is larger. See ``interop.layout_to_flex_block_mask``.
         """
         from .interop import layout_to_flex_block_mask
+        if self.is_reordered:
+            raise ValueError("to_flex_block_mask needs a layout without a token permutation: "
+                             "export the layout you built before reordering")
         return layout_to_flex_block_mask(self, num_q_heads)
 
     def plot(self, path=None, *, batch: int = 0, head: int = 0, ax=None):
@@ -166,8 +196,13 @@ class SparseLayout:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_indices(cls, attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = False,
-                     block_m: int | None = None, block_n: int | None = None) -> SparseLayout:
+                     block_m: int | None = None, block_n: int | None = None,
+                     reorder=None) -> SparseLayout:
         """See :func:`build_layout`."""
+        if reorder is not None:
+            layout = cls.from_indices(attn_indices, k_len, is_causal=is_causal, block_m=block_m,
+                                      block_n=block_n)
+            return layout.reordered(reorder, attn_indices=attn_indices)
         block_m, block_n = _check_blocks(block_m, block_n)
         idx = _check_indices(attn_indices, k_len)
         n_b, n_h, q_len, _ = idx.shape
@@ -205,6 +240,42 @@ class SparseLayout:
         layout = _finish(q_len, k_len, block_m, block_n, 1, 1, bool(is_causal), *arrays)
         return layout.to(device)
 
+    def unordered(self) -> SparseLayout:
+        """The same tiles without the token permutation (the pattern in kernel order)."""
+        return replace(self, q_perm=None, k_perm=None)
+
+    def reordered(self, reorder, *, attn_indices=None) -> SparseLayout:
+        """This pattern with its tokens permuted so that its active pairs fill fewer tiles.
+
+        ``reorder`` is ``("dilation", d)`` (group tokens by position mod d, query positions
+        bottom-right aligned: a dilated window becomes d plain windows), ``"rcm"`` (scipy's
+        reverse Cuthill-McKee on the symmetrised pattern; needs q_len == k_len), or a pair of
+        permutations ``(q_perm, k_perm)``. Outputs and gradients of ``sparse_attn_func`` stay
+        in the callers' order. The permuted tiles are built from per-query indices
+        (``attn_indices`` if given, else ``to_indices()``): O(q_len * W) memory.
+        """
+        from . import reorder as ro
+        if self.is_reordered:
+            raise ValueError("this layout is already reordered; reorder layout.unordered()")
+        if isinstance(reorder, str) and reorder == "rcm":
+            q_perm = k_perm = ro.rcm_order(self)
+        elif isinstance(reorder, tuple) and len(reorder) == 2 and reorder[0] == "dilation":
+            q_perm = ro.dilation_order(self.q_len, reorder[1], offset=self.k_len - self.q_len)
+            k_perm = ro.dilation_order(self.k_len, reorder[1])
+        elif isinstance(reorder, tuple) and len(reorder) == 2:
+            q_perm = ro.check_permutation("q_perm", reorder[0], self.q_len)
+            k_perm = ro.check_permutation("k_perm", reorder[1], self.k_len)
+        else:
+            raise ValueError("reorder must be 'rcm', ('dilation', d) or (q_perm, k_perm), got "
+                             f"{reorder!r}")
+        idx = self.to_indices() if attn_indices is None else attn_indices
+        idx = ro.permute_indices(idx, self.k_len, self.is_causal, q_perm.to(idx.device),
+                                 k_perm.to(idx.device))
+        layout = SparseLayout.from_indices(idx, self.k_len, block_m=self.block_m,
+                                           block_n=self.block_n)
+        return replace(layout, is_causal=self.is_causal, q_perm=q_perm.to(layout.device),
+                       k_perm=k_perm.to(layout.device))
+
     @classmethod
     def from_scipy(cls, matrices, *, is_causal: bool = False, block_m: int | None = None,
                    block_n: int | None = None, device="cpu") -> SparseLayout:
@@ -221,16 +292,19 @@ class SparseLayout:
 
 
 def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = False,
-                 block_m: int | None = None, block_n: int | None = None) -> SparseLayout:
+                 block_m: int | None = None, block_n: int | None = None,
+                 reorder=None) -> SparseLayout:
     """Build the tile layout of ``attn_indices`` once; reuse it for every layer and the backward.
 
     ``attn_indices``: integer tensor ``(B|1, H|1, Lq, W)``, entries in ``[-1, k_len)``, ``-1`` =
     unused slot, duplicates count once, order within a row is free. ``is_causal`` drops every
     index ``j > i + k_len - Lq`` (bottom-right aligned). The numba preprocessor runs on the CPU in
     O(Lq * W) per (batch, head); the layout is returned on ``attn_indices``' device.
+    ``reorder``: an optional token permutation that makes scattered patterns tile-dense, see
+    :meth:`SparseLayout.reordered`.
     """
     return SparseLayout.from_indices(attn_indices, k_len, is_causal=is_causal, block_m=block_m,
-                                     block_n=block_n)
+                                     block_n=block_n, reorder=reorder)
 
 
 def unpack_bits(masks: torch.Tensor, block_n: int) -> torch.Tensor:
