@@ -99,7 +99,8 @@ def plot_layout(layout: SparseLayout, path=None, *, batch: int = 0, head: int = 
     where = (f", batch {batch} head {head} of {layout.batch}x{layout.heads}"
              if layout.batch * layout.heads > 1 else "")
     ax.set_title(f"{layout.q_len} x {layout.k_len} (queries x keys), {bm}x{bn} tiles"
-                 f"{', causal' if layout.is_causal else ''}{where}\n"
+                 f"{', causal' if layout.is_causal else ''}"
+                 f"{', tokens reordered' if layout.is_reordered else ''}{where}\n"
                  f"{n_tiles} of {n_qt * n_kt} tiles visited ({n_full} full), density {dens:.3f}, "
                  f"nnz {nnz:,}; layout {_human_bytes(layout.nbytes)}", fontsize=10)
     fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, fraction=0.046, pad=0.03,
