@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .layout import SparseLayout, _check_blocks, _finish
+from .layout import SparseLayout, _check_blocks, _finish, popcount32, tile_rows
 
 # pairs of full tiles / words of partial tiles handled at a time: bounds the temporaries
 _CHUNK_PAIRS = 1 << 22
@@ -29,12 +29,6 @@ _NO_TILE, _FULL_TILE = -1, -2
 
 
 # ---- the exact pattern as CSR / padded indices -----------------------------------------------
-def _tile_rows(ptr: torch.Tensor) -> torch.Tensor:
-    """CSR row (``(b * heads + h) * num_q_tiles + qt``) of every entry, int64."""
-    rows = torch.arange(ptr.numel() - 1, device=ptr.device)
-    return torch.repeat_interleave(rows, (ptr[1:] - ptr[:-1]).long())
-
-
 def _merged_tiles(layout: SparseLayout):
     """Full and partial tiles in one list ordered by (row, key tile).
 
@@ -42,7 +36,7 @@ def _merged_tiles(layout: SparseLayout):
     tile) and ``first``: the position of each tile's row's first tile in that list.
     """
     dev = layout.device
-    row = torch.cat([_tile_rows(layout.full_ptr), _tile_rows(layout.part_ptr)])
+    row = torch.cat([tile_rows(layout.full_ptr), tile_rows(layout.part_ptr)])
     kt = torch.cat([layout.full_col.long(), layout.part_col.long()])
     mask_id = torch.cat([torch.full((layout.num_full_tiles,), -1, dtype=torch.long, device=dev),
                          torch.arange(layout.num_partial_tiles, device=dev)])
@@ -50,14 +44,6 @@ def _merged_tiles(layout: SparseLayout):
     row_start = layout.full_ptr.long() + layout.part_ptr.long()  # merged CSR row pointers
     row = row[order]
     return row, kt[order], mask_id[order], row_start[row]
-
-
-def _popcount(x: torch.Tensor) -> torch.Tensor:
-    """Set bits of each element of an int32 tensor (SWAR in int32, wrapping multiply)."""
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    return (x * 0x01010101) >> 24
 
 
 def _lowest_bit(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +57,7 @@ def _lowest_bit(x: torch.Tensor) -> torch.Tensor:
 
 def popcount_rows(masks: torch.Tensor) -> torch.Tensor:
     """``[T, block_m, n_words]`` int32 words -> ``[T, block_m]`` int64 active keys per row."""
-    return _popcount(masks).sum(-1, dtype=torch.long)
+    return popcount32(masks).sum(-1, dtype=torch.long)
 
 
 def layout_csr(layout: SparseLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +101,7 @@ def layout_csr(layout: SparseLayout) -> tuple[torch.Tensor, torch.Tensor]:
     for s in range(0, part_tiles.numel(), step):  # set bits of each word, lowest first
         t = part_tiles[s:s + step]
         words = layout.masks[mask_id[t]]  # [C, bm, n_words] int32
-        in_word = _popcount(words).long()
+        in_word = popcount32(words).long()
         dest = slot[t][:, :, None] + torch.cumsum(in_word, -1) - in_word
         col = ((kt[t] * bn)[:, None, None] + word_col).expand_as(words)
         live = words != 0
@@ -293,8 +279,8 @@ def layout_tile_map(layout: SparseLayout) -> torch.Tensor:
     dev = layout.device
     tile_map = torch.full((layout.batch * layout.heads * n_qt * n_kt,), _NO_TILE,
                           dtype=torch.int32, device=dev)
-    full = _tile_rows(layout.full_ptr) * n_kt + layout.full_col.long()
-    part = _tile_rows(layout.part_ptr) * n_kt + layout.part_col.long()
+    full = tile_rows(layout.full_ptr) * n_kt + layout.full_col.long()
+    part = tile_rows(layout.part_ptr) * n_kt + layout.part_col.long()
     tile_map[full] = _FULL_TILE
     tile_map[part] = torch.arange(part.numel(), dtype=torch.int32, device=dev)
     return tile_map.view(layout.batch * layout.heads, n_qt, n_kt)

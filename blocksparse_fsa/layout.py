@@ -126,8 +126,7 @@ class SparseLayout:
         dense = torch.zeros(groups, qt_n, bm, kt_n, bn, dtype=torch.bool, device=self.device)
         for ptr, col, bits in ((self.full_ptr, self.full_col, None),
                                (self.part_ptr, self.part_col, unpack_bits(self.masks, bn))):
-            rows = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=self.device),
-                                           (ptr[1:] - ptr[:-1]).long())
+            rows = tile_rows(ptr)
             g, qt, kt = rows // qt_n, rows % qt_n, col.long()
             dense[g, qt, :, kt, :] = True if bits is None else bits
         dense = dense.view(self.batch, self.heads, qt_n * bm, kt_n * bn)
@@ -305,6 +304,21 @@ def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = Fa
     """
     return SparseLayout.from_indices(attn_indices, k_len, is_causal=is_causal, block_m=block_m,
                                      block_n=block_n, reorder=reorder)
+
+
+def tile_rows(ptr: torch.Tensor) -> torch.Tensor:
+    """The CSR row of every entry of a layout's tile list (``ptr`` = its row pointers), int64."""
+    rows = torch.arange(ptr.numel() - 1, device=ptr.device)
+    return torch.repeat_interleave(rows, (ptr[1:] - ptr[:-1]).long())
+
+
+def popcount32(words: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int32 word (as int64)."""
+    x = words.to(torch.int64) & 0xFFFFFFFF
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
 
 
 def unpack_bits(masks: torch.Tensor, block_n: int) -> torch.Tensor:

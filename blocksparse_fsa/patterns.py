@@ -31,7 +31,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .layout import SparseLayout, _check_blocks, _finish
+from .interop import layout_tile_map
+from .layout import SparseLayout, _check_blocks, _finish, popcount32
 from .preprocess.dense import _tiles_from_flags, pack_bits
 from .preprocess.predicate import (DEFAULT_CHUNK_PAIRS, band_tiles, predicate_to_tiles,
                                    tile_bounds, tile_in_range)
@@ -527,6 +528,8 @@ def _combine(op, layouts):
             if getattr(lay, attr) != getattr(ref, attr):
                 raise ValueError(f"layouts differ in {attr}: {getattr(ref, attr)} vs "
                                  f"{getattr(lay, attr)}")
+    if any(lay.is_reordered for lay in layouts):
+        raise ValueError("layouts: combine layouts before reordering their tokens")
     n_b = max(lay.batch for lay in layouts)
     n_h = max(lay.heads for lay in layouts)
     for lay in layouts:
@@ -535,13 +538,15 @@ def _combine(op, layouts):
                              f"{lay.heads} next to {n_b}/{n_h}")
     layouts = [lay.to(device) for lay in layouts]
     bm, bn, n_qt, n_kt = ref.block_m, ref.block_n, ref.num_q_tiles, ref.num_k_tiles
-    states = [_tile_states(lay).expand(n_b, n_h, n_qt, n_kt) for lay in layouts]
-    full, active = states[0] == -1, states[0] != -2
+    # per tile: -1 none, -2 full, p >= 0 partial tile p
+    states = [layout_tile_map(lay).view(lay.batch, lay.heads, n_qt, n_kt)
+              .expand(n_b, n_h, n_qt, n_kt) for lay in layouts]
+    full, active = states[0] == -2, states[0] != -1
     for state in states[1:]:
         if op == "union":
-            full, active = full | (state == -1), active | (state != -2)
+            full, active = full | (state == -2), active | (state != -1)
         else:
-            full, active = full & (state == -1), active & (state != -2)
+            full, active = full & (state == -2), active & (state != -1)
     lin = (active & ~full).reshape(-1).nonzero()[:, 0]  # row-major (b, h, qt, kt)
     where = (lin // (n_h * n_qt * n_kt), (lin // (n_qt * n_kt)) % n_h, (lin // n_kt) % n_qt,
              lin % n_kt)
@@ -563,35 +568,12 @@ def _combine(op, layouts):
     partial = torch.zeros_like(full)
     partial.view(-1)[lin[is_part]] = True
     masks = words[is_part]
-    nnz = int(full.sum()) * bm * bn + int(_popcount(masks).sum())
+    nnz = int(full.sum()) * bm * bn + int(popcount32(masks).sum())
     full_ptr, full_col, part_ptr, part_rc = _tiles_from_flags(full, partial)
     causal = (all if op == "union" else any)(lay.is_causal for lay in layouts)
     layout = _finish(ref.q_len, ref.k_len, bm, bn, n_b, n_h, causal, full_ptr, full_col,
                      part_ptr, part_rc[:, 1], masks, nnz)
     return layout.to(device)
-
-
-def _tile_states(layout) -> torch.Tensor:
-    """``[batch, heads, QT, KT]`` int64: -2 empty, -1 full, ``p >= 0`` partial tile ``p``."""
-    n_qt, n_kt = layout.num_q_tiles, layout.num_k_tiles
-    rows = layout.batch * layout.heads * n_qt
-    state = torch.full((rows * n_kt,), -2, dtype=torch.int64, device=layout.device)
-    for ptr, col, value in ((layout.full_ptr, layout.full_col, None),
-                            (layout.part_ptr, layout.part_col, True)):
-        counts = (ptr[1:] - ptr[:-1]).long()
-        row = torch.repeat_interleave(torch.arange(rows, device=layout.device), counts)
-        lin = row * n_kt + col.long()
-        state[lin] = -1 if value is None else torch.arange(lin.numel(), device=layout.device)
-    return state.view(layout.batch, layout.heads, n_qt, n_kt)
-
-
-def _popcount(words: torch.Tensor) -> torch.Tensor:
-    """Set bits per int32 word (as int64)."""
-    x = words.to(torch.int64) & 0xFFFFFFFF
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
 
 
 # ---- argument checks -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .layout import SparseLayout, unpack_bits
+from .layout import SparseLayout, tile_rows, unpack_bits
 
 
 def layout_pairs(layout: SparseLayout):
@@ -19,8 +19,7 @@ def layout_pairs(layout: SparseLayout):
     groups, queries, keys = [], [], []
     for ptr, col, bits in ((layout.full_ptr, layout.full_col, None),
                            (layout.part_ptr, layout.part_col, unpack_bits(layout.masks, bn))):
-        rows = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=dev),
-                                       (ptr[1:] - ptr[:-1]).long())
+        rows = tile_rows(ptr)
         if bits is None:
             bits = torch.ones(rows.numel(), bm, bn, dtype=torch.bool, device=dev)
         t, i, j = bits.nonzero(as_tuple=True)

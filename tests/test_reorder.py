@@ -105,3 +105,9 @@ def test_rcm_needs_square_patterns():
     with pytest.raises(ValueError, match="q_len == k_len"):
         layout.reordered("rcm")
     assert sp.issparse(layout.to_scipy()[0][0])
+
+
+def test_reordered_layouts_are_not_combined():
+    layout = bsa.build_layout(dilated_indices(40, 4, 2), 40, block_m=16, block_n=16)
+    with pytest.raises(ValueError, match="before reordering"):
+        bsa.patterns.union(layout, layout.reordered(("dilation", 2)))
