@@ -199,9 +199,12 @@ class SparseLayout:
                      reorder=None) -> SparseLayout:
         """See :func:`build_layout`."""
         if reorder is not None:
-            layout = cls.from_indices(attn_indices, k_len, is_causal=is_causal, block_m=block_m,
-                                      block_n=block_n)
-            return layout.reordered(reorder, attn_indices=attn_indices)
+            _check_indices(attn_indices, k_len)
+            q_perm, k_perm = _token_orders(
+                reorder, attn_indices.shape[2], k_len,
+                lambda: cls.from_indices(attn_indices, k_len, is_causal=is_causal,
+                                         block_m=block_m, block_n=block_n))
+            return _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm)
         block_m, block_n = _check_blocks(block_m, block_n)
         idx = _check_indices(attn_indices, k_len)
         n_b, n_h, q_len, _ = idx.shape
@@ -251,29 +254,13 @@ class SparseLayout:
         reverse Cuthill-McKee on the symmetrised pattern; needs q_len == k_len), or a pair of
         permutations ``(q_perm, k_perm)``. Outputs and gradients of ``sparse_attn_func`` stay
         in the callers' order. The permuted tiles are built from per-query indices
-        (``attn_indices`` if given, else ``to_indices()``): O(q_len * W) memory.
+        (``to_indices()``): O(q_len * W) memory.
         """
-        from . import reorder as ro
         if self.is_reordered:
             raise ValueError("this layout is already reordered; reorder layout.unordered()")
-        if isinstance(reorder, str) and reorder == "rcm":
-            q_perm = k_perm = ro.rcm_order(self)
-        elif isinstance(reorder, tuple) and len(reorder) == 2 and reorder[0] == "dilation":
-            q_perm = ro.dilation_order(self.q_len, reorder[1], offset=self.k_len - self.q_len)
-            k_perm = ro.dilation_order(self.k_len, reorder[1])
-        elif isinstance(reorder, tuple) and len(reorder) == 2:
-            q_perm = ro.check_permutation("q_perm", reorder[0], self.q_len)
-            k_perm = ro.check_permutation("k_perm", reorder[1], self.k_len)
-        else:
-            raise ValueError("reorder must be 'rcm', ('dilation', d) or (q_perm, k_perm), got "
-                             f"{reorder!r}")
-        idx = self.to_indices() if attn_indices is None else attn_indices
-        idx = ro.permute_indices(idx, self.k_len, self.is_causal, q_perm.to(idx.device),
-                                 k_perm.to(idx.device))
-        layout = SparseLayout.from_indices(idx, self.k_len, block_m=self.block_m,
-                                           block_n=self.block_n)
-        return replace(layout, is_causal=self.is_causal, q_perm=q_perm.to(layout.device),
-                       k_perm=k_perm.to(layout.device))
+        q_perm, k_perm = _token_orders(reorder, self.q_len, self.k_len, lambda: self)
+        return _permuted(self.to_indices(), self.k_len, self.is_causal, self.block_m,
+                         self.block_n, q_perm, k_perm)
 
     @classmethod
     def from_scipy(cls, matrices, *, is_causal: bool = False, block_m: int | None = None,
@@ -304,6 +291,33 @@ def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = Fa
     """
     return SparseLayout.from_indices(attn_indices, k_len, is_causal=is_causal, block_m=block_m,
                                      block_n=block_n, reorder=reorder)
+
+
+def _token_orders(reorder, q_len, k_len, unordered_layout):
+    """``(q_perm, k_perm)`` of a ``reorder`` spec (see :meth:`SparseLayout.reordered`);
+    ``unordered_layout()`` gives the pattern's layout, built only when RCM needs it."""
+    from . import reorder as ro
+    if isinstance(reorder, str) and reorder == "rcm":
+        perm = ro.rcm_order(unordered_layout())
+        return perm, perm
+    if isinstance(reorder, tuple) and len(reorder) == 2 and reorder[0] == "dilation":
+        return (ro.dilation_order(q_len, reorder[1], offset=k_len - q_len),
+                ro.dilation_order(k_len, reorder[1]))
+    if isinstance(reorder, tuple) and len(reorder) == 2:
+        return (ro.check_permutation("q_perm", reorder[0], q_len),
+                ro.check_permutation("k_perm", reorder[1], k_len))
+    raise ValueError(f"reorder must be 'rcm', ('dilation', d) or (q_perm, k_perm), got "
+                     f"{reorder!r}")
+
+
+def _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm):
+    """The layout of ``attn_indices`` with its tokens in the order ``q_perm`` / ``k_perm``."""
+    from .reorder import permute_indices
+    dev = attn_indices.device
+    idx = permute_indices(attn_indices, k_len, is_causal, q_perm.to(dev), k_perm.to(dev))
+    layout = SparseLayout.from_indices(idx, k_len, block_m=block_m, block_n=block_n)
+    return replace(layout, is_causal=bool(is_causal), q_perm=q_perm.to(layout.device),
+                   k_perm=k_perm.to(layout.device))
 
 
 def tile_rows(ptr: torch.Tensor) -> torch.Tensor:

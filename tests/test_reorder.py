@@ -111,3 +111,8 @@ def test_reordered_layouts_are_not_combined():
     layout = bsa.build_layout(dilated_indices(40, 4, 2), 40, block_m=16, block_n=16)
     with pytest.raises(ValueError, match="before reordering"):
         bsa.patterns.union(layout, layout.reordered(("dilation", 2)))
+
+
+def test_reorder_checks_the_indices_first():
+    with pytest.raises(ValueError, match=r"attn_indices must lie in \[-1, k_len=20\)"):
+        bsa.build_layout(torch.full((1, 1, 20, 2), 25), 20, reorder=("dilation", 2))
