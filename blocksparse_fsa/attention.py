@@ -50,7 +50,8 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
     Args:
         query: ``(B, Lq, Hq, D)`` float16, bfloat16 or float32; any strides.
         key, value: ``(B, Lk, Hkv, D)``, same dtype and device; ``Hq % Hkv == 0`` (GQA/MQA).
-        attn_mask: dense bool ``(B|1, Hq|Hkv|1, Lq, Lk)``, True = attend.
+        attn_mask: dense bool ``(B|1, Hq|Hkv|1, Lq|1, Lk|1)``, True = attend; size-1 dims
+            broadcast (``(B, 1, 1, Lk)`` is a key-padding mask, never expanded to Lq x Lk).
         attn_bias: not supported in this release (raises NotImplementedError).
         is_causal: bottom-right aligned causality (query i sees key j iff j <= i + Lk - Lq),
             applied to the pattern in preprocessing. ``None`` means False, except with
@@ -91,8 +92,9 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
         if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
             raise TypeError("attn_mask must be a torch.bool tensor (True = attend), got "
                             f"{getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
-        _check_pattern("attn_mask", attn_mask, batch, q_len, k_len, heads_ok)
-        layout = SparseLayout.from_dense_mask(attn_mask, is_causal=bool(is_causal))
+        _check_pattern("attn_mask", attn_mask, batch, q_len, k_len, heads_ok, broadcast=True)
+        layout = SparseLayout.from_dense_mask(attn_mask, is_causal=bool(is_causal), q_len=q_len,
+                                              k_len=k_len)
     else:
         layout = _dense_layout(q_len, k_len, bool(is_causal), str(query.device))
     if layout.device != query.device:
@@ -153,7 +155,9 @@ def _check_qkv(query, key, value):
     return batch, q_len, num_q_heads, head_dim
 
 
-def _check_pattern(name, pattern, batch, q_len, k_len, heads_ok):
+def _check_pattern(name, pattern, batch, q_len, k_len, heads_ok, broadcast=False):
+    """Shape checks of attn_indices (``k_len=None``) or attn_mask (``broadcast``: its query and
+    key dims may be 1, FSA's rules)."""
     if pattern.dim() != 4:
         raise ValueError(f"{name} must be 4-D (batch, heads, q_len, ...), got "
                          f"{tuple(pattern.shape)}")
@@ -162,9 +166,9 @@ def _check_pattern(name, pattern, batch, q_len, k_len, heads_ok):
         raise ValueError(f"{name} has batch {n_b}; expected 1 or {batch}")
     if n_h not in heads_ok:
         raise ValueError(f"{name} has {n_h} heads; expected one of {sorted(set(heads_ok))}")
-    if n_q != q_len:
+    if n_q != q_len and not (broadcast and n_q == 1):
         raise ValueError(f"{name} has {n_q} query rows but query has length {q_len}")
-    if k_len is not None and n_k != k_len:
+    if k_len is not None and n_k != k_len and not (broadcast and n_k == 1):
         raise ValueError(f"{name} has {n_k} key columns but key has length {k_len}")
 
 

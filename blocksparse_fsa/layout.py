@@ -216,10 +216,14 @@ class SparseLayout:
 
     @classmethod
     def from_dense_mask(cls, attn_mask: torch.Tensor, *, is_causal: bool = False,
-                        block_m: int | None = None, block_n: int | None = None) -> SparseLayout:
-        """Layout of a dense boolean mask ``(B|1, H|1, Lq, Lk)`` (True = attend).
+                        block_m: int | None = None, block_n: int | None = None,
+                        q_len: int | None = None, k_len: int | None = None) -> SparseLayout:
+        """Layout of a dense boolean mask ``(B|1, H|1, Lq|1, Lk|1)`` (True = attend).
 
-        The reduction to tiles runs on the mask's device; the result lives there too.
+        A size-1 query or key dim broadcasts (FSA's rules: ``(B, 1, 1, Lk)`` is a key-padding
+        mask); then pass ``q_len`` / ``k_len``, and the layout is built from the mask's rows
+        and columns without expanding it to Lq x Lk. The reduction to tiles runs on the
+        mask's device; the result lives there too.
         """
         block_m, block_n = _check_blocks(block_m, block_n)
         if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
@@ -228,7 +232,15 @@ class SparseLayout:
         if attn_mask.dim() != 4:
             raise ValueError("attn_mask must have shape (batch, heads, q_len, k_len), got "
                              f"{tuple(attn_mask.shape)}")
-        n_b, n_h, q_len, k_len = attn_mask.shape
+        n_b, n_h, mask_q, mask_k = attn_mask.shape
+        q_len = mask_q if q_len is None else q_len
+        k_len = mask_k if k_len is None else k_len
+        for name, size, length in (("query", mask_q, q_len), ("key", mask_k, k_len)):
+            if size not in (1, length):
+                raise ValueError(f"attn_mask has {size} {name} positions; expected 1 or {length}")
+        if (mask_q, mask_k) != (q_len, k_len):
+            return _broadcast_mask_layout(attn_mask, q_len, k_len, bool(is_causal), block_m,
+                                          block_n)
         arrays = mask_to_tiles(attn_mask, bool(is_causal), block_m, block_n)
         layout = _finish(q_len, k_len, block_m, block_n, n_b, n_h, bool(is_causal), *arrays)
         return layout.to(attn_mask.device)
@@ -291,6 +303,41 @@ def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = Fa
     """
     return SparseLayout.from_indices(attn_indices, k_len, is_causal=is_causal, block_m=block_m,
                                      block_n=block_n, reorder=reorder)
+
+
+def _broadcast_mask_layout(mask, q_len, k_len, is_causal, block_m, block_n):
+    """Layout of a mask with a size-1 query and/or key dim, from its rows and columns only:
+    a tile may be active where its rows and its columns both have an active entry, and is
+    full where all of them are."""
+    from .patterns import layout_from_predicate
+    n_b, n_h, mask_q, mask_k = mask.shape
+
+    def per_tile(values, length, block, broadcast):  # [B, H, L|1] -> [B, H, tiles|1] x2
+        if broadcast:
+            return values, values
+        n = -(-length // block)
+        padded = torch.nn.functional.pad(values, (0, n * block - length))
+        tiles = padded.view(n_b, n_h, n, block)
+        return tiles.any(-1), tiles.all(-1)
+
+    rows_any, rows_all = per_tile(mask.any(-1), q_len, block_m, mask_q == 1)
+    cols_any, cols_all = per_tile(mask.any(-2), k_len, block_n, mask_k == 1)
+    if mask_q == 1:  # any column active means every query row sees it
+        rows_any = rows_all = torch.ones_like(rows_any)
+    if mask_k == 1:
+        cols_any = cols_all = torch.ones_like(cols_any)
+    n_qt, n_kt = -(-q_len // block_m), -(-k_len // block_n)
+    may = (rows_any[..., :, None] & cols_any[..., None, :]).expand(n_b, n_h, n_qt, n_kt)
+    full = (rows_all[..., :, None] & cols_all[..., None, :]).expand(n_b, n_h, n_qt, n_kt)
+    if mask_q == 1 and mask_k == 1:
+        may = full = mask.expand(n_b, n_h, n_qt, n_kt)
+
+    def predicate(b, h, q, k):
+        return mask[b, h, q if mask_q > 1 else 0, k if mask_k > 1 else 0]
+
+    return layout_from_predicate(q_len, k_len, predicate, may, batch=n_b, heads=n_h,
+                                 is_causal=is_causal, block_m=block_m, block_n=block_n,
+                                 device=mask.device, full_tiles=full)
 
 
 def _token_orders(reorder, q_len, k_len, unordered_layout):

@@ -128,3 +128,33 @@ def test_layout_properties_and_device_move():
     assert layout.nnz == int(layout.to_dense_mask().sum())
     assert layout.nbytes == sum(t.numel() * 4 for t in layout._tensors())
     assert "SparseLayout(q_len=100" in repr(layout)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 30), (1, 4, 1, 30), (2, 2, 20, 1), (1, 1, 1, 1)],
+                         ids=lambda s: "mask" + "x".join(map(str, s)))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_broadcast_masks_follow_fsa_rules(shape, is_causal):
+    """Key-padding (Lq == 1) and query (Lk == 1) masks broadcast without an Lq x Lk copy."""
+    q, k, v = qkv(batch=2, q_len=20, k_len=30)
+    g = torch.Generator().manual_seed(sum(shape))
+    mask = torch.rand(shape, generator=g) < 0.6
+    mask.view(-1)[0] = True
+    full = mask.expand(2, mask.shape[1], 20, 30)
+    layout = bsa.SparseLayout.from_dense_mask(mask, q_len=20, k_len=30, is_causal=is_causal,
+                                              block_m=16, block_n=16)
+    expected = bsa.SparseLayout.from_dense_mask(full.contiguous()[: mask.shape[0]],
+                                                is_causal=is_causal, block_m=16, block_n=16)
+    assert torch.equal(layout.to_dense_mask(), expected.to_dense_mask())
+    for name in ("full_ptr", "full_col", "part_ptr", "part_col", "masks"):
+        assert torch.equal(getattr(layout, name), getattr(expected, name)), name
+    out = bsa.sparse_attn_func(q, k, v, mask, is_causal=is_causal)
+    ref_mask = expected.to_dense_mask()
+    torch.testing.assert_close(out, dense_attention(q, k, v, ref_mask)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_broadcast_mask_shape_errors():
+    with pytest.raises(ValueError, match="attn_mask has 3 query rows"):
+        call(attn_mask=torch.ones(1, 1, 3, 20, dtype=torch.bool))
+    with pytest.raises(ValueError, match="expected 1 or 30"):
+        bsa.SparseLayout.from_dense_mask(torch.ones(1, 1, 1, 7, dtype=torch.bool), q_len=5,
+                                         k_len=30)

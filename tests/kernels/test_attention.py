@@ -59,6 +59,7 @@ CASES = [
     Case(pattern="messy_window", window=20, q_len=77, k_len=77),  # duplicates, unsorted
     Case(pattern_batch=1, pattern_heads=1),  # broadcast pattern
     Case(pattern_heads=4, pattern="mask"),  # per query-head dense mask
+    Case(hq=4, hkv=2, pattern_heads=4, causal=True),  # per query-head indices
     Case(pattern="mask", causal=True, pattern_batch=1),
     Case(pattern="dense", causal=True, q_len=50, k_len=50),
     Case(pattern="dense", q_len=33, k_len=65, block=(32, 32)),
