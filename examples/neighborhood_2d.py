@@ -19,7 +19,8 @@ run_and_check(layout)
 
 # tile-major order: token (y, x) goes to patch (y // 8, x // 8), then row-major inside it
 y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-key = ((y // patch) * (width // patch) + x // patch) * patch * patch + (y % patch) * patch + x % patch
+patch_id = (y // patch) * (width // patch) + x // patch
+key = patch_id * patch * patch + (y % patch) * patch + x % patch
 order = torch.argsort(key.flatten())
 patched = layout.reordered((order, order))
 print("the same, tokens reordered into 8x8 patches (outputs stay in row-major order)")

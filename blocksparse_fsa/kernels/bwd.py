@@ -5,7 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, launch_args, new_empty, row_range, stride_args, tile_bits
+from .common import (LOG2E, launch_args, new_empty, query_program, row_range, stride_args,
+                     tile_bits)
 from . import config as launch_config
 
 
@@ -182,16 +183,8 @@ def sparse_attn_bwd_dq_kernel(
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch (sharing
     a KV head and a layout row); grid (num_q_tiles, B * Hq / HEADS)."""
-    qt = tl.program_id(0)
-    bh = tl.program_id(1)
-    num_stacks = num_q_heads // HEADS
-    b = (bh // num_stacks).to(tl.int64)
-    hq0 = (bh % num_stacks) * HEADS
-    hk = (hq0 // group_size).to(tl.int64)
-    row = (b * layout_batch_step * layout_heads + hq0 // head_div) * tl.num_programs(0) + qt
-    offs_r = tl.arange(0, HEADS * BLOCK_M)
-    heads = (hq0 + offs_r // BLOCK_M).to(tl.int64)  # [HEADS * BLOCK_M] query head of each row
-    offs_m = qt * BLOCK_M + offs_r % BLOCK_M
+    b, hk, row, heads, offs_m = query_program(num_q_heads, group_size, head_div, layout_heads,
+                                              layout_batch_step, HEADS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     rows = offs_m[:, None].to(tl.int64)

@@ -77,3 +77,25 @@ def stride_args(**tensors) -> dict:
 def row_range(ptr, row):
     """``(start, end)`` of CSR row ``row`` as int64 (tile offsets may pass 2**31 in bytes)."""
     return tl.load(ptr + row).to(tl.int64), tl.load(ptr + row + 1).to(tl.int64)
+
+
+@triton.jit
+def query_program(num_q_heads, group_size, head_div, layout_heads, layout_batch_step,
+                  HEADS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The rows a query-tile program owns; grid (num_q_tiles, B * Hq / HEADS).
+
+    One query tile of ``HEADS`` consecutive query heads that share a KV head and a layout row.
+    Returns the batch ``b`` and KV head ``hk`` (int64), the layout ``row`` of the tile, and for
+    each of the ``HEADS * BLOCK_M`` rows its query head (int64) and query position.
+    """
+    qt = tl.program_id(0)
+    bh = tl.program_id(1)
+    num_stacks = num_q_heads // HEADS
+    b = (bh // num_stacks).to(tl.int64)
+    hq0 = (bh % num_stacks) * HEADS
+    hk = (hq0 // group_size).to(tl.int64)
+    row = (b * layout_batch_step * layout_heads + hq0 // head_div) * tl.num_programs(0) + qt
+    offs_r = tl.arange(0, HEADS * BLOCK_M)
+    heads = (hq0 + offs_r // BLOCK_M).to(tl.int64)  # [HEADS * BLOCK_M]
+    offs_m = qt * BLOCK_M + offs_r % BLOCK_M  # [HEADS * BLOCK_M]
+    return b, hk, row, heads, offs_m
