@@ -22,11 +22,12 @@ class SparseAttnFunction(torch.autograd.Function):
     """Triton forward and backward over a fixed layout; ``lse`` is differentiable too."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, softmax_scale):
-        out, lse = sparse_attn_fwd(q, k, v, layout, softmax_scale)
+    def forward(ctx, q, k, v, layout, softmax_scale, softcap=0.0):
+        out, lse = sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.layout = layout
         ctx.softmax_scale = softmax_scale
+        ctx.softcap = softcap
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -38,13 +39,13 @@ class SparseAttnFunction(torch.autograd.Function):
         if dlse is not None:
             dlse = dlse.float().contiguous()
         dq, dk, dv = sparse_attn_bwd(dout, q, k, v, out, lse, dlse, ctx.layout,
-                                     ctx.softmax_scale)
-        return dq, dk, dv, None, None
+                                     ctx.softmax_scale, ctx.softcap)
+        return dq, dk, dv, None, None, None
 
 
 def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causal=None,
                      softmax_scale=None, *, attn_indices=None, layout=None, return_lse=False,
-                     backend="auto"):
+                     softcap=0.0, backend="auto"):
     """Exact softmax attention restricted to a sparse pattern.
 
     Args:
@@ -62,6 +63,8 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
         layout: a :class:`SparseLayout` from :func:`build_layout` (built once, reused).
         return_lse: also return ``lse`` ``(B, Hq, Lq)`` float32 (natural log; -inf for rows
             with no active key). It is differentiable.
+        softcap: if > 0, scores become ``softcap * tanh(score / softcap)`` before the softmax
+            (Gemma-2, FSA's CUDA path), forward and backward; 0 = off.
         backend: ``"auto"`` (Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, else the
             pure-PyTorch path), ``"triton"`` or ``"torch"``.
 
@@ -79,6 +82,8 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
         raise ValueError(f"pass at most one of attn_mask, attn_indices, layout; got {given}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap < 0:
+        raise ValueError(f"softcap must be a float >= 0 (0 = off), got {softcap!r}")
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     heads_ok = (1, num_kv_heads, num_q_heads)
@@ -105,9 +110,10 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
         key = key.index_select(1, layout.k_perm)
         value = value.index_select(1, layout.k_perm)
     if backend == "torch" or (backend == "auto" and not _triton_available(query)):
-        out, lse = sparse_attention(query, key, value, layout, softmax_scale)
+        out, lse = sparse_attention(query, key, value, layout, softmax_scale, softcap)
     else:
-        out, lse = SparseAttnFunction.apply(query, key, value, layout, softmax_scale)
+        out, lse = SparseAttnFunction.apply(query, key, value, layout, softmax_scale,
+                                            float(softcap))
     if layout.is_reordered:
         q_inv = inverse(layout.q_perm)
         out, lse = out.index_select(1, q_inv), lse.index_select(2, q_inv)

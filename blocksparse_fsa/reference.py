@@ -29,7 +29,7 @@ def layout_pairs(layout: SparseLayout):
     return torch.cat(groups), torch.cat(queries), torch.cat(keys)
 
 
-def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float):
+def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float, softcap: float = 0.0):
     """Attention over ``layout`` computed pair by pair. Returns ``(out, lse)`` like the kernels.
 
     Scores and sums are float32 (float64 for float64 inputs); rows without keys give 0, -inf.
@@ -46,7 +46,7 @@ def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float):
             g = (b if layout.batch > 1 else 0) * layout.heads + hq // (num_q_heads // layout.heads)
             sel = group == g
             i, j, hk = qi[sel], kj[sel], hq // group_size
-            s = (qc[b, i, hq] * kc[b, j, hk]).sum(-1) * softmax_scale
+            s = apply_softcap((qc[b, i, hq] * kc[b, j, hk]).sum(-1) * softmax_scale, softcap)
             m = torch.full((q_len,), float("-inf"), dtype=ct, device=q.device)
             m = m.scatter_reduce(0, i, s.detach(), "amax")  # only for stability: no gradient
             p = torch.exp(s - m[i])
@@ -62,11 +62,17 @@ def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float):
     return out, lse
 
 
-def dense_attention(q, k, v, mask, softmax_scale=None):
+def apply_softcap(scores, softcap):
+    """``softcap * tanh(scores / softcap)``, or the scores themselves for ``softcap == 0``."""
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
+
+
+def dense_attention(q, k, v, mask, softmax_scale=None, softcap=0.0):
     """Masked softmax attention in the inputs' dtype (upcast them for a high-precision reference).
 
     ``q`` (B, Lq, Hq, D), ``k``/``v`` (B, Lk, Hkv, D), ``mask`` bool broadcastable to
-    (B, Hq, Lq, Lk) or None. Rows with no active key give 0 and lse = -inf.
+    (B, Hq, Lq, Lk) or None; ``softcap`` as in ``sparse_attn_func``. Rows with no active key
+    give 0 and lse = -inf.
     Returns ``(out, lse)``.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
@@ -74,7 +80,8 @@ def dense_attention(q, k, v, mask, softmax_scale=None):
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     kh = k.repeat_interleave(group, dim=2).transpose(1, 2)
     vh = v.repeat_interleave(group, dim=2).transpose(1, 2)
-    s = torch.matmul(q.transpose(1, 2), kh.transpose(-1, -2)).to(ct) * scale
+    s = apply_softcap(torch.matmul(q.transpose(1, 2), kh.transpose(-1, -2)).to(ct) * scale,
+                      softcap)
     if mask is None:
         mask = torch.ones(1, 1, 1, k.shape[1], dtype=torch.bool, device=q.device)
     elif mask.shape[1] not in (1, q.shape[2]):

@@ -158,3 +158,9 @@ def test_broadcast_mask_shape_errors():
     with pytest.raises(ValueError, match="expected 1 or 30"):
         bsa.SparseLayout.from_dense_mask(torch.ones(1, 1, 1, 7, dtype=torch.bool), q_len=5,
                                          k_len=30)
+
+
+@pytest.mark.parametrize("softcap", [-1.0, "2", True])
+def test_bad_softcap(softcap):
+    with pytest.raises(ValueError, match="softcap must be"):
+        call(softcap=softcap)

@@ -25,7 +25,7 @@ def random_pattern(length, window, heads, seed=0):
     return torch.where(torch.rand(idx.shape, device="cuda", generator=g) < 0.1, -1, idx)
 
 
-def check(q, k, v, layout, dtype):
+def check(q, k, v, layout, dtype, softcap=0.0):
     """Out, lse and gradients of ours vs fp32 (high) and the same math in ``dtype`` (low)."""
     dout = torch.randn_like(q, dtype=torch.float32)
     mask = layout.to_dense_mask()
@@ -35,10 +35,14 @@ def check(q, k, v, layout, dtype):
         out, lse = fn(q, k, v)
         return (out, lse, *torch.autograd.grad((out.float() * dout).sum(), (q, k, v)))
 
-    ref = run(q.float(), k.float(), v.float(), lambda *t: dense_attention(*t, mask))
-    low = run(q.to(dtype), k.to(dtype), v.to(dtype), lambda *t: dense_attention(*t, mask))
+    def reference(*t):
+        return dense_attention(*t, mask, softcap=softcap)
+
+    ref = run(q.float(), k.float(), v.float(), reference)
+    low = run(q.to(dtype), k.to(dtype), v.to(dtype), reference)
     got = run(q.to(dtype), k.to(dtype), v.to(dtype),
-              lambda *t: bsa.sparse_attn_func(*t, layout=layout, return_lse=True))
+              lambda *t: bsa.sparse_attn_func(*t, layout=layout, return_lse=True,
+                                              softcap=softcap))
     for name, g, lo, r in zip(["out", "lse", "dq", "dk", "dv"], got, low, ref):
         assert_rule(name, g, lo, r, ATOL[dtype])
 
@@ -116,3 +120,13 @@ def test_addresses_past_2_pow_31_elements():
     torch.testing.assert_close(out[:, rows].float(), ref, atol=2e-2, rtol=2e-2)
     ref_dq, = torch.autograd.grad(ref, (qs,), torch.ones_like(ref))
     torch.testing.assert_close(dq[:, rows].float(), ref_dq, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_softcap(dtype):
+    torch.manual_seed(1)
+    length = 1500
+    q = torch.randn(1, length, 8, 128, device="cuda")
+    k, v = (torch.randn(1, length, 2, 128, device="cuda") for _ in range(2))
+    layout = bsa.build_layout(window_pattern(length, 300, 2), length, is_causal=True)
+    check(q, k, v, layout, dtype, softcap=1.5)

@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, launch_args, new_empty, query_program, row_range, stride_args,
-                     tile_bits)
+from .common import (LOG2E, launch_args, new_empty, query_program, row_range, score_args,
+                     softcap_tanh, stride_args, tile_bits)
 from . import config as launch_config
 
 
@@ -39,11 +39,11 @@ def sparse_attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, row_ptr, mask_idx_ptr, masks,
-                start, end, qk_scale, q_len,
+                start, end, qk_scale, cap_scale, q_len,
                 stride_ql, stride_qd, stride_dol, stride_dod,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr):
+                SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles ``row_ptr[start:end]``."""
     offs_i = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -59,7 +59,11 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, row_ptr, ma
                     mask=q_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
         lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+        if SOFTCAP:
+            tanh_t = softcap_tanh(qk_t, cap_scale)
+            p_t = tl.math.exp2(tanh_t * qk_scale - lse[None, :])
+        else:
+            p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
         if IS_PARTIAL:
             mask_idx = tl.load(mask_idx_ptr + t).to(tl.int64)
             bits_t = tile_bits(masks + mask_idx * (BLOCK_M * N_WORDS), offs_i, offs_n, N_WORDS,
@@ -71,6 +75,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, row_ptr, ma
         delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:  # through softcap * tanh(s / softcap)
+            ds_t = ds_t * (1.0 - tanh_t * tanh_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
     return dk, dv
 
@@ -79,7 +85,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, row_ptr, ma
 def sparse_attn_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV,
     full_ptr_t, full_row_t, part_ptr_t, part_row_t, part_mask_t, masks,
-    qk_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div, layout_heads,
+    qk_scale, cap_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div,
+    layout_heads,
     layout_batch_step,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
@@ -88,7 +95,7 @@ def sparse_attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkl, stride_dkh, stride_dkd,
     stride_dvb, stride_dvl, stride_dvh, stride_dvd,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_WORDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    N_WORDS: tl.constexpr, SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one key tile of one (batch, KV head), looping over the query heads of its
     group; grid (num_k_tiles, B * Hkv). Lse and Delta are (B, Hq, Lq) float32, contiguous."""
@@ -117,15 +124,15 @@ def sparse_attn_bwd_dkdv_kernel(
         start, end = row_range(full_ptr_t, row)
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, full_row_t, full_row_t, masks,
-            start, end, qk_scale, q_len,
+            start, end, qk_scale, cap_scale, q_len,
             stride_ql, stride_qd, stride_dol, stride_dod,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, INPUT_PRECISION)
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, SOFTCAP, INPUT_PRECISION)
         start, end = row_range(part_ptr_t, row)
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, part_row_t, part_mask_t, masks,
-            start, end, qk_scale, q_len,
+            start, end, qk_scale, cap_scale, q_len,
             stride_ql, stride_qd, stride_dol, stride_dod,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, INPUT_PRECISION)
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, SOFTCAP, INPUT_PRECISION)
     dk *= softmax_scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkl
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -134,11 +141,12 @@ def sparse_attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end, qk_scale, k_len,
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end, qk_scale,
+              cap_scale, k_len,
               stride_kl, stride_kd, stride_vl, stride_vd,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
-              IS_PARTIAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile of ``HEADS`` stacked query heads over the key tiles
     ``col_ptr[start:end]``."""
     offs_i = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
@@ -156,13 +164,19 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end,
         v = tl.load(v_base + offs_kn[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                     mask=kv_ok, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if SOFTCAP:
+            tanh = softcap_tanh(qk, cap_scale)
+            p = tl.math.exp2(tanh * qk_scale - lse[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if IS_PARTIAL:
             bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_i, offs_n,
                              N_WORDS, False)
             p = tl.where(bits, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - tanh * tanh)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     return dq
 
@@ -171,7 +185,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end,
 def sparse_attn_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ,
     full_ptr, full_col, part_ptr, part_col, masks,
-    qk_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div, layout_heads,
+    qk_scale, cap_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div,
+    layout_heads,
     layout_batch_step,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
@@ -179,7 +194,8 @@ def sparse_attn_bwd_dq_kernel(
     stride_dob, stride_dol, stride_doh, stride_dod,
     stride_dqb, stride_dql, stride_dqh, stride_dqd,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_WORDS: tl.constexpr, HEADS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch (sharing
     a KV head and a layout row); grid (num_q_tiles, B * Hq / HEADS)."""
@@ -201,20 +217,22 @@ def sparse_attn_bwd_dq_kernel(
     dq = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, end = row_range(full_ptr, row)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, full_col, masks,
-                   start, end, qk_scale, k_len,
+                   start, end, qk_scale, cap_scale, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd,
-                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, INPUT_PRECISION)
+                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP,
+                   INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, part_col, masks,
-                   start, end, qk_scale, k_len,
+                   start, end, qk_scale, cap_scale, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd,
-                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, INPUT_PRECISION)
+                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP,
+                   INPUT_PRECISION)
     dq *= softmax_scale
     tl.store(DQ + b * stride_dqb + hs * stride_dqh + rows * stride_dql
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ok)
 
 
-def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale):
+def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=0.0):
     """Launch the three backward kernels. ``dlse`` (B, Hq, Lq) or None. Returns dq, dk, dv."""
     batch, q_len, num_q_heads, head_dim = q.shape
     dq = new_empty(like=q)
@@ -222,7 +240,7 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale):
     dv = new_empty(like=v)
     delta = new_empty(like=lse)
     common = launch_args(q, k, layout)
-    qk_scale = softmax_scale * LOG2E.value
+    scores = score_args(softmax_scale, softcap)
     q_grid = (layout.num_q_tiles, batch * num_q_heads)
     if q_grid[0] * q_grid[1]:
         sparse_attn_bwd_preprocess[q_grid](
@@ -236,7 +254,7 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale):
             Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DQ=dq,
             full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
             part_col=layout.part_col, masks=layout.masks,
-            qk_scale=qk_scale, softmax_scale=softmax_scale, q_len=q_len, k_len=k.shape[1],
+            softmax_scale=softmax_scale, q_len=q_len, k_len=k.shape[1], **scores,
             HEADS=heads, **common, **stride_args(q=q, k=k, v=v, do=do, dq=dq),
             **launch_config.get_bwd_config(head_dim, heads * layout.block_m, layout.block_n))
     kv_grid = (layout.num_k_tiles, batch * k.shape[2])
@@ -246,7 +264,7 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale):
             full_ptr_t=layout.full_ptr_t, full_row_t=layout.full_row_t,
             part_ptr_t=layout.part_ptr_t, part_row_t=layout.part_row_t,
             part_mask_t=layout.part_mask_t, masks=layout.masks,
-            qk_scale=qk_scale, softmax_scale=softmax_scale, q_len=q_len, k_len=k.shape[1],
+            softmax_scale=softmax_scale, q_len=q_len, k_len=k.shape[1], **scores,
             **common, **stride_args(q=q, k=k, v=v, do=do, dk=dk, dv=dv),
             **launch_config.get_bwd_config(head_dim, layout.block_m, layout.block_n))
     return dq, dk, dv

@@ -67,6 +67,15 @@ def launch_args(q, k, layout) -> dict:
     )
 
 
+def score_args(softmax_scale: float, softcap: float) -> dict:
+    """How the kernels turn q.k into log2-domain scores: ``qk * qk_scale``, or with a softcap
+    ``qk_scale * tanh(qk * cap_scale)`` (``qk_scale`` = softcap * log2 e)."""
+    if softcap:
+        return dict(qk_scale=softcap * LOG2E.value, cap_scale=softmax_scale / softcap,
+                    SOFTCAP=True)
+    return dict(qk_scale=softmax_scale * LOG2E.value, cap_scale=0.0, SOFTCAP=False)
+
+
 def stride_args(**tensors) -> dict:
     """``stride_<name><axis>`` keyword arguments of (B, L, H, D) tensors, e.g. stride_qh."""
     return {f"stride_{name}{axis}": s for name, t in tensors.items()
@@ -99,3 +108,10 @@ def query_program(num_q_heads, group_size, head_div, layout_heads, layout_batch_
     heads = (hq0 + offs_r // BLOCK_M).to(tl.int64)  # [HEADS * BLOCK_M]
     offs_m = qt * BLOCK_M + offs_r % BLOCK_M  # [HEADS * BLOCK_M]
     return b, hk, row, heads, offs_m
+
+
+@triton.jit
+def softcap_tanh(qk, cap_scale):
+    """``tanh(qk * softmax_scale / softcap)`` (``cap_scale`` = softmax_scale / softcap), as
+    ``2 * sigmoid(2x) - 1``: exact at the saturated ends, and runs under the interpreter."""
+    return 2.0 * tl.sigmoid(2.0 * qk * cap_scale) - 1.0

@@ -4,17 +4,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LN2, LOG2E, launch_args, new_empty, query_program, row_range, stride_args,
-                     tile_bits)
+from .common import (LN2, launch_args, new_empty, query_program, row_range, score_args,
+                     softcap_tanh, stride_args, tile_bits)
 from . import config as launch_config
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_scale, k_len,
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_scale, cap_scale,
+               k_len,
                stride_kl, stride_kd, stride_vl, stride_vd,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
-               IS_PARTIAL: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Fold the tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query tile
     of ``HEADS`` stacked query heads (rows ``h * BLOCK_M + m``; they share the tiles' bits)."""
     offs_m = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
@@ -29,7 +30,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_
             kv_ok = kv_ok & (offs_kn[:, None] < k_len)
         k = tl.load(k_base + offs_kn[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                     mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [HEADS*BLOCK_M, BLOCK_N]
+        if SOFTCAP:
+            s = softcap_tanh(s, cap_scale) * qk_scale
+        else:
+            s = s * qk_scale
         if IS_PARTIAL:
             bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_m, offs_n,
                              N_WORDS, False)
@@ -55,14 +60,16 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_
 def sparse_attn_fwd_kernel(
     Q, K, V, Out, Lse,
     full_ptr, full_col, part_ptr, part_col, masks,
-    qk_scale, q_len, k_len, num_q_heads, group_size, head_div, layout_heads, layout_batch_step,
+    qk_scale, cap_scale, q_len, k_len, num_q_heads, group_size, head_div, layout_heads,
+    layout_batch_step,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_ob, stride_ol, stride_oh, stride_od,
     stride_lse_b, stride_lse_h,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_WORDS: tl.constexpr, HEADS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch, which
     share a KV head and a layout row (one K/V tile load serves all of them); grid
@@ -86,15 +93,15 @@ def sparse_attn_fwd_kernel(
     start, end = row_range(full_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, full_col, masks,
-        start, end, qk_scale, k_len,
+        start, end, qk_scale, cap_scale, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, INPUT_PRECISION)
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP, INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, part_col, masks,
-        start, end, qk_scale, k_len,
+        start, end, qk_scale, cap_scale, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, INPUT_PRECISION)
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP, INPUT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -106,7 +113,7 @@ def sparse_attn_fwd_kernel(
     tl.store(Lse + b * stride_lse_b + heads * stride_lse_h + offs_m, lse, mask=m_ok)
 
 
-def sparse_attn_fwd(q, k, v, layout, softmax_scale):
+def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0):
     """Launch the forward kernel. Returns ``out`` (like q) and ``lse`` (B, Hq, Lq) float32."""
     batch, q_len, num_q_heads, head_dim = q.shape
     out = new_empty(like=q)
@@ -120,7 +127,7 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale):
         Q=q, K=k, V=v, Out=out, Lse=lse,
         full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
         part_col=layout.part_col, masks=layout.masks,
-        qk_scale=softmax_scale * LOG2E.value, q_len=q_len, k_len=k.shape[1],
+        q_len=q_len, k_len=k.shape[1], **score_args(softmax_scale, softcap),
         stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
         HEADS=heads, **args, **stride_args(q=q, k=k, v=v, o=out),
         **launch_config.get_fwd_config(head_dim, heads * layout.block_m, layout.block_n),

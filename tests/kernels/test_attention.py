@@ -36,6 +36,7 @@ class Case:
     pattern_batch: int | None = None  # None = batch
     pattern_heads: int | None = None  # None = hkv
     dtype: torch.dtype = torch.float32
+    softcap: float = 0.0
 
     @property
     def id(self):
@@ -44,7 +45,7 @@ class Case:
         return (f"B{self.batch}-Lq{self.q_len}-Lk{self.k_len}-Hq{self.hq}-Hkv{self.hkv}-"
                 f"D{self.dim}-{self.pattern}{self.window}-pat{pb}x{ph}-"
                 f"{'causal' if self.causal else 'full'}-blk{self.block[0]}x{self.block[1]}-"
-                f"{str(self.dtype)[6:]}")
+                f"{str(self.dtype)[6:]}" + (f"-softcap{self.softcap:g}" if self.softcap else ""))
 
 
 CASES = [
@@ -69,6 +70,9 @@ CASES = [
     Case(batch=1, q_len=37, k_len=41, dim=80, block=(16, 128)),  # D padded to 128
     Case(dtype=torch.float16, causal=True),
     Case(dtype=torch.float16, pattern="window", window=40, q_len=96, k_len=96, dim=64),
+    Case(causal=True, softcap=1.5),
+    Case(hq=8, hkv=2, dim=16, block=(32, 16), softcap=2.0),  # stacked heads
+    Case(dtype=torch.float16, pattern="window", window=40, q_len=96, k_len=96, softcap=3.0),
 ]
 
 
@@ -126,11 +130,15 @@ def run_case(case: Case, backend: str):
 
     def ours(q, k, v):
         return bsa.sparse_attn_func(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE),
-                                    layout=layout.to(DEVICE), return_lse=True, backend=backend)
+                                    layout=layout.to(DEVICE), return_lse=True,
+                                    softcap=case.softcap, backend=backend)
+
+    def reference(q, k, v):
+        return dense_attention(q, k, v, mask, softcap=case.softcap)
 
     dt = case.dtype
-    low = grads(q.to(dt), k.to(dt), v.to(dt), lambda q, k, v: dense_attention(q, k, v, mask))
-    ref = grads(q.double(), k.double(), v.double(), lambda q, k, v: dense_attention(q, k, v, mask))
+    low = grads(q.to(dt), k.to(dt), v.to(dt), reference)
+    ref = grads(q.double(), k.double(), v.double(), reference)
     got = grads(q.to(dt), k.to(dt), v.to(dt), ours)
     for name, g, lo, r in zip(["out", "lse", "dq", "dk", "dv"], got, low, ref):
         assert g.dtype == (torch.float32 if name == "lse" else dt), name
@@ -144,7 +152,7 @@ def test_triton_matches_reference(case):
     run_case(case, "triton")
 
 
-@pytest.mark.parametrize("case", CASES[:8] + CASES[10:16], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES[:8] + CASES[10:16] + CASES[-3:-1], ids=lambda c: c.id)
 def test_torch_backend_matches_reference(case):
     run_case(case, "torch")
 
