@@ -102,8 +102,8 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
                                               k_len=k_len)
     else:
         layout = _dense_layout(q_len, k_len, bool(is_causal), str(query.device))
-    if layout.device != query.device:
-        raise ValueError(f"the pattern is on {layout.device} but query is on {query.device}")
+    layout = layout.to(query.device)  # a pattern given per call may live elsewhere (an explicit
+    # layout= on another device was refused above: moving it every call would hide the cost)
 
     if layout.is_reordered:  # the kernels see the tokens in the layout's order
         query = query.index_select(1, layout.q_perm)
