@@ -1,6 +1,8 @@
-"""Shared by the examples: run forward + backward on a layout and compare with the reference."""
+"""Shared by the examples: run forward + backward on a layout and compare with the reference,
+and draw the tile maps."""
 
 import math
+import sys
 
 import torch
 
@@ -35,3 +37,12 @@ def run_and_check(layout, q_heads=4, kv_heads=2, dim=64, seed=0):
         print(f"  {name:>3}: relative error vs reference {rel:.2e}")
         assert rel < tol, name
     print(f"  {layout}")
+
+
+def draw(**layouts):
+    """If the example got a folder argument, write ``<folder>/<name>.png`` for each layout."""
+    if len(sys.argv) > 1:
+        for name, layout in layouts.items():
+            path = f"{sys.argv[1]}/{name}.png"
+            layout.plot(path)
+            print(f"  tile map written to {path}")

@@ -3,12 +3,10 @@ as given, and with the tokens grouped by position mod 4, which turns it into fou
 sliding windows. Both run forward + backward and are checked; outputs come back in the
 original order either way."""
 
-import sys
-
 import torch
 
 import blocksparse_fsa as bsa
-from _check import run_and_check
+from _check import draw, run_and_check
 
 length, size, stride = 2048, 512, 4
 i = torch.arange(length)[:, None]
@@ -20,7 +18,4 @@ print(f"dilated window, {size} keys at stride {stride}, causal, L={length}: as g
 run_and_check(plain)
 print("the same, tokens grouped by position mod 4")
 run_and_check(packed)
-if len(sys.argv) > 1:  # a folder for the pictures
-    for name, lay in (("dilated", plain), ("dilated_reordered", packed)):
-        lay.plot(f"{sys.argv[1]}/{name}.png")
-        print(f"  tile map written to {sys.argv[1]}/{name}.png")
+draw(dilated=plain, dilated_reordered=packed)

@@ -5,12 +5,10 @@ patch = one 64-token tile) halves the tiles visited (960 -> 484, density 0.23 ->
 layouts are plotted, run forward + backward and checked; the reordered one returns outputs and
 gradients in row-major order like the other."""
 
-import sys
-
 import torch
 
 import blocksparse_fsa as bsa
-from _check import run_and_check
+from _check import draw, run_and_check
 
 height, width, patch = 64, 64, 8
 layout = bsa.patterns.neighborhood_2d(height, width, kernel_size=15)
@@ -25,7 +23,4 @@ order = torch.argsort(key.flatten())
 patched = layout.reordered((order, order))
 print("the same, tokens reordered into 8x8 patches (outputs stay in row-major order)")
 run_and_check(patched)
-if len(sys.argv) > 1:  # a folder for the pictures
-    for name, lay in (("neighborhood_2d", layout), ("neighborhood_2d_patched", patched)):
-        lay.plot(f"{sys.argv[1]}/{name}.png")
-        print(f"  tile map written to {sys.argv[1]}/{name}.png")
+draw(neighborhood_2d=layout, neighborhood_2d_patched=patched)
