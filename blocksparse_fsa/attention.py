@@ -22,9 +22,9 @@ class SparseAttnFunction(torch.autograd.Function):
     """Triton forward and backward over a fixed layout; ``lse`` is differentiable too."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, softmax_scale, softcap=0.0):
-        out, lse = sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
+        out, lse = sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap, bias)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.layout = layout
         ctx.softmax_scale = softmax_scale
         ctx.softcap = softcap
@@ -33,14 +33,15 @@ class SparseAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, bias = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         if dlse is not None:
             dlse = dlse.float().contiguous()
-        dq, dk, dv = sparse_attn_bwd(dout, q, k, v, out, lse, dlse, ctx.layout,
-                                     ctx.softmax_scale, ctx.softcap)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv, dbias = sparse_attn_bwd(dout, q, k, v, out, lse, dlse, ctx.layout,
+                                            ctx.softmax_scale, ctx.softcap, bias,
+                                            bias_grad=ctx.needs_input_grad[6])
+        return dq, dk, dv, None, None, None, dbias
 
 
 def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causal=None,
@@ -53,7 +54,9 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
         key, value: ``(B, Lk, Hkv, D)``, same dtype and device; ``Hq % Hkv == 0`` (GQA/MQA).
         attn_mask: dense bool ``(B|1, Hq|Hkv|1, Lq|1, Lk|1)``, True = attend; size-1 dims
             broadcast (``(B, 1, 1, Lk)`` is a key-padding mask, never expanded to Lq x Lk).
-        attn_bias: not supported in this release (raises NotImplementedError).
+        attn_bias: additive bias ``(B|1, Hq|Hkv|1, Lq|1, Lk)`` in the query's dtype, added to
+            the (soft-capped) scaled scores of every active pair; differentiable, its gradient
+            comes back in its own shape, summed over the broadcast dims, zero on inactive pairs.
         is_causal: bottom-right aligned causality (query i sees key j iff j <= i + Lk - Lq),
             applied to the pattern in preprocessing. ``None`` means False, except with
             ``layout=``, where it means "whatever the layout was built with"; an explicit value
@@ -71,9 +74,6 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
     At most one of ``attn_mask``, ``attn_indices``, ``layout``; with none, dense attention.
     Returns ``out`` ``(B, Lq, Hq, D)`` in the input dtype, and ``lse`` if asked.
     """
-    if attn_bias is not None:
-        raise NotImplementedError("attn_bias is not supported yet; it arrives in "
-                                  "blocksparse_fsa 0.2.0 (FSA parity)")
     batch, q_len, num_q_heads, head_dim = _check_qkv(query, key, value)
     num_kv_heads, k_len = key.shape[2], key.shape[1]
     given = [name for name, x in (("attn_mask", attn_mask), ("attn_indices", attn_indices),
@@ -87,6 +87,8 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     heads_ok = (1, num_kv_heads, num_q_heads)
+    if attn_bias is not None:
+        _check_bias(attn_bias, query, batch, q_len, k_len, heads_ok)
 
     if layout is not None:
         _check_layout(layout, is_causal, batch, q_len, k_len, heads_ok, query.device)
@@ -109,11 +111,15 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
         query = query.index_select(1, layout.q_perm)
         key = key.index_select(1, layout.k_perm)
         value = value.index_select(1, layout.k_perm)
+        if attn_bias is not None:
+            if attn_bias.shape[2] > 1:
+                attn_bias = attn_bias.index_select(2, layout.q_perm)
+            attn_bias = attn_bias.index_select(3, layout.k_perm)
     if backend == "torch" or (backend == "auto" and not _triton_available(query)):
-        out, lse = sparse_attention(query, key, value, layout, softmax_scale, softcap)
+        out, lse = sparse_attention(query, key, value, layout, softmax_scale, softcap, attn_bias)
     else:
         out, lse = SparseAttnFunction.apply(query, key, value, layout, softmax_scale,
-                                            float(softcap))
+                                            float(softcap), attn_bias)
     if layout.is_reordered:
         q_inv = inverse(layout.q_perm)
         out, lse = out.index_select(1, q_inv), lse.index_select(2, q_inv)
@@ -176,6 +182,20 @@ def _check_pattern(name, pattern, batch, q_len, k_len, heads_ok, broadcast=False
         raise ValueError(f"{name} has {n_q} query rows but query has length {q_len}")
     if k_len is not None and n_k != k_len and not (broadcast and n_k == 1):
         raise ValueError(f"{name} has {n_k} key columns but key has length {k_len}")
+
+
+def _check_bias(bias, query, batch, q_len, k_len, heads_ok):
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"attn_bias must be a torch.Tensor, got {type(bias).__name__}")
+    if bias.dtype != query.dtype:
+        raise TypeError(f"attn_bias must have the query's dtype {query.dtype}, got {bias.dtype}")
+    if bias.device != query.device:
+        raise ValueError(f"attn_bias is on {bias.device} but query is on {query.device}")
+    if bias.dim() != 4 or bias.shape[0] not in (1, batch) or bias.shape[1] not in heads_ok \
+            or bias.shape[2] not in (1, q_len) or bias.shape[3] != k_len:
+        raise ValueError(f"attn_bias must have shape (B|1, Hq|Hkv|1, Lq|1, Lk) = ({batch}|1, "
+                         f"{'|'.join(map(str, sorted(set(heads_ok), reverse=True)))}, "
+                         f"{q_len}|1, {k_len}), got {tuple(bias.shape)}")
 
 
 def _check_layout(layout, is_causal, batch, q_len, k_len, heads_ok, device):

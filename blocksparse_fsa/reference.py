@@ -29,7 +29,8 @@ def layout_pairs(layout: SparseLayout):
     return torch.cat(groups), torch.cat(queries), torch.cat(keys)
 
 
-def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float, softcap: float = 0.0):
+def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float, softcap: float = 0.0,
+                     bias=None):
     """Attention over ``layout`` computed pair by pair. Returns ``(out, lse)`` like the kernels.
 
     Scores and sums are float32 (float64 for float64 inputs); rows without keys give 0, -inf.
@@ -47,6 +48,10 @@ def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float, softca
             sel = group == g
             i, j, hk = qi[sel], kj[sel], hq // group_size
             s = apply_softcap((qc[b, i, hq] * kc[b, j, hk]).sum(-1) * softmax_scale, softcap)
+            if bias is not None:
+                hb = hq // (num_q_heads // bias.shape[1])
+                rows = i if bias.shape[2] > 1 else torch.zeros_like(i)
+                s = s + bias[b if bias.shape[0] > 1 else 0, hb, rows, j].to(ct)
             m = torch.full((q_len,), float("-inf"), dtype=ct, device=q.device)
             m = m.scatter_reduce(0, i, s.detach(), "amax")  # only for stability: no gradient
             p = torch.exp(s - m[i])
@@ -67,12 +72,12 @@ def apply_softcap(scores, softcap):
     return softcap * torch.tanh(scores / softcap) if softcap else scores
 
 
-def dense_attention(q, k, v, mask, softmax_scale=None, softcap=0.0):
+def dense_attention(q, k, v, mask, softmax_scale=None, softcap=0.0, bias=None):
     """Masked softmax attention in the inputs' dtype (upcast them for a high-precision reference).
 
     ``q`` (B, Lq, Hq, D), ``k``/``v`` (B, Lk, Hkv, D), ``mask`` bool broadcastable to
-    (B, Hq, Lq, Lk) or None; ``softcap`` as in ``sparse_attn_func``. Rows with no active key
-    give 0 and lse = -inf.
+    (B, Hq, Lq, Lk) or None; ``softcap`` and ``bias`` as in ``sparse_attn_func``. Rows with no
+    active key give 0 and lse = -inf.
     Returns ``(out, lse)``.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
@@ -82,6 +87,10 @@ def dense_attention(q, k, v, mask, softmax_scale=None, softcap=0.0):
     vh = v.repeat_interleave(group, dim=2).transpose(1, 2)
     s = apply_softcap(torch.matmul(q.transpose(1, 2), kh.transpose(-1, -2)).to(ct) * scale,
                       softcap)
+    if bias is not None:  # (B|1, Hq|Hkv|1, Lq|1, Lk)
+        if bias.shape[1] not in (1, q.shape[2]):
+            bias = bias.repeat_interleave(q.shape[2] // bias.shape[1], dim=1)
+        s = s + bias.to(ct)
     if mask is None:
         mask = torch.ones(1, 1, 1, k.shape[1], dtype=torch.bool, device=q.device)
     elif mask.shape[1] not in (1, q.shape[2]):

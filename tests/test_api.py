@@ -64,9 +64,16 @@ def test_bad_input_gets_a_clear_error(overrides, error, match):
         call(**overrides)
 
 
-def test_attn_bias_names_the_release_that_adds_it():
-    with pytest.raises(NotImplementedError, match="0.2.0"):
-        call(attn_bias=torch.zeros(1, 4, 20, 20))
+@pytest.mark.parametrize("bias,error,match", [
+    ([0.0], TypeError, "attn_bias must be a torch.Tensor"),
+    (torch.zeros(1, 4, 20, 20, dtype=torch.float64), TypeError, "query's dtype"),
+    (torch.zeros(1, 3, 20, 20), ValueError, r"attn_bias must have shape \(B\|1, Hq\|Hkv\|1"),
+    (torch.zeros(1, 4, 20, 1), ValueError, "got \\(1, 4, 20, 1\\)"),
+    (torch.zeros(4, 20, 20), ValueError, "attn_bias must have shape"),
+])
+def test_bad_attn_bias(bias, error, match):
+    with pytest.raises(error, match=match):
+        call(attn_bias=bias)
 
 
 def test_layout_mismatches_are_errors():

@@ -25,25 +25,29 @@ def random_pattern(length, window, heads, seed=0):
     return torch.where(torch.rand(idx.shape, device="cuda", generator=g) < 0.1, -1, idx)
 
 
-def check(q, k, v, layout, dtype, softcap=0.0):
+def check(q, k, v, layout, dtype, softcap=0.0, bias=None):
     """Out, lse and gradients of ours vs fp32 (high) and the same math in ``dtype`` (low)."""
     dout = torch.randn_like(q, dtype=torch.float32)
     mask = layout.to_dense_mask()
 
-    def run(q, k, v, fn):
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        out, lse = fn(q, k, v)
-        return (out, lse, *torch.autograd.grad((out.float() * dout).sum(), (q, k, v)))
+    def run(dt, fn):
+        inputs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        if bias is not None:
+            inputs.append(bias.detach().to(dt).requires_grad_())
+        out, lse = fn(*inputs)
+        return (out, lse, *torch.autograd.grad((out.float() * dout).sum(), inputs))
 
-    def reference(*t):
-        return dense_attention(*t, mask, softcap=softcap)
+    def reference(q, k, v, b=None):
+        return dense_attention(q, k, v, mask, softcap=softcap, bias=b)
 
-    ref = run(q.float(), k.float(), v.float(), reference)
-    low = run(q.to(dtype), k.to(dtype), v.to(dtype), reference)
-    got = run(q.to(dtype), k.to(dtype), v.to(dtype),
-              lambda *t: bsa.sparse_attn_func(*t, layout=layout, return_lse=True,
-                                              softcap=softcap))
-    for name, g, lo, r in zip(["out", "lse", "dq", "dk", "dv"], got, low, ref):
+    def ours(q, k, v, b=None):
+        return bsa.sparse_attn_func(q, k, v, layout=layout, return_lse=True, softcap=softcap,
+                                    attn_bias=b)
+
+    ref = run(torch.float32, reference)
+    low = run(dtype, reference)
+    got = run(dtype, ours)
+    for name, g, lo, r in zip(["out", "lse", "dq", "dk", "dv", "dbias"], got, low, ref):
         assert_rule(name, g, lo, r, ATOL[dtype])
 
 
@@ -130,3 +134,15 @@ def test_softcap(dtype):
     k, v = (torch.randn(1, length, 2, 128, device="cuda") for _ in range(2))
     layout = bsa.build_layout(window_pattern(length, 300, 2), length, is_causal=True)
     check(q, k, v, layout, dtype, softcap=1.5)
+
+
+@pytest.mark.parametrize("shape", ["full", "kv_row"])
+def test_bias_and_its_gradient(shape):
+    torch.manual_seed(2)
+    length = 1500
+    q = torch.randn(1, length, 8, 128, device="cuda")
+    k, v = (torch.randn(1, length, 2, 128, device="cuda") for _ in range(2))
+    bias = torch.randn((1, 8, length, length) if shape == "full" else (1, 2, 1, length),
+                       device="cuda")
+    layout = bsa.build_layout(random_pattern(length, 200, 2), length, is_causal=True)
+    check(q, k, v, layout, torch.bfloat16, bias=bias)

@@ -116,3 +116,21 @@ def test_reordered_layouts_are_not_combined():
 def test_reorder_checks_the_indices_first():
     with pytest.raises(ValueError, match=r"attn_indices must lie in \[-1, k_len=20\)"):
         bsa.build_layout(torch.full((1, 1, 20, 2), 25), 20, reorder=("dilation", 2))
+
+
+def test_bias_follows_the_permutation():
+    length = 96
+    idx = dilated_indices(length, 16, 3)
+    plain = bsa.build_layout(idx, length, is_causal=True, block_m=16, block_n=16)
+    packed = plain.reordered(("dilation", 3))
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, length, 2, 16, generator=g) for _ in range(3))
+    for shape in [(1, 2, length, length), (1, 1, 1, length)]:
+        bias = torch.randn(shape, generator=g)
+        results = []
+        for layout in (plain, packed):
+            b = bias.clone().requires_grad_()
+            out = bsa.sparse_attn_func(q, k, v, layout=layout, attn_bias=b)
+            results.append((out, *torch.autograd.grad(out.square().sum(), (b,))))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, launch_args, new_empty, query_program, row_range, score_args,
-                     softcap_tanh, stride_args, tile_bits)
+from .common import (LOG2E, bias_args, launch_args, new_empty, query_program, row_range,
+                     score_args, softcap_tanh, stride_args, tile_bits)
 from . import config as launch_config
 
 
@@ -38,15 +38,23 @@ def sparse_attn_bwd_preprocess(
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, row_ptr, mask_idx_ptr, masks,
-                start, end, qk_scale, cap_scale, q_len,
-                stride_ql, stride_qd, stride_dol, stride_dod,
+def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
+                dbias_base, row_ptr, mask_idx_ptr, masks, start, end, qk_scale, cap_scale, q_len,
+                k_len, kt,
+                stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm, stride_biasn,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
-                SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key tile over the query tiles ``row_ptr[start:end]``."""
+                SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DBIAS: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles ``row_ptr[start:end]``.
+
+    With a bias, ``DBIAS`` = 1 writes each pair's score gradient to ``dbias_base`` (one
+    ``[Lq, Lk]`` fp32 plane of this query head), ``DBIAS`` = 2 sums it over the queries into
+    ``dbias_cols`` (a bias with one row), 0 skips it.
+    """
     offs_i = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_kn = kt * BLOCK_N + offs_n
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     for t in range(start, end):
@@ -61,9 +69,18 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, row_ptr, ma
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
         if SOFTCAP:
             tanh_t = softcap_tanh(qk_t, cap_scale)
-            p_t = tl.math.exp2(tanh_t * qk_scale - lse[None, :])
+            s_t = tanh_t * qk_scale
         else:
-            p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
+            s_t = qk_t * qk_scale
+        if HAS_BIAS:
+            bias_ptrs = bias_base + offs_m[None, :] * stride_biasm + offs_kn[:, None] * stride_biasn
+            if IS_PARTIAL:
+                pair_ok = (offs_m[None, :] < q_len) & (offs_kn[:, None] < k_len)
+                bias_t = tl.load(bias_ptrs, mask=pair_ok, other=0.0)
+            else:
+                bias_t = tl.load(bias_ptrs)
+            s_t += bias_t.to(tl.float32) * LOG2E  # [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(s_t - lse[None, :])
         if IS_PARTIAL:
             mask_idx = tl.load(mask_idx_ptr + t).to(tl.int64)
             bits_t = tile_bits(masks + mask_idx * (BLOCK_M * N_WORDS), offs_i, offs_n, N_WORDS,
@@ -74,31 +91,42 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, row_ptr, ma
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = p_t * (dp_t - delta[None, :])  # d(score) = d(bias)
+        if DBIAS == 1:
+            dbias_ptrs = dbias_base + offs_m[None, :] * k_len + offs_kn[:, None]
+            if IS_PARTIAL:
+                tl.store(dbias_ptrs, ds_t, mask=(offs_m[None, :] < q_len)
+                         & (offs_kn[:, None] < k_len))
+            else:
+                tl.store(dbias_ptrs, ds_t)
+        if DBIAS == 2:
+            dbias_cols += tl.sum(ds_t, 1)
         if SOFTCAP:  # through softcap * tanh(s / softcap)
             ds_t = ds_t * (1.0 - tanh_t * tanh_t)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
-    return dk, dv
+    return dk, dv, dbias_cols
 
 
 @triton.jit
 def sparse_attn_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV,
+    Q, K, V, Bias, DOut, Lse, Delta, DK, DV, DBias,
     full_ptr_t, full_row_t, part_ptr_t, part_row_t, part_mask_t, masks,
     qk_scale, cap_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div,
-    layout_heads,
-    layout_batch_step,
+    layout_heads, layout_batch_step, bias_head_div,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_dob, stride_dol, stride_doh, stride_dod,
     stride_dkb, stride_dkl, stride_dkh, stride_dkd,
     stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_WORDS: tl.constexpr, SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    N_WORDS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DBIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one key tile of one (batch, KV head), looping over the query heads of its
-    group; grid (num_k_tiles, B * Hkv). Lse and Delta are (B, Hq, Lq) float32, contiguous."""
+    group; grid (num_k_tiles, B * Hkv). Lse and Delta are (B, Hq, Lq) float32, contiguous.
+    DBias (``DBIAS`` > 0) is fp32 ``(B, Hq, Lq, Lk)`` (1) or ``(B, Hq, Lk)`` (2), contiguous."""
     kt = tl.program_id(0)
     bh = tl.program_id(1)
     num_kv_heads = num_q_heads // group_size
@@ -121,18 +149,29 @@ def sparse_attn_bwd_dkdv_kernel(
         do_base = DOut + b * stride_dob + hq * stride_doh
         lse_base = Lse + (b * num_q_heads + hq) * q_len
         delta_base = Delta + (b * num_q_heads + hq) * q_len
+        bias_base = Bias + b * stride_biasb + (hq // bias_head_div) * stride_biash
+        plane = b * num_q_heads + hq
+        if DBIAS == 1:
+            dbias_base = DBias + plane * q_len * k_len
+        else:
+            dbias_base = DBias + plane * k_len
+        dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
         start, end = row_range(full_ptr_t, row)
-        dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, full_row_t, full_row_t, masks,
-            start, end, qk_scale, cap_scale, q_len,
-            stride_ql, stride_qd, stride_dol, stride_dod,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, SOFTCAP, INPUT_PRECISION)
+        dk, dv, dbias_cols = _dkdv_tiles(
+            dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
+            dbias_base, full_row_t, full_row_t, masks, start, end, qk_scale, cap_scale, q_len,
+            k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm, stride_biasn,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, SOFTCAP, HAS_BIAS, DBIAS,
+            INPUT_PRECISION)
         start, end = row_range(part_ptr_t, row)
-        dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, part_row_t, part_mask_t, masks,
-            start, end, qk_scale, cap_scale, q_len,
-            stride_ql, stride_qd, stride_dol, stride_dod,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, SOFTCAP, INPUT_PRECISION)
+        dk, dv, dbias_cols = _dkdv_tiles(
+            dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
+            dbias_base, part_row_t, part_mask_t, masks, start, end, qk_scale, cap_scale, q_len,
+            k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm, stride_biasn,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, SOFTCAP, HAS_BIAS, DBIAS,
+            INPUT_PRECISION)
+        if DBIAS == 2:
+            tl.store(dbias_base + offs_n, dbias_cols, mask=offs_n < k_len)
     dk *= softmax_scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkl
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -142,11 +181,12 @@ def sparse_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end, qk_scale,
-              cap_scale, k_len,
-              stride_kl, stride_kd, stride_vl, stride_vd,
+              cap_scale, bias_rows, row_ok, k_len,
+              stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
-              IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile of ``HEADS`` stacked query heads over the key tiles
     ``col_ptr[start:end]``."""
     offs_i = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
@@ -166,9 +206,18 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end,
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if SOFTCAP:
             tanh = softcap_tanh(qk, cap_scale)
-            p = tl.math.exp2(tanh * qk_scale - lse[:, None])
+            s = tanh * qk_scale
         else:
-            p = tl.math.exp2(qk * qk_scale - lse[:, None])
+            s = qk * qk_scale
+        if HAS_BIAS:
+            bias_ptrs = bias_rows[:, None] + offs_kn[None, :] * stride_biasn
+            if IS_PARTIAL:
+                bias = tl.load(bias_ptrs, mask=row_ok[:, None] & (offs_kn[None, :] < k_len),
+                               other=0.0)
+            else:
+                bias = tl.load(bias_ptrs)
+            s += bias.to(tl.float32) * LOG2E
+        p = tl.math.exp2(s - lse[:, None])
         if IS_PARTIAL:
             bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_i, offs_n,
                              N_WORDS, False)
@@ -183,18 +232,18 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end,
 
 @triton.jit
 def sparse_attn_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ,
+    Q, K, V, Bias, DOut, Lse, Delta, DQ,
     full_ptr, full_col, part_ptr, part_col, masks,
     qk_scale, cap_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div,
-    layout_heads,
-    layout_batch_step,
+    layout_heads, layout_batch_step, bias_head_div,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_dob, stride_dol, stride_doh, stride_dod,
     stride_dqb, stride_dql, stride_dqh, stride_dqd,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr,
+    N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch (sharing
@@ -214,33 +263,50 @@ def sparse_attn_bwd_dq_kernel(
     delta = tl.load(Delta + stat, mask=offs_m < q_len, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    bias_rows = (Bias + b * stride_biasb + (heads // bias_head_div) * stride_biash
+                 + offs_m.to(tl.int64) * stride_biasm)  # [HEADS*BLOCK_M] pointers
+    row_ok = offs_m < q_len
     dq = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, end = row_range(full_ptr, row)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, full_col, masks,
-                   start, end, qk_scale, cap_scale, k_len,
-                   stride_kl, stride_kd, stride_vl, stride_vd,
+                   start, end, qk_scale, cap_scale, bias_rows, row_ok, k_len,
+                   stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP,
-                   INPUT_PRECISION)
+                   HAS_BIAS, INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, part_col, masks,
-                   start, end, qk_scale, cap_scale, k_len,
-                   stride_kl, stride_kd, stride_vl, stride_vd,
+                   start, end, qk_scale, cap_scale, bias_rows, row_ok, k_len,
+                   stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP,
-                   INPUT_PRECISION)
+                   HAS_BIAS, INPUT_PRECISION)
     dq *= softmax_scale
     tl.store(DQ + b * stride_dqb + hs * stride_dqh + rows * stride_dql
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ok)
 
 
-def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=0.0):
-    """Launch the three backward kernels. ``dlse`` (B, Hq, Lq) or None. Returns dq, dk, dv."""
+def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=0.0, bias=None,
+                    bias_grad=False):
+    """Launch the three backward kernels. ``dlse`` (B, Hq, Lq) or None.
+
+    Returns dq, dk, dv and dbias: the bias' gradient in its own (broadcast) shape, reduced over
+    the broadcast dims in a fixed order, zero on inactive pairs (None unless ``bias_grad``).
+    A bias with Lq rows needs an fp32 ``(B, Hq, Lq, Lk)`` buffer for it (the bias is that size
+    already up to the broadcast); a bias with one row only ``(B, Hq, Lk)``.
+    """
     batch, q_len, num_q_heads, head_dim = q.shape
+    k_len = k.shape[1]
     dq = new_empty(like=q)
     dk = new_empty(like=k)
     dv = new_empty(like=v)
     delta = new_empty(like=lse)
     common = launch_args(q, k, layout)
     scores = score_args(softmax_scale, softcap)
+    biases = bias_args(bias, q)
+    dbias_mode, dbias_buf = 0, dq  # dq: a placeholder pointer when no dbias is computed
+    if bias is not None and bias_grad:
+        dbias_mode = 2 if bias.shape[2] == 1 and q_len > 1 else 1
+        shape = (batch, num_q_heads) + ((k_len,) if dbias_mode == 2 else (q_len, k_len))
+        dbias_buf = torch.zeros(shape, dtype=torch.float32, device=q.device)
     q_grid = (layout.num_q_tiles, batch * num_q_heads)
     if q_grid[0] * q_grid[1]:
         sparse_attn_bwd_preprocess[q_grid](
@@ -251,20 +317,35 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
         heads = launch_config.heads_per_program(layout.block_m, common["group_size"],
                                                 common["head_div"], kernel="dq")
         sparse_attn_bwd_dq_kernel[(q_grid[0], q_grid[1] // heads)](
-            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DQ=dq,
+            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DQ=dq, **biases,
             full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
             part_col=layout.part_col, masks=layout.masks,
-            softmax_scale=softmax_scale, q_len=q_len, k_len=k.shape[1], **scores,
+            softmax_scale=softmax_scale, q_len=q_len, k_len=k_len, **scores,
             HEADS=heads, **common, **stride_args(q=q, k=k, v=v, do=do, dq=dq),
             **launch_config.get_bwd_config(head_dim, heads * layout.block_m, layout.block_n))
     kv_grid = (layout.num_k_tiles, batch * k.shape[2])
     if kv_grid[0] * kv_grid[1]:
         sparse_attn_bwd_dkdv_kernel[kv_grid](
-            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DK=dk, DV=dv,
+            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DK=dk, DV=dv, **biases,
+            DBias=dbias_buf, DBIAS=dbias_mode,
             full_ptr_t=layout.full_ptr_t, full_row_t=layout.full_row_t,
             part_ptr_t=layout.part_ptr_t, part_row_t=layout.part_row_t,
             part_mask_t=layout.part_mask_t, masks=layout.masks,
-            softmax_scale=softmax_scale, q_len=q_len, k_len=k.shape[1], **scores,
+            softmax_scale=softmax_scale, q_len=q_len, k_len=k_len, **scores,
             **common, **stride_args(q=q, k=k, v=v, do=do, dk=dk, dv=dv),
             **launch_config.get_bwd_config(head_dim, layout.block_m, layout.block_n))
-    return dq, dk, dv
+    dbias = None
+    if dbias_mode:
+        dbias = _reduce_to(dbias_buf if dbias_mode == 1 else dbias_buf[:, :, None], bias)
+    return dq, dk, dv, dbias
+
+
+def _reduce_to(grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Sum a ``(B, Hq, Lq|1, Lk)`` fp32 gradient over the dims ``bias`` broadcasts."""
+    batch, num_q_heads = grad.shape[:2]
+    grad = grad.view(batch, bias.shape[1], num_q_heads // bias.shape[1], *grad.shape[2:]).sum(2)
+    if bias.shape[0] == 1:
+        grad = grad.sum(0, keepdim=True)
+    if bias.shape[2] == 1:
+        grad = grad.sum(2, keepdim=True)
+    return grad.to(bias.dtype)

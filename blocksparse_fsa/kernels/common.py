@@ -76,6 +76,17 @@ def score_args(softmax_scale: float, softcap: float) -> dict:
     return dict(qk_scale=softmax_scale * LOG2E.value, cap_scale=0.0, SOFTCAP=False)
 
 
+def bias_args(bias, q) -> dict:
+    """Kernel arguments of an optional additive bias ``(B|1, Hb, Lq|1, Lk)``: size-1 dims get
+    stride 0 (broadcast), query head ``h`` reads bias head ``h // bias_head_div``."""
+    if bias is None:
+        return dict(Bias=q, bias_head_div=1, stride_biasb=0, stride_biash=0, stride_biasm=0,
+                    stride_biasn=0, HAS_BIAS=False)
+    strides = [0 if n == 1 else s for n, s in zip(bias.shape, bias.stride())]
+    return dict(Bias=bias, bias_head_div=q.shape[2] // bias.shape[1],
+                **{f"stride_bias{axis}": s for axis, s in zip("bhmn", strides)}, HAS_BIAS=True)
+
+
 def stride_args(**tensors) -> dict:
     """``stride_<name><axis>`` keyword arguments of (B, L, H, D) tensors, e.g. stride_qh."""
     return {f"stride_{name}{axis}": s for name, t in tensors.items()

@@ -4,20 +4,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LN2, launch_args, new_empty, query_program, row_range, score_args,
-                     softcap_tanh, stride_args, tile_bits)
+from .common import (LN2, LOG2E, bias_args, launch_args, new_empty, query_program, row_range,
+                     score_args, softcap_tanh, stride_args, tile_bits)
 from . import config as launch_config
 
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_scale, cap_scale,
-               k_len,
-               stride_kl, stride_kd, stride_vl, stride_vd,
+               bias_rows, row_ok, k_len,
+               stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
-               IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr):
     """Fold the tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query tile
-    of ``HEADS`` stacked query heads (rows ``h * BLOCK_M + m``; they share the tiles' bits)."""
+    of ``HEADS`` stacked query heads (rows ``h * BLOCK_M + m``; they share the tiles' bits).
+    ``bias_rows``: pointers to each row's bias row (``HAS_BIAS``); ``row_ok``: rows < Lq."""
     offs_m = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -35,6 +37,14 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_
             s = softcap_tanh(s, cap_scale) * qk_scale
         else:
             s = s * qk_scale
+        if HAS_BIAS:
+            bias_ptrs = bias_rows[:, None] + offs_kn[None, :] * stride_biasn
+            if IS_PARTIAL:
+                bias = tl.load(bias_ptrs, mask=row_ok[:, None] & (offs_kn[None, :] < k_len),
+                               other=0.0)
+            else:
+                bias = tl.load(bias_ptrs)
+            s += bias.to(tl.float32) * LOG2E  # [HEADS*BLOCK_M, BLOCK_N]
         if IS_PARTIAL:
             bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_m, offs_n,
                              N_WORDS, False)
@@ -58,23 +68,25 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_
 
 @triton.jit
 def sparse_attn_fwd_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Bias, Out, Lse,
     full_ptr, full_col, part_ptr, part_col, masks,
     qk_scale, cap_scale, q_len, k_len, num_q_heads, group_size, head_div, layout_heads,
-    layout_batch_step,
+    layout_batch_step, bias_head_div,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_ob, stride_ol, stride_oh, stride_od,
     stride_lse_b, stride_lse_h,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr,
+    N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch, which
     share a KV head and a layout row (one K/V tile load serves all of them); grid
     (num_q_tiles, B * Hq / HEADS). q/k/v/out are (B, L, H, D) with any strides; lse is
     (B, Hq, Lq) float32, natural log. Rows with no active key get out = 0 and lse = -inf.
+    An optional bias (``HAS_BIAS``, broadcast dims with stride 0) is added to the scores.
     """
     b, hk, row, heads, offs_m = query_program(num_q_heads, group_size, head_div, layout_heads,
                                               layout_batch_step, HEADS, BLOCK_M)
@@ -86,6 +98,8 @@ def sparse_attn_fwd_kernel(
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [HEADS*BLOCK_M, BLOCK_D]
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    bias_rows = (Bias + b * stride_biasb + (heads // bias_head_div) * stride_biash
+                 + offs_m.to(tl.int64) * stride_biasm)  # [HEADS*BLOCK_M] pointers
 
     acc = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([HEADS * BLOCK_M], dtype=tl.float32)
@@ -93,15 +107,17 @@ def sparse_attn_fwd_kernel(
     start, end = row_range(full_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, full_col, masks,
-        start, end, qk_scale, cap_scale, k_len,
-        stride_kl, stride_kd, stride_vl, stride_vd,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP, INPUT_PRECISION)
+        start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
+        stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP, HAS_BIAS,
+        INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, part_col, masks,
-        start, end, qk_scale, cap_scale, k_len,
-        stride_kl, stride_kd, stride_vl, stride_vd,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP, INPUT_PRECISION)
+        start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
+        stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP, HAS_BIAS,
+        INPUT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -113,8 +129,9 @@ def sparse_attn_fwd_kernel(
     tl.store(Lse + b * stride_lse_b + heads * stride_lse_h + offs_m, lse, mask=m_ok)
 
 
-def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0):
-    """Launch the forward kernel. Returns ``out`` (like q) and ``lse`` (B, Hq, Lq) float32."""
+def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
+    """Launch the forward kernel. Returns ``out`` (like q) and ``lse`` (B, Hq, Lq) float32.
+    ``bias``: optional ``(B|1, Hq|Hkv|1, Lq|1, Lk)`` added to the (capped) scaled scores."""
     batch, q_len, num_q_heads, head_dim = q.shape
     out = new_empty(like=q)
     lse = new_empty(batch, num_q_heads, q_len, dtype=torch.float32, device=q.device)
@@ -124,7 +141,7 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0):
     if grid[0] * grid[1] == 0:
         return out, lse
     sparse_attn_fwd_kernel[grid](
-        Q=q, K=k, V=v, Out=out, Lse=lse,
+        Q=q, K=k, V=v, Out=out, Lse=lse, **bias_args(bias, q),
         full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
         part_col=layout.part_col, masks=layout.masks,
         q_len=q_len, k_len=k.shape[1], **score_args(softmax_scale, softcap),

@@ -37,6 +37,7 @@ class Case:
     pattern_heads: int | None = None  # None = hkv
     dtype: torch.dtype = torch.float32
     softcap: float = 0.0
+    bias: str = ""  # "", "full" (B, Hq, Lq, Lk), "kv" (1, Hkv, Lq, Lk), "row" (B, 1, 1, Lk)
 
     @property
     def id(self):
@@ -45,7 +46,8 @@ class Case:
         return (f"B{self.batch}-Lq{self.q_len}-Lk{self.k_len}-Hq{self.hq}-Hkv{self.hkv}-"
                 f"D{self.dim}-{self.pattern}{self.window}-pat{pb}x{ph}-"
                 f"{'causal' if self.causal else 'full'}-blk{self.block[0]}x{self.block[1]}-"
-                f"{str(self.dtype)[6:]}" + (f"-softcap{self.softcap:g}" if self.softcap else ""))
+                f"{str(self.dtype)[6:]}" + (f"-softcap{self.softcap:g}" if self.softcap else "")
+                + (f"-bias_{self.bias}" if self.bias else ""))
 
 
 CASES = [
@@ -73,6 +75,11 @@ CASES = [
     Case(causal=True, softcap=1.5),
     Case(hq=8, hkv=2, dim=16, block=(32, 16), softcap=2.0),  # stacked heads
     Case(dtype=torch.float16, pattern="window", window=40, q_len=96, k_len=96, softcap=3.0),
+    Case(causal=True, bias="full"),
+    Case(hq=8, hkv=2, dim=16, block=(32, 16), bias="kv", softcap=2.0),  # stacked heads
+    Case(pattern="window", window=40, q_len=96, k_len=96, bias="row"),  # key bias, Lq == 1
+    Case(dtype=torch.float16, q_len=70, k_len=20, causal=True, bias="row"),
+    Case(dtype=torch.float16, pattern="mask", pattern_heads=4, bias="full"),
 ]
 
 
@@ -107,6 +114,10 @@ def run_case(case: Case, backend: str):
     v = torch.randn(case.batch, case.k_len, case.hkv, case.dim, generator=gen)
     dout = torch.randn(case.batch, case.q_len, case.hq, case.dim, generator=gen)
     dlse = torch.randn(case.batch, case.hq, case.q_len, generator=gen)
+    bias_shape = {"full": (case.batch, case.hq, case.q_len, case.k_len),
+                  "kv": (1, case.hkv, case.q_len, case.k_len),
+                  "row": (case.batch, 1, 1, case.k_len)}.get(case.bias)
+    bias = torch.randn(bias_shape, generator=gen) if bias_shape else None
     pattern = make_pattern(case, gen)
     block_m, block_n = case.block
     if "attn_indices" in pattern:
@@ -122,25 +133,28 @@ def run_case(case: Case, backend: str):
                                         block_m=block_m, block_n=block_n)
         mask = layout.to_dense_mask()
 
-    def grads(q, k, v, fn):
-        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-        out, lse = fn(q, k, v)
+    def grads(dtype, fn):
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        if bias is not None:
+            inputs.append(bias.to(dtype).requires_grad_())
+        out, lse = fn(*inputs)
         loss = (out.float() * dout).sum() + (lse.float().nan_to_num(0, 0, 0) * dlse).sum()
-        return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
+        return (out, lse, *torch.autograd.grad(loss, inputs))
 
-    def ours(q, k, v):
+    def ours(q, k, v, bias=None):
         return bsa.sparse_attn_func(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE),
                                     layout=layout.to(DEVICE), return_lse=True,
-                                    softcap=case.softcap, backend=backend)
+                                    softcap=case.softcap, backend=backend,
+                                    attn_bias=None if bias is None else bias.to(DEVICE))
 
-    def reference(q, k, v):
-        return dense_attention(q, k, v, mask, softcap=case.softcap)
+    def reference(q, k, v, bias=None):
+        return dense_attention(q, k, v, mask, softcap=case.softcap, bias=bias)
 
     dt = case.dtype
-    low = grads(q.to(dt), k.to(dt), v.to(dt), reference)
-    ref = grads(q.double(), k.double(), v.double(), reference)
-    got = grads(q.to(dt), k.to(dt), v.to(dt), ours)
-    for name, g, lo, r in zip(["out", "lse", "dq", "dk", "dv"], got, low, ref):
+    low = grads(dt, reference)
+    ref = grads(torch.float64, reference)
+    got = grads(dt, ours)
+    for name, g, lo, r in zip(["out", "lse", "dq", "dk", "dv", "dbias"], got, low, ref):
         assert g.dtype == (torch.float32 if name == "lse" else dt), name
         assert_rule(f"{case.id} {name}", g.cpu(), lo, r, ATOL[dt])
     return got
@@ -152,16 +166,16 @@ def test_triton_matches_reference(case):
     run_case(case, "triton")
 
 
-@pytest.mark.parametrize("case", CASES[:8] + CASES[10:16] + CASES[-3:-1], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES[:8] + CASES[10:16] + CASES[-8:], ids=lambda c: c.id)
 def test_torch_backend_matches_reference(case):
     run_case(case, "torch")
 
 
 @pytest.mark.interpreter
 def test_empty_rows_give_zero_output_and_gradients():
-    out, lse, dq, dk, dv = run_case(Case(pattern="empty"), "triton")
+    out, lse, dq, dk, dv, dbias = run_case(Case(pattern="empty", bias="full"), "triton")
     assert (out == 0).all() and torch.isneginf(lse).all()
-    assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all()
+    assert (dq == 0).all() and (dk == 0).all() and (dv == 0).all() and (dbias == 0).all()
 
 
 @pytest.mark.interpreter
