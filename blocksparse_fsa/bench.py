@@ -23,6 +23,8 @@ Systems, all on the same q, k, v
     sdpa_causal  dense causal FlashAttention through SDPA: the cost of ignoring the sparsity
                  (a different function, so timed but not checked)
     sdpa_mask    SDPA with the pattern as a dense boolean ``attn_mask`` (only L <= 8192)
+    ours_bias    ours with a learnable ``(B, Hkv, 1, L)`` key bias (timed, not checked: the
+                 cost of a bias and of its gradient next to the rows without)
 
 FLOP counting
     ``nnz`` is the number of distinct (query, key) pairs of one (batch, KV head) after the
@@ -62,6 +64,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import gc
 import json
 import math
@@ -78,7 +81,7 @@ from typing import Callable
 import torch
 
 PATTERNS = ("sliding_window", "bigbird", "dilated", "dilated_reordered", "topk_random")
-SYSTEMS = ("ours", "flex", "sdpa_causal", "sdpa_mask")
+SYSTEMS = ("ours", "ours_bias", "flex", "sdpa_causal", "sdpa_mask")
 PASSES = ("fwd", "fwdbwd")
 FWDBWD_FLOP_FACTOR = 3.5
 REL_TOL = 2e-2
@@ -439,11 +442,18 @@ def _native_grads(inp: Inputs):
     return lambda: (inp.q.grad, inp.k.grad, inp.v.grad)
 
 
-def setup_ours(pattern: Pattern, inp: Inputs, args) -> SystemRun:
-    """``sparse_attn_func`` on a layout built once by ``build_layout`` (timed)."""
+def setup_ours(pattern: Pattern, inp: Inputs, args, with_bias: bool = False) -> SystemRun:
+    """``sparse_attn_func`` on a layout built once by ``build_layout`` (timed); ``with_bias``
+    adds a learnable key bias ``(B, Hkv, 1, L)`` (FSA's common shape; its gradient is part of
+    the backward)."""
     import blocksparse_fsa as bsa
 
     device = inp.q.device
+    bias = None
+    if with_bias:
+        shape = (inp.q.shape[0], inp.k.shape[2], 1, inp.k.shape[1])
+        bias = torch.randn(shape, device=device, dtype=inp.q.dtype,
+                           requires_grad=inp.q.requires_grad)
 
     def build():
         return bsa.build_layout(pattern.indices, k_len=pattern.seq_len, is_causal=True,
@@ -453,12 +463,15 @@ def setup_ours(pattern: Pattern, inp: Inputs, args) -> SystemRun:
     layout, ms = _timed(build, device)
 
     def fwd():
-        return bsa.sparse_attn_func(inp.q, inp.k, inp.v, layout=layout)
+        return bsa.sparse_attn_func(inp.q, inp.k, inp.v, layout=layout, attn_bias=bias)
 
-    return SystemRun(fwd, _with_backward(fwd, inp.dout), (inp.q, inp.k, inp.v),
-                     _native_grads(inp), layout_ms=ms, layout_first_ms=first_ms,
-                     layout_mb=layout.nbytes / 2**20, density=layout.density, nnz=layout.nnz,
-                     nnz_groups=layout.batch * layout.heads)
+    leaves = (inp.q, inp.k, inp.v) + ((bias,) if with_bias else ())
+    return SystemRun(fwd, _with_backward(fwd, inp.dout), leaves,
+                     _native_grads(inp), checked=not with_bias, layout_ms=ms,
+                     layout_first_ms=first_ms, layout_mb=layout.nbytes / 2**20,
+                     density=layout.density, nnz=layout.nnz,
+                     nnz_groups=layout.batch * layout.heads,
+                     note="with a (B, Hkv, 1, L) bias and its gradient" if with_bias else "")
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -620,6 +633,7 @@ def setup_sdpa_mask(pattern: Pattern, inp: Inputs, args) -> SystemRun:
 
 SYSTEM_SETUPS: dict[str, Callable[[Pattern, Inputs, argparse.Namespace], SystemRun]] = {
     "ours": setup_ours,
+    "ours_bias": functools.partial(setup_ours, with_bias=True),
     "flex": setup_flex,
     "sdpa_causal": setup_sdpa_causal,
     "sdpa_mask": setup_sdpa_mask,
