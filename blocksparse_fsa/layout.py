@@ -393,9 +393,8 @@ def _finish(q_len, k_len, block_m, block_n, n_b, n_h, is_causal, full_ptr, full_
             part_col, masks, nnz) -> SparseLayout:
     """Add the transposed CSR and pack everything as int32 tensors (on the CPU)."""
     n_qt, n_kt = -(-q_len // block_m), -(-k_len // block_n)
-    to_np = (lambda t: t.cpu().numpy())
-    full_ptr_np, full_col_np = to_np(full_ptr).astype(np.int64), to_np(full_col).astype(np.int32)
-    part_ptr_np, part_col_np = to_np(part_ptr).astype(np.int64), to_np(part_col).astype(np.int32)
+    full_ptr_np, full_col_np = _numpy(full_ptr, np.int64), _numpy(full_col, np.int32)
+    part_ptr_np, part_col_np = _numpy(part_ptr, np.int64), _numpy(part_col, np.int32)
     if max(full_ptr_np[-1], part_ptr_np[-1]) >= 2**31:
         raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
     groups = n_b * n_h
@@ -414,6 +413,11 @@ def _finish(q_len, k_len, block_m, block_n, n_b, n_h, is_causal, full_ptr, full_
         masks=masks.cpu().to(torch.int32).contiguous(),
         full_ptr_t=i32(full_ptr_t), full_row_t=i32(full_row_t),
         part_ptr_t=i32(part_ptr_t), part_row_t=i32(part_row_t), part_mask_t=i32(part_mask_t))
+
+
+def _numpy(t, dtype) -> np.ndarray:
+    """A torch tensor or NumPy array as a NumPy array of ``dtype`` (on the CPU)."""
+    return (t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)).astype(dtype)
 
 
 def _check_blocks(block_m, block_n):

@@ -33,8 +33,12 @@ def topk_from_bias(bias, window, q_len):
     return idx, mask
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-Lq{}-Lk{}-H{}-Hkv{}-D{}-w{}-{}-{}".format(
-    *c[:7], "causal" if c[7] else "full", str(c[8])[6:]))
+def case_id(c):
+    return "B{}-Lq{}-Lk{}-H{}-Hkv{}-D{}-w{}-{}-{}".format(*c[:7], "causal" if c[7] else "full",
+                                                         str(c[8])[6:])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("bias_rows", ["per_query", "one_row"])
 def test_fsa_style_topk_masks(case, bias_rows):
     batch, q_len, k_len, heads, kv_heads, dim, window, causal, dtype = case
