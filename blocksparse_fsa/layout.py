@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .preprocess import dense_to_tiles, indices_to_tiles, mask_to_tiles, transpose_csr
+from .preprocess.device import indices_to_tiles_torch, transpose_csr_torch
 from .reorder import inverse
 
 DEFAULT_BLOCK_M = 64
@@ -196,8 +197,10 @@ class SparseLayout:
     @classmethod
     def from_indices(cls, attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = False,
                      block_m: int | None = None, block_n: int | None = None,
-                     reorder=None) -> SparseLayout:
+                     reorder=None, method: str = "auto") -> SparseLayout:
         """See :func:`build_layout`."""
+        if method not in ("auto", "numba", "torch"):
+            raise ValueError(f"method must be 'auto', 'numba' or 'torch', got {method!r}")
         if reorder is not None:
             _check_indices(attn_indices, k_len)
             q_perm, k_perm = _token_orders(
@@ -208,11 +211,16 @@ class SparseLayout:
         block_m, block_n = _check_blocks(block_m, block_n)
         idx = _check_indices(attn_indices, k_len)
         n_b, n_h, q_len, _ = idx.shape
-        arrays = indices_to_tiles(idx, q_len, int(k_len), bool(is_causal), block_m, block_n)
+        meta = (q_len, int(k_len), block_m, block_n, n_b, n_h, bool(is_causal))
+        if method == "torch" or (method == "auto" and idx.device.type != "cpu"):
+            arrays = indices_to_tiles_torch(idx, q_len, int(k_len), bool(is_causal), block_m,
+                                            block_n)
+            return _finish(*meta, *arrays, on_device=True)
+        arrays = indices_to_tiles(np.ascontiguousarray(idx.cpu().numpy()), q_len, int(k_len),
+                                  bool(is_causal), block_m, block_n)
         arrays = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in arrays]
         arrays[4] = arrays[4].view(torch.int32)  # uint32 words -> int32 bit patterns
-        layout = _finish(q_len, int(k_len), block_m, block_n, n_b, n_h, bool(is_causal), *arrays)
-        return layout.to(attn_indices.device)
+        return _finish(*meta, *arrays).to(attn_indices.device)
 
     @classmethod
     def from_dense_mask(cls, attn_mask: torch.Tensor, *, is_causal: bool = False,
@@ -291,18 +299,21 @@ class SparseLayout:
 
 def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = False,
                  block_m: int | None = None, block_n: int | None = None,
-                 reorder=None) -> SparseLayout:
+                 reorder=None, method: str = "auto") -> SparseLayout:
     """Build the tile layout of ``attn_indices`` once; reuse it for every layer and the backward.
 
     ``attn_indices``: integer tensor ``(B|1, H|1, Lq, W)``, entries in ``[-1, k_len)``, ``-1`` =
     unused slot, duplicates count once, order within a row is free. ``is_causal`` drops every
     index ``j > i + k_len - Lq`` (bottom-right aligned). The numba preprocessor runs on the CPU in
     O(Lq * W) per (batch, head); the layout is returned on ``attn_indices``' device.
+    ``method``: ``"numba"`` (the CPU preprocessor), ``"torch"`` (PyTorch on the indices' device:
+    no host round trip for indices that live on the GPU; the same layout, tensor for tensor) or
+    ``"auto"`` (torch for GPU indices, numba otherwise).
     ``reorder``: an optional token permutation that makes scattered patterns tile-dense, see
     :meth:`SparseLayout.reordered`.
     """
     return SparseLayout.from_indices(attn_indices, k_len, is_causal=is_causal, block_m=block_m,
-                                     block_n=block_n, reorder=reorder)
+                                     block_n=block_n, reorder=reorder, method=method)
 
 
 def _broadcast_mask_layout(mask, q_len, k_len, is_causal, block_m, block_n):
@@ -390,9 +401,23 @@ def unpack_bits(masks: torch.Tensor, block_n: int) -> torch.Tensor:
 
 
 def _finish(q_len, k_len, block_m, block_n, n_b, n_h, is_causal, full_ptr, full_col, part_ptr,
-            part_col, masks, nnz) -> SparseLayout:
-    """Add the transposed CSR and pack everything as int32 tensors (on the CPU)."""
+            part_col, masks, nnz, on_device=False) -> SparseLayout:
+    """Add the transposed CSR and pack everything as int32 tensors: on the CPU with numba, or
+    (``on_device``) in PyTorch on the device of the given tensors."""
     n_qt, n_kt = -(-q_len // block_m), -(-k_len // block_n)
+    if on_device:
+        if max(int(full_ptr[-1]), int(part_ptr[-1])) >= 2**31:
+            raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
+        full_ptr_t, full_row_t, _ = transpose_csr_torch(full_ptr, full_col, n_b * n_h, n_qt, n_kt)
+        part_ptr_t, part_row_t, part_mask_t = transpose_csr_torch(part_ptr, part_col, n_b * n_h,
+                                                                  n_qt, n_kt)
+        tensors = dict(full_ptr=full_ptr, full_col=full_col, part_ptr=part_ptr,
+                       part_col=part_col, masks=masks, full_ptr_t=full_ptr_t,
+                       full_row_t=full_row_t, part_ptr_t=part_ptr_t, part_row_t=part_row_t,
+                       part_mask_t=part_mask_t)
+        return SparseLayout(q_len=q_len, k_len=k_len, block_m=block_m, block_n=block_n,
+                            batch=n_b, heads=n_h, is_causal=is_causal, nnz=int(nnz),
+                            **{name: t.to(torch.int32).contiguous() for name, t in tensors.items()})
     full_ptr_np, full_col_np = _numpy(full_ptr, np.int64), _numpy(full_col, np.int32)
     part_ptr_np, part_col_np = _numpy(part_ptr, np.int64), _numpy(part_col, np.int32)
     if max(full_ptr_np[-1], part_ptr_np[-1]) >= 2**31:
@@ -429,8 +454,8 @@ def _check_blocks(block_m, block_n):
     return block_m, block_n
 
 
-def _check_indices(attn_indices, k_len) -> np.ndarray:
-    """Validate ``attn_indices`` and return it as a contiguous int32/int64 NumPy array."""
+def _check_indices(attn_indices, k_len) -> torch.Tensor:
+    """Validate ``attn_indices``; return it detached as int32 or int64, on its device."""
     if not isinstance(attn_indices, torch.Tensor):
         raise TypeError(f"attn_indices must be a torch.Tensor, got {type(attn_indices).__name__}")
     if attn_indices.dtype not in _INT_DTYPES:
@@ -450,4 +475,4 @@ def _check_indices(attn_indices, k_len) -> np.ndarray:
             value = int(idx[tuple(bad)])
             raise ValueError(f"attn_indices must lie in [-1, k_len={k_len}); found {value} at "
                              f"position {tuple(bad)}")
-    return np.ascontiguousarray(idx.cpu().numpy())
+    return idx

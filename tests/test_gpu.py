@@ -146,3 +146,16 @@ def test_bias_and_its_gradient(shape):
                        device="cuda")
     layout = bsa.build_layout(random_pattern(length, 200, 2), length, is_causal=True)
     check(q, k, v, layout, torch.bfloat16, bias=bias)
+
+
+def test_gpu_side_layout_build_matches_numba():
+    """Indices on the GPU build their layout there (method="auto"), tensor for tensor equal to
+    the numba layout."""
+    names = ["full_ptr", "full_col", "part_ptr", "part_col", "masks", "full_ptr_t",
+             "full_row_t", "part_ptr_t", "part_row_t", "part_mask_t"]
+    for idx in (window_pattern(4096, 700, 2), random_pattern(3000, 300, 2)):
+        on_gpu = bsa.build_layout(idx, idx.shape[2], is_causal=True)
+        on_cpu = bsa.build_layout(idx, idx.shape[2], is_causal=True, method="numba")
+        assert on_gpu.device.type == "cuda" and on_gpu.nnz == on_cpu.nnz
+        for name in names:
+            assert torch.equal(getattr(on_gpu, name), getattr(on_cpu, name)), name

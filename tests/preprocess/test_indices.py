@@ -73,10 +73,14 @@ def test_random_indices_match_brute_force(shape, is_causal, block_m, block_n):
     assert layout.nnz == int(expected.sum())
     assert (layout.batch, layout.heads, layout.q_len, layout.k_len) == (n_b, n_h, q_len, k_len)
     check_layout_invariants(layout)
-    # the dense-mask path builds the identical layout
+    # the dense-mask path and the PyTorch (GPU-side) build give the identical layout
     from_mask = SparseLayout.from_dense_mask(expected, block_m=block_m, block_n=block_n)
+    in_torch = build_layout(idx, k_len, is_causal=is_causal, block_m=block_m, block_n=block_n,
+                            method="torch")
+    assert in_torch.nnz == layout.nnz
     for name in LAYOUT_TENSORS:
         assert torch.equal(getattr(layout, name), getattr(from_mask, name)), name
+        assert torch.equal(getattr(layout, name), getattr(in_torch, name)), name
 
 
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 64)], ids=str)
@@ -113,13 +117,29 @@ def test_causal_drops_future_keys_bottom_right():
     assert layout.to_dense_mask()[0, 0].sum(1).tolist() == [3, 4, 5, 6]
 
 
-def test_all_inactive_and_empty_shapes():
+@pytest.mark.parametrize("method", ["numba", "torch"])
+def test_all_inactive_and_empty_shapes(method):
     idx = torch.full((1, 2, 40, 3), -1)
-    layout = build_layout(idx, 50, block_m=16, block_n=16)
+    layout = build_layout(idx, 50, block_m=16, block_n=16, method=method)
     assert layout.num_tiles == 0 and layout.nnz == 0 and layout.density == 1.0
     assert not layout.to_dense_mask().any()
-    layout = build_layout(torch.zeros(1, 1, 0, 4, dtype=torch.int64), 10)
+    layout = build_layout(torch.zeros(1, 1, 0, 4, dtype=torch.int64), 10, method=method)
     assert layout.num_tiles == 0 and layout.to_dense_mask().shape == (1, 1, 0, 10)
+
+
+def test_torch_build_in_small_chunks_and_bad_method():
+    from blocksparse_fsa.preprocess.device import indices_to_tiles_torch
+    from blocksparse_fsa.preprocess.indices import indices_to_tiles
+
+    idx = random_indices((2, 2, 70, 6), 90, seed=3)
+    a = indices_to_tiles(idx.numpy(), 70, 90, True, 16, 32)
+    b = indices_to_tiles_torch(idx, 70, 90, True, 16, 32, chunk_pairs=50)  # one row a chunk
+    for x, y in zip(a[:4], b[:4]):  # pointers and key tiles
+        assert torch.equal(torch.from_numpy(x).long(), y.long())
+    assert torch.equal(torch.from_numpy(a[4]).view(torch.int32), b[4])  # bitmasks
+    assert a[5] == b[5]  # nnz
+    with pytest.raises(ValueError, match="method must be"):
+        build_layout(idx, 90, method="cuda")
 
 
 def test_preprocessing_is_linear_in_indices_not_quadratic():
