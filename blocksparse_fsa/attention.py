@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import os
+import weakref
 
 import torch
 
@@ -94,14 +96,16 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
         _check_layout(layout, is_causal, batch, q_len, k_len, heads_ok, query.device)
     elif attn_indices is not None:
         _check_pattern("attn_indices", attn_indices, batch, q_len, None, heads_ok)
-        layout = build_layout(attn_indices, k_len, is_causal=bool(is_causal))
+        layout = _cached(attn_indices, (k_len, bool(is_causal)), lambda: build_layout(
+            attn_indices, k_len, is_causal=bool(is_causal)))
     elif attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
             raise TypeError("attn_mask must be a torch.bool tensor (True = attend), got "
                             f"{getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
         _check_pattern("attn_mask", attn_mask, batch, q_len, k_len, heads_ok, broadcast=True)
-        layout = SparseLayout.from_dense_mask(attn_mask, is_causal=bool(is_causal), q_len=q_len,
-                                              k_len=k_len)
+        layout = _cached(attn_mask, (q_len, k_len, bool(is_causal)),
+                         lambda: SparseLayout.from_dense_mask(attn_mask, is_causal=bool(is_causal),
+                                                              q_len=q_len, k_len=k_len))
     else:
         layout = _dense_layout(q_len, k_len, bool(is_causal), str(query.device))
     layout = layout.to(query.device)  # a pattern given per call may live elsewhere (an explicit
@@ -124,6 +128,32 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
         q_inv = inverse(layout.q_perm)
         out, lse = out.index_select(1, q_inv), lse.index_select(2, q_inv)
     return (out, lse) if return_lse else out
+
+
+# Layouts built from per-call patterns, so that a model passing the same attn_indices (or
+# attn_mask) tensor to every layer builds its layout once. Keyed on the tensor's identity and
+# its version counter (bumped by every in-place change), with a weak reference that proves the
+# identity is still that tensor's.
+LAYOUT_CACHE_SIZE = 8
+_LAYOUT_CACHE: collections.OrderedDict = collections.OrderedDict()
+
+
+def _cached(pattern: torch.Tensor, args: tuple, build):
+    key = (id(pattern), pattern._version, args)
+    hit = _LAYOUT_CACHE.get(key)
+    if hit is not None and hit[0]() is pattern:
+        _LAYOUT_CACHE.move_to_end(key)
+        return hit[1]
+    layout = build()
+    _LAYOUT_CACHE[key] = (weakref.ref(pattern), layout)
+    while len(_LAYOUT_CACHE) > LAYOUT_CACHE_SIZE:
+        _LAYOUT_CACHE.popitem(last=False)
+    return layout
+
+
+def clear_layout_cache() -> None:
+    """Forget the layouts built from per-call ``attn_indices`` / ``attn_mask``."""
+    _LAYOUT_CACHE.clear()
 
 
 def _triton_available(t: torch.Tensor) -> bool:

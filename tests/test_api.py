@@ -171,3 +171,28 @@ def test_broadcast_mask_shape_errors():
 def test_bad_softcap(softcap):
     with pytest.raises(ValueError, match="softcap must be"):
         call(softcap=softcap)
+
+
+def test_per_call_patterns_build_their_layout_once(monkeypatch):
+    """The implicit path caches on the pattern tensor's identity and version."""
+    import blocksparse_fsa.attention as attention
+
+    builds = []
+    real = attention.build_layout
+    monkeypatch.setattr(attention, "build_layout",
+                        lambda *a, **kw: builds.append(1) or real(*a, **kw))
+    bsa.clear_layout_cache()
+    q, k, v = qkv()
+    idx = window_indices(20, 5).expand(1, 2, -1, -1).clone()
+    first = bsa.sparse_attn_func(q, k, v, attn_indices=idx, is_causal=True)
+    for _ in range(3):  # "every layer"
+        torch.testing.assert_close(bsa.sparse_attn_func(q, k, v, attn_indices=idx,
+                                                        is_causal=True), first)
+    assert len(builds) == 1
+    bsa.sparse_attn_func(q, k, v, attn_indices=idx, is_causal=False)  # other arguments
+    assert len(builds) == 2
+    idx[..., 0] = -1  # in place: the cached layout is stale
+    changed = bsa.sparse_attn_func(q, k, v, attn_indices=idx, is_causal=True)
+    assert len(builds) == 3 and not torch.allclose(changed, first)
+    bsa.sparse_attn_func(q, k, v, attn_indices=idx.clone(), is_causal=True)  # another tensor
+    assert len(builds) == 4
