@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, bias_args, launch_args, new_empty, query_program, row_range,
-                     score_args, softcap_tanh, stride_args, tile_bits)
+from .common import (LOG2E, bias_args, launch_args, load_bias, new_empty, query_program,
+                     row_range, score_args, softcap_tanh, stride_args, tile_bits)
 from . import config as launch_config
 
 
@@ -210,13 +210,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end,
         else:
             s = qk * qk_scale
         if HAS_BIAS:
-            bias_ptrs = bias_rows[:, None] + offs_kn[None, :] * stride_biasn
-            if IS_PARTIAL:
-                bias = tl.load(bias_ptrs, mask=row_ok[:, None] & (offs_kn[None, :] < k_len),
-                               other=0.0)
-            else:
-                bias = tl.load(bias_ptrs)
-            s += bias.to(tl.float32) * LOG2E
+            s += load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL)
         p = tl.math.exp2(s - lse[:, None])
         if IS_PARTIAL:
             bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_i, offs_n,

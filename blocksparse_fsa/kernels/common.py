@@ -126,3 +126,16 @@ def softcap_tanh(qk, cap_scale):
     """``tanh(qk * softmax_scale / softcap)`` (``cap_scale`` = softmax_scale / softcap), as
     ``2 * sigmoid(2x) - 1``: exact at the saturated ends, and runs under the interpreter."""
     return 2.0 * tl.sigmoid(2.0 * qk * cap_scale) - 1.0
+
+
+@triton.jit
+def load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL: tl.constexpr):
+    """One tile of the additive bias, fp32 in log2 units: ``bias_rows`` points at each query
+    row's bias row, ``offs_kn`` are the tile's keys; partial tiles mask rows >= Lq and keys
+    >= Lk (full tiles lie inside both)."""
+    ptrs = bias_rows[:, None] + offs_kn[None, :] * stride_biasn
+    if IS_PARTIAL:
+        bias = tl.load(ptrs, mask=row_ok[:, None] & (offs_kn[None, :] < k_len), other=0.0)
+    else:
+        bias = tl.load(ptrs)
+    return bias.to(tl.float32) * LOG2E

@@ -4,8 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LN2, LOG2E, bias_args, launch_args, new_empty, query_program, row_range,
-                     score_args, softcap_tanh, stride_args, tile_bits)
+from .common import (LN2, bias_args, launch_args, load_bias, new_empty, query_program,
+                     row_range, score_args, softcap_tanh, stride_args, tile_bits)
 from . import config as launch_config
 
 
@@ -38,13 +38,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_
         else:
             s = s * qk_scale
         if HAS_BIAS:
-            bias_ptrs = bias_rows[:, None] + offs_kn[None, :] * stride_biasn
-            if IS_PARTIAL:
-                bias = tl.load(bias_ptrs, mask=row_ok[:, None] & (offs_kn[None, :] < k_len),
-                               other=0.0)
-            else:
-                bias = tl.load(bias_ptrs)
-            s += bias.to(tl.float32) * LOG2E  # [HEADS*BLOCK_M, BLOCK_N]
+            s += load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL)
         if IS_PARTIAL:
             bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_m, offs_n,
                              N_WORDS, False)
