@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from .preprocess import dense_to_tiles, indices_to_tiles, mask_to_tiles, transpose_csr
+from .preprocess import dense_to_tiles, indices_to_tiles, mask_to_tiles
 from .preprocess.device import indices_to_tiles_torch, transpose_csr_torch
 from .reorder import inverse
 
@@ -215,7 +215,7 @@ class SparseLayout:
         if method == "torch" or (method == "auto" and idx.device.type != "cpu"):
             arrays = indices_to_tiles_torch(idx, q_len, int(k_len), bool(is_causal), block_m,
                                             block_n)
-            return _finish(*meta, *arrays, on_device=True)
+            return _finish(*meta, *arrays)
         arrays = indices_to_tiles(np.ascontiguousarray(idx.cpu().numpy()), q_len, int(k_len),
                                   bool(is_causal), block_m, block_n)
         arrays = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in arrays]
@@ -266,7 +266,7 @@ class SparseLayout:
         """The same tiles without the token permutation (the pattern in kernel order)."""
         return replace(self, q_perm=None, k_perm=None)
 
-    def reordered(self, reorder, *, attn_indices=None) -> SparseLayout:
+    def reordered(self, reorder) -> SparseLayout:
         """This pattern with its tokens permuted so that its active pairs fill fewer tiles.
 
         ``reorder`` is ``("dilation", d)`` (group tokens by position mod d, query positions
@@ -401,48 +401,21 @@ def unpack_bits(masks: torch.Tensor, block_n: int) -> torch.Tensor:
 
 
 def _finish(q_len, k_len, block_m, block_n, n_b, n_h, is_causal, full_ptr, full_col, part_ptr,
-            part_col, masks, nnz, on_device=False) -> SparseLayout:
-    """Add the transposed CSR and pack everything as int32 tensors: on the CPU with numba, or
-    (``on_device``) in PyTorch on the device of the given tensors."""
+            part_col, masks, nnz) -> SparseLayout:
+    """Add the transposed CSR and pack everything as int32 tensors, on the given tensors'
+    device (the CPU after numba, the GPU for GPU indices or masks)."""
     n_qt, n_kt = -(-q_len // block_m), -(-k_len // block_n)
-    if on_device:
-        if max(int(full_ptr[-1]), int(part_ptr[-1])) >= 2**31:
-            raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
-        full_ptr_t, full_row_t, _ = transpose_csr_torch(full_ptr, full_col, n_b * n_h, n_qt, n_kt)
-        part_ptr_t, part_row_t, part_mask_t = transpose_csr_torch(part_ptr, part_col, n_b * n_h,
-                                                                  n_qt, n_kt)
-        tensors = dict(full_ptr=full_ptr, full_col=full_col, part_ptr=part_ptr,
-                       part_col=part_col, masks=masks, full_ptr_t=full_ptr_t,
-                       full_row_t=full_row_t, part_ptr_t=part_ptr_t, part_row_t=part_row_t,
-                       part_mask_t=part_mask_t)
-        return SparseLayout(q_len=q_len, k_len=k_len, block_m=block_m, block_n=block_n,
-                            batch=n_b, heads=n_h, is_causal=is_causal, nnz=int(nnz),
-                            **{name: t.to(torch.int32).contiguous() for name, t in tensors.items()})
-    full_ptr_np, full_col_np = _numpy(full_ptr, np.int64), _numpy(full_col, np.int32)
-    part_ptr_np, part_col_np = _numpy(part_ptr, np.int64), _numpy(part_col, np.int32)
-    if max(full_ptr_np[-1], part_ptr_np[-1]) >= 2**31:
+    if max(int(full_ptr[-1]), int(part_ptr[-1])) >= 2**31:
         raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
-    groups = n_b * n_h
-    full_ptr_t, full_row_t, _ = transpose_csr(full_ptr_np, full_col_np, groups, n_qt, n_kt)
-    part_ptr_t, part_row_t, part_mask_t = transpose_csr(part_ptr_np, part_col_np, groups, n_qt,
-                                                        n_kt)
-
-    def i32(a):
-        return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int32)
-
-    return SparseLayout(
-        q_len=q_len, k_len=k_len, block_m=block_m, block_n=block_n, batch=n_b, heads=n_h,
-        is_causal=is_causal, nnz=int(nnz),
-        full_ptr=i32(full_ptr_np), full_col=i32(full_col_np),
-        part_ptr=i32(part_ptr_np), part_col=i32(part_col_np),
-        masks=masks.cpu().to(torch.int32).contiguous(),
-        full_ptr_t=i32(full_ptr_t), full_row_t=i32(full_row_t),
-        part_ptr_t=i32(part_ptr_t), part_row_t=i32(part_row_t), part_mask_t=i32(part_mask_t))
-
-
-def _numpy(t, dtype) -> np.ndarray:
-    """A torch tensor or NumPy array as a NumPy array of ``dtype`` (on the CPU)."""
-    return (t.cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)).astype(dtype)
+    full_ptr_t, full_row_t, _ = transpose_csr_torch(full_ptr, full_col, n_b * n_h, n_qt, n_kt)
+    part_ptr_t, part_row_t, part_mask_t = transpose_csr_torch(part_ptr, part_col, n_b * n_h,
+                                                              n_qt, n_kt)
+    tensors = dict(full_ptr=full_ptr, full_col=full_col, part_ptr=part_ptr, part_col=part_col,
+                   masks=masks, full_ptr_t=full_ptr_t, full_row_t=full_row_t,
+                   part_ptr_t=part_ptr_t, part_row_t=part_row_t, part_mask_t=part_mask_t)
+    return SparseLayout(q_len=q_len, k_len=k_len, block_m=block_m, block_n=block_n, batch=n_b,
+                        heads=n_h, is_causal=is_causal, nnz=int(nnz),
+                        **{name: t.to(torch.int32).contiguous() for name, t in tensors.items()})
 
 
 def _check_blocks(block_m, block_n):

@@ -68,7 +68,11 @@ def indices_to_tiles_torch(idx: torch.Tensor, q_len: int, k_len: int, is_causal:
 
 def transpose_csr_torch(ptr: torch.Tensor, col: torch.Tensor, n_groups: int,
                         n_rows_per_group: int, n_cols_per_group: int):
-    """``transpose_csr`` in PyTorch: ``(ptr_t, row_t, perm)`` with rows ascending per column."""
+    """Query-tile CSR -> key-tile CSR, per (batch, head) group, rows ascending per column.
+
+    ``ptr`` has ``n_groups * n_rows_per_group + 1`` entries. Returns ``(ptr_t, row_t, perm)``
+    where ``perm[t]`` is the position in ``col`` of the t-th transposed entry.
+    """
     device = ptr.device
     n = col.numel()
     row = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=device),

@@ -157,30 +157,3 @@ def indices_to_tiles(idx, q_len, k_len, is_causal, block_m, block_n):
     masks = np.empty((part_ptr[-1], block_m, n_words), dtype=np.uint32)
     _tile_pass(*common, True, *counts, full_ptr, part_ptr, full_col, part_col, masks)
     return full_ptr, full_col, part_ptr, part_col, masks, int(nnz.sum())
-
-
-@njit(cache=True)
-def transpose_csr(ptr, col, n_groups, n_rows_per_group, n_cols_per_group):
-    """Query-tile CSR -> key-tile CSR, per (batch, head) group; rows stay sorted ascending.
-
-    ``ptr`` has ``n_groups * n_rows_per_group + 1`` entries. Returns ``(ptr_t, row_t, perm)``
-    where ``perm[t]`` is the position in ``col`` of the t-th transposed entry.
-    """
-    n_rows_t = n_groups * n_cols_per_group
-    counts = np.zeros(n_rows_t + 1, dtype=np.int64)
-    for r in range(ptr.shape[0] - 1):
-        g = r // n_rows_per_group
-        for t in range(ptr[r], ptr[r + 1]):
-            counts[g * n_cols_per_group + col[t] + 1] += 1
-    ptr_t = np.cumsum(counts)
-    fill = ptr_t[:-1].copy()
-    row_t = np.empty(col.shape[0], dtype=np.int32)
-    perm = np.empty(col.shape[0], dtype=np.int32)
-    for r in range(ptr.shape[0] - 1):
-        g = r // n_rows_per_group
-        for t in range(ptr[r], ptr[r + 1]):
-            dst = g * n_cols_per_group + col[t]
-            row_t[fill[dst]] = r % n_rows_per_group
-            perm[fill[dst]] = t
-            fill[dst] += 1
-    return ptr_t, row_t, perm
