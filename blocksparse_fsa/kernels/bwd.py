@@ -5,8 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, bias_args, launch_args, load_bias, new_empty, query_program,
-                     row_range, score_args, softcap_tanh, stride_args, tile_bits)
+from .common import (LOG2E, bias_args, launch_args, load_bias, log2_scores, new_empty,
+                     query_program, row_range, score_args, stride_args, tile_bits)
 from . import config as launch_config
 
 
@@ -67,11 +67,7 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
                     mask=q_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
         lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        if SOFTCAP:
-            tanh_t = softcap_tanh(qk_t, cap_scale)
-            s_t = tanh_t * qk_scale
-        else:
-            s_t = qk_t * qk_scale
+        s_t, tanh_t = log2_scores(qk_t, qk_scale, cap_scale, SOFTCAP)  # [BLOCK_N, BLOCK_M]
         if HAS_BIAS:
             bias_ptrs = bias_base + offs_m[None, :] * stride_biasm + offs_kn[:, None] * stride_biasn
             if IS_PARTIAL:
@@ -204,11 +200,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end,
         v = tl.load(v_base + offs_kn[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                     mask=kv_ok, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if SOFTCAP:
-            tanh = softcap_tanh(qk, cap_scale)
-            s = tanh * qk_scale
-        else:
-            s = qk * qk_scale
+        s, tanh = log2_scores(qk, qk_scale, cap_scale, SOFTCAP)
         if HAS_BIAS:
             s += load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL)
         p = tl.math.exp2(s - lse[:, None])

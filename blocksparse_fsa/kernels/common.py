@@ -122,10 +122,18 @@ def query_program(num_q_heads, group_size, head_div, layout_heads, layout_batch_
 
 
 @triton.jit
-def softcap_tanh(qk, cap_scale):
-    """``tanh(qk * softmax_scale / softcap)`` (``cap_scale`` = softmax_scale / softcap), as
-    ``2 * sigmoid(2x) - 1``: exact at the saturated ends, and runs under the interpreter."""
-    return 2.0 * tl.sigmoid(2.0 * qk * cap_scale) - 1.0
+def log2_scores(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
+    """Scores in log2 units from raw q.k products (see ``score_args``), and the softcap's
+    ``tanh(qk * softmax_scale / softcap)`` that the backward differentiates (``qk`` itself,
+    unused, without a softcap). The tanh is ``2 * sigmoid(2x) - 1``: exact at the saturated
+    ends, and it runs under the interpreter."""
+    if SOFTCAP:
+        tanh = 2.0 * tl.sigmoid(2.0 * qk * cap_scale) - 1.0
+        scores = tanh * qk_scale
+    else:
+        tanh = qk
+        scores = qk * qk_scale
+    return scores, tanh
 
 
 @triton.jit

@@ -4,8 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LN2, bias_args, launch_args, load_bias, new_empty, query_program,
-                     row_range, score_args, softcap_tanh, stride_args, tile_bits)
+from .common import (LN2, bias_args, launch_args, load_bias, log2_scores, new_empty,
+                     query_program, row_range, score_args, stride_args, tile_bits)
 from . import config as launch_config
 
 
@@ -33,10 +33,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_
         k = tl.load(k_base + offs_kn[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                     mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [HEADS*BLOCK_M, BLOCK_N]
-        if SOFTCAP:
-            s = softcap_tanh(s, cap_scale) * qk_scale
-        else:
-            s = s * qk_scale
+        s, _ = log2_scores(s, qk_scale, cap_scale, SOFTCAP)
         if HAS_BIAS:
             s += load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL)
         if IS_PARTIAL:
