@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, bias_args, launch_args, load_bias, log2_scores, new_empty,
+from .common import (LOG2E, bias_args, bias_rows_of, launch_args, load_bias, log2_scores, new_empty,
                      query_program, row_range, score_args, stride_args, tile_bits)
 from . import config as launch_config
 
@@ -39,14 +39,17 @@ def sparse_attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-                dbias_base, row_ptr, mask_idx_ptr, masks, start, end, qk_scale, cap_scale, q_len,
+                bias_col, dbias_base, row_ptr, mask_idx_ptr, masks, start, end, qk_scale, cap_scale, q_len,
                 k_len, kt,
                 stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm, stride_biasn,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
-                SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DBIAS: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr):
+                SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr,
+                DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles ``row_ptr[start:end]``.
+
+    The bias comes from ``bias_base`` (this query head's plane), or with ``BIAS_ROW`` (one bias
+    row) is ``bias_col``, this key tile's slice of it in log2 units, loaded once by the caller.
 
     With a bias, ``DBIAS`` = 1 writes each pair's score gradient to ``dbias_base`` (one
     ``[Lq, Lk]`` fp32 plane of this query head), ``DBIAS`` = 2 sums it over the queries into
@@ -68,7 +71,9 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
         lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
         s_t, tanh_t = log2_scores(qk_t, qk_scale, cap_scale, SOFTCAP)  # [BLOCK_N, BLOCK_M]
-        if HAS_BIAS:
+        if BIAS_ROW:
+            s_t += bias_col[:, None]
+        elif HAS_BIAS:
             bias_ptrs = bias_base + offs_m[None, :] * stride_biasm + offs_kn[:, None] * stride_biasn
             if IS_PARTIAL:
                 pair_ok = (offs_m[None, :] < q_len) & (offs_kn[:, None] < k_len)
@@ -117,8 +122,8 @@ def sparse_attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvl, stride_dvh, stride_dvd,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    N_WORDS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, DBIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    N_WORDS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr,
+    DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one key tile of one (batch, KV head), looping over the query heads of its
     group; grid (num_k_tiles, B * Hkv). Lse and Delta are (B, Hq, Lq) float32, contiguous.
@@ -146,6 +151,10 @@ def sparse_attn_bwd_dkdv_kernel(
         lse_base = Lse + (b * num_q_heads + hq) * q_len
         delta_base = Delta + (b * num_q_heads + hq) * q_len
         bias_base = Bias + b * stride_biasb + (hq // bias_head_div) * stride_biash
+        bias_col = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if BIAS_ROW:
+            bias_col = tl.load(bias_base + offs_n * stride_biasn, mask=offs_n < k_len,
+                               other=0.0).to(tl.float32) * LOG2E
         plane = b * num_q_heads + hq
         if DBIAS == 1:
             dbias_base = DBias + plane * q_len * k_len
@@ -155,16 +164,16 @@ def sparse_attn_bwd_dkdv_kernel(
         start, end = row_range(full_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-            dbias_base, full_row_t, full_row_t, masks, start, end, qk_scale, cap_scale, q_len,
+            bias_col, dbias_base, full_row_t, full_row_t, masks, start, end, qk_scale, cap_scale, q_len,
             k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm, stride_biasn,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, SOFTCAP, HAS_BIAS, DBIAS,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS,
             INPUT_PRECISION)
         start, end = row_range(part_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-            dbias_base, part_row_t, part_mask_t, masks, start, end, qk_scale, cap_scale, q_len,
+            bias_col, dbias_base, part_row_t, part_mask_t, masks, start, end, qk_scale, cap_scale, q_len,
             k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm, stride_biasn,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, SOFTCAP, HAS_BIAS, DBIAS,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS,
             INPUT_PRECISION)
         if DBIAS == 2:
             tl.store(dbias_base + offs_n, dbias_cols, mask=offs_n < k_len)
@@ -182,7 +191,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
               IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr):
+              BIAS_ROW: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile of ``HEADS`` stacked query heads over the key tiles
     ``col_ptr[start:end]``."""
     offs_i = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
@@ -202,7 +211,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end,
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
         s, tanh = log2_scores(qk, qk_scale, cap_scale, SOFTCAP)
         if HAS_BIAS:
-            s += load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL)
+            s += load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL,
+                           BIAS_ROW)
         p = tl.math.exp2(s - lse[:, None])
         if IS_PARTIAL:
             bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_i, offs_n,
@@ -230,12 +240,12 @@ def sparse_attn_bwd_dq_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    BIAS_ROW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch (sharing
     a KV head and a layout row); grid (num_q_tiles, B * Hq / HEADS)."""
-    b, hk, row, heads, offs_m = query_program(num_q_heads, group_size, head_div, layout_heads,
-                                              layout_batch_step, HEADS, BLOCK_M)
+    b, hk, hq0, row, heads, offs_m = query_program(num_q_heads, group_size, head_div,
+                                                   layout_heads, layout_batch_step, HEADS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     rows = offs_m[:, None].to(tl.int64)
@@ -249,8 +259,8 @@ def sparse_attn_bwd_dq_kernel(
     delta = tl.load(Delta + stat, mask=offs_m < q_len, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    bias_rows = (Bias + b * stride_biasb + (heads // bias_head_div) * stride_biash
-                 + offs_m.to(tl.int64) * stride_biasm)  # [HEADS*BLOCK_M] pointers
+    bias_rows = bias_rows_of(Bias, b, hq0, heads, offs_m, bias_head_div, stride_biasb,
+                             stride_biash, stride_biasm, BIAS_ROW)
     row_ok = offs_m < q_len
     dq = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, end = row_range(full_ptr, row)
@@ -258,13 +268,13 @@ def sparse_attn_bwd_dq_kernel(
                    start, end, qk_scale, cap_scale, bias_rows, row_ok, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP,
-                   HAS_BIAS, INPUT_PRECISION)
+                   HAS_BIAS, BIAS_ROW, INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, part_col, masks,
                    start, end, qk_scale, cap_scale, bias_rows, row_ok, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP,
-                   HAS_BIAS, INPUT_PRECISION)
+                   HAS_BIAS, BIAS_ROW, INPUT_PRECISION)
     dq *= softmax_scale
     tl.store(DQ + b * stride_dqb + hs * stride_dqh + rows * stride_dql
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ok)
@@ -287,7 +297,6 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
     delta = new_empty(like=lse)
     common = launch_args(q, k, layout)
     scores = score_args(softmax_scale, softcap)
-    biases = bias_args(bias, q)
     dbias_mode, dbias_buf = 0, dq  # dq: a placeholder pointer when no dbias is computed
     if bias is not None and bias_grad:
         dbias_mode = 2 if bias.shape[2] == 1 and q_len > 1 else 1
@@ -303,7 +312,7 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
         heads = launch_config.heads_per_program(layout.block_m, common["group_size"],
                                                 common["head_div"], kernel="dq")
         sparse_attn_bwd_dq_kernel[(q_grid[0], q_grid[1] // heads)](
-            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DQ=dq, **biases,
+            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DQ=dq, **bias_args(bias, q, heads),
             full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
             part_col=layout.part_col, masks=layout.masks,
             softmax_scale=softmax_scale, q_len=q_len, k_len=k_len, **scores,
@@ -312,7 +321,7 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
     kv_grid = (layout.num_k_tiles, batch * k.shape[2])
     if kv_grid[0] * kv_grid[1]:
         sparse_attn_bwd_dkdv_kernel[kv_grid](
-            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DK=dk, DV=dv, **biases,
+            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DK=dk, DV=dv, **bias_args(bias, q),
             DBias=dbias_buf, DBIAS=dbias_mode,
             full_ptr_t=layout.full_ptr_t, full_row_t=layout.full_row_t,
             part_ptr_t=layout.part_ptr_t, part_row_t=layout.part_row_t,

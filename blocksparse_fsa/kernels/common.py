@@ -76,15 +76,20 @@ def score_args(softmax_scale: float, softcap: float) -> dict:
     return dict(qk_scale=softmax_scale * LOG2E.value, cap_scale=0.0, SOFTCAP=False)
 
 
-def bias_args(bias, q) -> dict:
+def bias_args(bias, q, heads: int = 1) -> dict:
     """Kernel arguments of an optional additive bias ``(B|1, Hb, Lq|1, Lk)``: size-1 dims get
-    stride 0 (broadcast), query head ``h`` reads bias head ``h // bias_head_div``."""
+    stride 0 (broadcast), query head ``h`` reads bias head ``h // bias_head_div``.
+
+    ``BIAS_ROW``: a program of ``heads`` stacked query heads reads a single bias row (the bias
+    has one row and the stacked heads share its head), loaded as one vector per key tile."""
     if bias is None:
         return dict(Bias=q, bias_head_div=1, stride_biasb=0, stride_biash=0, stride_biasm=0,
-                    stride_biasn=0, HAS_BIAS=False)
+                    stride_biasn=0, HAS_BIAS=False, BIAS_ROW=False)
     strides = [0 if n == 1 else s for n, s in zip(bias.shape, bias.stride())]
-    return dict(Bias=bias, bias_head_div=q.shape[2] // bias.shape[1],
-                **{f"stride_bias{axis}": s for axis, s in zip("bhmn", strides)}, HAS_BIAS=True)
+    head_div = q.shape[2] // bias.shape[1]
+    return dict(Bias=bias, bias_head_div=head_div,
+                **{f"stride_bias{axis}": s for axis, s in zip("bhmn", strides)}, HAS_BIAS=True,
+                BIAS_ROW=bias.shape[2] == 1 and head_div % heads == 0)
 
 
 def stride_args(**tensors) -> dict:
@@ -105,20 +110,21 @@ def query_program(num_q_heads, group_size, head_div, layout_heads, layout_batch_
     """The rows a query-tile program owns; grid (num_q_tiles, B * Hq / HEADS).
 
     One query tile of ``HEADS`` consecutive query heads that share a KV head and a layout row.
-    Returns the batch ``b`` and KV head ``hk`` (int64), the layout ``row`` of the tile, and for
-    each of the ``HEADS * BLOCK_M`` rows its query head (int64) and query position.
+    Returns the batch ``b``, KV head ``hk`` and first query head ``hq0`` (int64), the layout
+    ``row`` of the tile, and for each of the ``HEADS * BLOCK_M`` rows its query head (int64)
+    and query position.
     """
     qt = tl.program_id(0)
     bh = tl.program_id(1)
     num_stacks = num_q_heads // HEADS
     b = (bh // num_stacks).to(tl.int64)
-    hq0 = (bh % num_stacks) * HEADS
-    hk = (hq0 // group_size).to(tl.int64)
+    hq0 = ((bh % num_stacks) * HEADS).to(tl.int64)
+    hk = hq0 // group_size
     row = (b * layout_batch_step * layout_heads + hq0 // head_div) * tl.num_programs(0) + qt
     offs_r = tl.arange(0, HEADS * BLOCK_M)
     heads = (hq0 + offs_r // BLOCK_M).to(tl.int64)  # [HEADS * BLOCK_M]
     offs_m = qt * BLOCK_M + offs_r % BLOCK_M  # [HEADS * BLOCK_M]
-    return b, hk, row, heads, offs_m
+    return b, hk, hq0, row, heads, offs_m
 
 
 @triton.jit
@@ -137,10 +143,29 @@ def log2_scores(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL: tl.constexpr):
-    """One tile of the additive bias, fp32 in log2 units: ``bias_rows`` points at each query
-    row's bias row, ``offs_kn`` are the tile's keys; partial tiles mask rows >= Lq and keys
-    >= Lk (full tiles lie inside both)."""
+def bias_rows_of(Bias, b, hq0, heads, offs_m, bias_head_div, stride_biasb, stride_biash,
+                 stride_biasm, BIAS_ROW: tl.constexpr):
+    """Where each row of a query program reads its bias: one pointer per row, or with
+    ``BIAS_ROW`` the single bias row all of them share."""
+    if BIAS_ROW:
+        return Bias + b * stride_biasb + (hq0 // bias_head_div) * stride_biash
+    return (Bias + b * stride_biasb + (heads // bias_head_div) * stride_biash
+            + offs_m.to(tl.int64) * stride_biasm)
+
+
+@triton.jit
+def load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL: tl.constexpr,
+              BIAS_ROW: tl.constexpr):
+    """One tile of the additive bias, fp32 in log2 units: ``bias_rows`` (``bias_rows_of``)
+    points at each query row's bias row, ``offs_kn`` are the tile's keys; partial tiles mask
+    rows >= Lq and keys >= Lk (full tiles lie inside both). With ``BIAS_ROW`` one vector is
+    loaded and broadcast over the rows."""
+    if BIAS_ROW:
+        if IS_PARTIAL:
+            row = tl.load(bias_rows + offs_kn * stride_biasn, mask=offs_kn < k_len, other=0.0)
+        else:
+            row = tl.load(bias_rows + offs_kn * stride_biasn)
+        return row.to(tl.float32)[None, :] * LOG2E
     ptrs = bias_rows[:, None] + offs_kn[None, :] * stride_biasn
     if IS_PARTIAL:
         bias = tl.load(ptrs, mask=row_ok[:, None] & (offs_kn[None, :] < k_len), other=0.0)

@@ -4,8 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LN2, bias_args, launch_args, load_bias, log2_scores, new_empty,
-                     query_program, row_range, score_args, stride_args, tile_bits)
+from .common import (LN2, bias_args, bias_rows_of, launch_args, load_bias, log2_scores,
+                     new_empty, query_program, row_range, score_args, stride_args, tile_bits)
 from . import config as launch_config
 
 
@@ -16,10 +16,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
                IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-               INPUT_PRECISION: tl.constexpr):
+               BIAS_ROW: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Fold the tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query tile
     of ``HEADS`` stacked query heads (rows ``h * BLOCK_M + m``; they share the tiles' bits).
-    ``bias_rows``: pointers to each row's bias row (``HAS_BIAS``); ``row_ok``: rows < Lq."""
+    ``bias_rows``: see ``bias_rows_of`` (``HAS_BIAS``); ``row_ok``: rows < Lq."""
     offs_m = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -35,7 +35,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [HEADS*BLOCK_M, BLOCK_N]
         s, _ = log2_scores(s, qk_scale, cap_scale, SOFTCAP)
         if HAS_BIAS:
-            s += load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL)
+            s += load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL,
+                           BIAS_ROW)
         if IS_PARTIAL:
             bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_m, offs_n,
                              N_WORDS, False)
@@ -71,7 +72,7 @@ def sparse_attn_fwd_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    BIAS_ROW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch, which
     share a KV head and a layout row (one K/V tile load serves all of them); grid
@@ -79,8 +80,8 @@ def sparse_attn_fwd_kernel(
     (B, Hq, Lq) float32, natural log. Rows with no active key get out = 0 and lse = -inf.
     An optional bias (``HAS_BIAS``, broadcast dims with stride 0) is added to the scores.
     """
-    b, hk, row, heads, offs_m = query_program(num_q_heads, group_size, head_div, layout_heads,
-                                              layout_batch_step, HEADS, BLOCK_M)
+    b, hk, hq0, row, heads, offs_m = query_program(num_q_heads, group_size, head_div,
+                                                   layout_heads, layout_batch_step, HEADS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
     d_ok = offs_d < HEAD_DIM
@@ -89,8 +90,8 @@ def sparse_attn_fwd_kernel(
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [HEADS*BLOCK_M, BLOCK_D]
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    bias_rows = (Bias + b * stride_biasb + (heads // bias_head_div) * stride_biash
-                 + offs_m.to(tl.int64) * stride_biasm)  # [HEADS*BLOCK_M] pointers
+    bias_rows = bias_rows_of(Bias, b, hq0, heads, offs_m, bias_head_div, stride_biasb,
+                             stride_biash, stride_biasm, BIAS_ROW)
 
     acc = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([HEADS * BLOCK_M], dtype=tl.float32)
@@ -101,14 +102,14 @@ def sparse_attn_fwd_kernel(
         start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP, HAS_BIAS,
-        INPUT_PRECISION)
+        BIAS_ROW, INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, part_col, masks,
         start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP, HAS_BIAS,
-        INPUT_PRECISION)
+        BIAS_ROW, INPUT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -132,7 +133,7 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
     if grid[0] * grid[1] == 0:
         return out, lse
     sparse_attn_fwd_kernel[grid](
-        Q=q, K=k, V=v, Out=out, Lse=lse, **bias_args(bias, q),
+        Q=q, K=k, V=v, Out=out, Lse=lse, **bias_args(bias, q, heads),
         full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
         part_col=layout.part_col, masks=layout.masks,
         q_len=q_len, k_len=k.shape[1], **score_args(softmax_scale, softcap),

@@ -37,7 +37,9 @@ class Case:
     pattern_heads: int | None = None  # None = hkv
     dtype: torch.dtype = torch.float32
     softcap: float = 0.0
-    bias: str = ""  # "", "full" (B, Hq, Lq, Lk), "kv" (1, Hkv, Lq, Lk), "row" (B, 1, 1, Lk)
+    # bias: "", "full" (B, Hq, Lq, Lk), "kv" (1, Hkv, Lq, Lk), "row" (B, 1, 1, Lk),
+    # "kvrow" (B, Hkv, 1, Lk), "qrow" (1, Hq, 1, Lk)
+    bias: str = ""
 
     @property
     def id(self):
@@ -79,6 +81,9 @@ CASES = [
     Case(hq=8, hkv=2, dim=16, block=(32, 16), bias="kv", softcap=2.0),  # stacked heads
     Case(pattern="window", window=40, q_len=96, k_len=96, bias="row"),  # key bias, Lq == 1
     Case(dtype=torch.float16, q_len=70, k_len=20, causal=True, bias="row"),
+    # one bias row shared by 4 stacked heads (one vector load), and one per stacked head
+    Case(batch=2, hq=8, hkv=2, dim=16, block=(32, 16), causal=True, bias="kvrow"),
+    Case(hq=8, hkv=2, dim=16, block=(32, 16), q_len=45, bias="qrow"),
     Case(dtype=torch.float16, pattern="mask", pattern_heads=4, bias="full"),
 ]
 
@@ -116,7 +121,9 @@ def run_case(case: Case, backend: str):
     dlse = torch.randn(case.batch, case.hq, case.q_len, generator=gen)
     bias_shape = {"full": (case.batch, case.hq, case.q_len, case.k_len),
                   "kv": (1, case.hkv, case.q_len, case.k_len),
-                  "row": (case.batch, 1, 1, case.k_len)}.get(case.bias)
+                  "row": (case.batch, 1, 1, case.k_len),
+                  "kvrow": (case.batch, case.hkv, 1, case.k_len),
+                  "qrow": (1, case.hq, 1, case.k_len)}.get(case.bias)
     bias = torch.randn(bias_shape, generator=gen) if bias_shape else None
     pattern = make_pattern(case, gen)
     block_m, block_n = case.block
