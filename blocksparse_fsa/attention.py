@@ -10,40 +10,14 @@ import weakref
 
 import torch
 
-from .kernels import sparse_attn_bwd, sparse_attn_fwd
 from .layout import SparseLayout, build_layout
+from .ops import sparse_attn_op
 from .reference import sparse_attention
 from .reorder import inverse
 
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKENDS = ("auto", "triton", "torch")
-
-
-class SparseAttnFunction(torch.autograd.Function):
-    """Triton forward and backward over a fixed layout; ``lse`` is differentiable too."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
-        out, lse = sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap, bias)
-        ctx.save_for_backward(q, k, v, out, lse, bias)
-        ctx.layout = layout
-        ctx.softmax_scale = softmax_scale
-        ctx.softcap = softcap
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, bias = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        if dlse is not None:
-            dlse = dlse.float().contiguous()
-        dq, dk, dv, dbias = sparse_attn_bwd(dout, q, k, v, out, lse, dlse, ctx.layout,
-                                            ctx.softmax_scale, ctx.softcap, bias,
-                                            bias_grad=ctx.needs_input_grad[6])
-        return dq, dk, dv, None, None, None, dbias
 
 
 def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causal=None,
@@ -94,22 +68,16 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
 
     if layout is not None:
         _check_layout(layout, is_causal, batch, q_len, k_len, heads_ok, query.device)
-    elif attn_indices is not None:
-        _check_pattern("attn_indices", attn_indices, batch, q_len, None, heads_ok)
-        layout = _cached(attn_indices, (k_len, bool(is_causal)), lambda: build_layout(
-            attn_indices, k_len, is_causal=bool(is_causal)))
-    elif attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
-            raise TypeError("attn_mask must be a torch.bool tensor (True = attend), got "
-                            f"{getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
-        _check_pattern("attn_mask", attn_mask, batch, q_len, k_len, heads_ok, broadcast=True)
-        layout = _cached(attn_mask, (q_len, k_len, bool(is_causal)),
-                         lambda: SparseLayout.from_dense_mask(attn_mask, is_causal=bool(is_causal),
-                                                              q_len=q_len, k_len=k_len))
     else:
-        layout = _dense_layout(q_len, k_len, bool(is_causal), str(query.device))
-    layout = layout.to(query.device)  # a pattern given per call may live elsewhere (an explicit
-    # layout= on another device was refused above: moving it every call would hide the cost)
+        if attn_indices is not None:
+            _check_pattern("attn_indices", attn_indices, batch, q_len, None, heads_ok)
+        elif attn_mask is not None:
+            if not isinstance(attn_mask, torch.Tensor) or attn_mask.dtype != torch.bool:
+                raise TypeError("attn_mask must be a torch.bool tensor (True = attend), got "
+                                f"{getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
+            _check_pattern("attn_mask", attn_mask, batch, q_len, k_len, heads_ok, broadcast=True)
+        layout = _layout_of_pattern(attn_indices, attn_mask, bool(is_causal), q_len, k_len,
+                                    query.device)
 
     if layout.is_reordered:  # the kernels see the tokens in the layout's order
         query = query.index_select(1, layout.q_perm)
@@ -122,12 +90,29 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
     if backend == "torch" or (backend == "auto" and not _triton_available(query)):
         out, lse = sparse_attention(query, key, value, layout, softmax_scale, softcap, attn_bias)
     else:
-        out, lse = SparseAttnFunction.apply(query, key, value, layout, softmax_scale,
-                                            float(softcap), attn_bias)
+        out, lse = sparse_attn_op(query, key, value, layout, softmax_scale, softcap, attn_bias)
     if layout.is_reordered:
         q_inv = inverse(layout.q_perm)
         out, lse = out.index_select(1, q_inv), lse.index_select(2, q_inv)
     return (out, lse) if return_lse else out
+
+
+@torch.compiler.disable
+def _layout_of_pattern(attn_indices, attn_mask, is_causal, q_len, k_len, device):
+    """The layout of a per-call ``attn_indices`` / ``attn_mask`` (or of dense attention), on
+    ``device``. Its size depends on the pattern's values, so ``torch.compile`` cannot trace it:
+    the call is a graph break (an error under ``fullgraph=True``); compiled models build the
+    layout outside and pass ``layout=``."""
+    if attn_indices is not None:
+        layout = _cached(attn_indices, (k_len, is_causal), lambda: build_layout(
+            attn_indices, k_len, is_causal=is_causal))
+    elif attn_mask is not None:
+        layout = _cached(attn_mask, (q_len, k_len, is_causal), lambda: SparseLayout.from_dense_mask(
+            attn_mask, is_causal=is_causal, q_len=q_len, k_len=k_len))
+    else:
+        layout = _dense_layout(q_len, k_len, is_causal, str(device))
+    return layout.to(device)  # a pattern given per call may live elsewhere (an explicit layout=
+    # on another device is refused: moving it every call would hide the cost)
 
 
 # Layouts built from per-call patterns, so that a model passing the same attn_indices (or

@@ -39,8 +39,8 @@ def sparse_attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-                bias_col, dbias_base, row_ptr, mask_idx_ptr, masks, start, end, qk_scale, cap_scale, q_len,
-                k_len, kt,
+                bias_col, dbias_base, row_ptr, mask_idx_ptr, masks, start, end, qk_scale,
+                cap_scale, q_len, k_len, kt,
                 stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm, stride_biasn,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
@@ -164,17 +164,17 @@ def sparse_attn_bwd_dkdv_kernel(
         start, end = row_range(full_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-            bias_col, dbias_base, full_row_t, full_row_t, masks, start, end, qk_scale, cap_scale, q_len,
-            k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm, stride_biasn,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS,
-            INPUT_PRECISION)
+            bias_col, dbias_base, full_row_t, full_row_t, masks, start, end, qk_scale, cap_scale,
+            q_len, k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm,
+            stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, SOFTCAP, HAS_BIAS,
+            BIAS_ROW, DBIAS, INPUT_PRECISION)
         start, end = row_range(part_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-            bias_col, dbias_base, part_row_t, part_mask_t, masks, start, end, qk_scale, cap_scale, q_len,
-            k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm, stride_biasn,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS,
-            INPUT_PRECISION)
+            bias_col, dbias_base, part_row_t, part_mask_t, masks, start, end, qk_scale, cap_scale,
+            q_len, k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm,
+            stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, SOFTCAP, HAS_BIAS,
+            BIAS_ROW, DBIAS, INPUT_PRECISION)
         if DBIAS == 2:
             tl.store(dbias_base + offs_n, dbias_cols, mask=offs_n < k_len)
     dk *= softmax_scale
