@@ -37,6 +37,7 @@ def main():
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
     parser.add_argument("--stack", nargs="+", default=["auto"],
                         help="query heads per forward and dQ program: 'auto' (config.py) or ints")
+    parser.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     length, hq, hkv, dim = args.seq_len, args.heads_q, args.heads_kv, args.head_dim
@@ -55,7 +56,7 @@ def main():
         flops = 4 * layout.nnz * (hq // layout.heads) * dim
         out = bsa.sparse_attn_func(q, k, v, layout=layout)
         for passname, stack, warps, stages in itertools.product(
-                ["fwd", "bwd"], args.stack, args.warps, args.stages):
+                args.passes, args.stack, args.warps, args.stages):
             config = dict(num_warps=warps, num_stages=stages)
             launch_config.heads_per_program = (
                 default_stack if stack == "auto" else (lambda *a, n=int(stack), **kw: n))
@@ -91,7 +92,7 @@ def main():
         writer = csv.DictWriter(f, fieldnames=sorted({key for r in rows for key in r}))
         writer.writeheader()
         writer.writerows(rows)
-    for passname in ("fwd", "bwd"):
+    for passname in args.passes:
         best = min((r for r in rows if r["pass_"] == passname and r["ms"]), key=lambda r: r["ms"])
         print(f"best {passname}: {best}")
 

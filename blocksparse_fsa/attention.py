@@ -79,22 +79,28 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
         layout = _layout_of_pattern(attn_indices, attn_mask, bool(is_causal), q_len, k_len,
                                     query.device)
 
-    if layout.is_reordered:  # the kernels see the tokens in the layout's order
-        query = query.index_select(1, layout.q_perm)
-        key = key.index_select(1, layout.k_perm)
-        value = value.index_select(1, layout.k_perm)
-        if attn_bias is not None:
-            if attn_bias.shape[2] > 1:
-                attn_bias = attn_bias.index_select(2, layout.q_perm)
-            attn_bias = attn_bias.index_select(3, layout.k_perm)
     if backend == "torch" or (backend == "auto" and not _triton_available(query)):
-        out, lse = sparse_attention(query, key, value, layout, softmax_scale, softcap, attn_bias)
-    else:
+        out, lse = _reference_path(query, key, value, layout, softmax_scale, softcap, attn_bias)
+    else:  # the kernels apply a reordered layout's permutation in their loads and stores
         out, lse = sparse_attn_op(query, key, value, layout, softmax_scale, softcap, attn_bias)
-    if layout.is_reordered:
-        q_inv = inverse(layout.q_perm)
-        out, lse = out.index_select(1, q_inv), lse.index_select(2, q_inv)
     return (out, lse) if return_lse else out
+
+
+def _reference_path(query, key, value, layout, softmax_scale, softcap, bias):
+    """The pure-PyTorch path; a reordered layout gathers the inputs into its token order and
+    scatters the results back."""
+    if not layout.is_reordered:
+        return sparse_attention(query, key, value, layout, softmax_scale, softcap, bias)
+    query = query.index_select(1, layout.q_perm)
+    key = key.index_select(1, layout.k_perm)
+    value = value.index_select(1, layout.k_perm)
+    if bias is not None:
+        if bias.shape[2] > 1:
+            bias = bias.index_select(2, layout.q_perm)
+        bias = bias.index_select(3, layout.k_perm)
+    out, lse = sparse_attention(query, key, value, layout, softmax_scale, softcap, bias)
+    q_inv = inverse(layout.q_perm)
+    return out.index_select(1, q_inv), lse.index_select(2, q_inv)
 
 
 @torch.compiler.disable

@@ -13,23 +13,25 @@ import torch
 from .kernels import sparse_attn_bwd, sparse_attn_fwd
 from .layout import SparseLayout
 
-# the tensors and sizes of a SparseLayout that the kernels read; not the permutation (the caller
-# applies it around the op), causality (already in the tiles) or nnz, so that torch.compile
+# the tensors and sizes of a SparseLayout that the kernels read (the token permutation travels
+# as two optional tensors); not causality (already in the tiles) or nnz, so that torch.compile
 # does not specialise a graph on them
 _TILE_FIELDS = ("full_ptr", "full_col", "part_ptr", "part_col", "masks",
                 "full_ptr_t", "full_row_t", "part_ptr_t", "part_row_t", "part_mask_t")
+_PERM_FIELDS = ("q_perm", "k_perm")
 _SIZE_FIELDS = ("q_len", "k_len", "block_m", "block_n", "batch", "heads")
 
 
 def _flatten(layout: SparseLayout):
-    return ([getattr(layout, f) for f in _TILE_FIELDS],
-            [int(getattr(layout, f)) for f in _SIZE_FIELDS])
+    """``tiles`` (the tile tensors, then q_perm and k_perm if reordered) and ``sizes``."""
+    names = _TILE_FIELDS + (_PERM_FIELDS if layout.is_reordered else ())
+    return [getattr(layout, f) for f in names], [int(getattr(layout, f)) for f in _SIZE_FIELDS]
 
 
 def _unflatten(tiles, sizes) -> SparseLayout:
     """The kernels' view of a layout (``is_causal`` and ``nnz`` are placeholders)."""
-    return SparseLayout(**dict(zip(_SIZE_FIELDS, sizes)), **dict(zip(_TILE_FIELDS, tiles)),
-                        is_causal=False, nnz=0)
+    return SparseLayout(**dict(zip(_SIZE_FIELDS, sizes)),
+                        **dict(zip(_TILE_FIELDS + _PERM_FIELDS, tiles)), is_causal=False, nnz=0)
 
 
 @torch.library.custom_op("blocksparse_fsa::fwd", mutates_args=())
@@ -91,7 +93,7 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def sparse_attn_op(q, k, v, layout: SparseLayout, softmax_scale: float, softcap: float = 0.0,
                    bias=None):
-    """``(out, lse)`` of the Triton kernels over ``layout`` (in the kernels' token order),
-    differentiable in q, k, v, bias and lse."""
+    """``(out, lse)`` of the Triton kernels over ``layout``, differentiable in q, k, v, bias and
+    lse. All tensors are in the caller's token order, also for a reordered layout."""
     tiles, sizes = _flatten(layout)
     return _fwd(q, k, v, tiles, sizes, float(softmax_scale), float(softcap), bias)

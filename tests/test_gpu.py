@@ -148,6 +148,20 @@ def test_bias_and_its_gradient(shape):
     check(q, k, v, layout, torch.bfloat16, bias=bias)
 
 
+def test_reordered_layout_with_bias():
+    """A dilated window, permuted into plain windows: the kernels read and write through the
+    permutation (outputs and gradients in the caller's order)."""
+    torch.manual_seed(3)
+    length, dilation = 2000, 4
+    i = torch.arange(length, device="cuda")[:, None]
+    idx = (i - dilation * torch.arange(128, device="cuda")[None, :])[None, None]
+    layout = bsa.build_layout(torch.where(idx >= 0, idx, -1).expand(1, 2, -1, -1), length,
+                              is_causal=True, reorder=("dilation", dilation))
+    q = torch.randn(1, length, 8, 128, device="cuda")
+    k, v = (torch.randn(1, length, 2, 128, device="cuda") for _ in range(2))
+    check(q, k, v, layout, torch.bfloat16, bias=torch.randn(1, 2, 1, length, device="cuda"))
+
+
 def test_gpu_side_layout_build_matches_numba():
     """Indices on the GPU build their layout there (method="auto"), tensor for tensor equal to
     the numba layout."""

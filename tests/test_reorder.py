@@ -78,10 +78,11 @@ def test_explicit_permutations_with_unequal_lengths_and_exports():
             assert (a != b).nnz == 0
     with pytest.raises(ValueError, match="without a token permutation"):
         packed.to_flex_block_mask()
-    q = torch.randn(2, q_len, 2, 16, generator=g)
+    q, dout = (torch.randn(2, q_len, 2, 16, generator=g) for _ in range(2))
     k, v = (torch.randn(2, k_len, 1, 16, generator=g) for _ in range(2))
-    torch.testing.assert_close(bsa.sparse_attn_func(q, k, v, layout=packed),
-                               bsa.sparse_attn_func(q, k, v, layout=plain), atol=1e-5, rtol=1e-5)
+    for a, b in zip(attention_and_grads(packed, q, k, v, dout, "auto"),
+                    attention_and_grads(plain, q, k, v, dout, "auto")):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert packed.to("cpu") is packed and "reordered=True" in repr(packed)
 
 

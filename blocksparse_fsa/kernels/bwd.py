@@ -5,8 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, bias_args, bias_rows_of, launch_args, load_bias, log2_scores, new_empty,
-                     query_program, row_range, score_args, stride_args, tile_bits)
+from .common import (LOG2E, bias_args, bias_rows_of, launch_args, load_bias, log2_scores,
+                     new_empty, perm_args, query_program, row_range, score_args, stride_args,
+                     tile_bits, token_rows)
 from . import config as launch_config
 
 
@@ -39,13 +40,13 @@ def sparse_attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-                bias_col, dbias_base, row_ptr, mask_idx_ptr, masks, start, end, qk_scale,
-                cap_scale, q_len, k_len, kt,
+                bias_col, dbias_base, row_ptr, mask_idx_ptr, masks, QPerm, k_rows, start, end,
+                qk_scale, cap_scale, q_len, k_len, kt,
                 stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm, stride_biasn,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr,
-                DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                DBIAS: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles ``row_ptr[start:end]``.
 
     The bias comes from ``bias_base`` (this query head's plane), or with ``BIAS_ROW`` (one bias
@@ -63,18 +64,19 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
     for t in range(start, end):
         qt = tl.load(row_ptr + t).to(tl.int64)
         offs_m = qt * BLOCK_M + offs_i
+        q_rows = token_rows(QPerm, offs_m, q_len, PERMUTED)
         q_ok = d_ok[None, :]
         if IS_PARTIAL:
             q_ok = q_ok & (offs_m[:, None] < q_len)
-        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+        q = tl.load(q_base + q_rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
                     mask=q_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
-        lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * LOG2E
+        lse = tl.load(lse_base + q_rows, mask=offs_m < q_len, other=0.0) * LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
         s_t, tanh_t = log2_scores(qk_t, qk_scale, cap_scale, SOFTCAP)  # [BLOCK_N, BLOCK_M]
         if BIAS_ROW:
             s_t += bias_col[:, None]
         elif HAS_BIAS:
-            bias_ptrs = bias_base + offs_m[None, :] * stride_biasm + offs_kn[:, None] * stride_biasn
+            bias_ptrs = bias_base + q_rows[None, :] * stride_biasm + k_rows[:, None] * stride_biasn
             if IS_PARTIAL:
                 pair_ok = (offs_m[None, :] < q_len) & (offs_kn[:, None] < k_len)
                 bias_t = tl.load(bias_ptrs, mask=pair_ok, other=0.0)
@@ -87,14 +89,14 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
             bits_t = tile_bits(masks + mask_idx * (BLOCK_M * N_WORDS), offs_i, offs_n, N_WORDS,
                                True)
             p_t = tl.where(bits_t, p_t, 0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+        do = tl.load(do_base + q_rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                      mask=q_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
+        delta = tl.load(delta_base + q_rows, mask=offs_m < q_len, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
         ds_t = p_t * (dp_t - delta[None, :])  # d(score) = d(bias)
         if DBIAS == 1:
-            dbias_ptrs = dbias_base + offs_m[None, :] * k_len + offs_kn[:, None]
+            dbias_ptrs = dbias_base + q_rows[None, :] * k_len + k_rows[:, None]
             if IS_PARTIAL:
                 tl.store(dbias_ptrs, ds_t, mask=(offs_m[None, :] < q_len)
                          & (offs_kn[:, None] < k_len))
@@ -111,7 +113,7 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
 @triton.jit
 def sparse_attn_bwd_dkdv_kernel(
     Q, K, V, Bias, DOut, Lse, Delta, DK, DV, DBias,
-    full_ptr_t, full_row_t, part_ptr_t, part_row_t, part_mask_t, masks,
+    full_ptr_t, full_row_t, part_ptr_t, part_row_t, part_mask_t, masks, QPerm, KPerm,
     qk_scale, cap_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div,
     layout_heads, layout_batch_step, bias_head_div,
     stride_qb, stride_ql, stride_qh, stride_qd,
@@ -123,11 +125,12 @@ def sparse_attn_bwd_dkdv_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     N_WORDS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr,
-    DBIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DBIAS: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one key tile of one (batch, KV head), looping over the query heads of its
     group; grid (num_k_tiles, B * Hkv). Lse and Delta are (B, Hq, Lq) float32, contiguous.
-    DBias (``DBIAS`` > 0) is fp32 ``(B, Hq, Lq, Lk)`` (1) or ``(B, Hq, Lk)`` (2), contiguous."""
+    DBias (``DBIAS`` > 0) is fp32 ``(B, Hq, Lq, Lk)`` (1) or ``(B, Hq, Lk)`` (2), contiguous.
+    Tensors are in the caller's token order (``PERMUTED``: see the forward kernel)."""
     kt = tl.program_id(0)
     bh = tl.program_id(1)
     num_kv_heads = num_q_heads // group_size
@@ -136,7 +139,8 @@ def sparse_attn_bwd_dkdv_kernel(
     offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_n[:, None].to(tl.int64)
+    k_rows = token_rows(KPerm, offs_n, k_len, PERMUTED)
+    rows = k_rows[:, None]
     k = tl.load(K + b * stride_kb + hk * stride_kh + rows * stride_kl + offs_d[None, :] * stride_kd,
                 mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
     v = tl.load(V + b * stride_vb + hk * stride_vh + rows * stride_vl + offs_d[None, :] * stride_vd,
@@ -153,7 +157,7 @@ def sparse_attn_bwd_dkdv_kernel(
         bias_base = Bias + b * stride_biasb + (hq // bias_head_div) * stride_biash
         bias_col = tl.zeros([BLOCK_N], dtype=tl.float32)
         if BIAS_ROW:
-            bias_col = tl.load(bias_base + offs_n * stride_biasn, mask=offs_n < k_len,
+            bias_col = tl.load(bias_base + k_rows * stride_biasn, mask=offs_n < k_len,
                                other=0.0).to(tl.float32) * LOG2E
         plane = b * num_q_heads + hq
         if DBIAS == 1:
@@ -164,19 +168,19 @@ def sparse_attn_bwd_dkdv_kernel(
         start, end = row_range(full_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-            bias_col, dbias_base, full_row_t, full_row_t, masks, start, end, qk_scale, cap_scale,
-            q_len, k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm,
-            stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False, SOFTCAP, HAS_BIAS,
-            BIAS_ROW, DBIAS, INPUT_PRECISION)
+            bias_col, dbias_base, full_row_t, full_row_t, masks, QPerm, k_rows, start, end,
+            qk_scale, cap_scale, q_len, k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod,
+            stride_biasm, stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False,
+            SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS, PERMUTED, INPUT_PRECISION)
         start, end = row_range(part_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-            bias_col, dbias_base, part_row_t, part_mask_t, masks, start, end, qk_scale, cap_scale,
-            q_len, k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm,
-            stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True, SOFTCAP, HAS_BIAS,
-            BIAS_ROW, DBIAS, INPUT_PRECISION)
+            bias_col, dbias_base, part_row_t, part_mask_t, masks, QPerm, k_rows, start, end,
+            qk_scale, cap_scale, q_len, k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod,
+            stride_biasm, stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True,
+            SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS, PERMUTED, INPUT_PRECISION)
         if DBIAS == 2:
-            tl.store(dbias_base + offs_n, dbias_cols, mask=offs_n < k_len)
+            tl.store(dbias_base + k_rows, dbias_cols, mask=offs_n < k_len)
     dk *= softmax_scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + rows * stride_dkl
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_ok)
@@ -185,15 +189,15 @@ def sparse_attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end, qk_scale,
-              cap_scale, bias_rows, row_ok, k_len,
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, KPerm, start, end,
+              qk_scale, cap_scale, bias_rows, row_ok, k_len,
               stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
               IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BIAS_ROW: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile of ``HEADS`` stacked query heads over the key tiles
-    ``col_ptr[start:end]``."""
+    ``col_ptr[start:end]`` (keys read through ``KPerm`` if ``PERMUTED``)."""
     offs_i = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -201,17 +205,18 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end,
     for t in range(start, end):
         kt = tl.load(col_ptr + t).to(tl.int64)
         offs_kn = kt * BLOCK_N + offs_n
+        k_rows = token_rows(KPerm, offs_kn, k_len, PERMUTED)
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
             kv_ok = kv_ok & (offs_kn[:, None] < k_len)
-        k = tl.load(k_base + offs_kn[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+        k = tl.load(k_base + k_rows[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                     mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_base + offs_kn[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+        v = tl.load(v_base + k_rows[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                     mask=kv_ok, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
         s, tanh = log2_scores(qk, qk_scale, cap_scale, SOFTCAP)
         if HAS_BIAS:
-            s += load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL,
+            s += load_bias(bias_rows, k_rows, row_ok, offs_kn < k_len, stride_biasn, IS_PARTIAL,
                            BIAS_ROW)
         p = tl.math.exp2(s - lse[:, None])
         if IS_PARTIAL:
@@ -229,7 +234,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, start, end,
 @triton.jit
 def sparse_attn_bwd_dq_kernel(
     Q, K, V, Bias, DOut, Lse, Delta, DQ,
-    full_ptr, full_col, part_ptr, part_col, masks,
+    full_ptr, full_col, part_ptr, part_col, masks, QPerm, KPerm,
     qk_scale, cap_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div,
     layout_heads, layout_batch_step, bias_head_div,
     stride_qb, stride_ql, stride_qh, stride_qd,
@@ -240,41 +245,43 @@ def sparse_attn_bwd_dq_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BIAS_ROW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch (sharing
-    a KV head and a layout row); grid (num_q_tiles, B * Hq / HEADS)."""
+    a KV head and a layout row); grid (num_q_tiles, B * Hq / HEADS). Tensors are in the
+    caller's token order (``PERMUTED``: see the forward kernel)."""
     b, hk, hq0, row, heads, offs_m = query_program(num_q_heads, group_size, head_div,
                                                    layout_heads, layout_batch_step, HEADS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_m[:, None].to(tl.int64)
+    q_rows = token_rows(QPerm, offs_m, q_len, PERMUTED)
+    rows = q_rows[:, None]
     hs = heads[:, None]
     q = tl.load(Q + b * stride_qb + hs * stride_qh + rows * stride_ql + offs_d[None, :] * stride_qd,
                 mask=ok, other=0.0)  # [HEADS * BLOCK_M, BLOCK_D]
     do = tl.load(DOut + b * stride_dob + hs * stride_doh + rows * stride_dol
                  + offs_d[None, :] * stride_dod, mask=ok, other=0.0)
-    stat = (b * num_q_heads + heads) * q_len + offs_m  # lse / delta offsets
+    stat = (b * num_q_heads + heads) * q_len + q_rows  # lse / delta offsets
     lse = tl.load(Lse + stat, mask=offs_m < q_len, other=0.0) * LOG2E
     delta = tl.load(Delta + stat, mask=offs_m < q_len, other=0.0)
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    bias_rows = bias_rows_of(Bias, b, hq0, heads, offs_m, bias_head_div, stride_biasb,
+    bias_rows = bias_rows_of(Bias, b, hq0, heads, q_rows, bias_head_div, stride_biasb,
                              stride_biash, stride_biasm, BIAS_ROW)
     row_ok = offs_m < q_len
     dq = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, end = row_range(full_ptr, row)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, full_col, masks,
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, full_col, masks, KPerm,
                    start, end, qk_scale, cap_scale, bias_rows, row_ok, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP,
-                   HAS_BIAS, BIAS_ROW, INPUT_PRECISION)
+                   HAS_BIAS, BIAS_ROW, PERMUTED, INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, part_col, masks,
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, part_col, masks, KPerm,
                    start, end, qk_scale, cap_scale, bias_rows, row_ok, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP,
-                   HAS_BIAS, BIAS_ROW, INPUT_PRECISION)
+                   HAS_BIAS, BIAS_ROW, PERMUTED, INPUT_PRECISION)
     dq *= softmax_scale
     tl.store(DQ + b * stride_dqb + hs * stride_dqh + rows * stride_dql
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ok)
@@ -314,7 +321,7 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
         sparse_attn_bwd_dq_kernel[(q_grid[0], q_grid[1] // heads)](
             Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DQ=dq, **bias_args(bias, q, heads),
             full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
-            part_col=layout.part_col, masks=layout.masks,
+            part_col=layout.part_col, masks=layout.masks, **perm_args(layout, q),
             softmax_scale=softmax_scale, q_len=q_len, k_len=k_len, **scores,
             HEADS=heads, **common, **stride_args(q=q, k=k, v=v, do=do, dq=dq),
             **launch_config.get_bwd_config(head_dim, heads * layout.block_m, layout.block_n))
@@ -325,7 +332,7 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
             DBias=dbias_buf, DBIAS=dbias_mode,
             full_ptr_t=layout.full_ptr_t, full_row_t=layout.full_row_t,
             part_ptr_t=layout.part_ptr_t, part_row_t=layout.part_row_t,
-            part_mask_t=layout.part_mask_t, masks=layout.masks,
+            part_mask_t=layout.part_mask_t, masks=layout.masks, **perm_args(layout, q),
             softmax_scale=softmax_scale, q_len=q_len, k_len=k_len, **scores,
             **common, **stride_args(q=q, k=k, v=v, do=do, dk=dk, dv=dv),
             **launch_config.get_bwd_config(head_dim, layout.block_m, layout.block_n))

@@ -154,21 +154,39 @@ def bias_rows_of(Bias, b, hq0, heads, offs_m, bias_head_div, stride_biasb, strid
 
 
 @triton.jit
-def load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL: tl.constexpr,
+def load_bias(bias_rows, cols, row_ok, col_ok, stride_biasn, IS_PARTIAL: tl.constexpr,
               BIAS_ROW: tl.constexpr):
     """One tile of the additive bias, fp32 in log2 units: ``bias_rows`` (``bias_rows_of``)
-    points at each query row's bias row, ``offs_kn`` are the tile's keys; partial tiles mask
-    rows >= Lq and keys >= Lk (full tiles lie inside both). With ``BIAS_ROW`` one vector is
-    loaded and broadcast over the rows."""
+    points at each query row's bias row, ``cols`` are the tile's key columns in the bias;
+    partial tiles mask rows and keys outside ``row_ok`` / ``col_ok`` (full tiles lie inside
+    both). With ``BIAS_ROW`` one vector is loaded and broadcast over the rows."""
     if BIAS_ROW:
         if IS_PARTIAL:
-            row = tl.load(bias_rows + offs_kn * stride_biasn, mask=offs_kn < k_len, other=0.0)
+            row = tl.load(bias_rows + cols * stride_biasn, mask=col_ok, other=0.0)
         else:
-            row = tl.load(bias_rows + offs_kn * stride_biasn)
+            row = tl.load(bias_rows + cols * stride_biasn)
         return row.to(tl.float32)[None, :] * LOG2E
-    ptrs = bias_rows[:, None] + offs_kn[None, :] * stride_biasn
+    ptrs = bias_rows[:, None] + cols[None, :] * stride_biasn
     if IS_PARTIAL:
-        bias = tl.load(ptrs, mask=row_ok[:, None] & (offs_kn[None, :] < k_len), other=0.0)
+        bias = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
     else:
         bias = tl.load(ptrs)
     return bias.to(tl.float32) * LOG2E
+
+
+@triton.jit
+def token_rows(perm, offs, n, PERMUTED: tl.constexpr):
+    """Where the kernel-order tokens ``offs`` live in the caller's tensors (int64): ``perm[offs]``
+    for a reordered layout, else ``offs``. Positions >= ``n`` (masked by the caller) map to 0
+    when permuted."""
+    if PERMUTED:
+        return tl.load(perm + offs, mask=offs < n, other=0).to(tl.int64)
+    return offs.to(tl.int64)
+
+
+def perm_args(layout, q) -> dict:
+    """Kernel arguments of a reordered layout: the kernels read and write the caller's tensors
+    through ``q_perm`` / ``k_perm`` (no gathered copies)."""
+    if layout.q_perm is None:
+        return dict(QPerm=q, KPerm=q, PERMUTED=False)
+    return dict(QPerm=layout.q_perm, KPerm=layout.k_perm, PERMUTED=True)

@@ -5,21 +5,23 @@ import triton
 import triton.language as tl
 
 from .common import (LN2, bias_args, bias_rows_of, launch_args, load_bias, log2_scores,
-                     new_empty, query_program, row_range, score_args, stride_args, tile_bits)
+                     new_empty, perm_args, query_program, row_range, score_args, stride_args,
+                     tile_bits, token_rows)
 from . import config as launch_config
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_scale, cap_scale,
-               bias_rows, row_ok, k_len,
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, start, end, qk_scale,
+               cap_scale, bias_rows, row_ok, k_len,
                stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
                IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-               BIAS_ROW: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Fold the tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query tile
     of ``HEADS`` stacked query heads (rows ``h * BLOCK_M + m``; they share the tiles' bits).
-    ``bias_rows``: see ``bias_rows_of`` (``HAS_BIAS``); ``row_ok``: rows < Lq."""
+    ``bias_rows``: see ``bias_rows_of`` (``HAS_BIAS``); ``row_ok``: rows < Lq; keys are read
+    through ``KPerm`` if ``PERMUTED``."""
     offs_m = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -27,15 +29,16 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_
     for t in range(start, end):
         kt = tl.load(col_ptr + t).to(tl.int64)
         offs_kn = kt * BLOCK_N + offs_n
+        k_rows = token_rows(KPerm, offs_kn, k_len, PERMUTED)
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
             kv_ok = kv_ok & (offs_kn[:, None] < k_len)
-        k = tl.load(k_base + offs_kn[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+        k = tl.load(k_base + k_rows[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                     mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [HEADS*BLOCK_M, BLOCK_N]
         s, _ = log2_scores(s, qk_scale, cap_scale, SOFTCAP)
         if HAS_BIAS:
-            s += load_bias(bias_rows, offs_kn, row_ok, k_len, stride_biasn, IS_PARTIAL,
+            s += load_bias(bias_rows, k_rows, row_ok, offs_kn < k_len, stride_biasn, IS_PARTIAL,
                            BIAS_ROW)
         if IS_PARTIAL:
             bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_m, offs_n,
@@ -51,7 +54,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_
         p = tl.math.exp2(s - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_kn[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+        v = tl.load(v_base + k_rows[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                     mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
@@ -61,7 +64,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, start, end, qk_
 @triton.jit
 def sparse_attn_fwd_kernel(
     Q, K, V, Bias, Out, Lse,
-    full_ptr, full_col, part_ptr, part_col, masks,
+    full_ptr, full_col, part_ptr, part_col, masks, QPerm, KPerm,
     qk_scale, cap_scale, q_len, k_len, num_q_heads, group_size, head_div, layout_heads,
     layout_batch_step, bias_head_div,
     stride_qb, stride_ql, stride_qh, stride_qd,
@@ -72,25 +75,28 @@ def sparse_attn_fwd_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BIAS_ROW: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch, which
     share a KV head and a layout row (one K/V tile load serves all of them); grid
     (num_q_tiles, B * Hq / HEADS). q/k/v/out are (B, L, H, D) with any strides; lse is
     (B, Hq, Lq) float32, natural log. Rows with no active key get out = 0 and lse = -inf.
     An optional bias (``HAS_BIAS``, broadcast dims with stride 0) is added to the scores.
+    With ``PERMUTED`` the tiles are in the layout's token order and every tensor is read and
+    written through ``QPerm`` / ``KPerm`` (kernel row r is the caller's row QPerm[r]).
     """
     b, hk, hq0, row, heads, offs_m = query_program(num_q_heads, group_size, head_div,
                                                    layout_heads, layout_batch_step, HEADS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
     d_ok = offs_d < HEAD_DIM
+    q_rows = token_rows(QPerm, offs_m, q_len, PERMUTED)
     q_ptrs = (Q + b * stride_qb + heads[:, None] * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_ql + offs_d[None, :] * stride_qd)
+              + q_rows[:, None] * stride_ql + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [HEADS*BLOCK_M, BLOCK_D]
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    bias_rows = bias_rows_of(Bias, b, hq0, heads, offs_m, bias_head_div, stride_biasb,
+    bias_rows = bias_rows_of(Bias, b, hq0, heads, q_rows, bias_head_div, stride_biasb,
                              stride_biash, stride_biasm, BIAS_ROW)
 
     acc = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -98,32 +104,33 @@ def sparse_attn_fwd_kernel(
     m_i = tl.full([HEADS * BLOCK_M], float("-inf"), dtype=tl.float32)
     start, end = row_range(full_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, full_col, masks,
+        acc, l_i, m_i, q, k_base, v_base, full_col, masks, KPerm,
         start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP, HAS_BIAS,
-        BIAS_ROW, INPUT_PRECISION)
+        BIAS_ROW, PERMUTED, INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, part_col, masks,
+        acc, l_i, m_i, q, k_base, v_base, part_col, masks, KPerm,
         start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP, HAS_BIAS,
-        BIAS_ROW, INPUT_PRECISION)
+        BIAS_ROW, PERMUTED, INPUT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     o_ptrs = (Out + b * stride_ob + heads[:, None] * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_ol + offs_d[None, :] * stride_od)
+              + q_rows[:, None] * stride_ol + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + b * stride_lse_b + heads * stride_lse_h + offs_m, lse, mask=m_ok)
+    tl.store(Lse + b * stride_lse_b + heads * stride_lse_h + q_rows, lse, mask=m_ok)
 
 
 def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
     """Launch the forward kernel. Returns ``out`` (like q) and ``lse`` (B, Hq, Lq) float32.
-    ``bias``: optional ``(B|1, Hq|Hkv|1, Lq|1, Lk)`` added to the (capped) scaled scores."""
+    ``bias``: optional ``(B|1, Hq|Hkv|1, Lq|1, Lk)`` added to the (capped) scaled scores.
+    Every tensor is in the caller's token order, also for a reordered layout."""
     batch, q_len, num_q_heads, head_dim = q.shape
     out = new_empty(like=q)
     lse = new_empty(batch, num_q_heads, q_len, dtype=torch.float32, device=q.device)
@@ -135,7 +142,7 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
     sparse_attn_fwd_kernel[grid](
         Q=q, K=k, V=v, Out=out, Lse=lse, **bias_args(bias, q, heads),
         full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
-        part_col=layout.part_col, masks=layout.masks,
+        part_col=layout.part_col, masks=layout.masks, **perm_args(layout, q),
         q_len=q_len, k_len=k.shape[1], **score_args(softmax_scale, softcap),
         stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
         HEADS=heads, **args, **stride_args(q=q, k=k, v=v, o=out),
