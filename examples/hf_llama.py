@@ -47,8 +47,8 @@ for name, model, kwargs in [("ours", ours, dict(sparse_layout=layout)),
 (logits, grads, after), (logits_ref, grads_ref, after_ref) = runs["ours"], runs["eager"]
 
 
-def rel(ours, theirs):
-    return ((ours - theirs).norm() / theirs.norm()).item()
+def rel(x, ref):
+    return ((x - ref).norm() / ref.norm()).item()
 
 
 for name, err in [("logits", rel(logits, logits_ref)),
