@@ -122,9 +122,10 @@ def _layout_of_pattern(attn_indices, attn_mask, is_causal, q_len, k_len, device)
 
 
 # Layouts built from per-call patterns, so that a model passing the same attn_indices (or
-# attn_mask) tensor to every layer builds its layout once. Keyed on the tensor's identity and
-# its version counter (bumped by every in-place change), with a weak reference that proves the
-# identity is still that tensor's.
+# attn_mask) tensor to every layer builds its layout once (the transformers integration keeps
+# its mask-and-layout intersections here too). Keyed on the tensor's identity and its version
+# counter (bumped by every in-place change), with a weak reference that proves the identity is
+# still that tensor's; `args` are compared by value (a SparseLayout by identity, held).
 LAYOUT_CACHE_SIZE = 8
 _LAYOUT_CACHE: collections.OrderedDict = collections.OrderedDict()
 
@@ -143,7 +144,8 @@ def _cached(pattern: torch.Tensor, args: tuple, build):
 
 
 def clear_layout_cache() -> None:
-    """Forget the layouts built from per-call ``attn_indices`` / ``attn_mask``."""
+    """Forget the layouts built from per-call ``attn_indices`` / ``attn_mask`` (and the
+    transformers integration's intersections of a model's mask with ``sparse_layout``)."""
     _LAYOUT_CACHE.clear()
 
 

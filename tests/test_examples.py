@@ -11,16 +11,17 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("name,pictures", [
-    ("quickstart", []),
-    ("longformer", ["longformer"]),
-    ("document_packing", ["document_packing"]),
-    ("dilated_reorder", ["dilated", "dilated_reordered"]),
-    ("neighborhood_2d", ["neighborhood_2d", "neighborhood_2d_patched"]),
+@pytest.mark.parametrize("name,pictures,needs", [
+    ("quickstart", [], []),
+    ("longformer", ["longformer"], ["matplotlib"]),
+    ("document_packing", ["document_packing"], ["matplotlib"]),
+    ("dilated_reorder", ["dilated", "dilated_reordered"], ["matplotlib"]),
+    ("neighborhood_2d", ["neighborhood_2d", "neighborhood_2d_patched"], ["matplotlib"]),
+    ("hf_llama", [], ["transformers"]),
 ])
-def test_example_runs_and_checks_itself(name, pictures, tmp_path):
-    if pictures:
-        pytest.importorskip("matplotlib")
+def test_example_runs_and_checks_itself(name, pictures, needs, tmp_path):
+    for module in needs:
+        pytest.importorskip(module)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     args = [sys.executable, str(EXAMPLES / f"{name}.py")] + ([str(tmp_path)] if pictures else [])
     done = subprocess.run(args, cwd=EXAMPLES, env=env, capture_output=True, text=True,

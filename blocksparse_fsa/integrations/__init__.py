@@ -1,0 +1,1 @@
+"""Adapters to other libraries; each submodule imports its library (an optional extra)."""
