@@ -1,5 +1,6 @@
-"""CPU tests of the benchmark harness: pattern builders against brute-force definitions, the
-flex mask_mods and BlockMasks against the indices, FLOP counting, output files and the CLI."""
+"""CPU tests of the benchmark harness: the flex BlockMasks against the patterns' indices, FLOP
+counting, the correctness gate, output files, the CLI and a whole sweep on CPU (the patterns
+themselves: tests/test_bench_patterns.py)."""
 
 import json
 import subprocess
@@ -10,130 +11,12 @@ import pytest
 import torch
 
 from blocksparse_fsa import bench
+from blocksparse_fsa import bench_patterns as bp
+
+from .test_bench_patterns import brute_mask, small_patterns
 
 L, HKV = 256, 2
 REPO = Path(__file__).resolve().parents[1]
-
-
-def row_sets(pattern, head=0):
-    """Causal index set of every query row of ``pattern`` (head ``head``)."""
-    idx = pattern.indices[0, head].tolist()
-    return [{j for j in row if 0 <= j <= i} for i, row in enumerate(idx)]
-
-
-def check_common(pattern, width):
-    idx = pattern.indices
-    assert idx.shape == (1, HKV, pattern.seq_len, width)
-    assert idx.dtype == torch.int32 and idx.is_contiguous()
-    assert int(idx.min()) >= -1 and int(idx.max()) < pattern.seq_len
-
-
-@pytest.mark.parametrize("window", [1024, 32, 1])
-def test_sliding_window(window):
-    p = bench.sliding_window(L, HKV, "cpu", window=window)
-    check_common(p, min(window, L))
-    for h in range(HKV):
-        for i, keys in enumerate(row_sets(p, h)):
-            assert keys == set(range(max(0, i - window + 1), i + 1)), i
-    assert not p.per_head
-
-
-@pytest.mark.parametrize("num_keys,stride", [(512, 4), (8, 3)])
-def test_dilated(num_keys, stride):
-    p = bench.dilated(L, HKV, "cpu", num_keys=num_keys, stride=stride)
-    check_common(p, num_keys)
-    for i, keys in enumerate(row_sets(p)):
-        assert keys == {i - stride * t for t in range(num_keys) if i - stride * t >= 0}, i
-    # no slot is lost to the causal cut: -1 exactly where i - stride * t < 0
-    assert int((p.indices >= 0).sum()) == HKV * sum(len(s) for s in row_sets(p))
-
-
-@pytest.mark.parametrize("seq_len,block", [(256, 16), (250, 16), (64, 64)])
-def test_bigbird(seq_len, block):
-    p = bench.bigbird(seq_len, HKV, "cpu", block=block, seed=3)
-    nb = -(-seq_len // block)
-    check_common(p, 8 * block)
-    blocks = bench.bigbird_blocks(seq_len, HKV, "cpu", block=block, seed=3)
-    assert blocks.shape == (HKV, nb, 8)
-    for h in range(HKV):
-        for qb in range(nb):
-            local = [b for b in (qb - 2, qb - 1, qb) if b >= 0]
-            glob = [b for b in (0, 1) if b < nb]
-            rnd = [b for b in blocks[h, qb, 5:].tolist() if b >= 0]
-            assert blocks[h, qb, :5].tolist() == [qb - 2 if qb >= 2 else -1,
-                                                  qb - 1 if qb >= 1 else -1, qb,
-                                                  0, 1 if nb > 1 else -1]
-            assert len(rnd) == min(3, qb) and len(set(rnd)) == len(rnd)
-            assert all(0 <= b < qb for b in rnd)
-            allowed = set(local) | set(glob) | set(rnd)
-            for i in range(qb * block, min((qb + 1) * block, seq_len)):
-                want = {j for b in allowed for j in range(b * block, min((b + 1) * block, seq_len))
-                        if j <= i}
-                assert row_sets(p, h)[i] == want, (h, i)
-    assert p.per_head
-    # random blocks differ between heads and are reproducible
-    again = bench.bigbird_blocks(seq_len, HKV, "cpu", block=block, seed=3)
-    assert torch.equal(blocks, again)
-
-
-def test_bigbird_default_width():
-    p = bench.bigbird(1024, HKV, "cpu")
-    check_common(p, 512)
-
-
-@pytest.mark.parametrize("k", [1024, 16])
-def test_topk_random(k):
-    p = bench.topk_random(L, HKV, "cpu", k=k, seed=1)
-    check_common(p, k)
-    idx = p.indices[0]
-    rows = torch.arange(L)[:, None]
-    valid = idx >= 0
-    assert bool(((idx <= rows) | ~valid).all())  # within the causal prefix [0, i]
-    short = (rows[:, 0] + 1 <= k)
-    # short rows: all of [0, i] exactly once, the rest -1
-    for i in torch.nonzero(short)[:, 0].tolist():
-        for h in range(HKV):
-            assert sorted(x for x in idx[h, i].tolist() if x >= 0) == list(range(i + 1))
-    # long rows: k draws, all valid
-    assert bool(valid[:, ~short].all())
-    assert p.per_head
-    assert torch.equal(p.indices, bench.topk_random(L, HKV, "cpu", k=k, seed=1).indices)
-    if (~short).any():
-        assert not torch.equal(idx[0, ~short], idx[1, ~short])  # heads draw independently
-
-
-def brute_mask(pattern):
-    """[Hkv, L, L] bool from the index sets."""
-    out = torch.zeros(pattern.num_kv_heads, pattern.seq_len, pattern.seq_len, dtype=torch.bool)
-    for h in range(pattern.num_kv_heads):
-        for i, keys in enumerate(row_sets(pattern, h)):
-            out[h, i, sorted(keys)] = True
-    return out
-
-
-def small_patterns():
-    return [bench.sliding_window(L, HKV, "cpu", window=40),
-            bench.dilated(L, HKV, "cpu", num_keys=20, stride=4),
-            bench.bigbird(L, HKV, "cpu", block=16),
-            bench.topk_random(L, HKV, "cpu", k=24)]
-
-
-@pytest.mark.parametrize("pattern", small_patterns(), ids=lambda p: p.name)
-def test_masks_agree_with_indices(pattern):
-    want = brute_mask(pattern)
-    # dense mask (sdpa_mask, topk's flex tensor)
-    dense = pattern.dense_mask()
-    assert torch.equal(dense.expand_as(want), want)
-    # flex mask_mod on the full grid
-    mask_mod = pattern.flex_mask()
-    h = torch.arange(pattern.num_kv_heads)[:, None, None]
-    q = torch.arange(L)[None, :, None]
-    kv = torch.arange(L)[None, None, :]
-    got = mask_mod(torch.zeros((), dtype=torch.long), h, q, kv)
-    assert torch.equal(got.expand_as(want), want)
-    # nnz
-    assert pattern.nnz() == int(want.sum())
-    assert bench.count_nnz(pattern.indices, L, causal=True) == int(want.sum())
 
 
 @pytest.mark.parametrize("pattern", small_patterns(), ids=lambda p: p.name)
@@ -161,7 +44,7 @@ def test_flex_block_mask_gqa(pattern):
 def test_flex_matches_dense_reference_cpu():
     """Flex (eager, fwd only on CPU) with our BlockMask == SDPA with the dense mask (GQA)."""
     flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
-    pattern = bench.bigbird(L, HKV, "cpu", block=16, seed=5)
+    pattern = bp.bigbird(L, HKV, "cpu", block=16, seed=5)
     inp = bench.make_inputs(1, L, 4, HKV, 16, torch.float32, "cpu", requires_grad=False)
     bm = bench.flex_block_mask(pattern, 4, "cpu")
     out = flex_attention(*(x.transpose(1, 2) for x in (inp.q, inp.k, inp.v)), block_mask=bm,
@@ -189,7 +72,7 @@ def test_flop_counting():
 
 def test_finalize_refuses_speedup_on_mismatch():
     args = bench.parse_args(["--seq-len", str(L)])
-    pattern = bench.sliding_window(L, 8, "cpu", window=16)
+    pattern = bp.sliding_window(L, 8, "cpu", window=16)
     rows = []
     for system, status, ms in (("ours", "ok", 1.0), ("flex", "ok", 3.0),
                                ("sdpa_causal", "unchecked", 2.0), ("sdpa_mask", "mismatch", 0.5)):

@@ -1,0 +1,255 @@
+"""The benchmark's sparse patterns (see :mod:`blocksparse_fsa.bench`), each in the forms the
+systems consume: per-query key indices for ours, a FlexAttention ``mask_mod``, a dense mask.
+
+Every pattern is causal and built on the benchmark's device as ``(1, Hkv, L, W)`` int32
+``attn_indices`` (-1 = unused slot); :data:`PATTERN_BUILDERS` maps the CLI names to builders
+``f(seq_len, num_kv_heads, device) -> Pattern``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+PATTERNS = ("sliding_window", "bigbird", "dilated", "dilated_reordered", "topk_random")
+
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Pattern:
+    """One sparse pattern at one length, in the three forms the systems consume.
+
+    ``indices``: ``(1, Hkv, L, W)`` int32 key indices, -1 = unused slot; entries above the
+    diagonal (bigbird's own block) are removed by ``is_causal=True``.
+    ``flex_mask``: builds the FlexAttention ``mask_mod(b, kv_head, q_idx, kv_idx)`` (causal
+    included); a factory because topk_random's needs a large table, built only for flex.
+    ``per_head``: whether the pattern differs between KV heads (else flex broadcasts one head).
+    """
+
+    name: str
+    seq_len: int
+    indices: torch.Tensor
+    flex_mask: Callable[[], MaskMod]
+    per_head: bool
+    description: str
+    reorder: object = None  # ``build_layout(..., reorder=)`` for ours (token permutation)
+    _nnz: int | None = field(default=None, repr=False)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.indices.shape[1]
+
+    def nnz(self) -> int:
+        """Distinct causal (query, key) pairs summed over KV heads (counted once, cached)."""
+        if self._nnz is None:
+            self._nnz = count_nnz(self.indices, self.seq_len, causal=True)
+        return self._nnz
+
+    def dense_mask(self) -> torch.Tensor:
+        """The exact pattern as ``[Hkv, L, L]`` bool (True = attend), causal applied;
+        ``[1, L, L]`` when every head has the same pattern."""
+        idx = self.indices if self.per_head else self.indices[:, :1]
+        return dense_mask_from_indices(idx, self.seq_len, causal=True)
+
+
+def _rows(seq_len: int, device) -> torch.Tensor:
+    return torch.arange(seq_len, device=device, dtype=torch.int32)[:, None]  # [L, 1]
+
+
+def _per_head(idx: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[L, W] or [Hkv, L, W] -> contiguous (1, Hkv, L, W) int32."""
+    idx = idx.to(torch.int32)
+    if idx.dim() == 2:
+        idx = idx.expand(num_kv_heads, *idx.shape)
+    return idx.unsqueeze(0).contiguous()
+
+
+def sliding_window(seq_len: int, num_kv_heads: int, device, window: int = 1024) -> Pattern:
+    """Causal sliding window: query i sees keys max(0, i - window + 1) .. i."""
+    window = min(window, seq_len)
+    keys = _rows(seq_len, device) - (window - 1) + torch.arange(window, device=device)  # [L, W]
+    idx = torch.where(keys >= 0, keys, -1)
+
+    def flex_mask():
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+        return mask_mod
+
+    return Pattern("sliding_window", seq_len, _per_head(idx, num_kv_heads), flex_mask, False,
+                   f"causal, window {window}")
+
+
+def dilated(seq_len: int, num_kv_heads: int, device, num_keys: int = 512,
+            stride: int = 4) -> Pattern:
+    """Causal dilated window: keys i, i - stride, ..., i - stride * (num_keys - 1), those >= 0."""
+    keys = _rows(seq_len, device) - stride * torch.arange(num_keys, device=device)  # [L, W]
+    idx = torch.where(keys >= 0, keys, -1)
+    span = stride * num_keys
+
+    def flex_mask():
+        def mask_mod(b, h, q_idx, kv_idx):
+            diff = q_idx - kv_idx
+            return (diff >= 0) & (diff < span) & (diff % stride == 0)
+        return mask_mod
+
+    return Pattern("dilated", seq_len, _per_head(idx, num_kv_heads), flex_mask, False,
+                   f"causal, {num_keys} keys at stride {stride}")
+
+
+def dilated_reordered(seq_len: int, num_kv_heads: int, device, num_keys: int = 512,
+                      stride: int = 4) -> Pattern:
+    """``dilated``, with our layout's tokens grouped by position mod stride (flex unchanged)."""
+    pattern = dilated(seq_len, num_kv_heads, device, num_keys, stride)
+    pattern.name, pattern.reorder = "dilated_reordered", ("dilation", stride)
+    pattern.description += f"; ours reordered by position mod {stride}"
+    return pattern
+
+
+def bigbird_blocks(seq_len: int, num_kv_heads: int, device, block: int = 64, num_local: int = 3,
+                   num_global: int = 2, num_random: int = 3, seed: int = 0) -> torch.Tensor:
+    """Key blocks of each (KV head, query block): ``[Hkv, nb, num_local + num_global +
+    num_random]`` int64, -1 = none.
+
+    Slots, in order: local blocks qb - num_local + 1 .. qb, global blocks 0 .. num_global - 1,
+    then ``min(num_random, qb)`` distinct blocks drawn uniformly from [0, qb) per (KV head,
+    query block), seeded. Random blocks may repeat a local or global block (duplicates are
+    allowed by the API and count once).
+    """
+    nb = -(-seq_len // block)
+    qb = torch.arange(nb, device=device)
+    local = qb[:, None] - torch.arange(num_local - 1, -1, -1, device=device)  # [nb, num_local]
+    glob = torch.arange(num_global, device=device).expand(nb, num_global)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scores = torch.rand(num_kv_heads, nb, nb, generator=gen, device=device)
+    scores.masked_fill_(qb[None, None, :] >= qb[None, :, None], 2.0)  # only blocks < qb
+    r = min(num_random, nb)
+    val, rnd = scores.topk(r, dim=-1, largest=False)  # r distinct random blocks, [Hkv, nb, r]
+    rnd = torch.where(val < 1.5, rnd, -1)
+    pad = torch.full((num_kv_heads, nb, num_random - r), -1, device=device, dtype=rnd.dtype)
+    blocks = torch.cat([local.expand(num_kv_heads, nb, num_local),
+                        glob.expand(num_kv_heads, nb, num_global), rnd, pad], dim=-1)
+    return torch.where((blocks >= 0) & (blocks < nb), blocks, -1)
+
+
+def bigbird(seq_len: int, num_kv_heads: int, device, block: int = 64, num_local: int = 3,
+            num_global: int = 2, num_random: int = 3, seed: int = 0) -> Pattern:
+    """BigBird-style block pattern (see :func:`bigbird_blocks`), causal at token level.
+
+    Query i's indices are all tokens of the blocks of query block ``i // block``
+    (``8 * 64 = 512`` slots by default, -1 for missing blocks and tokens >= L).
+    """
+    blocks = bigbird_blocks(seq_len, num_kv_heads, device, block, num_local, num_global,
+                            num_random, seed)  # [Hkv, nb, S]
+    nb = blocks.shape[1]
+    tokens = blocks[..., None] * block + torch.arange(block, device=device)  # [Hkv, nb, S, block]
+    tokens = torch.where((blocks[..., None] >= 0) & (tokens < seq_len), tokens, -1)
+    tokens = tokens.flatten(-2).to(torch.int32)  # [Hkv, nb, S * block]
+    idx = tokens[:, torch.arange(seq_len, device=device) // block]  # [Hkv, L, S * block]
+
+    def flex_mask():
+        # [Hkv, nb, nb] block table; an extra column swallows the -1 slots
+        table = torch.zeros(num_kv_heads, nb, nb + 1, dtype=torch.bool, device=device)
+        table.scatter_(2, torch.where(blocks >= 0, blocks, nb), True)
+        table = table[..., :nb].contiguous()
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return table[h, q_idx // block, kv_idx // block] & (q_idx >= kv_idx)
+        return mask_mod
+
+    return Pattern("bigbird", seq_len, _per_head(idx, num_kv_heads), flex_mask, True,
+                   f"{block}-token blocks: {num_local} local, {num_global} global, "
+                   f"{num_random} random; causal")
+
+
+def topk_random(seq_len: int, num_kv_heads: int, device, k: int = 1024, seed: int = 0) -> Pattern:
+    """Each query i attends ``k`` keys drawn from its causal prefix [0, i], per KV head.
+
+    Rows with ``i + 1 <= k`` take all of [0, i] (the other slots are -1). Longer rows draw ``k``
+    uniform integers ``floor(u * (i + 1))`` *with replacement*, so they hold duplicates and
+    fewer than ``k`` distinct keys (about ``(i + 1) (1 - exp(-k / (i + 1)))``); this keeps the
+    builder O(L k) in memory. FLOPs use the distinct count (``layout.nnz``), so duplicates do
+    not inflate them.
+    """
+    rows = _rows(seq_len, device)  # [L, 1]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    u = torch.rand(num_kv_heads, seq_len, k, generator=gen, device=device)
+    drawn = (u * (rows + 1).float()).to(torch.int32)  # floor, u in [0, 1)
+    drawn = torch.minimum(drawn, rows)  # guard against rounding up to i + 1
+    all_keys = torch.arange(k, device=device, dtype=torch.int32).expand(seq_len, k)
+    all_keys = torch.where(all_keys <= rows, all_keys, -1)
+    indices = _per_head(torch.where(rows + 1 <= k, all_keys, drawn), num_kv_heads)
+
+    def flex_mask():
+        # A bit-packed [Hkv, L, L / 8] uint8 table (1 GiB at L = 32768, Hkv = 8). A plain
+        # [Hkv, L, L] bool table has more than 2**31 elements at that size, past what flex's
+        # generated indexing handles (seen: an illegal memory access on the H200).
+        packed = packed_mask_from_indices(indices, seq_len, causal=True)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            byte = packed[h, q_idx, kv_idx // 8].to(torch.int32)
+            return ((byte >> (kv_idx % 8)) & 1) == 1
+        return mask_mod
+
+    return Pattern("topk_random", seq_len, indices, flex_mask, True,
+                   f"{k} random keys of [0, i] (with replacement)")
+
+
+PATTERN_BUILDERS: dict[str, Callable[..., Pattern]] = {
+    "sliding_window": sliding_window,
+    "bigbird": bigbird,
+    "dilated": dilated,
+    "dilated_reordered": dilated_reordered,
+    "topk_random": topk_random,
+}
+
+
+def dense_mask_from_indices(indices: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
+    """``(1, H, Lq, W)`` indices -> ``[H, Lq, k_len]`` bool, built by scatter (no loop over
+    queries). With ``causal``, keys above the bottom-right diagonal are dropped."""
+    _, heads, q_len, _ = indices.shape
+    rows = torch.arange(q_len, device=indices.device)[:, None]  # [Lq, 1]
+    flat = torch.zeros(heads * q_len * k_len + 1, dtype=torch.bool, device=indices.device)
+    for h in range(heads):  # one head at a time bounds the int64 temporaries
+        idx = indices[0, h].long()  # [Lq, W]
+        valid = (idx >= 0) & (idx < k_len)
+        if causal:
+            valid &= idx <= rows + (k_len - q_len)
+        lin = (h * q_len + rows) * k_len + idx
+        flat[torch.where(valid, lin, flat.numel() - 1)] = True  # the last cell swallows -1s
+    return flat[:-1].view(heads, q_len, k_len)
+
+
+def packed_mask_from_indices(indices: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
+    """Like ``dense_mask_from_indices`` but 8 keys a byte: ``[H, Lq, ceil(k_len / 8)]`` uint8,
+    bit ``j % 8`` of byte ``j // 8`` = key ``j``. Built one head at a time."""
+    _, heads, q_len, _ = indices.shape
+    n_bytes = -(-k_len // 8)
+    weights = (1 << torch.arange(8, device=indices.device)).to(torch.uint8)
+    packed = torch.empty(heads, q_len, n_bytes, dtype=torch.uint8, device=indices.device)
+    for h in range(heads):
+        dense = dense_mask_from_indices(indices[:, h:h + 1], k_len, causal)[0]  # [Lq, Lk]
+        dense = torch.nn.functional.pad(dense, (0, n_bytes * 8 - k_len))
+        packed[h] = (dense.view(q_len, n_bytes, 8).to(torch.uint8) * weights).sum(
+            -1, dtype=torch.uint8)
+        del dense
+    return packed
+
+
+def count_nnz(indices: torch.Tensor, k_len: int, causal: bool) -> int:
+    """Distinct valid (query, key) pairs of ``(1, H, Lq, W)`` indices, summed over heads."""
+    _, heads, q_len, _ = indices.shape
+    rows = torch.arange(q_len, device=indices.device)[:, None]
+    total = 0
+    for h in range(heads):
+        idx = indices[0, h].long()
+        valid = (idx >= 0) & (idx < k_len)
+        if causal:
+            valid &= idx <= rows + (k_len - q_len)
+        keys = torch.where(valid, idx, k_len).sort(dim=-1).values  # invalid sort last
+        first = torch.ones_like(keys[:, :1], dtype=torch.bool)
+        new = torch.cat([first, keys[:, 1:] != keys[:, :-1]], dim=-1)
+        total += int((new & (keys < k_len)).sum())
+    return total
