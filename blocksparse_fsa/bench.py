@@ -1,4 +1,4 @@
-"""Benchmark: ``sparse_attn_func`` vs FlexAttention and SDPA on four sparse patterns.
+"""Benchmark: ``sparse_attn_func`` vs FlexAttention and SDPA on sparse patterns.
 
 Run on one CUDA GPU from the repository root::
 
@@ -12,6 +12,8 @@ It prints one row per (pattern, L, system, pass) and writes ``<out>/bench_<gpu>.
 Patterns (causal, per KV head, ``attn_indices`` of shape ``(1, Hkv, L, W)`` built on the GPU)
     sliding_window  keys i-1023..i
     bigbird         64-token blocks: 3 local, 2 global, 3 random earlier blocks per query block
+    nsa_blocks      NSA-style selection: each 64-query block takes 16 of its causal 64-token key
+                    blocks (the first, the 2 local ones including the diagonal, 13 at random)
     dilated         512 keys at stride 4: i, i-4, ..., i-2044
     topk_random     1024 random keys of the causal prefix [0, i] per query (with duplicates)
 
@@ -19,7 +21,9 @@ Systems, all on the same q, k, v
     ours         ``sparse_attn_func(q, k, v, layout=build_layout(indices, is_causal=True))``
     flex         ``torch.compile(flex_attention)`` with the tightest BlockMask a user would
                  write: an analytic ``mask_mod`` (sliding window, dilated), a per-head block
-                 table (bigbird), a bit-packed dense ``[Hkv, L, L/8]`` table (topk_random)
+                 table (bigbird, nsa_blocks), a bit-packed dense ``[Hkv, L, L/8]`` table
+                 (topk_random), all through ``create_block_mask`` at flex's default 128x128
+                 blocks (its compiled backward on an H200, D=128, needs blocks of 128)
     sdpa_causal  dense causal FlashAttention through SDPA: the cost of ignoring the sparsity
                  (a different function, so timed but not checked)
     sdpa_mask    SDPA with the pattern as a dense boolean ``attn_mask`` (only L <= 8192)
@@ -664,7 +668,7 @@ def summary(rows: list[Row], seq_lens, sdpa_mask_max_len: int) -> list[str]:
     def fmt(x, spec="{:.2f}x"):
         return "n/a" if x is None else spec.format(x)
 
-    for pat in ("sliding_window", "bigbird", "dilated_reordered"):
+    for pat in ("sliding_window", "bigbird", "nsa_blocks", "dilated_reordered"):
         parts = [f"{p} {fmt(getattr(idx.get((pat, L, 'ours', p)), 'speedup_vs_flex', None))}"
                  for p in PASSES]
         lines.append(f"  {pat:<17} ours vs flex:  " + ", ".join(parts))

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-PATTERNS = ("sliding_window", "bigbird", "dilated", "dilated_reordered", "topk_random")
+PATTERNS = ("sliding_window", "bigbird", "nsa_blocks", "dilated", "dilated_reordered",
+            "topk_random")
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -143,25 +144,84 @@ def bigbird(seq_len: int, num_kv_heads: int, device, block: int = 64, num_local:
     """
     blocks = bigbird_blocks(seq_len, num_kv_heads, device, block, num_local, num_global,
                             num_random, seed)  # [Hkv, nb, S]
-    nb = blocks.shape[1]
+    return Pattern("bigbird", seq_len, _block_indices(blocks, seq_len, block),
+                   _block_table_mask(blocks, block), True,
+                   f"{block}-token blocks: {num_local} local, {num_global} global, "
+                   f"{num_random} random; causal")
+
+
+def nsa_block_table(seq_len: int, num_kv_heads: int, device, block: int = 64,
+                    num_selected: int = 16, num_initial: int = 1, num_local: int = 2,
+                    seed: int = 0) -> torch.Tensor:
+    """Key blocks selected by each (KV head, query block): ``[Hkv, nb, num_selected]`` int64,
+    ascending, -1 = none (padding last).
+
+    Query block ``qb`` chooses among its causal key blocks ``0 .. qb``: always the initial
+    blocks ``0 .. num_initial - 1`` and the local blocks ``qb - num_local + 1 .. qb`` (the
+    diagonal included), then distinct blocks drawn uniformly from the rest until it has
+    ``num_selected``, seeded, independently per KV head. A query block with at most
+    ``num_selected`` causal blocks takes all of them.
+    """
+    if num_initial + num_local > num_selected:
+        raise ValueError(f"num_initial + num_local ({num_initial} + {num_local}) must not exceed "
+                         f"num_selected ({num_selected})")
+    nb = -(-seq_len // block)
+    qb = torch.arange(nb, device=device)[:, None]  # [nb, 1]
+    kb = torch.arange(nb, device=device)[None, :]  # [1, nb]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scores = torch.rand(num_kv_heads, nb, nb, generator=gen, device=device)  # [Hkv, nb, nb]
+    forced = (kb < num_initial) | ((kb <= qb) & (kb > qb - num_local))
+    scores = torch.where(forced, -1.0, scores)  # drawn first
+    scores = torch.where(kb > qb, 2.0, scores)  # never: not causal
+    val, sel = scores.topk(min(num_selected, nb), dim=-1, largest=False)
+    sel = torch.where(val < 1.5, sel, nb).sort(dim=-1).values  # ascending, the misses last
+    sel = torch.nn.functional.pad(sel, (0, num_selected - sel.shape[-1]), value=nb)
+    return torch.where(sel < nb, sel, -1)
+
+
+def nsa_blocks(seq_len: int, num_kv_heads: int, device, block: int = 64, num_selected: int = 16,
+               num_initial: int = 1, num_local: int = 2, seed: int = 0) -> Pattern:
+    """NSA-style block selection (the selection branch of Native Sparse Attention, Yuan et
+    al. 2025, at block granularity): each 64-query block and KV head attends 16 key blocks of
+    64 tokens, see :func:`nsa_block_table`, causal at token level (so inside the diagonal block).
+
+    The fixed blocks follow NSA's setup, whose 16 selected blocks of 64 include 1 initial and 2
+    local blocks; the other 13 stand in for the learned top-k by a uniform draw among the
+    causal blocks. Query i's indices are all tokens of its block's selection: ``16 * 64 = 1024``
+    slots, as many keys as the sliding window, but scattered over the prefix.
+    """
+    blocks = nsa_block_table(seq_len, num_kv_heads, device, block, num_selected, num_initial,
+                             num_local, seed)  # [Hkv, nb, num_selected]
+    return Pattern("nsa_blocks", seq_len, _block_indices(blocks, seq_len, block),
+                   _block_table_mask(blocks, block), True,
+                   f"{num_selected} of the causal {block}-token key blocks per {block}-query "
+                   f"block: {num_initial} initial, {num_local} local, the rest random; causal")
+
+
+def _block_indices(blocks: torch.Tensor, seq_len: int, block: int) -> torch.Tensor:
+    """``[Hkv, nb, S]`` key blocks of each query block (-1 = none) -> ``(1, Hkv, L, S * block)``
+    int32 indices: query i gets every token of its block's key blocks (-1 past L)."""
+    device = blocks.device
     tokens = blocks[..., None] * block + torch.arange(block, device=device)  # [Hkv, nb, S, block]
     tokens = torch.where((blocks[..., None] >= 0) & (tokens < seq_len), tokens, -1)
     tokens = tokens.flatten(-2).to(torch.int32)  # [Hkv, nb, S * block]
-    idx = tokens[:, torch.arange(seq_len, device=device) // block]  # [Hkv, L, S * block]
+    return tokens[:, torch.arange(seq_len, device=device) // block][None].contiguous()
 
+
+def _block_table_mask(blocks: torch.Tensor, block: int) -> Callable[[], MaskMod]:
+    """Flex ``mask_mod`` factory of a block pattern: a ``[Hkv, nb, nb]`` bool table of the
+    ``[Hkv, nb, S]`` key blocks, read at ``(h, q // block, kv // block)``, and causality."""
     def flex_mask():
-        # [Hkv, nb, nb] block table; an extra column swallows the -1 slots
-        table = torch.zeros(num_kv_heads, nb, nb + 1, dtype=torch.bool, device=device)
+        heads, nb, _ = blocks.shape
+        # an extra column swallows the -1 slots
+        table = torch.zeros(heads, nb, nb + 1, dtype=torch.bool, device=blocks.device)
         table.scatter_(2, torch.where(blocks >= 0, blocks, nb), True)
         table = table[..., :nb].contiguous()
 
         def mask_mod(b, h, q_idx, kv_idx):
             return table[h, q_idx // block, kv_idx // block] & (q_idx >= kv_idx)
         return mask_mod
-
-    return Pattern("bigbird", seq_len, _per_head(idx, num_kv_heads), flex_mask, True,
-                   f"{block}-token blocks: {num_local} local, {num_global} global, "
-                   f"{num_random} random; causal")
+    return flex_mask
 
 
 def topk_random(seq_len: int, num_kv_heads: int, device, k: int = 1024, seed: int = 0) -> Pattern:
@@ -200,6 +260,7 @@ def topk_random(seq_len: int, num_kv_heads: int, device, k: int = 1024, seed: in
 PATTERN_BUILDERS: dict[str, Callable[..., Pattern]] = {
     "sliding_window": sliding_window,
     "bigbird": bigbird,
+    "nsa_blocks": nsa_blocks,
     "dilated": dilated,
     "dilated_reordered": dilated_reordered,
     "topk_random": topk_random,

@@ -75,6 +75,52 @@ def test_bigbird_default_width():
     check_common(p, 512)
 
 
+@pytest.mark.parametrize("seq_len,block,num_selected", [(256, 16, 5), (250, 16, 5), (256, 16, 16),
+                                                      (64, 64, 16)])
+def test_nsa_blocks(seq_len, block, num_selected):
+    p = bp.nsa_blocks(seq_len, HKV, "cpu", block=block, num_selected=num_selected, seed=3)
+    nb = -(-seq_len // block)
+    check_common(p, num_selected * block)
+    blocks = bp.nsa_block_table(seq_len, HKV, "cpu", block=block, num_selected=num_selected,
+                                seed=3)
+    assert blocks.shape == (HKV, nb, num_selected)
+    for h in range(HKV):
+        for qb in range(nb):
+            chosen = [b for b in blocks[h, qb].tolist() if b >= 0]
+            assert chosen == sorted(set(chosen)), (h, qb)  # distinct, ascending
+            assert blocks[h, qb, len(chosen):].eq(-1).all()  # padding last
+            assert len(chosen) == min(num_selected, qb + 1)  # all causal blocks when few
+            assert all(0 <= b <= qb for b in chosen)  # causal blocks only
+            assert {0, max(qb - 1, 0), qb} <= set(chosen)  # initial, local, diagonal
+            for i in range(qb * block, min((qb + 1) * block, seq_len)):
+                want = {j for b in chosen for j in range(b * block, min((b + 1) * block, seq_len))
+                        if j <= i}  # causal inside the diagonal block
+                assert row_sets(p, h)[i] == want, (h, i)
+    assert p.per_head
+    assert torch.equal(blocks, bp.nsa_block_table(seq_len, HKV, "cpu", block=block,
+                                                  num_selected=num_selected, seed=3))
+    if nb > num_selected:  # heads draw independently
+        assert not torch.equal(blocks[0], blocks[1])
+
+
+def test_nsa_blocks_draw_uniformly():
+    """The 13 free blocks of the last query block are uniform over the 37 unforced candidates
+    (400 heads as 400 draws: each candidate expected 400 * 13 / 37 = 141 times, sd 9.5)."""
+    blocks = bp.nsa_block_table(40, 400, "cpu", block=1, seed=0)[:, -1]  # [400, 16]
+    free = blocks[(blocks >= 1) & (blocks <= 37)]
+    assert free.numel() == 400 * 13
+    counts = torch.bincount(free, minlength=38)[1:]
+    assert int(counts.min()) > 95 and int(counts.max()) < 190, counts.tolist()
+
+
+def test_nsa_blocks_defaults():
+    p = bp.nsa_blocks(2048, HKV, "cpu")  # 32 blocks of 64: 16 of them from 32 query blocks on
+    check_common(p, 16 * 64)
+    assert int((p.indices[0, :, -1] >= 0).sum(-1).min()) == 16 * 64
+    with pytest.raises(ValueError, match="num_selected"):
+        bp.nsa_block_table(256, HKV, "cpu", num_selected=2)
+
+
 @pytest.mark.parametrize("k", [1024, 16])
 def test_topk_random(k):
     p = bp.topk_random(L, HKV, "cpu", k=k, seed=1)
@@ -109,6 +155,7 @@ def small_patterns():
     return [bp.sliding_window(L, HKV, "cpu", window=40),
             bp.dilated(L, HKV, "cpu", num_keys=20, stride=4),
             bp.bigbird(L, HKV, "cpu", block=16),
+            bp.nsa_blocks(L, HKV, "cpu", block=16, num_selected=5),
             bp.topk_random(L, HKV, "cpu", k=24)]
 
 
