@@ -5,6 +5,7 @@ Run on one CUDA GPU from the repository root::
     python -m blocksparse_fsa.bench                          # default sweep (budget: < 8 min, H200)
     python -m blocksparse_fsa.bench --quick --seq-len 8192 --pattern bigbird
     python -m blocksparse_fsa.bench --out /tmp/results --no-plot
+    python -m blocksparse_fsa.bench --pattern examples/bench_my_pattern.py:window_and_globals
 
 It prints one row per (pattern, L, system, pass) and writes ``<out>/bench_<gpu>.json``,
 ``.csv`` and ``.png`` (the plot needs matplotlib; without it a warning is printed).
@@ -15,7 +16,15 @@ Patterns (causal, per KV head, ``attn_indices`` of shape ``(1, Hkv, L, W)`` buil
     nsa_blocks      NSA-style selection: each 64-query block takes 16 of its causal 64-token key
                     blocks (the first, the 2 local ones including the diagonal, 13 at random)
     dilated         512 keys at stride 4: i, i-4, ..., i-2044
+    dilated_reordered  the same; ours builds its layout with the tokens grouped mod 4
     topk_random     1024 random keys of the causal prefix [0, i] per query (with duplicates)
+
+Your own pattern: ``--pattern module:function`` or ``--pattern path/to/file.py:function``,
+called as ``function(seq_len, heads_kv, device)`` once per length; it returns ``attn_indices``
+``(B|1, Hkv|1, L, W)`` (made causal like the patterns above), a ``SparseLayout`` (used as it
+is), or either with a flex ``mask_mod`` as a pair (``h`` = KV head). Without a mask_mod, flex
+gets the pattern's exact BlockMask (``SparseLayout.to_flex_block_mask`` at 128x128 tiles).
+See ``examples/bench_my_pattern.py`` and ``bench_patterns.user_pattern``.
 
 Systems, all on the same q, k, v
     ours         ``sparse_attn_func(q, k, v, layout=build_layout(indices, is_causal=True))``
@@ -84,7 +93,7 @@ from typing import Callable
 
 import torch
 
-from .bench_patterns import PATTERN_BUILDERS, PATTERNS, MaskMod, Pattern
+from .bench_patterns import PATTERNS, MaskMod, Pattern, PatternBuilder, load_pattern
 
 SYSTEMS = ("ours", "ours_bias", "flex", "sdpa_causal", "sdpa_mask")
 PASSES = ("fwd", "fwdbwd")
@@ -198,7 +207,8 @@ def _repeated_kv(inp: Inputs):
     vr = inp.v.detach().repeat_interleave(g, dim=2).requires_grad_(inp.v.requires_grad)
 
     def grads():
-        fold = (lambda t: t.grad.unflatten(2, (-1, g)).sum(3))
+        def fold(t):
+            return t.grad.unflatten(2, (-1, g)).sum(3)
         return inp.q.grad, fold(kr), fold(vr)
     return kr, vr, grads
 
@@ -208,9 +218,9 @@ def _native_grads(inp: Inputs):
 
 
 def setup_ours(pattern: Pattern, inp: Inputs, args, with_bias: bool = False) -> SystemRun:
-    """``sparse_attn_func`` on a layout built once by ``build_layout`` (timed); ``with_bias``
-    adds a learnable key bias ``(B, Hkv, 1, L)`` (FSA's common shape; its gradient is part of
-    the backward)."""
+    """``sparse_attn_func`` on a layout built once by ``build_layout`` (timed), or the
+    pattern's own layout; ``with_bias`` adds a learnable key bias ``(B, Hkv, 1, L)`` (FSA's
+    common shape; its gradient is part of the backward)."""
     import blocksparse_fsa as bsa
 
     device = inp.q.device
@@ -224,10 +234,14 @@ def setup_ours(pattern: Pattern, inp: Inputs, args, with_bias: bool = False) -> 
         return bsa.build_layout(pattern.indices, k_len=pattern.seq_len, is_causal=True,
                                 reorder=pattern.reorder, method=method).to(device)
 
-    layout, first_ms = _timed(build, device)  # includes compilation the first time
-    layout, ms = _timed(build, device)
-    _timed(lambda: build("numba"), device)  # numba's compilation
-    _, numba_ms = _timed(lambda: build("numba"), device)
+    if pattern.layout is not None:
+        layout, ms, first_ms, note = pattern.layout, None, None, "the pattern's own layout"
+    else:
+        layout, first_ms = _timed(build, device)  # includes compilation the first time
+        layout, ms = _timed(build, device)
+        _timed(lambda: build("numba"), device)  # numba's compilation
+        _, numba_ms = _timed(lambda: build("numba"), device)
+        note = f"layout build with numba on the host: {numba_ms:.0f} ms"
 
     def fwd():
         return bsa.sparse_attn_func(inp.q, inp.k, inp.v, layout=layout, attn_bias=bias)
@@ -238,9 +252,8 @@ def setup_ours(pattern: Pattern, inp: Inputs, args, with_bias: bool = False) -> 
                      layout_first_ms=first_ms, layout_mb=layout.nbytes / 2**20,
                      density=layout.density, nnz=layout.nnz,
                      nnz_groups=layout.batch * layout.heads,
-                     note=(f"layout build with numba on the host: {numba_ms:.0f} ms"
-                           + ("; with a (B, Hkv, 1, L) bias and its gradient" if with_bias
-                              else "")))
+                     note=note + ("; with a (B, Hkv, 1, L) bias and its gradient" if with_bias
+                                  else ""))
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -291,12 +304,26 @@ def flex_mask_mod(pattern: Pattern, heads_q: int) -> tuple[MaskMod, int | None]:
     return mask_mod, heads_q
 
 
+# Flex's compiled kernels need the BlockMask's blocks to be multiples of their tiles; on an H200
+# at D=128 the default backward tiles are 64x128 and 128x64, so a BlockMask exported from our
+# 64x64 layout would only run forward. Flex's own default, 128x128, runs both.
+FLEX_BLOCK = 128
+
+
 def flex_block_mask(pattern: Pattern, heads_q: int, device, make: Callable | None = None):
-    """BlockMask of ``pattern`` (``make`` defaults to the eager ``create_block_mask``)."""
+    """BlockMask of ``pattern``: ``make`` (default: the eager ``create_block_mask``) on its
+    ``mask_mod``, or without one the exact BlockMask of its ``FLEX_BLOCK``-tile layout."""
+    if pattern.flex_mask is None:
+        return pattern.exact_layout(FLEX_BLOCK).to_flex_block_mask(heads_q)
     if make is None:
         from torch.nn.attention.flex_attention import create_block_mask as make
     mask_mod, heads = flex_mask_mod(pattern, heads_q)
-    return make(mask_mod, None, heads, pattern.seq_len, pattern.seq_len, device=device)
+    return make(mask_mod, _flex_batch(pattern), heads, pattern.seq_len, pattern.seq_len,
+                device=device)
+
+
+def _flex_batch(pattern: Pattern) -> int | None:
+    return pattern.batch if pattern.batch > 1 else None  # None: broadcast over the batch
 
 
 def block_mask_stats(block_mask, nnz_per_head: float) -> tuple[float, float]:
@@ -315,20 +342,30 @@ def setup_flex(pattern: Pattern, inp: Inputs, args) -> SystemRun:
     """Compiled FlexAttention on a BlockMask from compiled ``create_block_mask``, GQA native.
 
     ``layout_ms`` = building the mask_mod's tensors (block table, dense topk mask) + one
-    ``create_block_mask`` call once compiled (the second call, with the same mask_mod).
+    ``create_block_mask`` call once compiled (the second call, with the same mask_mod). A
+    pattern without a mask_mod gets the exact BlockMask of its ``FLEX_BLOCK``-tile layout
+    (``layout_ms``: that layout's build + ``to_flex_block_mask``).
     """
     device, heads_q, L = inp.q.device, inp.q.shape[2], pattern.seq_len
-    (mask_mod, heads), prep_ms = _timed(lambda: flex_mask_mod(pattern, heads_q), device)
-    make, note = compiled_create_block_mask(), ""
+    if pattern.flex_mask is None:
+        def build():
+            return flex_block_mask(pattern, heads_q, device)
+        prep_ms, note = 0.0, f"exact BlockMask of the pattern ({FLEX_BLOCK}x{FLEX_BLOCK} tiles)"
+    else:
+        (mask_mod, heads), prep_ms = _timed(lambda: flex_mask_mod(pattern, heads_q), device)
+        make, batch, note = compiled_create_block_mask(), _flex_batch(pattern), ""
+
+        def build():
+            return make(mask_mod, batch, heads, L, L, device=device)
     try:
-        block_mask, first_ms = _timed(lambda: make(mask_mod, None, heads, L, L, device=device),
-                                      device)
+        block_mask, first_ms = _timed(build, device)
     except Exception as exc:  # fall back to the eager builder (materializes the mask)
+        if pattern.flex_mask is None:
+            raise
         from torch.nn.attention.flex_attention import create_block_mask as make
         note = f"compiled create_block_mask failed ({_short(exc, 60)}); eager"
-        block_mask, first_ms = _timed(lambda: make(mask_mod, None, heads, L, L, device=device),
-                                      device)
-    block_mask, ms = _timed(lambda: make(mask_mod, None, heads, L, L, device=device), device)
+        block_mask, first_ms = _timed(build, device)
+    block_mask, ms = _timed(build, device)
     flex = compiled_flex_attention()
 
     def fwd():
@@ -336,7 +373,7 @@ def setup_flex(pattern: Pattern, inp: Inputs, args) -> SystemRun:
                    enable_gqa=True)
         return out.transpose(1, 2)
 
-    mb, density = block_mask_stats(block_mask, pattern.nnz() / pattern.num_kv_heads)
+    mb, density = block_mask_stats(block_mask, pattern.nnz() / pattern.groups)
     return SystemRun(fwd, _with_backward(fwd, inp.dout), (inp.q, inp.k, inp.v),
                      _native_grads(inp), layout_ms=prep_ms + ms,
                      layout_first_ms=prep_ms + first_ms, layout_mb=mb, density=density, note=note)
@@ -382,10 +419,10 @@ def setup_sdpa_mask(pattern: Pattern, inp: Inputs, args) -> SystemRun:
     heads_q = inp.q.shape[2]
 
     def build():
-        mask = pattern.dense_mask()  # [Hkv or 1, L, L]
-        if pattern.per_head:  # (1, Hq, L, L)
-            return mask.repeat_interleave(heads_q // pattern.num_kv_heads, dim=0)[None]
-        return mask[None]  # (1, 1, L, L), broadcast over heads
+        mask = pattern.dense_mask()  # (B|1, Hkv|1, L, L)
+        if mask.shape[1] > 1:  # (B|1, Hq, L, L); one head broadcasts
+            mask = mask.repeat_interleave(heads_q // mask.shape[1], dim=1)
+        return mask
 
     mask, first_ms = _timed(build, device)
     del mask
@@ -428,7 +465,7 @@ class Row:
     layout_first_ms: float | None = None
     layout_mb: float | None = None
     density: float | None = None
-    nnz: int | None = None  # distinct pairs summed over (batch, KV heads)
+    nnz: int | None = None  # distinct pairs summed over the KV heads (mean over the batch)
     first_call_s: float | None = None
     note: str = ""
 
@@ -520,7 +557,7 @@ def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device) ->
             row.layout_ms, row.layout_first_ms = run.layout_ms, run.layout_first_ms
             row.layout_mb, row.density = run.layout_mb, run.density
             if run.nnz is not None:
-                row.nnz = round(run.nnz * pattern.num_kv_heads / run.nnz_groups)
+                row.nnz = round(run.nnz * pattern.groups / run.nnz_groups)
             bwd = row.pass_name == "fwdbwd"
             row.nan_count = _nan_count(out, *(grads if bwd else ()))
             if system == "ours":
@@ -578,12 +615,12 @@ def finalize(rows: list[Row], pattern: Pattern, args, nnz_ref: int) -> None:
     if nnz is None:
         nnz = nnz_ref
     elif nnz != nnz_ref:
-        warnings.warn(f"{pattern.name} L={pattern.seq_len}: layout.nnz={nnz} but the indices "
-                      f"have {nnz_ref} distinct causal pairs")
-    nnz_per_head = nnz / pattern.num_kv_heads
+        warnings.warn(f"{pattern.name} L={pattern.seq_len}: layout.nnz={nnz} but the pattern "
+                      f"has {nnz_ref} distinct causal pairs")
+    nnz_per_head = nnz / pattern.groups  # one (batch, KV head), averaged
     L = pattern.seq_len
     for r in rows:
-        r.nnz = nnz
+        r.nnz = round(nnz_per_head * args.heads_kv)
         r.tflops = tflops(pattern_flops(nnz_per_head, args.batch, args.heads_q, args.head_dim,
                                         r.pass_name), r.ms)
         if r.system == "sdpa_causal":
@@ -600,10 +637,13 @@ def finalize(rows: list[Row], pattern: Pattern, args, nnz_ref: int) -> None:
                 r.speedup_vs_flex = flex.ms / r.ms
 
 
-def run_pattern(name: str, seq_len: int, args, device) -> list[Row]:
-    """All systems and passes of one (pattern, L)."""
+def run_pattern(name: str, build: PatternBuilder, seq_len: int, args, device) -> list[Row]:
+    """All systems and passes of one (pattern, L); ``build`` from ``load_pattern``."""
     try:
-        pattern = PATTERN_BUILDERS[name](seq_len, args.heads_kv, device)
+        pattern = build(seq_len, args.heads_kv, device)
+        if pattern.batch not in (1, args.batch):
+            raise ValueError(f"the pattern has batch {pattern.batch}; expected 1 or --batch "
+                             f"{args.batch}")
         nnz_ref = pattern.nnz()
         inp = make_inputs(args.batch, seq_len, args.heads_q, args.heads_kv, args.head_dim,
                           args.torch_dtype, device, seed=args.seed,
@@ -668,7 +708,8 @@ def summary(rows: list[Row], seq_lens, sdpa_mask_max_len: int) -> list[str]:
     def fmt(x, spec="{:.2f}x"):
         return "n/a" if x is None else spec.format(x)
 
-    for pat in ("sliding_window", "bigbird", "nsa_blocks", "dilated_reordered"):
+    patterns = list(dict.fromkeys(r.pattern for r in rows))
+    for pat in patterns:
         parts = [f"{p} {fmt(getattr(idx.get((pat, L, 'ours', p)), 'speedup_vs_flex', None))}"
                  for p in PASSES]
         lines.append(f"  {pat:<17} ours vs flex:  " + ", ".join(parts))
@@ -678,12 +719,12 @@ def summary(rows: list[Row], seq_lens, sdpa_mask_max_len: int) -> list[str]:
         lines.append(f"  sliding_window ours fwd {ours.tflops:.0f} effective TFLOP/s = "
                      f"{100 * ours.tflops / dense.dense_tflops:.0f}% of sdpa_causal's dense "
                      f"{dense.dense_tflops:.0f} TFLOP/s")
-    else:
+    elif "sliding_window" in patterns:
         lines.append("  sliding_window ours fwd TFLOP/s vs sdpa_causal dense: n/a")
     mask_lens = [x for x in seq_lens if x <= sdpa_mask_max_len]
     if mask_lens:
         Lm = max(mask_lens)
-        for pat in PATTERNS:
+        for pat in patterns:
             parts = []
             for p in PASSES:
                 a, b = idx.get((pat, Lm, "ours", p)), idx.get((pat, Lm, "sdpa_mask", p))
@@ -828,8 +869,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "fwd = 4*nnz*D*Hq*B, fwdbwd = 3.5x.")
     ap.add_argument("--seq-len", type=int, nargs="+", default=[8192, 32768], metavar="L",
                     help="sequence lengths (Lq = Lk; default: 8192 32768)")
-    ap.add_argument("--pattern", nargs="+", choices=PATTERNS, default=list(PATTERNS),
-                    metavar="NAME", help=f"patterns (default: all of {', '.join(PATTERNS)})")
+    ap.add_argument("--pattern", nargs="+", default=list(PATTERNS), metavar="NAME",
+                    help=f"patterns: built-in ({', '.join(PATTERNS)}; default: all) or your "
+                         "own as module:function or path/to/file.py:function, called as "
+                         "function(seq_len, heads_kv, device) and returning attn_indices "
+                         "(B|1, Hkv|1, L, W), a SparseLayout, or either with a flex mask_mod "
+                         "as a pair (see blocksparse_fsa.bench_patterns.user_pattern)")
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
                     metavar="NAME", help=f"systems (default: all of {', '.join(SYSTEMS)})")
     ap.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES),
@@ -855,6 +900,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.warmup, args.rep = (10, 30) if args.quick else (25, 100)
     args.torch_dtype = DTYPES[args.dtype]
     args.passes = [p for p in PASSES if p in args.passes]
+    args.patterns = []  # (row name, builder)
+    for spec in args.pattern:
+        try:
+            args.patterns.append(load_pattern(spec))
+        except Exception as exc:  # a typo, an import error in the user's module, ...
+            ap.error(f"--pattern {spec}: {type(exc).__name__}: {exc}")
     return args
 
 
@@ -873,9 +924,9 @@ def main(argv=None) -> int:
     rows: list[Row] = []
     t_start = time.perf_counter()
     for seq_len in args.seq_len:
-        for name in args.pattern:
+        for name, build in args.patterns:
             _log(f"[{time.perf_counter() - t_start:6.0f} s] {name} L={seq_len}")
-            new = run_pattern(name, seq_len, args, device)
+            new = run_pattern(name, build, seq_len, args, device)
             for r in new:
                 print(format_row(r), flush=True)
             rows += new

@@ -1,17 +1,26 @@
 """The benchmark's sparse patterns (see :mod:`blocksparse_fsa.bench`), each in the forms the
-systems consume: per-query key indices for ours, a FlexAttention ``mask_mod``, a dense mask.
+systems consume: key indices or a layout for ours, a FlexAttention ``mask_mod``, a dense mask.
 
-Every pattern is causal and built on the benchmark's device as ``(1, Hkv, L, W)`` int32
-``attn_indices`` (-1 = unused slot); :data:`PATTERN_BUILDERS` maps the CLI names to builders
-``f(seq_len, num_kv_heads, device) -> Pattern``.
+The built-in patterns are causal and built on the benchmark's device as ``(1, Hkv, L, W)``
+int32 ``attn_indices`` (-1 = unused slot); :data:`PATTERN_BUILDERS` maps their CLI names to
+builders ``f(seq_len, num_kv_heads, device) -> Pattern``. :func:`load_pattern` adds the user's
+own, ``--pattern module:function`` or ``--pattern path/to/file.py:function`` (see
+:func:`user_pattern` for the function's contract).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .layout import SparseLayout, build_layout
 
 PATTERNS = ("sliding_window", "bigbird", "nsa_blocks", "dilated", "dilated_reordered",
             "topk_random")
@@ -21,39 +30,66 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 @dataclass
 class Pattern:
-    """One sparse pattern at one length, in the three forms the systems consume.
+    """One sparse pattern at one length, in the forms the systems consume.
 
-    ``indices``: ``(1, Hkv, L, W)`` int32 key indices, -1 = unused slot; entries above the
-    diagonal (bigbird's own block) are removed by ``is_causal=True``.
+    ``indices``: ``(B|1, Hkv|1, L, W)`` integer key indices, -1 = unused slot; entries above the
+    diagonal (bigbird's own block) are removed by ``is_causal=True``. ``None`` when the
+    pattern comes as a ready ``layout`` (a user pattern), which is then exact as it stands.
     ``flex_mask``: builds the FlexAttention ``mask_mod(b, kv_head, q_idx, kv_idx)`` (causal
     included); a factory because topk_random's needs a large table, built only for flex.
+    ``None``: flex gets the BlockMask of :meth:`exact_layout`.
     ``per_head``: whether the pattern differs between KV heads (else flex broadcasts one head).
     """
 
     name: str
     seq_len: int
-    indices: torch.Tensor
-    flex_mask: Callable[[], MaskMod]
+    indices: torch.Tensor | None
+    flex_mask: Callable[[], MaskMod] | None
     per_head: bool
     description: str
     reorder: object = None  # ``build_layout(..., reorder=)`` for ours (token permutation)
+    layout: SparseLayout | None = None  # given instead of indices (ours uses it as it is)
     _nnz: int | None = field(default=None, repr=False)
 
     @property
+    def batch(self) -> int:
+        """1, or the batch size of a pattern that differs between batch entries."""
+        return self.layout.batch if self.indices is None else self.indices.shape[0]
+
+    @property
     def num_kv_heads(self) -> int:
-        return self.indices.shape[1]
+        """Heads of the pattern: the KV heads, or 1 for a pattern stored once for all."""
+        return self.layout.heads if self.indices is None else self.indices.shape[1]
+
+    @property
+    def groups(self) -> int:
+        """(batch, head) pairs the pattern stores; ``nnz() / groups`` is nnz per pair."""
+        return self.batch * self.num_kv_heads
 
     def nnz(self) -> int:
-        """Distinct causal (query, key) pairs summed over KV heads (counted once, cached)."""
+        """Distinct causal (query, key) pairs summed over the pattern's (batch, head) pairs
+        (counted once, cached)."""
         if self._nnz is None:
-            self._nnz = count_nnz(self.indices, self.seq_len, causal=True)
+            self._nnz = (self.layout.nnz if self.indices is None
+                         else count_nnz(self.indices, self.seq_len, causal=True))
         return self._nnz
 
     def dense_mask(self) -> torch.Tensor:
-        """The exact pattern as ``[Hkv, L, L]`` bool (True = attend), causal applied;
-        ``[1, L, L]`` when every head has the same pattern."""
+        """The exact pattern as ``(B|1, Hkv, L, L)`` bool (True = attend), causal applied;
+        one head ``(B|1, 1, L, L)`` when every head has the same pattern."""
+        if self.indices is None:
+            return self.layout.to_dense_mask()
         idx = self.indices if self.per_head else self.indices[:, :1]
         return dense_mask_from_indices(idx, self.seq_len, causal=True)
+
+    def exact_layout(self, block: int) -> SparseLayout:
+        """A layout of exactly this pattern with ``block`` x ``block`` tiles, without token
+        permutation (for a BlockMask of the pattern at flex's block size)."""
+        if self.indices is None:  # the layout's pairs are final: no causal cut
+            return build_layout(self.layout.to_indices(), self.seq_len, block_m=block,
+                                block_n=block)
+        return build_layout(self.indices, self.seq_len, is_causal=True, block_m=block,
+                            block_n=block)
 
 
 def _rows(seq_len: int, device) -> torch.Tensor:
@@ -268,30 +304,32 @@ PATTERN_BUILDERS: dict[str, Callable[..., Pattern]] = {
 
 
 def dense_mask_from_indices(indices: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
-    """``(1, H, Lq, W)`` indices -> ``[H, Lq, k_len]`` bool, built by scatter (no loop over
+    """``(B, H, Lq, W)`` indices -> ``(B, H, Lq, k_len)`` bool, built by scatter (no loop over
     queries). With ``causal``, keys above the bottom-right diagonal are dropped."""
-    _, heads, q_len, _ = indices.shape
+    batch, heads, q_len, _ = indices.shape
     rows = torch.arange(q_len, device=indices.device)[:, None]  # [Lq, 1]
-    flat = torch.zeros(heads * q_len * k_len + 1, dtype=torch.bool, device=indices.device)
-    for h in range(heads):  # one head at a time bounds the int64 temporaries
-        idx = indices[0, h].long()  # [Lq, W]
+    flat = torch.zeros(batch * heads * q_len * k_len + 1, dtype=torch.bool,
+                       device=indices.device)
+    for g in range(batch * heads):  # one (batch, head) at a time bounds the int64 temporaries
+        idx = indices[g // heads, g % heads].long()  # [Lq, W]
         valid = (idx >= 0) & (idx < k_len)
         if causal:
             valid &= idx <= rows + (k_len - q_len)
-        lin = (h * q_len + rows) * k_len + idx
+        lin = (g * q_len + rows) * k_len + idx
         flat[torch.where(valid, lin, flat.numel() - 1)] = True  # the last cell swallows -1s
-    return flat[:-1].view(heads, q_len, k_len)
+    return flat[:-1].view(batch, heads, q_len, k_len)
 
 
 def packed_mask_from_indices(indices: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
-    """Like ``dense_mask_from_indices`` but 8 keys a byte: ``[H, Lq, ceil(k_len / 8)]`` uint8,
-    bit ``j % 8`` of byte ``j // 8`` = key ``j``. Built one head at a time."""
+    """Like ``dense_mask_from_indices`` for ``(1, H, Lq, W)`` indices, but 8 keys a byte:
+    ``[H, Lq, ceil(k_len / 8)]`` uint8, bit ``j % 8`` of byte ``j // 8`` = key ``j``. Built one
+    head at a time."""
     _, heads, q_len, _ = indices.shape
     n_bytes = -(-k_len // 8)
     weights = (1 << torch.arange(8, device=indices.device)).to(torch.uint8)
     packed = torch.empty(heads, q_len, n_bytes, dtype=torch.uint8, device=indices.device)
     for h in range(heads):
-        dense = dense_mask_from_indices(indices[:, h:h + 1], k_len, causal)[0]  # [Lq, Lk]
+        dense = dense_mask_from_indices(indices[:1, h:h + 1], k_len, causal)[0, 0]  # [Lq, Lk]
         dense = torch.nn.functional.pad(dense, (0, n_bytes * 8 - k_len))
         packed[h] = (dense.view(q_len, n_bytes, 8).to(torch.uint8) * weights).sum(
             -1, dtype=torch.uint8)
@@ -300,12 +338,13 @@ def packed_mask_from_indices(indices: torch.Tensor, k_len: int, causal: bool) ->
 
 
 def count_nnz(indices: torch.Tensor, k_len: int, causal: bool) -> int:
-    """Distinct valid (query, key) pairs of ``(1, H, Lq, W)`` indices, summed over heads."""
-    _, heads, q_len, _ = indices.shape
+    """Distinct valid (query, key) pairs of ``(B, H, Lq, W)`` indices, summed over (batch,
+    head)."""
+    batch, heads, q_len, _ = indices.shape
     rows = torch.arange(q_len, device=indices.device)[:, None]
     total = 0
-    for h in range(heads):
-        idx = indices[0, h].long()
+    for g in range(batch * heads):
+        idx = indices[g // heads, g % heads].long()
         valid = (idx >= 0) & (idx < k_len)
         if causal:
             valid &= idx <= rows + (k_len - q_len)
@@ -314,3 +353,98 @@ def count_nnz(indices: torch.Tensor, k_len: int, causal: bool) -> int:
         new = torch.cat([first, keys[:, 1:] != keys[:, :-1]], dim=-1)
         total += int((new & (keys < k_len)).sum())
     return total
+
+
+# ---- user patterns ----------------------------------------------------------------------------
+PatternBuilder = Callable[[int, int, torch.device], Pattern]
+
+
+def load_pattern(spec: str) -> tuple[str, PatternBuilder]:
+    """A ``--pattern`` argument -> (the name its rows carry, its builder).
+
+    ``spec`` is a built-in name (:data:`PATTERNS`), ``module:function`` (imported as ``import
+    module``; ``python -m`` puts the current directory on the path) or
+    ``path/to/file.py:function``. The function is loaded here, so a typo fails before the
+    sweep; :func:`user_pattern` calls it once per sequence length.
+    """
+    if spec in PATTERN_BUILDERS:
+        return spec, PATTERN_BUILDERS[spec]
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ValueError(f"unknown pattern {spec!r}: give one of {', '.join(PATTERNS)}, or "
+                         "module:function, or path/to/file.py:function")
+    is_file = target.endswith(".py") or "/" in target or "\\" in target
+    module = _import_file(Path(target)) if is_file else importlib.import_module(target)
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise AttributeError(f"{target} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise TypeError(f"{spec} is a {type(fn).__name__}, not a function")
+    name = f"{Path(target).stem if is_file else target}:{attr}"
+    return name, functools.partial(user_pattern, fn, name)
+
+
+def _import_file(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    name = f"_bench_pattern_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses, pickling and dynamo look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def user_pattern(fn: Callable, name: str, seq_len: int, num_kv_heads: int, device) -> Pattern:
+    """Call a user's ``fn(seq_len, heads_kv, device)`` and check what it returns:
+
+    - ``attn_indices``: an integer tensor ``(B|1, Hkv|1, L, W)``, entries in ``[-1, L)``, as for
+      ``sparse_attn_func``; like every built-in pattern it is made causal (``is_causal=True``:
+      keys j > i are dropped). Ours times ``build_layout`` on it.
+    - a :class:`SparseLayout` with ``q_len == k_len == L``, taken as it stands (its own
+      causality, tiles and token permutation; ours uses it, no build is timed).
+    - either of those and a ``mask_mod``, as a pair: flex then uses ``mask_mod(b, h, q_idx,
+      kv_idx)``, where ``h`` is the *KV* head (the harness maps query heads onto it) and
+      causality must be included. Without one, flex gets the pattern's exact BlockMask
+      (``SparseLayout.to_flex_block_mask`` of a layout at flex's block size).
+
+    B must be 1 or ``--batch``; one head means every KV head shares the pattern. Tensors on
+    another device are moved to ``device``.
+    """
+    out = fn(seq_len, num_kv_heads, device)
+    mask_mod = None
+    if isinstance(out, tuple):
+        if len(out) != 2 or not callable(out[1]):
+            raise TypeError(f"{name} returned a tuple of {len(out)}: expected (attn_indices or "
+                            "SparseLayout, mask_mod)")
+        out, mask_mod = out
+    indices = layout = None
+    if isinstance(out, SparseLayout):
+        layout = out.to(device)
+        if (layout.q_len, layout.k_len) != (seq_len, seq_len):
+            raise ValueError(f"{name} returned a layout for q_len={layout.q_len}, "
+                             f"k_len={layout.k_len}; expected {seq_len} for both")
+        batch, heads = layout.batch, layout.heads
+        what = (f"SparseLayout, {layout.block_m}x{layout.block_n} tiles"
+                + (", reordered" if layout.is_reordered else ""))
+    elif isinstance(out, torch.Tensor):
+        if out.dtype == torch.bool or out.is_floating_point() or out.is_complex():
+            raise TypeError(f"{name} returned {out.dtype} indices; expected an integer dtype")
+        if out.dim() != 4 or out.shape[2] != seq_len:
+            raise ValueError(f"{name} returned indices of shape {tuple(out.shape)}; expected "
+                             f"(B|1, Hkv|1, {seq_len}, W)")
+        indices = out.to(device)
+        batch, heads = out.shape[:2]
+        what = f"attn_indices {tuple(out.shape)}, causal"
+    else:
+        raise TypeError(f"{name} returned a {type(out).__name__}: expected attn_indices, a "
+                        "SparseLayout, or either with a mask_mod as a pair")
+    if heads not in (1, num_kv_heads):
+        raise ValueError(f"{name} returned a pattern of {heads} heads; expected 1 or "
+                         f"{num_kv_heads} (--heads-kv)")
+    flex = None if mask_mod is None else (lambda: mask_mod)
+    what += "; flex: " + ("its mask_mod" if mask_mod else "the pattern's BlockMask")
+    return Pattern(name, seq_len, indices, flex, heads > 1, f"user pattern ({what})",
+                   layout=layout)

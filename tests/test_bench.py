@@ -13,7 +13,7 @@ import torch
 from blocksparse_fsa import bench
 from blocksparse_fsa import bench_patterns as bp
 
-from .test_bench_patterns import brute_mask, small_patterns
+from .test_bench_patterns import EXAMPLE, USER_MODULE, brute_mask, small_patterns
 
 L, HKV = 256, 2
 REPO = Path(__file__).resolve().parents[1]
@@ -40,16 +40,36 @@ def test_flex_block_mask_gqa(pattern):
     assert mb > 0 and 0 < density <= 1
 
 
+def test_flex_exact_block_mask_without_mask_mod():
+    """A pattern without a mask_mod gets the exact BlockMask of its 128x128-tile layout."""
+    pattern = bp.load_pattern(f"{EXAMPLE}:window_and_globals")[1](L, HKV, "cpu")
+    heads_q = 4 * HKV
+    bm = bench.flex_block_mask(pattern, heads_q, "cpu")
+    assert bm.BLOCK_SIZE == (bench.FLEX_BLOCK, bench.FLEX_BLOCK)
+    want = pattern.dense_mask()[0, 0]
+    got = bm.mask_mod(torch.zeros((), dtype=torch.long), torch.arange(heads_q)[:, None, None],
+                      torch.arange(L)[None, :, None], torch.arange(L)[None, None, :])
+    assert torch.equal(got, want.expand_as(got))
+    mb, density = bench.block_mask_stats(bm, pattern.nnz() / pattern.groups)
+    assert mb > 0 and 0 < density <= 1
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_matches_dense_reference_cpu():
+@pytest.mark.parametrize("make", [
+    lambda: bp.bigbird(L, HKV, "cpu", block=16, seed=5),
+    lambda: bp.nsa_blocks(L, HKV, "cpu", block=16, num_selected=5, seed=5),
+    lambda: bp.load_pattern(f"{EXAMPLE}:window_and_globals")[1](L, HKV, "cpu"),
+], ids=["bigbird", "nsa_blocks", "user-indices"])
+def test_flex_matches_dense_reference_cpu(make):
     """Flex (eager, fwd only on CPU) with our BlockMask == SDPA with the dense mask (GQA)."""
     flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
-    pattern = bp.bigbird(L, HKV, "cpu", block=16, seed=5)
+    pattern = make()
     inp = bench.make_inputs(1, L, 4, HKV, 16, torch.float32, "cpu", requires_grad=False)
     bm = bench.flex_block_mask(pattern, 4, "cpu")
     out = flex_attention(*(x.transpose(1, 2) for x in (inp.q, inp.k, inp.v)), block_mask=bm,
                          enable_gqa=True)
-    mask = pattern.dense_mask().repeat_interleave(2, dim=0)[None]
+    mask = pattern.dense_mask()
+    mask = mask.repeat_interleave(4 // mask.shape[1], dim=1)
     ref = torch.nn.functional.scaled_dot_product_attention(
         inp.q.transpose(1, 2), *(x.repeat_interleave(2, dim=2).transpose(1, 2)
                                  for x in (inp.k, inp.v)), attn_mask=mask)
@@ -141,6 +161,27 @@ def test_parse_args_defaults():
         bench.parse_args(["--heads-q", "6", "--heads-kv", "4"])
 
 
+def test_parse_args_patterns(capsys):
+    args = bench.parse_args(["--pattern", f"{EXAMPLE}:window_and_globals", "nsa_blocks"])
+    assert [name for name, _ in args.patterns] == ["bench_my_pattern:window_and_globals",
+                                                   "nsa_blocks"]
+    assert args.pattern == [f"{EXAMPLE}:window_and_globals", "nsa_blocks"]  # for the metadata
+    for bad in ("nope", f"{EXAMPLE}:nope"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--pattern", bad])
+        assert f"--pattern {bad}" in capsys.readouterr().err
+
+
+def test_pattern_batch_must_match(tmp_path, monkeypatch):
+    (tmp_path / "user_patterns.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = bench.parse_args(["--pattern", "user_patterns:batched", "--systems", "ours",
+                             "--passes", "fwd"])  # --batch 1, the pattern has 2
+    rows = bench.run_pattern(*args.patterns[0], 64, args, "cpu")
+    assert len(rows) == 1 and rows[0].status.startswith("error (pattern): ValueError: the "
+                                                        "pattern has batch 2")
+
+
 def test_main_needs_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
@@ -158,13 +199,13 @@ def test_runner_smoke_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "compiled_flex_attention", lambda: flex_attention)
     monkeypatch.setattr(bench, "compiled_create_block_mask", lambda: create_block_mask)
     argv = ["--device", "cpu", "--seq-len", "128", "--heads-q", "4", "--heads-kv", "2",
-            "--head-dim", "16", "--passes", "fwd", "--pattern", "bigbird", "dilated",
+            "--head-dim", "16", "--passes", "fwd", "--pattern", "bigbird", "nsa_blocks", "dilated",
             "--out", str(tmp_path), "--no-plot", "--sdpa-mask-max-len", "128"]
     assert bench.main(argv) == 0
     rows = json.loads((tmp_path / "bench_cpu.json").read_text())["rows"]
     status = {(r["pattern"], r["system"]): r["status"] for r in rows}
-    assert len(rows) == 2 * len(bench.SYSTEMS)
-    for pat in ("bigbird", "dilated"):
+    assert len(rows) == 3 * len(bench.SYSTEMS)
+    for pat in ("bigbird", "nsa_blocks", "dilated"):
         assert status[(pat, "ours")] == "ok"
         assert status[(pat, "flex")] == "ok"
         assert status[(pat, "sdpa_mask")] == "ok"
@@ -172,3 +213,39 @@ def test_runner_smoke_cpu(tmp_path, monkeypatch):
     ours = [r for r in rows if r["system"] == "ours"]
     assert all(r["speedup_vs_flex"] and r["tflops"] and r["layout_ms"] for r in ours)
     assert all(r["nnz"] > 0 and 0 < r["density"] <= 1 for r in ours)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_runner_user_patterns_cpu(tmp_path, monkeypatch):
+    """User patterns through the whole harness: indices with and without a mask_mod, a
+    non-causal per-head layout, per-batch indices; every system checked against ours."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(bench, "compiled_flex_attention", lambda: flex_attention)
+    monkeypatch.setattr(bench, "compiled_create_block_mask", lambda: create_block_mask)
+    (tmp_path / "user_patterns.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    patterns = [f"{EXAMPLE}:window_and_globals", f"{EXAMPLE}:window_and_globals_with_mask",
+                "user_patterns:random_layout", "user_patterns:batched"]
+    argv = ["--device", "cpu", "--seq-len", "128", "--batch", "2", "--heads-q", "4",
+            "--heads-kv", "2", "--head-dim", "16", "--passes", "fwd", "--pattern", *patterns,
+            "--systems", "ours", "flex", "sdpa_mask", "--out", str(tmp_path), "--no-plot",
+            "--sdpa-mask-max-len", "128"]
+    assert bench.main(argv) == 0
+    data = json.loads((tmp_path / "bench_cpu.json").read_text())
+    assert data["meta"]["patterns"] == patterns
+    rows = {(r["pattern"], r["system"]): r for r in data["rows"]}
+    assert len(rows) == 4 * 3
+    for name in ("bench_my_pattern:window_and_globals",
+                 "bench_my_pattern:window_and_globals_with_mask", "user_patterns:random_layout",
+                 "user_patterns:batched"):
+        for system in ("ours", "flex", "sdpa_mask"):
+            assert rows[(name, system)]["status"] == "ok", (name, system, rows[(name, system)])
+    flex = rows[("bench_my_pattern:window_and_globals", "flex")]
+    assert "exact BlockMask" in flex["note"] and flex["layout_ms"] is not None
+    assert rows[("bench_my_pattern:window_and_globals_with_mask", "flex")]["note"] == ""
+    layout_row = rows[("user_patterns:random_layout", "ours")]
+    assert layout_row["layout_ms"] is None and "own layout" in layout_row["note"]
+    # nnz: summed over the 2 KV heads; the window's heads share one pattern
+    causal_pairs = 128 * 129 // 2  # L = 128: the window covers the whole causal prefix
+    assert rows[("bench_my_pattern:window_and_globals", "ours")]["nnz"] == 2 * causal_pairs

@@ -1,5 +1,7 @@
-"""CPU tests of the benchmark's patterns: every builder against its brute-force definition, and
-its dense mask, flex mask_mod and nnz against its indices."""
+"""CPU tests of the benchmark's patterns: every builder against its brute-force definition, its
+dense mask, flex mask_mod and nnz against its indices, and the loading of user patterns."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from blocksparse_fsa import bench_patterns as bp
 
 L, HKV = 256, 2
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bench_my_pattern.py"
 
 
 def row_sets(pattern, head=0):
@@ -164,7 +167,8 @@ def test_masks_agree_with_indices(pattern):
     want = brute_mask(pattern)
     # dense mask (sdpa_mask, topk's flex tensor)
     dense = pattern.dense_mask()
-    assert torch.equal(dense.expand_as(want), want)
+    assert dense.shape == (1, HKV if pattern.per_head else 1, L, L)
+    assert torch.equal(dense[0].expand_as(want), want)
     # flex mask_mod on the full grid
     mask_mod = pattern.flex_mask()
     h = torch.arange(pattern.num_kv_heads)[:, None, None]
@@ -175,3 +179,144 @@ def test_masks_agree_with_indices(pattern):
     # nnz
     assert pattern.nnz() == int(want.sum())
     assert bp.count_nnz(pattern.indices, L, causal=True) == int(want.sum())
+
+
+# ---- user patterns ------------------------------------------------------------------------------
+USER_MODULE = """
+import torch
+
+import blocksparse_fsa as bsa
+
+
+def random_layout(seq_len, heads_kv, device):  # per head, not causal
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(-1, seq_len, (1, heads_kv, seq_len, 6), generator=gen)
+    return bsa.build_layout(idx, seq_len).to(device)
+
+
+def batched(seq_len, heads_kv, device):  # (2, 1, L, 3): a different pattern per batch entry
+    i = torch.arange(seq_len)[:, None]
+    idx = torch.stack([i - torch.arange(3), i - 2 * torch.arange(3)])[:, None]
+    return idx.clamp(min=-1).to(device)
+
+
+def float_indices(seq_len, heads_kv, device):
+    return torch.zeros(1, 1, seq_len, 4)
+
+
+def three_heads(seq_len, heads_kv, device):
+    return torch.zeros(1, 3, seq_len, 4, dtype=torch.long)
+
+
+def short(seq_len, heads_kv, device):
+    return torch.zeros(1, 1, seq_len - 1, 4, dtype=torch.long)
+
+
+def wrong_layout_length(seq_len, heads_kv, device):
+    return bsa.build_layout(torch.zeros(1, 1, seq_len + 1, 1, dtype=torch.long), seq_len + 1)
+
+
+def a_string(seq_len, heads_kv, device):
+    return "sliding_window"
+
+
+def a_triple(seq_len, heads_kv, device):
+    return torch.zeros(1, 1, seq_len, 4, dtype=torch.long), None, None
+
+
+NOT_CALLABLE = 3
+"""
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """``user_patterns.py`` in a fresh directory on ``sys.path``; returns its path."""
+    path = tmp_path / "user_patterns.py"
+    path.write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return path
+
+
+def window_mask(seq_len, window=512, globals_=64):
+    """The example's pattern, brute force: ``[L, L]`` bool."""
+    i = torch.arange(seq_len)[:, None]
+    j = torch.arange(seq_len)[None, :]
+    return (j <= i) & ((i - j < window) | (j < globals_))
+
+
+def test_load_builtin_pattern():
+    assert bp.load_pattern("nsa_blocks") == ("nsa_blocks", bp.nsa_blocks)
+
+
+@pytest.mark.parametrize("fn", ["window_and_globals", "window_and_globals_with_mask"])
+def test_user_pattern_from_file(fn):
+    """The README's example: indices shared by the heads, with or without a mask_mod."""
+    name, build = bp.load_pattern(f"{EXAMPLE}:{fn}")
+    assert name == f"bench_my_pattern:{fn}"
+    p = build(L, HKV, torch.device("cpu"))
+    assert p.name == name and p.indices.shape == (1, 1, L, 576) and p.layout is None
+    assert not p.per_head and p.groups == 1 and "user pattern" in p.description
+    want = window_mask(L)
+    assert torch.equal(p.dense_mask(), want[None, None])
+    assert p.nnz() == int(want.sum())
+    assert torch.equal(p.exact_layout(128).to_dense_mask(), want[None, None])
+    if fn.endswith("with_mask"):
+        got = p.flex_mask()(torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long),
+                            torch.arange(L)[:, None], torch.arange(L)[None, :])
+        assert torch.equal(got, want)
+    else:
+        assert p.flex_mask is None
+
+
+def test_user_pattern_from_module_layout(user_module):
+    """A per-head, non-causal SparseLayout is taken as it stands."""
+    name, build = bp.load_pattern("user_patterns:random_layout")
+    assert name == "user_patterns:random_layout"
+    p = build(L, HKV, "cpu")
+    assert p.indices is None and p.per_head and p.num_kv_heads == HKV and p.batch == 1
+    want = p.layout.to_dense_mask()
+    assert bool(want.triu(1).any())  # not made causal
+    assert torch.equal(p.dense_mask(), want) and p.nnz() == int(want.sum())
+    exact = p.exact_layout(128)
+    assert (exact.block_m, exact.block_n) == (128, 128)
+    assert torch.equal(exact.to_dense_mask(), want)
+
+
+def test_user_pattern_batched(user_module):
+    p = bp.load_pattern(f"{user_module}:batched")[1](L, HKV, "cpu")
+    assert (p.batch, p.num_kv_heads, p.groups) == (2, 1, 2)
+    dense = p.dense_mask()
+    assert dense.shape == (2, 1, L, L)
+    i = torch.arange(L)[:, None]
+    for b, stride in enumerate((1, 2)):
+        d = i - torch.arange(L)[None, :]
+        assert torch.equal(dense[b, 0], (d >= 0) & (d % stride == 0) & (d < 3 * stride))
+    assert p.nnz() == int(dense.sum())
+    assert torch.equal(p.exact_layout(128).to_dense_mask(), dense)
+
+
+@pytest.mark.parametrize("spec,error,match", [
+    ("slidingwindow", ValueError, "unknown pattern"),
+    ("user_patterns:", ValueError, "unknown pattern"),
+    ("no_such_module_xyz:f", ModuleNotFoundError, "no_such_module_xyz"),
+    ("user_patterns:nope", AttributeError, "nope"),
+    ("user_patterns:NOT_CALLABLE", TypeError, "not a function"),
+    ("missing/file.py:f", FileNotFoundError, "missing/file.py"),
+])
+def test_load_pattern_errors(user_module, spec, error, match):
+    with pytest.raises(error, match=match):
+        bp.load_pattern(spec)
+
+
+@pytest.mark.parametrize("fn,error,match", [
+    ("float_indices", TypeError, "integer"),
+    ("three_heads", ValueError, "3 heads; expected 1 or 2"),
+    ("short", ValueError, "shape"),
+    ("wrong_layout_length", ValueError, "q_len=257"),
+    ("a_string", TypeError, "returned a str"),
+    ("a_triple", TypeError, "tuple of 3"),
+])
+def test_user_pattern_errors(user_module, fn, error, match):
+    build = bp.load_pattern(f"user_patterns:{fn}")[1]
+    with pytest.raises(error, match=match):
+        build(L, HKV, "cpu")
