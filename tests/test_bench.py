@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blocksparse_fsa import bench
+from blocksparse_fsa import attention, bench
 from blocksparse_fsa import bench_patterns as bp
 
 from .test_bench_patterns import EXAMPLE, USER_MODULE, brute_mask, small_patterns
@@ -189,7 +189,7 @@ def test_main_needs_cuda(capsys):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_runner_smoke_cpu(tmp_path, monkeypatch):
+def test_runner_smoke_cpu(tmp_path, monkeypatch, capsys):
     """The whole sweep on CPU, forward only (flex has no CPU backward), eager flex.
 
     This tests the harness, not the kernels: ours takes its pure-PyTorch path here (the Triton
@@ -198,6 +198,10 @@ def test_runner_smoke_cpu(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(bench, "compiled_flex_attention", lambda: flex_attention)
     monkeypatch.setattr(bench, "compiled_create_block_mask", lambda: create_block_mask)
+    builds = []  # layouts built by sparse_attn_func(attn_indices=) on a cache miss
+    build_layout = attention.build_layout
+    monkeypatch.setattr(attention, "build_layout",
+                        lambda *a, **kw: builds.append(a[0].shape) or build_layout(*a, **kw))
     argv = ["--device", "cpu", "--seq-len", "128", "--heads-q", "4", "--heads-kv", "2",
             "--head-dim", "16", "--passes", "fwd", "--pattern", "bigbird", "nsa_blocks", "dilated",
             "--out", str(tmp_path), "--no-plot", "--sdpa-mask-max-len", "128"]
@@ -207,12 +211,19 @@ def test_runner_smoke_cpu(tmp_path, monkeypatch):
     assert len(rows) == 3 * len(bench.SYSTEMS)
     for pat in ("bigbird", "nsa_blocks", "dilated"):
         assert status[(pat, "ours")] == "ok"
+        assert status[(pat, "ours_indices")] == "ok"
         assert status[(pat, "flex")] == "ok"
         assert status[(pat, "sdpa_mask")] == "ok"
         assert status[(pat, "sdpa_causal")] == "unchecked"
     ours = [r for r in rows if r["system"] == "ours"]
     assert all(r["speedup_vs_flex"] and r["tflops"] and r["layout_ms"] for r in ours)
     assert all(r["nnz"] > 0 and 0 < r["density"] <= 1 for r in ours)
+    assert all(r["host_us"] > 0 for r in rows if r["ms"])
+    # ours_indices: one build per pattern (the check), every timed call found it in the cache
+    assert len(builds) == 3
+    assert not attention._LAYOUT_CACHE  # emptied after the system ran
+    out = capsys.readouterr().out
+    assert "host us per fwd call, attn_indices= (layout cache) vs layout=:  bigbird" in out
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
