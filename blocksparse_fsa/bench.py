@@ -593,14 +593,75 @@ def _nan_count(*tensors) -> int:
     return int(sum(int(torch.isnan(t).sum()) for t in tensors if t is not None))
 
 
-def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device) -> tuple[list, tuple]:
+class Progress:
+    """Where a sweep stands, on stderr: one step per (pattern, L, system, pass).
+
+    A tqdm bar when tqdm is installed and the stream is a terminal, else one line per step,
+    ``[3/40] sliding_window L=32768 flex fwd  (12 s)``, which also reads well in a log file.
+    ``bar``: True / False force or refuse the bar (True still needs tqdm).
+    """
+
+    def __init__(self, total: int, stream=None, bar: bool | None = None):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.stream = sys.stderr if stream is None else stream
+        tqdm = _tqdm() if bar is not False else None
+        if bar is None:
+            tqdm = tqdm if self.stream.isatty() else None
+        self._bar = None if tqdm is None else tqdm(total=total, file=self.stream,
+                                                   unit="step", dynamic_ncols=True)
+
+    def step(self, label: str, count: int = 1) -> None:
+        """The next ``count`` steps start (more than one: steps that will not run)."""
+        first, self.done = self.done + 1, min(self.done + count, self.total)
+        if self._bar is not None:
+            self._bar.update(first - 1 - self._bar.n)  # the steps before these are done
+            self._bar.set_description_str(label)
+            return
+        where = f"{first}" if self.done <= first else f"{first}-{self.done}"
+        print(f"[{where}/{self.total}] {label}  ({time.perf_counter() - self.t0:.0f} s)",
+              file=self.stream, flush=True)
+
+    def log(self, msg: str, file=None) -> None:
+        """Print a line to ``file`` (default: the progress stream) without breaking the bar."""
+        file = self.stream if file is None else file
+        if self._bar is not None:
+            self._bar.write(msg, file=file)
+        else:
+            print(msg, file=file, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.update(self.done - self._bar.n)
+            self._bar.close()
+
+
+def _tqdm():
+    try:
+        from tqdm import tqdm
+    except ImportError:  # optional: the plain counter instead
+        return None
+    return tqdm
+
+
+def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device,
+               progress: Progress | None = None) -> tuple[list, tuple]:
     """Rows (one per pass) of one system, and its (out, grads) for later checks."""
     rows = [Row(pattern.name, pattern.seq_len, system, p) for p in args.passes]
     with_backward = "fwdbwd" in args.passes
     run = None
     result = (None, None)
     step = "setup"
+    announced = 0  # passes announced to ``progress``
+
+    def announce(suffix: str = "", count: int = 1):
+        nonlocal announced
+        if progress is not None and announced < len(rows):
+            progress.step(f"{pattern.name} L={pattern.seq_len} {system} "
+                          f"{rows[announced].pass_name}{suffix}", count)
+        announced += count
+
     try:
+        announce()  # the first pass' step includes the setup and the check
         run = SYSTEM_SETUPS[system](pattern, inp, args)
         step = "check"
         out, grads, seconds = check_run(run, inp, with_backward, device)
@@ -626,8 +687,10 @@ def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device) ->
                     errs += [rel_err(a, b) for a, b in zip(grads, ref[1])]
                 row.rel_err = max(errs) if not any(math.isnan(e) for e in errs) else math.nan
                 row.status = "ok" if row.rel_err < REL_TOL else "mismatch"
-        for row in rows:
+        for i, row in enumerate(rows):
             step = f"{row.pass_name} timing"
+            if i == announced:
+                announce()
             fn = run.fwd if row.pass_name == "fwd" else run.fwdbwd
             leaves = run.leaves if row.pass_name == "fwdbwd" else ()
             row.peak_mb = peak_mb(fn, run.leaves, device)
@@ -649,6 +712,8 @@ def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device) ->
                 run.close()
         del run
         _free()
+        if announced < len(rows):  # passes that will not run after a skip or an error
+            announce(f": {rows[announced].status}", len(rows) - announced)
     return rows, result
 
 
@@ -696,7 +761,8 @@ def finalize(rows: list[Row], pattern: Pattern, args, nnz_ref: int) -> None:
                 r.speedup_vs_flex = flex.ms / r.ms
 
 
-def run_pattern(name: str, build: PatternBuilder, seq_len: int, args, device) -> list[Row]:
+def run_pattern(name: str, build: PatternBuilder, seq_len: int, args, device,
+                progress: Progress | None = None) -> list[Row]:
     """All systems and passes of one (pattern, L); ``build`` from ``load_pattern``."""
     try:
         pattern = build(seq_len, args.heads_kv, device)
@@ -710,25 +776,24 @@ def run_pattern(name: str, build: PatternBuilder, seq_len: int, args, device) ->
     except Exception as exc:
         msg = f"error (pattern): {_short(exc)}"
         _free()
+        if progress is not None:
+            progress.step(f"{name} L={seq_len}: {msg}", len(args.systems) * len(args.passes))
         return [Row(name, seq_len, s, p, status=msg) for s in args.systems for p in args.passes]
     rows, ref = [], (None, None)
     for system in sorted(args.systems, key=SYSTEMS.index):  # ours first: it is the reference
         t0 = time.perf_counter()
-        sys_rows, result = run_system(system, pattern, inp, args, ref, device)
+        sys_rows, result = run_system(system, pattern, inp, args, ref, device, progress)
         if system == "ours":
             ref = result  # (None, None) if ours failed
         del result
         rows += sys_rows
-        _log(f"  {system:<12} {time.perf_counter() - t0:6.1f} s  "
-             f"{', '.join(sorted({r.status for r in sys_rows}))}")
+        if progress is not None:
+            progress.log(f"  {system:<12} {time.perf_counter() - t0:6.1f} s  "
+                         f"{', '.join(sorted({r.status for r in sys_rows}))}")
     finalize(rows, pattern, args, nnz_ref)
     del pattern, inp, ref
     _free()
     return rows
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ==== output =====================================================================================
@@ -991,13 +1056,15 @@ def main(argv=None) -> int:
     print(format_row())
     rows: list[Row] = []
     t_start = time.perf_counter()
+    progress = Progress(len(args.seq_len) * len(args.patterns) * len(args.systems)
+                        * len(args.passes))
     for seq_len in args.seq_len:
         for name, build in args.patterns:
-            _log(f"[{time.perf_counter() - t_start:6.0f} s] {name} L={seq_len}")
-            new = run_pattern(name, build, seq_len, args, device)
+            new = run_pattern(name, build, seq_len, args, device, progress)
             for r in new:
-                print(format_row(r), flush=True)
+                progress.log(format_row(r), file=sys.stdout)
             rows += new
+    progress.close()
     print()
     print("\n".join(summary(rows, args.seq_len, args.sdpa_mask_max_len)))
     paths = write_results(rows, meta, args.out, plot=not args.no_plot)

@@ -2,6 +2,7 @@
 counting, the correctness gate, output files, the CLI and a whole sweep on CPU (the patterns
 themselves: tests/test_bench_patterns.py)."""
 
+import io
 import json
 import subprocess
 import sys
@@ -137,6 +138,62 @@ def test_write_results_and_summary(tmp_path):
     assert bench.format_row(rows[0]).startswith("sliding_window")
 
 
+def test_progress_lines():
+    """Without a terminal (a log file, CI), one line per step; skipped steps in one line."""
+    out = io.StringIO()
+    progress = bench.Progress(5, stream=out)
+    progress.step("bigbird L=128 ours fwd")
+    progress.log("  ours   1.0 s  ok")
+    progress.step("bigbird L=128 flex fwd", count=3)
+    progress.step("bigbird L=128 sdpa_mask fwd")
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split("  (")[0] for line in lines] == [
+        "[1/5] bigbird L=128 ours fwd", "  ours   1.0 s  ok", "[2-4/5] bigbird L=128 flex fwd",
+        "[5/5] bigbird L=128 sdpa_mask fwd"]
+    assert lines[0].endswith(" s)")
+
+
+def test_progress_bar_needs_tqdm(monkeypatch):
+    tqdm = pytest.importorskip("tqdm")
+    out = io.StringIO()
+    progress = bench.Progress(3, stream=out, bar=True)  # forced: StringIO is no terminal
+    for label in ("a", "b", "c"):
+        progress.step(label)
+    progress.close()
+    assert "3/3" in out.getvalue() and "[1/3]" not in out.getvalue()
+    assert bench._tqdm() is tqdm.tqdm
+    monkeypatch.setattr(bench, "_tqdm", lambda: None)  # not installed: the plain counter
+    out = io.StringIO()
+    bench.Progress(3, stream=out, bar=True).step("a")
+    assert out.getvalue().startswith("[1/3] a")
+
+
+def test_progress_counts_skipped_passes():
+    """A system skipped at setup still accounts for all its passes."""
+    args = bench.parse_args(["--seq-len", "64", "--sdpa-mask-max-len", "32"])
+    pattern = bp.sliding_window(64, HKV, "cpu", window=8)
+    inp = bench.make_inputs(1, 64, 4, HKV, 16, torch.float32, "cpu")
+    out = io.StringIO()
+    progress = bench.Progress(2, stream=out)
+    rows, _ = bench.run_system("sdpa_mask", pattern, inp, args, (None, None), "cpu", progress)
+    assert [r.status for r in rows] == ["skipped: dense mask only for L <= 32"] * 2
+    assert [line.split("  (")[0] for line in out.getvalue().splitlines()] == [
+        "[1/2] sliding_window L=64 sdpa_mask fwd",
+        "[2/2] sliding_window L=64 sdpa_mask fwdbwd: skipped: dense mask only for L <= 32"]
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [bench.Row(pat, 8192, s, p, ms=1.0 + i, speedup_vs_flex=0.5 + i)
+            for pat in ("nsa_blocks", "my_patterns:window")
+            for i, s in enumerate(bench.SYSTEMS) for p in bench.PASSES]
+    meta = {"gpu": "NVIDIA H200", "batch": 1, "heads_q": 32, "heads_kv": 8, "head_dim": 128,
+            "dtype": "bfloat16"}
+    path = bench.plot_results(rows, meta, tmp_path / "bench.png")
+    assert path.stat().st_size > 10_000
+
+
 def test_git_commit_never_raises(tmp_path):
     assert isinstance(bench.git_commit(tmp_path), str)
 
@@ -222,8 +279,12 @@ def test_runner_smoke_cpu(tmp_path, monkeypatch, capsys):
     # ours_indices: one build per pattern (the check), every timed call found it in the cache
     assert len(builds) == 3
     assert not attention._LAYOUT_CACHE  # emptied after the system ran
-    out = capsys.readouterr().out
-    assert "host us per fwd call, attn_indices= (layout cache) vs layout=:  bigbird" in out
+    captured = capsys.readouterr()
+    assert "host us per fwd call, attn_indices= (layout cache) vs layout=:  bigbird" in captured.out
+    steps = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert len(steps) == 3 * len(bench.SYSTEMS)  # one per (pattern, system, pass)
+    assert steps[0].startswith("[1/18] bigbird L=128 ours fwd")
+    assert steps[-1].startswith("[18/18] dilated L=128 sdpa_mask fwd")
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
