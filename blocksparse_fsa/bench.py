@@ -78,8 +78,8 @@ Method
     * ``peak_mb`` = ``max_memory_allocated`` during one call of the timed function (forward, or
       forward + backward) minus the memory allocated before it (inputs, layout, masks).
     * ``host_us`` is the host time to issue one call: 20 calls back to back without a
-      synchronize, divided by 20 (Python, argument checks, layout lookup, launches; what a
-      kernel shorter than that cannot hide).
+      synchronize (3 to 20: about 100 ms of GPU work), divided by their number (Python,
+      argument checks, layout lookup, launches; what a kernel shorter than that cannot hide).
 """
 
 from __future__ import annotations
@@ -554,6 +554,12 @@ def peak_mb(fn, leaves, device) -> float | None:
     return peak / 2**20
 
 
+def host_calls(ms: float) -> int:
+    """Calls for ``host_us``: 20, fewer when they would queue more than ~100 ms of GPU work
+    (which the next measurement would wait for), at least 3."""
+    return max(3, min(20, round(100 / ms))) if ms else 20
+
+
 def host_us(fn, leaves, device, calls: int = 20) -> float:
     """Host time (us) to issue one ``fn()``: ``calls`` back-to-back calls with no
     synchronization between them, so the GPU work queues up and what is timed is the Python,
@@ -695,7 +701,7 @@ def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device,
             leaves = run.leaves if row.pass_name == "fwdbwd" else ()
             row.peak_mb = peak_mb(fn, run.leaves, device)
             row.ms = bench_ms(fn, leaves, args, device)
-            row.host_us = host_us(fn, run.leaves, device)
+            row.host_us = host_us(fn, run.leaves, device, calls=host_calls(row.ms))
     except Skipped as exc:
         for row in rows:
             row.status = f"skipped: {exc}"
@@ -740,7 +746,7 @@ def finalize(rows: list[Row], pattern: Pattern, args, nnz_ref: int) -> None:
         nnz = nnz_ref
     elif nnz != nnz_ref:
         warnings.warn(f"{pattern.name} L={pattern.seq_len}: layout.nnz={nnz} but the pattern "
-                      f"has {nnz_ref} distinct causal pairs")
+                      f"has {nnz_ref} distinct pairs")
     nnz_per_head = nnz / pattern.groups  # one (batch, KV head), averaged
     L = pattern.seq_len
     for r in rows:

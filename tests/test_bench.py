@@ -91,18 +91,27 @@ def test_flop_counting():
     assert bench.pattern_flops(nnz, 1, 32, 128, "fwd") == pytest.approx(4 * nnz * 128 * 32)
 
 
+def test_host_calls():
+    assert bench.host_calls(1.5) == 20 and bench.host_calls(10.0) == 10
+    assert bench.host_calls(91.0) == 3 and bench.host_calls(None) == 20
+
+
 def test_finalize_refuses_speedup_on_mismatch():
     args = bench.parse_args(["--seq-len", str(L)])
     pattern = bp.sliding_window(L, 8, "cpu", window=16)
     rows = []
-    for system, status, ms in (("ours", "ok", 1.0), ("flex", "ok", 3.0),
-                               ("sdpa_causal", "unchecked", 2.0), ("sdpa_mask", "mismatch", 0.5)):
+    for system, status, ms in (("ours", "ok", 1.0), ("ours_indices", "ok", 1.0),
+                               ("flex", "ok", 3.0), ("sdpa_causal", "unchecked", 2.0),
+                               ("sdpa_mask", "mismatch", 0.5)):
         for p in bench.PASSES:
             rows.append(bench.Row(pattern.name, L, system, p, status=status, ms=ms))
     bench.finalize(rows, pattern, args, pattern.nnz())
     by = {(r.system, r.pass_name): r for r in rows}
     assert by[("ours", "fwd")].status == "ok"  # flex agreed
     assert by[("ours", "fwd")].speedup_vs_flex == pytest.approx(3.0)
+    assert by[("ours_indices", "fwd")].status == "ok"
+    assert by[("ours_indices", "fwd")].speedup_vs_flex == pytest.approx(3.0)
+    assert by[("ours", "fwd")].nnz == pattern.nnz()  # summed over the 8 KV heads
     assert by[("sdpa_causal", "fwd")].speedup_vs_flex == pytest.approx(1.5)
     assert by[("sdpa_mask", "fwd")].speedup_vs_flex is None
     assert by[("sdpa_causal", "fwd")].dense_tflops is not None
@@ -118,7 +127,19 @@ def test_finalize_refuses_speedup_on_mismatch():
             r.status = "ok"
     bench.finalize(rows, pattern, args, pattern.nnz())
     assert by[("ours", "fwd")].status == "mismatch"
+    assert by[("ours_indices", "fwd")].status == "mismatch"  # it agreed with ours
     assert all(r.speedup_vs_flex is None for r in rows)
+
+
+def test_finalize_counts_a_shared_pattern_for_every_head():
+    """A pattern stored once for all heads (1, 1, L, W) counts as Hkv heads' worth of pairs."""
+    args = bench.parse_args(["--seq-len", str(L)])  # Hkv = 8
+    pattern = bp.load_pattern(f"{EXAMPLE}:window_and_globals")[1](L, 8, "cpu")
+    assert pattern.groups == 1
+    rows = [bench.Row(pattern.name, L, "ours", p, ms=1.0) for p in bench.PASSES]
+    bench.finalize(rows, pattern, args, pattern.nnz())
+    assert rows[0].nnz == 8 * pattern.nnz()
+    assert rows[0].tflops == pytest.approx(4 * pattern.nnz() * 128 * 32 / 1.0 / 1e9)
 
 
 def test_write_results_and_summary(tmp_path):
