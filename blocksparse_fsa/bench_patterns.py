@@ -426,7 +426,7 @@ def user_pattern(fn: Callable, name: str, seq_len: int, num_kv_heads: int, devic
         if (layout.q_len, layout.k_len) != (seq_len, seq_len):
             raise ValueError(f"{name} returned a layout for q_len={layout.q_len}, "
                              f"k_len={layout.k_len}; expected {seq_len} for both")
-        batch, heads = layout.batch, layout.heads
+        heads = layout.heads
         what = (f"SparseLayout, {layout.block_m}x{layout.block_n} tiles"
                 + (", reordered" if layout.is_reordered else ""))
     elif isinstance(out, torch.Tensor):
@@ -436,7 +436,7 @@ def user_pattern(fn: Callable, name: str, seq_len: int, num_kv_heads: int, devic
             raise ValueError(f"{name} returned indices of shape {tuple(out.shape)}; expected "
                              f"(B|1, Hkv|1, {seq_len}, W)")
         indices = out.to(device)
-        batch, heads = out.shape[:2]
+        heads = out.shape[1]
         what = f"attn_indices {tuple(out.shape)}, causal"
     else:
         raise TypeError(f"{name} returned a {type(out).__name__}: expected attn_indices, a "
