@@ -1,10 +1,11 @@
-"""Benchmark: ``sparse_attn_func`` vs FlexAttention and SDPA on four sparse patterns.
+"""Benchmark: ``sparse_attn_func`` vs FlexAttention and SDPA on sparse patterns.
 
 Run on one CUDA GPU from the repository root::
 
     python -m blocksparse_fsa.bench                          # default sweep (budget: < 8 min, H200)
     python -m blocksparse_fsa.bench --quick --seq-len 8192 --pattern bigbird
     python -m blocksparse_fsa.bench --out /tmp/results --no-plot
+    python -m blocksparse_fsa.bench --pattern examples/bench_my_pattern.py:window_and_globals
 
 It prints one row per (pattern, L, system, pass) and writes ``<out>/bench_<gpu>.json``,
 ``.csv`` and ``.png`` (the plot needs matplotlib; without it a warning is printed).
@@ -12,14 +13,33 @@ It prints one row per (pattern, L, system, pass) and writes ``<out>/bench_<gpu>.
 Patterns (causal, per KV head, ``attn_indices`` of shape ``(1, Hkv, L, W)`` built on the GPU)
     sliding_window  keys i-1023..i
     bigbird         64-token blocks: 3 local, 2 global, 3 random earlier blocks per query block
+    nsa_blocks      NSA-style selection: each 64-query block takes 16 of its causal 64-token key
+                    blocks (the first, the 2 local ones including the diagonal, 13 at random)
     dilated         512 keys at stride 4: i, i-4, ..., i-2044
+    dilated_reordered  the same; ours builds its layout with the tokens grouped mod 4
     topk_random     1024 random keys of the causal prefix [0, i] per query (with duplicates)
 
+Your own pattern: ``--pattern module:function`` or ``--pattern path/to/file.py:function``,
+called as ``function(seq_len, heads_kv, device)`` once per length; it returns ``attn_indices``
+``(B|1, Hkv|1, L, W)`` (made causal like the patterns above), a ``SparseLayout`` (used as it
+is), or either with a flex ``mask_mod`` as a pair (``h`` = KV head). Without a mask_mod, flex
+gets the pattern's exact BlockMask (``SparseLayout.to_flex_block_mask`` at 128x128 tiles).
+See ``examples/bench_my_pattern.py`` and ``bench_patterns.user_pattern``.
+
 Systems, all on the same q, k, v
-    ours         ``sparse_attn_func(q, k, v, layout=build_layout(indices, is_causal=True))``
+    ours         ``sparse_attn_func(q, k, v, layout=build_layout(indices, is_causal=True))``:
+                 the explicit path, a layout built once (``layout_ms``) and passed to every call
+    ours_indices ``sparse_attn_func(q, k, v, attn_indices=indices, is_causal=True)`` on every
+                 call: the implicit path. The first call builds the layout (the same build as
+                 ours' ``layout_ms``) into the layout cache, keyed on the tensor's identity and
+                 version; the timed calls find it there. Its cost per call shows in
+                 ``host_us`` next to ours' (GPU time is the same kernels). Skipped for a
+                 reordered pattern or one given as a layout.
     flex         ``torch.compile(flex_attention)`` with the tightest BlockMask a user would
                  write: an analytic ``mask_mod`` (sliding window, dilated), a per-head block
-                 table (bigbird), a bit-packed dense ``[Hkv, L, L/8]`` table (topk_random)
+                 table (bigbird, nsa_blocks), a bit-packed dense ``[Hkv, L, L/8]`` table
+                 (topk_random), all through ``create_block_mask`` at flex's default 128x128
+                 blocks (its compiled backward on an H200, D=128, needs blocks of 128)
     sdpa_causal  dense causal FlashAttention through SDPA: the cost of ignoring the sparsity
                  (a different function, so timed but not checked)
     sdpa_mask    SDPA with the pattern as a dense boolean ``attn_mask`` (only L <= 8192)
@@ -57,6 +77,9 @@ Method
       attention kernels).
     * ``peak_mb`` = ``max_memory_allocated`` during one call of the timed function (forward, or
       forward + backward) minus the memory allocated before it (inputs, layout, masks).
+    * ``host_us`` is the host time to issue one call: 20 calls back to back without a
+      synchronize (3 to 20: about 100 ms of GPU work), divided by their number (Python,
+      argument checks, layout lookup, launches; what a kernel shorter than that cannot hide).
 """
 
 from __future__ import annotations
@@ -74,22 +97,21 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-PATTERNS = ("sliding_window", "bigbird", "dilated", "dilated_reordered", "topk_random")
-SYSTEMS = ("ours", "ours_bias", "flex", "sdpa_causal", "sdpa_mask")
+from .bench_patterns import PATTERNS, MaskMod, Pattern, PatternBuilder, load_pattern
+
+SYSTEMS = ("ours", "ours_indices", "ours_bias", "flex", "sdpa_causal", "sdpa_mask")
 PASSES = ("fwd", "fwdbwd")
 FWDBWD_FLOP_FACTOR = 3.5
 REL_TOL = 2e-2
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 _REPO = Path(__file__).resolve().parents[1]
-
-MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ==== FLOP counting ==============================================================================
@@ -107,244 +129,6 @@ def dense_causal_flops(batch: int, heads_q: int, seq_len: int, head_dim: int,
 
 def tflops(flops: float, ms: float | None) -> float | None:
     return None if not ms else flops / ms / 1e9
-
-
-# ==== patterns ===================================================================================
-@dataclass
-class Pattern:
-    """One sparse pattern at one length, in the three forms the systems consume.
-
-    ``indices``: ``(1, Hkv, L, W)`` int32 key indices, -1 = unused slot; entries above the
-    diagonal (bigbird's own block) are removed by ``is_causal=True``.
-    ``flex_mask``: builds the FlexAttention ``mask_mod(b, kv_head, q_idx, kv_idx)`` (causal
-    included); a factory because topk_random's needs a large table, built only for flex.
-    ``per_head``: whether the pattern differs between KV heads (else flex broadcasts one head).
-    """
-
-    name: str
-    seq_len: int
-    indices: torch.Tensor
-    flex_mask: Callable[[], MaskMod]
-    per_head: bool
-    description: str
-    reorder: object = None  # ``build_layout(..., reorder=)`` for ours (token permutation)
-    _nnz: int | None = field(default=None, repr=False)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.indices.shape[1]
-
-    def nnz(self) -> int:
-        """Distinct causal (query, key) pairs summed over KV heads (counted once, cached)."""
-        if self._nnz is None:
-            self._nnz = count_nnz(self.indices, self.seq_len, causal=True)
-        return self._nnz
-
-    def dense_mask(self) -> torch.Tensor:
-        """The exact pattern as ``[Hkv, L, L]`` bool (True = attend), causal applied;
-        ``[1, L, L]`` when every head has the same pattern."""
-        idx = self.indices if self.per_head else self.indices[:, :1]
-        return dense_mask_from_indices(idx, self.seq_len, causal=True)
-
-
-def _rows(seq_len: int, device) -> torch.Tensor:
-    return torch.arange(seq_len, device=device, dtype=torch.int32)[:, None]  # [L, 1]
-
-
-def _per_head(idx: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """[L, W] or [Hkv, L, W] -> contiguous (1, Hkv, L, W) int32."""
-    idx = idx.to(torch.int32)
-    if idx.dim() == 2:
-        idx = idx.expand(num_kv_heads, *idx.shape)
-    return idx.unsqueeze(0).contiguous()
-
-
-def sliding_window(seq_len: int, num_kv_heads: int, device, window: int = 1024) -> Pattern:
-    """Causal sliding window: query i sees keys max(0, i - window + 1) .. i."""
-    window = min(window, seq_len)
-    keys = _rows(seq_len, device) - (window - 1) + torch.arange(window, device=device)  # [L, W]
-    idx = torch.where(keys >= 0, keys, -1)
-
-    def flex_mask():
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-        return mask_mod
-
-    return Pattern("sliding_window", seq_len, _per_head(idx, num_kv_heads), flex_mask, False,
-                   f"causal, window {window}")
-
-
-def dilated(seq_len: int, num_kv_heads: int, device, num_keys: int = 512,
-            stride: int = 4) -> Pattern:
-    """Causal dilated window: keys i, i - stride, ..., i - stride * (num_keys - 1), those >= 0."""
-    keys = _rows(seq_len, device) - stride * torch.arange(num_keys, device=device)  # [L, W]
-    idx = torch.where(keys >= 0, keys, -1)
-    span = stride * num_keys
-
-    def flex_mask():
-        def mask_mod(b, h, q_idx, kv_idx):
-            diff = q_idx - kv_idx
-            return (diff >= 0) & (diff < span) & (diff % stride == 0)
-        return mask_mod
-
-    return Pattern("dilated", seq_len, _per_head(idx, num_kv_heads), flex_mask, False,
-                   f"causal, {num_keys} keys at stride {stride}")
-
-
-def dilated_reordered(seq_len: int, num_kv_heads: int, device, num_keys: int = 512,
-                      stride: int = 4) -> Pattern:
-    """``dilated``, with our layout's tokens grouped by position mod stride (flex unchanged)."""
-    pattern = dilated(seq_len, num_kv_heads, device, num_keys, stride)
-    pattern.name, pattern.reorder = "dilated_reordered", ("dilation", stride)
-    pattern.description += f"; ours reordered by position mod {stride}"
-    return pattern
-
-
-def bigbird_blocks(seq_len: int, num_kv_heads: int, device, block: int = 64, num_local: int = 3,
-                   num_global: int = 2, num_random: int = 3, seed: int = 0) -> torch.Tensor:
-    """Key blocks of each (KV head, query block): ``[Hkv, nb, num_local + num_global +
-    num_random]`` int64, -1 = none.
-
-    Slots, in order: local blocks qb - num_local + 1 .. qb, global blocks 0 .. num_global - 1,
-    then ``min(num_random, qb)`` distinct blocks drawn uniformly from [0, qb) per (KV head,
-    query block), seeded. Random blocks may repeat a local or global block (duplicates are
-    allowed by the API and count once).
-    """
-    nb = -(-seq_len // block)
-    qb = torch.arange(nb, device=device)
-    local = qb[:, None] - torch.arange(num_local - 1, -1, -1, device=device)  # [nb, num_local]
-    glob = torch.arange(num_global, device=device).expand(nb, num_global)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    scores = torch.rand(num_kv_heads, nb, nb, generator=gen, device=device)
-    scores.masked_fill_(qb[None, None, :] >= qb[None, :, None], 2.0)  # only blocks < qb
-    r = min(num_random, nb)
-    val, rnd = scores.topk(r, dim=-1, largest=False)  # r distinct random blocks, [Hkv, nb, r]
-    rnd = torch.where(val < 1.5, rnd, -1)
-    pad = torch.full((num_kv_heads, nb, num_random - r), -1, device=device, dtype=rnd.dtype)
-    blocks = torch.cat([local.expand(num_kv_heads, nb, num_local),
-                        glob.expand(num_kv_heads, nb, num_global), rnd, pad], dim=-1)
-    return torch.where((blocks >= 0) & (blocks < nb), blocks, -1)
-
-
-def bigbird(seq_len: int, num_kv_heads: int, device, block: int = 64, num_local: int = 3,
-            num_global: int = 2, num_random: int = 3, seed: int = 0) -> Pattern:
-    """BigBird-style block pattern (see :func:`bigbird_blocks`), causal at token level.
-
-    Query i's indices are all tokens of the blocks of query block ``i // block``
-    (``8 * 64 = 512`` slots by default, -1 for missing blocks and tokens >= L).
-    """
-    blocks = bigbird_blocks(seq_len, num_kv_heads, device, block, num_local, num_global,
-                            num_random, seed)  # [Hkv, nb, S]
-    nb = blocks.shape[1]
-    tokens = blocks[..., None] * block + torch.arange(block, device=device)  # [Hkv, nb, S, block]
-    tokens = torch.where((blocks[..., None] >= 0) & (tokens < seq_len), tokens, -1)
-    tokens = tokens.flatten(-2).to(torch.int32)  # [Hkv, nb, S * block]
-    idx = tokens[:, torch.arange(seq_len, device=device) // block]  # [Hkv, L, S * block]
-
-    def flex_mask():
-        # [Hkv, nb, nb] block table; an extra column swallows the -1 slots
-        table = torch.zeros(num_kv_heads, nb, nb + 1, dtype=torch.bool, device=device)
-        table.scatter_(2, torch.where(blocks >= 0, blocks, nb), True)
-        table = table[..., :nb].contiguous()
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return table[h, q_idx // block, kv_idx // block] & (q_idx >= kv_idx)
-        return mask_mod
-
-    return Pattern("bigbird", seq_len, _per_head(idx, num_kv_heads), flex_mask, True,
-                   f"{block}-token blocks: {num_local} local, {num_global} global, "
-                   f"{num_random} random; causal")
-
-
-def topk_random(seq_len: int, num_kv_heads: int, device, k: int = 1024, seed: int = 0) -> Pattern:
-    """Each query i attends ``k`` keys drawn from its causal prefix [0, i], per KV head.
-
-    Rows with ``i + 1 <= k`` take all of [0, i] (the other slots are -1). Longer rows draw ``k``
-    uniform integers ``floor(u * (i + 1))`` *with replacement*, so they hold duplicates and
-    fewer than ``k`` distinct keys (about ``(i + 1) (1 - exp(-k / (i + 1)))``); this keeps the
-    builder O(L k) in memory. FLOPs use the distinct count (``layout.nnz``), so duplicates do
-    not inflate them.
-    """
-    rows = _rows(seq_len, device)  # [L, 1]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    u = torch.rand(num_kv_heads, seq_len, k, generator=gen, device=device)
-    drawn = (u * (rows + 1).float()).to(torch.int32)  # floor, u in [0, 1)
-    drawn = torch.minimum(drawn, rows)  # guard against rounding up to i + 1
-    all_keys = torch.arange(k, device=device, dtype=torch.int32).expand(seq_len, k)
-    all_keys = torch.where(all_keys <= rows, all_keys, -1)
-    indices = _per_head(torch.where(rows + 1 <= k, all_keys, drawn), num_kv_heads)
-
-    def flex_mask():
-        # A bit-packed [Hkv, L, L / 8] uint8 table (1 GiB at L = 32768, Hkv = 8). A plain
-        # [Hkv, L, L] bool table has more than 2**31 elements at that size, past what flex's
-        # generated indexing handles (seen: an illegal memory access on the H200).
-        packed = packed_mask_from_indices(indices, seq_len, causal=True)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            byte = packed[h, q_idx, kv_idx // 8].to(torch.int32)
-            return ((byte >> (kv_idx % 8)) & 1) == 1
-        return mask_mod
-
-    return Pattern("topk_random", seq_len, indices, flex_mask, True,
-                   f"{k} random keys of [0, i] (with replacement)")
-
-
-PATTERN_BUILDERS: dict[str, Callable[..., Pattern]] = {
-    "sliding_window": sliding_window,
-    "bigbird": bigbird,
-    "dilated": dilated,
-    "dilated_reordered": dilated_reordered,
-    "topk_random": topk_random,
-}
-
-
-def dense_mask_from_indices(indices: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
-    """``(1, H, Lq, W)`` indices -> ``[H, Lq, k_len]`` bool, built by scatter (no loop over
-    queries). With ``causal``, keys above the bottom-right diagonal are dropped."""
-    _, heads, q_len, _ = indices.shape
-    rows = torch.arange(q_len, device=indices.device)[:, None]  # [Lq, 1]
-    flat = torch.zeros(heads * q_len * k_len + 1, dtype=torch.bool, device=indices.device)
-    for h in range(heads):  # one head at a time bounds the int64 temporaries
-        idx = indices[0, h].long()  # [Lq, W]
-        valid = (idx >= 0) & (idx < k_len)
-        if causal:
-            valid &= idx <= rows + (k_len - q_len)
-        lin = (h * q_len + rows) * k_len + idx
-        flat[torch.where(valid, lin, flat.numel() - 1)] = True  # the last cell swallows -1s
-    return flat[:-1].view(heads, q_len, k_len)
-
-
-def packed_mask_from_indices(indices: torch.Tensor, k_len: int, causal: bool) -> torch.Tensor:
-    """Like ``dense_mask_from_indices`` but 8 keys a byte: ``[H, Lq, ceil(k_len / 8)]`` uint8,
-    bit ``j % 8`` of byte ``j // 8`` = key ``j``. Built one head at a time."""
-    _, heads, q_len, _ = indices.shape
-    n_bytes = -(-k_len // 8)
-    weights = (1 << torch.arange(8, device=indices.device)).to(torch.uint8)
-    packed = torch.empty(heads, q_len, n_bytes, dtype=torch.uint8, device=indices.device)
-    for h in range(heads):
-        dense = dense_mask_from_indices(indices[:, h:h + 1], k_len, causal)[0]  # [Lq, Lk]
-        dense = torch.nn.functional.pad(dense, (0, n_bytes * 8 - k_len))
-        packed[h] = (dense.view(q_len, n_bytes, 8).to(torch.uint8) * weights).sum(
-            -1, dtype=torch.uint8)
-        del dense
-    return packed
-
-
-def count_nnz(indices: torch.Tensor, k_len: int, causal: bool) -> int:
-    """Distinct valid (query, key) pairs of ``(1, H, Lq, W)`` indices, summed over heads."""
-    _, heads, q_len, _ = indices.shape
-    rows = torch.arange(q_len, device=indices.device)[:, None]
-    total = 0
-    for h in range(heads):
-        idx = indices[0, h].long()
-        valid = (idx >= 0) & (idx < k_len)
-        if causal:
-            valid &= idx <= rows + (k_len - q_len)
-        keys = torch.where(valid, idx, k_len).sort(dim=-1).values  # invalid sort last
-        first = torch.ones_like(keys[:, :1], dtype=torch.bool)
-        new = torch.cat([first, keys[:, 1:] != keys[:, :-1]], dim=-1)
-        total += int((new & (keys < k_len)).sum())
-    return total
 
 
 # ==== systems ====================================================================================
@@ -399,6 +183,7 @@ class SystemRun:
     nnz: int | None = None  # summed over the layout's batch and heads
     nnz_groups: int = 1  # layout batch * heads that nnz is summed over
     note: str = ""
+    close: Callable[[], None] | None = None  # called once the system's rows are done
 
 
 def _sync(device) -> None:
@@ -433,7 +218,8 @@ def _repeated_kv(inp: Inputs):
     vr = inp.v.detach().repeat_interleave(g, dim=2).requires_grad_(inp.v.requires_grad)
 
     def grads():
-        fold = (lambda t: t.grad.unflatten(2, (-1, g)).sum(3))
+        def fold(t):
+            return t.grad.unflatten(2, (-1, g)).sum(3)
         return inp.q.grad, fold(kr), fold(vr)
     return kr, vr, grads
 
@@ -443,9 +229,9 @@ def _native_grads(inp: Inputs):
 
 
 def setup_ours(pattern: Pattern, inp: Inputs, args, with_bias: bool = False) -> SystemRun:
-    """``sparse_attn_func`` on a layout built once by ``build_layout`` (timed); ``with_bias``
-    adds a learnable key bias ``(B, Hkv, 1, L)`` (FSA's common shape; its gradient is part of
-    the backward)."""
+    """``sparse_attn_func`` on a layout built once by ``build_layout`` (timed), or the
+    pattern's own layout; ``with_bias`` adds a learnable key bias ``(B, Hkv, 1, L)`` (FSA's
+    common shape; its gradient is part of the backward)."""
     import blocksparse_fsa as bsa
 
     device = inp.q.device
@@ -459,10 +245,14 @@ def setup_ours(pattern: Pattern, inp: Inputs, args, with_bias: bool = False) -> 
         return bsa.build_layout(pattern.indices, k_len=pattern.seq_len, is_causal=True,
                                 reorder=pattern.reorder, method=method).to(device)
 
-    layout, first_ms = _timed(build, device)  # includes compilation the first time
-    layout, ms = _timed(build, device)
-    _timed(lambda: build("numba"), device)  # numba's compilation
-    _, numba_ms = _timed(lambda: build("numba"), device)
+    if pattern.layout is not None:
+        layout, ms, first_ms, note = pattern.layout, None, None, "the pattern's own layout"
+    else:
+        layout, first_ms = _timed(build, device)  # includes compilation the first time
+        layout, ms = _timed(build, device)
+        _timed(lambda: build("numba"), device)  # numba's compilation
+        _, numba_ms = _timed(lambda: build("numba"), device)
+        note = f"layout build with numba on the host: {numba_ms:.0f} ms"
 
     def fwd():
         return bsa.sparse_attn_func(inp.q, inp.k, inp.v, layout=layout, attn_bias=bias)
@@ -473,9 +263,30 @@ def setup_ours(pattern: Pattern, inp: Inputs, args, with_bias: bool = False) -> 
                      layout_first_ms=first_ms, layout_mb=layout.nbytes / 2**20,
                      density=layout.density, nnz=layout.nnz,
                      nnz_groups=layout.batch * layout.heads,
-                     note=(f"layout build with numba on the host: {numba_ms:.0f} ms"
-                           + ("; with a (B, Hkv, 1, L) bias and its gradient" if with_bias
-                              else "")))
+                     note=note + ("; with a (B, Hkv, 1, L) bias and its gradient" if with_bias
+                                  else ""))
+
+
+def setup_ours_indices(pattern: Pattern, inp: Inputs, args) -> SystemRun:
+    """``sparse_attn_func(q, k, v, attn_indices=indices, is_causal=True)`` on every call: the
+    implicit path. The check run builds the layout (as ours' ``layout_ms``) into the layout
+    cache; the timed calls find it there (keyed on the tensor's identity and version), so next
+    to ``ours`` (``layout=``) these rows show what the lookup costs per call (``host_us``)."""
+    import blocksparse_fsa as bsa
+
+    if pattern.indices is None:
+        raise Skipped("the pattern is a layout, not attn_indices")
+    if pattern.reorder is not None:
+        raise Skipped("attn_indices= takes no token permutation")
+    bsa.clear_layout_cache()
+    indices = pattern.indices
+
+    def fwd():
+        return bsa.sparse_attn_func(inp.q, inp.k, inp.v, attn_indices=indices, is_causal=True)
+
+    return SystemRun(fwd, _with_backward(fwd, inp.dout), (inp.q, inp.k, inp.v),
+                     _native_grads(inp), close=bsa.clear_layout_cache,
+                     note="layout built by the first call, then found in the layout cache")
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -526,12 +337,26 @@ def flex_mask_mod(pattern: Pattern, heads_q: int) -> tuple[MaskMod, int | None]:
     return mask_mod, heads_q
 
 
+# Flex's compiled kernels need the BlockMask's blocks to be multiples of their tiles; on an H200
+# at D=128 the default backward tiles are 64x128 and 128x64, so a BlockMask exported from our
+# 64x64 layout would only run forward. Flex's own default, 128x128, runs both.
+FLEX_BLOCK = 128
+
+
 def flex_block_mask(pattern: Pattern, heads_q: int, device, make: Callable | None = None):
-    """BlockMask of ``pattern`` (``make`` defaults to the eager ``create_block_mask``)."""
+    """BlockMask of ``pattern``: ``make`` (default: the eager ``create_block_mask``) on its
+    ``mask_mod``, or without one the exact BlockMask of its ``FLEX_BLOCK``-tile layout."""
+    if pattern.flex_mask is None:
+        return pattern.exact_layout(FLEX_BLOCK).to_flex_block_mask(heads_q)
     if make is None:
         from torch.nn.attention.flex_attention import create_block_mask as make
     mask_mod, heads = flex_mask_mod(pattern, heads_q)
-    return make(mask_mod, None, heads, pattern.seq_len, pattern.seq_len, device=device)
+    return make(mask_mod, _flex_batch(pattern), heads, pattern.seq_len, pattern.seq_len,
+                device=device)
+
+
+def _flex_batch(pattern: Pattern) -> int | None:
+    return pattern.batch if pattern.batch > 1 else None  # None: broadcast over the batch
 
 
 def block_mask_stats(block_mask, nnz_per_head: float) -> tuple[float, float]:
@@ -550,20 +375,30 @@ def setup_flex(pattern: Pattern, inp: Inputs, args) -> SystemRun:
     """Compiled FlexAttention on a BlockMask from compiled ``create_block_mask``, GQA native.
 
     ``layout_ms`` = building the mask_mod's tensors (block table, dense topk mask) + one
-    ``create_block_mask`` call once compiled (the second call, with the same mask_mod).
+    ``create_block_mask`` call once compiled (the second call, with the same mask_mod). A
+    pattern without a mask_mod gets the exact BlockMask of its ``FLEX_BLOCK``-tile layout
+    (``layout_ms``: that layout's build + ``to_flex_block_mask``).
     """
     device, heads_q, L = inp.q.device, inp.q.shape[2], pattern.seq_len
-    (mask_mod, heads), prep_ms = _timed(lambda: flex_mask_mod(pattern, heads_q), device)
-    make, note = compiled_create_block_mask(), ""
+    if pattern.flex_mask is None:
+        def build():
+            return flex_block_mask(pattern, heads_q, device)
+        prep_ms, note = 0.0, f"exact BlockMask of the pattern ({FLEX_BLOCK}x{FLEX_BLOCK} tiles)"
+    else:
+        (mask_mod, heads), prep_ms = _timed(lambda: flex_mask_mod(pattern, heads_q), device)
+        make, batch, note = compiled_create_block_mask(), _flex_batch(pattern), ""
+
+        def build():
+            return make(mask_mod, batch, heads, L, L, device=device)
     try:
-        block_mask, first_ms = _timed(lambda: make(mask_mod, None, heads, L, L, device=device),
-                                      device)
+        block_mask, first_ms = _timed(build, device)
     except Exception as exc:  # fall back to the eager builder (materializes the mask)
+        if pattern.flex_mask is None:
+            raise
         from torch.nn.attention.flex_attention import create_block_mask as make
         note = f"compiled create_block_mask failed ({_short(exc, 60)}); eager"
-        block_mask, first_ms = _timed(lambda: make(mask_mod, None, heads, L, L, device=device),
-                                      device)
-    block_mask, ms = _timed(lambda: make(mask_mod, None, heads, L, L, device=device), device)
+        block_mask, first_ms = _timed(build, device)
+    block_mask, ms = _timed(build, device)
     flex = compiled_flex_attention()
 
     def fwd():
@@ -571,7 +406,7 @@ def setup_flex(pattern: Pattern, inp: Inputs, args) -> SystemRun:
                    enable_gqa=True)
         return out.transpose(1, 2)
 
-    mb, density = block_mask_stats(block_mask, pattern.nnz() / pattern.num_kv_heads)
+    mb, density = block_mask_stats(block_mask, pattern.nnz() / pattern.groups)
     return SystemRun(fwd, _with_backward(fwd, inp.dout), (inp.q, inp.k, inp.v),
                      _native_grads(inp), layout_ms=prep_ms + ms,
                      layout_first_ms=prep_ms + first_ms, layout_mb=mb, density=density, note=note)
@@ -617,10 +452,10 @@ def setup_sdpa_mask(pattern: Pattern, inp: Inputs, args) -> SystemRun:
     heads_q = inp.q.shape[2]
 
     def build():
-        mask = pattern.dense_mask()  # [Hkv or 1, L, L]
-        if pattern.per_head:  # (1, Hq, L, L)
-            return mask.repeat_interleave(heads_q // pattern.num_kv_heads, dim=0)[None]
-        return mask[None]  # (1, 1, L, L), broadcast over heads
+        mask = pattern.dense_mask()  # (B|1, Hkv|1, L, L)
+        if mask.shape[1] > 1:  # (B|1, Hq, L, L); one head broadcasts
+            mask = mask.repeat_interleave(heads_q // mask.shape[1], dim=1)
+        return mask
 
     mask, first_ms = _timed(build, device)
     del mask
@@ -637,6 +472,7 @@ def setup_sdpa_mask(pattern: Pattern, inp: Inputs, args) -> SystemRun:
 
 SYSTEM_SETUPS: dict[str, Callable[[Pattern, Inputs, argparse.Namespace], SystemRun]] = {
     "ours": setup_ours,
+    "ours_indices": setup_ours_indices,
     "ours_bias": functools.partial(setup_ours, with_bias=True),
     "flex": setup_flex,
     "sdpa_causal": setup_sdpa_causal,
@@ -659,11 +495,12 @@ class Row:
     rel_err: float | None = None
     nan_count: int | None = None
     peak_mb: float | None = None
+    host_us: float | None = None
     layout_ms: float | None = None
     layout_first_ms: float | None = None
     layout_mb: float | None = None
     density: float | None = None
-    nnz: int | None = None  # distinct pairs summed over (batch, KV heads)
+    nnz: int | None = None  # distinct pairs summed over the KV heads (mean over the batch)
     first_call_s: float | None = None
     note: str = ""
 
@@ -717,6 +554,30 @@ def peak_mb(fn, leaves, device) -> float | None:
     return peak / 2**20
 
 
+def host_calls(ms: float) -> int:
+    """Calls for ``host_us``: 20, fewer when they would queue more than ~100 ms of GPU work
+    (which the next measurement would wait for), at least 3."""
+    return max(3, min(20, round(100 / ms))) if ms else 20
+
+
+def host_us(fn, leaves, device, calls: int = 20) -> float:
+    """Host time (us) to issue one ``fn()``: ``calls`` back-to-back calls with no
+    synchronization between them, so the GPU work queues up and what is timed is the Python,
+    dispatch and launch overhead (the part a short kernel cannot hide). Off CUDA (tests) the
+    calls run the work itself: two of them."""
+    if torch.device(device).type != "cuda":
+        calls = 2
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    _sync(device)
+    for t in leaves:
+        t.grad = None
+    return elapsed / calls * 1e6
+
+
 def check_run(run: SystemRun, inp: Inputs, with_backward: bool, device):
     """One forward (+ backward) kept for the checks: (out, (dq, dk, dv) or None, seconds)."""
     for t in run.leaves:
@@ -738,14 +599,75 @@ def _nan_count(*tensors) -> int:
     return int(sum(int(torch.isnan(t).sum()) for t in tensors if t is not None))
 
 
-def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device) -> tuple[list, tuple]:
+class Progress:
+    """Where a sweep stands, on stderr: one step per (pattern, L, system, pass).
+
+    A tqdm bar when tqdm is installed and the stream is a terminal, else one line per step,
+    ``[3/40] sliding_window L=32768 flex fwd  (12 s)``, which also reads well in a log file.
+    ``bar``: True / False force or refuse the bar (True still needs tqdm).
+    """
+
+    def __init__(self, total: int, stream=None, bar: bool | None = None):
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+        self.stream = sys.stderr if stream is None else stream
+        tqdm = _tqdm() if bar is not False else None
+        if bar is None:
+            tqdm = tqdm if self.stream.isatty() else None
+        self._bar = None if tqdm is None else tqdm(total=total, file=self.stream,
+                                                   unit="step", dynamic_ncols=True)
+
+    def step(self, label: str, count: int = 1) -> None:
+        """The next ``count`` steps start (more than one: steps that will not run)."""
+        first, self.done = self.done + 1, min(self.done + count, self.total)
+        if self._bar is not None:
+            self._bar.update(first - 1 - self._bar.n)  # the steps before these are done
+            self._bar.set_description_str(label)
+            return
+        where = f"{first}" if self.done <= first else f"{first}-{self.done}"
+        print(f"[{where}/{self.total}] {label}  ({time.perf_counter() - self.t0:.0f} s)",
+              file=self.stream, flush=True)
+
+    def log(self, msg: str, file=None) -> None:
+        """Print a line to ``file`` (default: the progress stream) without breaking the bar."""
+        file = self.stream if file is None else file
+        if self._bar is not None:
+            self._bar.write(msg, file=file)
+        else:
+            print(msg, file=file, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.update(self.done - self._bar.n)
+            self._bar.close()
+
+
+def _tqdm():
+    try:
+        from tqdm import tqdm
+    except ImportError:  # optional: the plain counter instead
+        return None
+    return tqdm
+
+
+def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device,
+               progress: Progress | None = None) -> tuple[list, tuple]:
     """Rows (one per pass) of one system, and its (out, grads) for later checks."""
     rows = [Row(pattern.name, pattern.seq_len, system, p) for p in args.passes]
     with_backward = "fwdbwd" in args.passes
     run = None
     result = (None, None)
     step = "setup"
+    announced = 0  # passes announced to ``progress``
+
+    def announce(suffix: str = "", count: int = 1):
+        nonlocal announced
+        if progress is not None and announced < len(rows):
+            progress.step(f"{pattern.name} L={pattern.seq_len} {system} "
+                          f"{rows[announced].pass_name}{suffix}", count)
+        announced += count
+
     try:
+        announce()  # the first pass' step includes the setup and the check
         run = SYSTEM_SETUPS[system](pattern, inp, args)
         step = "check"
         out, grads, seconds = check_run(run, inp, with_backward, device)
@@ -755,7 +677,7 @@ def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device) ->
             row.layout_ms, row.layout_first_ms = run.layout_ms, run.layout_first_ms
             row.layout_mb, row.density = run.layout_mb, run.density
             if run.nnz is not None:
-                row.nnz = round(run.nnz * pattern.num_kv_heads / run.nnz_groups)
+                row.nnz = round(run.nnz * pattern.groups / run.nnz_groups)
             bwd = row.pass_name == "fwdbwd"
             row.nan_count = _nan_count(out, *(grads if bwd else ()))
             if system == "ours":
@@ -771,12 +693,15 @@ def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device) ->
                     errs += [rel_err(a, b) for a, b in zip(grads, ref[1])]
                 row.rel_err = max(errs) if not any(math.isnan(e) for e in errs) else math.nan
                 row.status = "ok" if row.rel_err < REL_TOL else "mismatch"
-        for row in rows:
+        for i, row in enumerate(rows):
             step = f"{row.pass_name} timing"
+            if i == announced:
+                announce()
             fn = run.fwd if row.pass_name == "fwd" else run.fwdbwd
             leaves = run.leaves if row.pass_name == "fwdbwd" else ()
             row.peak_mb = peak_mb(fn, run.leaves, device)
             row.ms = bench_ms(fn, leaves, args, device)
+            row.host_us = host_us(fn, run.leaves, device, calls=host_calls(row.ms))
     except Skipped as exc:
         for row in rows:
             row.status = f"skipped: {exc}"
@@ -789,8 +714,12 @@ def run_system(system: str, pattern: Pattern, inp: Inputs, args, ref, device) ->
         if run is not None:
             for t in run.leaves:
                 t.grad = None
+            if run.close is not None:
+                run.close()
         del run
         _free()
+        if announced < len(rows):  # passes that will not run after a skip or an error
+            announce(f": {rows[announced].status}", len(rows) - announced)
     return rows, result
 
 
@@ -809,16 +738,19 @@ def finalize(rows: list[Row], pattern: Pattern, args, nnz_ref: int) -> None:
                 ours.status = "mismatch"
             else:
                 ours.status = "unverified"
+        same = by.get(("ours_indices", p))  # checked against ours: as good as ours
+        if same is not None and same.status == "ok" and ours is not None:
+            same.status = ours.status
     nnz = by[("ours", args.passes[0])].nnz if ("ours", args.passes[0]) in by else None
     if nnz is None:
         nnz = nnz_ref
     elif nnz != nnz_ref:
-        warnings.warn(f"{pattern.name} L={pattern.seq_len}: layout.nnz={nnz} but the indices "
-                      f"have {nnz_ref} distinct causal pairs")
-    nnz_per_head = nnz / pattern.num_kv_heads
+        warnings.warn(f"{pattern.name} L={pattern.seq_len}: layout.nnz={nnz} but the pattern "
+                      f"has {nnz_ref} distinct pairs")
+    nnz_per_head = nnz / pattern.groups  # one (batch, KV head), averaged
     L = pattern.seq_len
     for r in rows:
-        r.nnz = nnz
+        r.nnz = round(nnz_per_head * args.heads_kv)
         r.tflops = tflops(pattern_flops(nnz_per_head, args.batch, args.heads_q, args.head_dim,
                                         r.pass_name), r.ms)
         if r.system == "sdpa_causal":
@@ -835,10 +767,14 @@ def finalize(rows: list[Row], pattern: Pattern, args, nnz_ref: int) -> None:
                 r.speedup_vs_flex = flex.ms / r.ms
 
 
-def run_pattern(name: str, seq_len: int, args, device) -> list[Row]:
-    """All systems and passes of one (pattern, L)."""
+def run_pattern(name: str, build: PatternBuilder, seq_len: int, args, device,
+                progress: Progress | None = None) -> list[Row]:
+    """All systems and passes of one (pattern, L); ``build`` from ``load_pattern``."""
     try:
-        pattern = PATTERN_BUILDERS[name](seq_len, args.heads_kv, device)
+        pattern = build(seq_len, args.heads_kv, device)
+        if pattern.batch not in (1, args.batch):
+            raise ValueError(f"the pattern has batch {pattern.batch}; expected 1 or --batch "
+                             f"{args.batch}")
         nnz_ref = pattern.nnz()
         inp = make_inputs(args.batch, seq_len, args.heads_q, args.heads_kv, args.head_dim,
                           args.torch_dtype, device, seed=args.seed,
@@ -846,34 +782,34 @@ def run_pattern(name: str, seq_len: int, args, device) -> list[Row]:
     except Exception as exc:
         msg = f"error (pattern): {_short(exc)}"
         _free()
+        if progress is not None:
+            progress.step(f"{name} L={seq_len}: {msg}", len(args.systems) * len(args.passes))
         return [Row(name, seq_len, s, p, status=msg) for s in args.systems for p in args.passes]
     rows, ref = [], (None, None)
     for system in sorted(args.systems, key=SYSTEMS.index):  # ours first: it is the reference
         t0 = time.perf_counter()
-        sys_rows, result = run_system(system, pattern, inp, args, ref, device)
+        sys_rows, result = run_system(system, pattern, inp, args, ref, device, progress)
         if system == "ours":
             ref = result  # (None, None) if ours failed
         del result
         rows += sys_rows
-        _log(f"  {system:<12} {time.perf_counter() - t0:6.1f} s  "
-             f"{', '.join(sorted({r.status for r in sys_rows}))}")
+        if progress is not None:
+            progress.log(f"  {system:<12} {time.perf_counter() - t0:6.1f} s  "
+                         f"{', '.join(sorted({r.status for r in sys_rows}))}")
     finalize(rows, pattern, args, nnz_ref)
     del pattern, inp, ref
     _free()
     return rows
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # ==== output =====================================================================================
-_COLUMNS = (("pattern", "pattern", "{:<14}"), ("L", "seq_len", "{:>6}"),
-            ("system", "system", "{:<11}"), ("pass", "pass_name", "{:<6}"),
+_COLUMNS = (("pattern", "pattern", "{:<17}"), ("L", "seq_len", "{:>6}"),
+            ("system", "system", "{:<12}"), ("pass", "pass_name", "{:<6}"),
             ("ms", "ms", "{:>9.3f}"), ("TFLOP/s", "tflops", "{:>7.1f}"),
             ("dense", "dense_tflops", "{:>6.1f}"), ("x_flex", "speedup_vs_flex", "{:>6.2f}"),
             ("rel_err", "rel_err", "{:>8.1e}"), ("nan", "nan_count", "{:>4}"),
-            ("peak_MB", "peak_mb", "{:>8.0f}"), ("layout_ms", "layout_ms", "{:>9.1f}"),
+            ("peak_MB", "peak_mb", "{:>8.0f}"), ("host_us", "host_us", "{:>7.0f}"),
+            ("layout_ms", "layout_ms", "{:>9.1f}"),
             ("layout_MB", "layout_mb", "{:>9.1f}"), ("density", "density", "{:>7.3f}"),
             ("status", "status", "{}"))
 
@@ -903,22 +839,31 @@ def summary(rows: list[Row], seq_lens, sdpa_mask_max_len: int) -> list[str]:
     def fmt(x, spec="{:.2f}x"):
         return "n/a" if x is None else spec.format(x)
 
-    for pat in ("sliding_window", "bigbird", "dilated_reordered"):
+    patterns = list(dict.fromkeys(r.pattern for r in rows))
+    for pat in patterns:
         parts = [f"{p} {fmt(getattr(idx.get((pat, L, 'ours', p)), 'speedup_vs_flex', None))}"
                  for p in PASSES]
         lines.append(f"  {pat:<17} ours vs flex:  " + ", ".join(parts))
+    cache = []
+    for pat in patterns:
+        a, b = idx.get((pat, L, "ours", "fwd")), idx.get((pat, L, "ours_indices", "fwd"))
+        if a and b and a.host_us and b.host_us:
+            cache.append(f"{pat} {b.host_us:.0f} vs {a.host_us:.0f}")
+    if cache:
+        lines.append("  host us per fwd call, attn_indices= (layout cache) vs layout=:  "
+                     + ", ".join(cache))
     ours = idx.get(("sliding_window", L, "ours", "fwd"))
     dense = idx.get(("sliding_window", L, "sdpa_causal", "fwd"))
     if ours and dense and ours.tflops and dense.dense_tflops and ours.status == "ok":
         lines.append(f"  sliding_window ours fwd {ours.tflops:.0f} effective TFLOP/s = "
                      f"{100 * ours.tflops / dense.dense_tflops:.0f}% of sdpa_causal's dense "
                      f"{dense.dense_tflops:.0f} TFLOP/s")
-    else:
+    elif "sliding_window" in patterns:
         lines.append("  sliding_window ours fwd TFLOP/s vs sdpa_causal dense: n/a")
     mask_lens = [x for x in seq_lens if x <= sdpa_mask_max_len]
     if mask_lens:
         Lm = max(mask_lens)
-        for pat in PATTERNS:
+        for pat in patterns:
             parts = []
             for p in PASSES:
                 a, b = idx.get((pat, Lm, "ours", p)), idx.get((pat, Lm, "sdpa_mask", p))
@@ -1063,8 +1008,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "fwd = 4*nnz*D*Hq*B, fwdbwd = 3.5x.")
     ap.add_argument("--seq-len", type=int, nargs="+", default=[8192, 32768], metavar="L",
                     help="sequence lengths (Lq = Lk; default: 8192 32768)")
-    ap.add_argument("--pattern", nargs="+", choices=PATTERNS, default=list(PATTERNS),
-                    metavar="NAME", help=f"patterns (default: all of {', '.join(PATTERNS)})")
+    ap.add_argument("--pattern", nargs="+", default=list(PATTERNS), metavar="NAME",
+                    help=f"patterns: built-in ({', '.join(PATTERNS)}; default: all) or your "
+                         "own as module:function or path/to/file.py:function, called as "
+                         "function(seq_len, heads_kv, device) and returning attn_indices "
+                         "(B|1, Hkv|1, L, W), a SparseLayout, or either with a flex mask_mod "
+                         "as a pair (see blocksparse_fsa.bench_patterns.user_pattern)")
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
                     metavar="NAME", help=f"systems (default: all of {', '.join(SYSTEMS)})")
     ap.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES),
@@ -1090,6 +1039,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.warmup, args.rep = (10, 30) if args.quick else (25, 100)
     args.torch_dtype = DTYPES[args.dtype]
     args.passes = [p for p in PASSES if p in args.passes]
+    args.patterns = []  # (row name, builder)
+    for spec in args.pattern:
+        try:
+            args.patterns.append(load_pattern(spec))
+        except Exception as exc:  # a typo, an import error in the user's module, ...
+            ap.error(f"--pattern {spec}: {type(exc).__name__}: {exc}")
     return args
 
 
@@ -1107,13 +1062,15 @@ def main(argv=None) -> int:
     print(format_row())
     rows: list[Row] = []
     t_start = time.perf_counter()
+    progress = Progress(len(args.seq_len) * len(args.patterns) * len(args.systems)
+                        * len(args.passes))
     for seq_len in args.seq_len:
-        for name in args.pattern:
-            _log(f"[{time.perf_counter() - t_start:6.0f} s] {name} L={seq_len}")
-            new = run_pattern(name, seq_len, args, device)
+        for name, build in args.patterns:
+            new = run_pattern(name, build, seq_len, args, device, progress)
             for r in new:
-                print(format_row(r), flush=True)
+                progress.log(format_row(r), file=sys.stdout)
             rows += new
+    progress.close()
     print()
     print("\n".join(summary(rows, args.seq_len, args.sdpa_mask_max_len)))
     paths = write_results(rows, meta, args.out, plot=not args.no_plot)

@@ -1,6 +1,8 @@
-"""CPU tests of the benchmark harness: pattern builders against brute-force definitions, the
-flex mask_mods and BlockMasks against the indices, FLOP counting, output files and the CLI."""
+"""CPU tests of the benchmark harness: the flex BlockMasks against the patterns' indices, FLOP
+counting, the correctness gate, output files, the CLI and a whole sweep on CPU (the patterns
+themselves: tests/test_bench_patterns.py)."""
 
+import io
 import json
 import subprocess
 import sys
@@ -9,131 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from blocksparse_fsa import bench
+from blocksparse_fsa import attention, bench
+from blocksparse_fsa import bench_patterns as bp
+
+from .test_bench_patterns import EXAMPLE, USER_MODULE, brute_mask, small_patterns
 
 L, HKV = 256, 2
 REPO = Path(__file__).resolve().parents[1]
-
-
-def row_sets(pattern, head=0):
-    """Causal index set of every query row of ``pattern`` (head ``head``)."""
-    idx = pattern.indices[0, head].tolist()
-    return [{j for j in row if 0 <= j <= i} for i, row in enumerate(idx)]
-
-
-def check_common(pattern, width):
-    idx = pattern.indices
-    assert idx.shape == (1, HKV, pattern.seq_len, width)
-    assert idx.dtype == torch.int32 and idx.is_contiguous()
-    assert int(idx.min()) >= -1 and int(idx.max()) < pattern.seq_len
-
-
-@pytest.mark.parametrize("window", [1024, 32, 1])
-def test_sliding_window(window):
-    p = bench.sliding_window(L, HKV, "cpu", window=window)
-    check_common(p, min(window, L))
-    for h in range(HKV):
-        for i, keys in enumerate(row_sets(p, h)):
-            assert keys == set(range(max(0, i - window + 1), i + 1)), i
-    assert not p.per_head
-
-
-@pytest.mark.parametrize("num_keys,stride", [(512, 4), (8, 3)])
-def test_dilated(num_keys, stride):
-    p = bench.dilated(L, HKV, "cpu", num_keys=num_keys, stride=stride)
-    check_common(p, num_keys)
-    for i, keys in enumerate(row_sets(p)):
-        assert keys == {i - stride * t for t in range(num_keys) if i - stride * t >= 0}, i
-    # no slot is lost to the causal cut: -1 exactly where i - stride * t < 0
-    assert int((p.indices >= 0).sum()) == HKV * sum(len(s) for s in row_sets(p))
-
-
-@pytest.mark.parametrize("seq_len,block", [(256, 16), (250, 16), (64, 64)])
-def test_bigbird(seq_len, block):
-    p = bench.bigbird(seq_len, HKV, "cpu", block=block, seed=3)
-    nb = -(-seq_len // block)
-    check_common(p, 8 * block)
-    blocks = bench.bigbird_blocks(seq_len, HKV, "cpu", block=block, seed=3)
-    assert blocks.shape == (HKV, nb, 8)
-    for h in range(HKV):
-        for qb in range(nb):
-            local = [b for b in (qb - 2, qb - 1, qb) if b >= 0]
-            glob = [b for b in (0, 1) if b < nb]
-            rnd = [b for b in blocks[h, qb, 5:].tolist() if b >= 0]
-            assert blocks[h, qb, :5].tolist() == [qb - 2 if qb >= 2 else -1,
-                                                  qb - 1 if qb >= 1 else -1, qb,
-                                                  0, 1 if nb > 1 else -1]
-            assert len(rnd) == min(3, qb) and len(set(rnd)) == len(rnd)
-            assert all(0 <= b < qb for b in rnd)
-            allowed = set(local) | set(glob) | set(rnd)
-            for i in range(qb * block, min((qb + 1) * block, seq_len)):
-                want = {j for b in allowed for j in range(b * block, min((b + 1) * block, seq_len))
-                        if j <= i}
-                assert row_sets(p, h)[i] == want, (h, i)
-    assert p.per_head
-    # random blocks differ between heads and are reproducible
-    again = bench.bigbird_blocks(seq_len, HKV, "cpu", block=block, seed=3)
-    assert torch.equal(blocks, again)
-
-
-def test_bigbird_default_width():
-    p = bench.bigbird(1024, HKV, "cpu")
-    check_common(p, 512)
-
-
-@pytest.mark.parametrize("k", [1024, 16])
-def test_topk_random(k):
-    p = bench.topk_random(L, HKV, "cpu", k=k, seed=1)
-    check_common(p, k)
-    idx = p.indices[0]
-    rows = torch.arange(L)[:, None]
-    valid = idx >= 0
-    assert bool(((idx <= rows) | ~valid).all())  # within the causal prefix [0, i]
-    short = (rows[:, 0] + 1 <= k)
-    # short rows: all of [0, i] exactly once, the rest -1
-    for i in torch.nonzero(short)[:, 0].tolist():
-        for h in range(HKV):
-            assert sorted(x for x in idx[h, i].tolist() if x >= 0) == list(range(i + 1))
-    # long rows: k draws, all valid
-    assert bool(valid[:, ~short].all())
-    assert p.per_head
-    assert torch.equal(p.indices, bench.topk_random(L, HKV, "cpu", k=k, seed=1).indices)
-    if (~short).any():
-        assert not torch.equal(idx[0, ~short], idx[1, ~short])  # heads draw independently
-
-
-def brute_mask(pattern):
-    """[Hkv, L, L] bool from the index sets."""
-    out = torch.zeros(pattern.num_kv_heads, pattern.seq_len, pattern.seq_len, dtype=torch.bool)
-    for h in range(pattern.num_kv_heads):
-        for i, keys in enumerate(row_sets(pattern, h)):
-            out[h, i, sorted(keys)] = True
-    return out
-
-
-def small_patterns():
-    return [bench.sliding_window(L, HKV, "cpu", window=40),
-            bench.dilated(L, HKV, "cpu", num_keys=20, stride=4),
-            bench.bigbird(L, HKV, "cpu", block=16),
-            bench.topk_random(L, HKV, "cpu", k=24)]
-
-
-@pytest.mark.parametrize("pattern", small_patterns(), ids=lambda p: p.name)
-def test_masks_agree_with_indices(pattern):
-    want = brute_mask(pattern)
-    # dense mask (sdpa_mask, topk's flex tensor)
-    dense = pattern.dense_mask()
-    assert torch.equal(dense.expand_as(want), want)
-    # flex mask_mod on the full grid
-    mask_mod = pattern.flex_mask()
-    h = torch.arange(pattern.num_kv_heads)[:, None, None]
-    q = torch.arange(L)[None, :, None]
-    kv = torch.arange(L)[None, None, :]
-    got = mask_mod(torch.zeros((), dtype=torch.long), h, q, kv)
-    assert torch.equal(got.expand_as(want), want)
-    # nnz
-    assert pattern.nnz() == int(want.sum())
-    assert bench.count_nnz(pattern.indices, L, causal=True) == int(want.sum())
 
 
 @pytest.mark.parametrize("pattern", small_patterns(), ids=lambda p: p.name)
@@ -157,16 +41,36 @@ def test_flex_block_mask_gqa(pattern):
     assert mb > 0 and 0 < density <= 1
 
 
+def test_flex_exact_block_mask_without_mask_mod():
+    """A pattern without a mask_mod gets the exact BlockMask of its 128x128-tile layout."""
+    pattern = bp.load_pattern(f"{EXAMPLE}:window_and_globals")[1](L, HKV, "cpu")
+    heads_q = 4 * HKV
+    bm = bench.flex_block_mask(pattern, heads_q, "cpu")
+    assert bm.BLOCK_SIZE == (bench.FLEX_BLOCK, bench.FLEX_BLOCK)
+    want = pattern.dense_mask()[0, 0]
+    got = bm.mask_mod(torch.zeros((), dtype=torch.long), torch.arange(heads_q)[:, None, None],
+                      torch.arange(L)[None, :, None], torch.arange(L)[None, None, :])
+    assert torch.equal(got, want.expand_as(got))
+    mb, density = bench.block_mask_stats(bm, pattern.nnz() / pattern.groups)
+    assert mb > 0 and 0 < density <= 1
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_matches_dense_reference_cpu():
+@pytest.mark.parametrize("make", [
+    lambda: bp.bigbird(L, HKV, "cpu", block=16, seed=5),
+    lambda: bp.nsa_blocks(L, HKV, "cpu", block=16, num_selected=5, seed=5),
+    lambda: bp.load_pattern(f"{EXAMPLE}:window_and_globals")[1](L, HKV, "cpu"),
+], ids=["bigbird", "nsa_blocks", "user-indices"])
+def test_flex_matches_dense_reference_cpu(make):
     """Flex (eager, fwd only on CPU) with our BlockMask == SDPA with the dense mask (GQA)."""
     flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
-    pattern = bench.bigbird(L, HKV, "cpu", block=16, seed=5)
+    pattern = make()
     inp = bench.make_inputs(1, L, 4, HKV, 16, torch.float32, "cpu", requires_grad=False)
     bm = bench.flex_block_mask(pattern, 4, "cpu")
     out = flex_attention(*(x.transpose(1, 2) for x in (inp.q, inp.k, inp.v)), block_mask=bm,
                          enable_gqa=True)
-    mask = pattern.dense_mask().repeat_interleave(2, dim=0)[None]
+    mask = pattern.dense_mask()
+    mask = mask.repeat_interleave(4 // mask.shape[1], dim=1)
     ref = torch.nn.functional.scaled_dot_product_attention(
         inp.q.transpose(1, 2), *(x.repeat_interleave(2, dim=2).transpose(1, 2)
                                  for x in (inp.k, inp.v)), attn_mask=mask)
@@ -187,18 +91,27 @@ def test_flop_counting():
     assert bench.pattern_flops(nnz, 1, 32, 128, "fwd") == pytest.approx(4 * nnz * 128 * 32)
 
 
+def test_host_calls():
+    assert bench.host_calls(1.5) == 20 and bench.host_calls(10.0) == 10
+    assert bench.host_calls(91.0) == 3 and bench.host_calls(None) == 20
+
+
 def test_finalize_refuses_speedup_on_mismatch():
     args = bench.parse_args(["--seq-len", str(L)])
-    pattern = bench.sliding_window(L, 8, "cpu", window=16)
+    pattern = bp.sliding_window(L, 8, "cpu", window=16)
     rows = []
-    for system, status, ms in (("ours", "ok", 1.0), ("flex", "ok", 3.0),
-                               ("sdpa_causal", "unchecked", 2.0), ("sdpa_mask", "mismatch", 0.5)):
+    for system, status, ms in (("ours", "ok", 1.0), ("ours_indices", "ok", 1.0),
+                               ("flex", "ok", 3.0), ("sdpa_causal", "unchecked", 2.0),
+                               ("sdpa_mask", "mismatch", 0.5)):
         for p in bench.PASSES:
             rows.append(bench.Row(pattern.name, L, system, p, status=status, ms=ms))
     bench.finalize(rows, pattern, args, pattern.nnz())
     by = {(r.system, r.pass_name): r for r in rows}
     assert by[("ours", "fwd")].status == "ok"  # flex agreed
     assert by[("ours", "fwd")].speedup_vs_flex == pytest.approx(3.0)
+    assert by[("ours_indices", "fwd")].status == "ok"
+    assert by[("ours_indices", "fwd")].speedup_vs_flex == pytest.approx(3.0)
+    assert by[("ours", "fwd")].nnz == pattern.nnz()  # summed over the 8 KV heads
     assert by[("sdpa_causal", "fwd")].speedup_vs_flex == pytest.approx(1.5)
     assert by[("sdpa_mask", "fwd")].speedup_vs_flex is None
     assert by[("sdpa_causal", "fwd")].dense_tflops is not None
@@ -214,7 +127,19 @@ def test_finalize_refuses_speedup_on_mismatch():
             r.status = "ok"
     bench.finalize(rows, pattern, args, pattern.nnz())
     assert by[("ours", "fwd")].status == "mismatch"
+    assert by[("ours_indices", "fwd")].status == "mismatch"  # it agreed with ours
     assert all(r.speedup_vs_flex is None for r in rows)
+
+
+def test_finalize_counts_a_shared_pattern_for_every_head():
+    """A pattern stored once for all heads (1, 1, L, W) counts as Hkv heads' worth of pairs."""
+    args = bench.parse_args(["--seq-len", str(L)])  # Hkv = 8
+    pattern = bp.load_pattern(f"{EXAMPLE}:window_and_globals")[1](L, 8, "cpu")
+    assert pattern.groups == 1
+    rows = [bench.Row(pattern.name, L, "ours", p, ms=1.0) for p in bench.PASSES]
+    bench.finalize(rows, pattern, args, pattern.nnz())
+    assert rows[0].nnz == 8 * pattern.nnz()
+    assert rows[0].tflops == pytest.approx(4 * pattern.nnz() * 128 * 32 / 1.0 / 1e9)
 
 
 def test_write_results_and_summary(tmp_path):
@@ -232,6 +157,62 @@ def test_write_results_and_summary(tmp_path):
     text = "\n".join(bench.summary(rows, [32768], 8192))
     assert "sliding_window" in text and "ours vs flex" in text
     assert bench.format_row(rows[0]).startswith("sliding_window")
+
+
+def test_progress_lines():
+    """Without a terminal (a log file, CI), one line per step; skipped steps in one line."""
+    out = io.StringIO()
+    progress = bench.Progress(5, stream=out)
+    progress.step("bigbird L=128 ours fwd")
+    progress.log("  ours   1.0 s  ok")
+    progress.step("bigbird L=128 flex fwd", count=3)
+    progress.step("bigbird L=128 sdpa_mask fwd")
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split("  (")[0] for line in lines] == [
+        "[1/5] bigbird L=128 ours fwd", "  ours   1.0 s  ok", "[2-4/5] bigbird L=128 flex fwd",
+        "[5/5] bigbird L=128 sdpa_mask fwd"]
+    assert lines[0].endswith(" s)")
+
+
+def test_progress_bar_needs_tqdm(monkeypatch):
+    tqdm = pytest.importorskip("tqdm")
+    out = io.StringIO()
+    progress = bench.Progress(3, stream=out, bar=True)  # forced: StringIO is no terminal
+    for label in ("a", "b", "c"):
+        progress.step(label)
+    progress.close()
+    assert "3/3" in out.getvalue() and "[1/3]" not in out.getvalue()
+    assert bench._tqdm() is tqdm.tqdm
+    monkeypatch.setattr(bench, "_tqdm", lambda: None)  # not installed: the plain counter
+    out = io.StringIO()
+    bench.Progress(3, stream=out, bar=True).step("a")
+    assert out.getvalue().startswith("[1/3] a")
+
+
+def test_progress_counts_skipped_passes():
+    """A system skipped at setup still accounts for all its passes."""
+    args = bench.parse_args(["--seq-len", "64", "--sdpa-mask-max-len", "32"])
+    pattern = bp.sliding_window(64, HKV, "cpu", window=8)
+    inp = bench.make_inputs(1, 64, 4, HKV, 16, torch.float32, "cpu")
+    out = io.StringIO()
+    progress = bench.Progress(2, stream=out)
+    rows, _ = bench.run_system("sdpa_mask", pattern, inp, args, (None, None), "cpu", progress)
+    assert [r.status for r in rows] == ["skipped: dense mask only for L <= 32"] * 2
+    assert [line.split("  (")[0] for line in out.getvalue().splitlines()] == [
+        "[1/2] sliding_window L=64 sdpa_mask fwd",
+        "[2/2] sliding_window L=64 sdpa_mask fwdbwd: skipped: dense mask only for L <= 32"]
+
+
+def test_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [bench.Row(pat, 8192, s, p, ms=1.0 + i, speedup_vs_flex=0.5 + i)
+            for pat in ("nsa_blocks", "my_patterns:window")
+            for i, s in enumerate(bench.SYSTEMS) for p in bench.PASSES]
+    meta = {"gpu": "NVIDIA H200", "batch": 1, "heads_q": 32, "heads_kv": 8, "head_dim": 128,
+            "dtype": "bfloat16"}
+    path = bench.plot_results(rows, meta, tmp_path / "bench.png")
+    assert path.stat().st_size > 10_000
 
 
 def test_git_commit_never_raises(tmp_path):
@@ -258,6 +239,27 @@ def test_parse_args_defaults():
         bench.parse_args(["--heads-q", "6", "--heads-kv", "4"])
 
 
+def test_parse_args_patterns(capsys):
+    args = bench.parse_args(["--pattern", f"{EXAMPLE}:window_and_globals", "nsa_blocks"])
+    assert [name for name, _ in args.patterns] == ["bench_my_pattern:window_and_globals",
+                                                   "nsa_blocks"]
+    assert args.pattern == [f"{EXAMPLE}:window_and_globals", "nsa_blocks"]  # for the metadata
+    for bad in ("nope", f"{EXAMPLE}:nope"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--pattern", bad])
+        assert f"--pattern {bad}" in capsys.readouterr().err
+
+
+def test_pattern_batch_must_match(tmp_path, monkeypatch):
+    (tmp_path / "user_patterns.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = bench.parse_args(["--pattern", "user_patterns:batched", "--systems", "ours",
+                             "--passes", "fwd"])  # --batch 1, the pattern has 2
+    rows = bench.run_pattern(*args.patterns[0], 64, args, "cpu")
+    assert len(rows) == 1 and rows[0].status.startswith("error (pattern): ValueError: the "
+                                                        "pattern has batch 2")
+
+
 def test_main_needs_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
@@ -265,7 +267,7 @@ def test_main_needs_cuda(capsys):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_runner_smoke_cpu(tmp_path, monkeypatch):
+def test_runner_smoke_cpu(tmp_path, monkeypatch, capsys):
     """The whole sweep on CPU, forward only (flex has no CPU backward), eager flex.
 
     This tests the harness, not the kernels: ours takes its pure-PyTorch path here (the Triton
@@ -274,18 +276,69 @@ def test_runner_smoke_cpu(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(bench, "compiled_flex_attention", lambda: flex_attention)
     monkeypatch.setattr(bench, "compiled_create_block_mask", lambda: create_block_mask)
+    builds = []  # layouts built by sparse_attn_func(attn_indices=) on a cache miss
+    build_layout = attention.build_layout
+    monkeypatch.setattr(attention, "build_layout",
+                        lambda *a, **kw: builds.append(a[0].shape) or build_layout(*a, **kw))
     argv = ["--device", "cpu", "--seq-len", "128", "--heads-q", "4", "--heads-kv", "2",
-            "--head-dim", "16", "--passes", "fwd", "--pattern", "bigbird", "dilated",
+            "--head-dim", "16", "--passes", "fwd", "--pattern", "bigbird", "nsa_blocks", "dilated",
             "--out", str(tmp_path), "--no-plot", "--sdpa-mask-max-len", "128"]
     assert bench.main(argv) == 0
     rows = json.loads((tmp_path / "bench_cpu.json").read_text())["rows"]
     status = {(r["pattern"], r["system"]): r["status"] for r in rows}
-    assert len(rows) == 2 * len(bench.SYSTEMS)
-    for pat in ("bigbird", "dilated"):
+    assert len(rows) == 3 * len(bench.SYSTEMS)
+    for pat in ("bigbird", "nsa_blocks", "dilated"):
         assert status[(pat, "ours")] == "ok"
+        assert status[(pat, "ours_indices")] == "ok"
         assert status[(pat, "flex")] == "ok"
         assert status[(pat, "sdpa_mask")] == "ok"
         assert status[(pat, "sdpa_causal")] == "unchecked"
     ours = [r for r in rows if r["system"] == "ours"]
     assert all(r["speedup_vs_flex"] and r["tflops"] and r["layout_ms"] for r in ours)
     assert all(r["nnz"] > 0 and 0 < r["density"] <= 1 for r in ours)
+    assert all(r["host_us"] > 0 for r in rows if r["ms"])
+    # ours_indices: one build per pattern (the check), every timed call found it in the cache
+    assert len(builds) == 3
+    assert not attention._LAYOUT_CACHE  # emptied after the system ran
+    captured = capsys.readouterr()
+    assert "host us per fwd call, attn_indices= (layout cache) vs layout=:  bigbird" in captured.out
+    steps = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert len(steps) == 3 * len(bench.SYSTEMS)  # one per (pattern, system, pass)
+    assert steps[0].startswith("[1/18] bigbird L=128 ours fwd")
+    assert steps[-1].startswith("[18/18] dilated L=128 sdpa_mask fwd")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_runner_user_patterns_cpu(tmp_path, monkeypatch):
+    """User patterns through the whole harness: indices with and without a mask_mod, a
+    non-causal per-head layout, per-batch indices; every system checked against ours."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(bench, "compiled_flex_attention", lambda: flex_attention)
+    monkeypatch.setattr(bench, "compiled_create_block_mask", lambda: create_block_mask)
+    (tmp_path / "user_patterns.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    patterns = [f"{EXAMPLE}:window_and_globals", f"{EXAMPLE}:window_and_globals_with_mask",
+                "user_patterns:random_layout", "user_patterns:batched"]
+    argv = ["--device", "cpu", "--seq-len", "128", "--batch", "2", "--heads-q", "4",
+            "--heads-kv", "2", "--head-dim", "16", "--passes", "fwd", "--pattern", *patterns,
+            "--systems", "ours", "flex", "sdpa_mask", "--out", str(tmp_path), "--no-plot",
+            "--sdpa-mask-max-len", "128"]
+    assert bench.main(argv) == 0
+    data = json.loads((tmp_path / "bench_cpu.json").read_text())
+    assert data["meta"]["patterns"] == patterns
+    rows = {(r["pattern"], r["system"]): r for r in data["rows"]}
+    assert len(rows) == 4 * 3
+    for name in ("bench_my_pattern:window_and_globals",
+                 "bench_my_pattern:window_and_globals_with_mask", "user_patterns:random_layout",
+                 "user_patterns:batched"):
+        for system in ("ours", "flex", "sdpa_mask"):
+            assert rows[(name, system)]["status"] == "ok", (name, system, rows[(name, system)])
+    flex = rows[("bench_my_pattern:window_and_globals", "flex")]
+    assert "exact BlockMask" in flex["note"] and flex["layout_ms"] is not None
+    assert rows[("bench_my_pattern:window_and_globals_with_mask", "flex")]["note"] == ""
+    layout_row = rows[("user_patterns:random_layout", "ours")]
+    assert layout_row["layout_ms"] is None and "own layout" in layout_row["note"]
+    # nnz: summed over the 2 KV heads; the window's heads share one pattern
+    causal_pairs = 128 * 129 // 2  # L = 128: the window covers the whole causal prefix
+    assert rows[("bench_my_pattern:window_and_globals", "ours")]["nnz"] == 2 * causal_pairs
