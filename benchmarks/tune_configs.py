@@ -37,8 +37,6 @@ def main():
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
     parser.add_argument("--stack", nargs="+", default=["auto"],
                         help="query heads per forward and dQ program: 'auto' (config.py) or ints")
-    parser.add_argument("--warp-specialize", nargs="+", type=int, default=[0], choices=[0, 1],
-                        help="forward only: 1 asks Triton to warp-specialize the tile loop")
     parser.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
@@ -57,13 +55,9 @@ def main():
         layout = bsa.build_layout(idx, length, is_causal=True, block_m=block_m, block_n=block_n)
         flops = 4 * layout.nnz * (hq // layout.heads) * dim
         out = bsa.sparse_attn_func(q, k, v, layout=layout)
-        for passname, stack, warps, stages, ws in itertools.product(
-                args.passes, args.stack, args.warps, args.stages, args.warp_specialize):
-            if ws and passname != "fwd":
-                continue
+        for passname, stack, warps, stages in itertools.product(
+                args.passes, args.stack, args.warps, args.stages):
             config = dict(num_warps=warps, num_stages=stages)
-            if ws:
-                config["WARP_SPECIALIZE"] = True
             launch_config.heads_per_program = (
                 default_stack if stack == "auto" else (lambda *a, n=int(stack), **kw: n))
             fixed = (lambda *a, c=config: c)
@@ -81,11 +75,11 @@ def main():
                                   warmup=10, rep=40, return_mode="median")
                     work = 2.5 * flops
                 row = dict(block=block, pass_=passname, stack=stack, num_warps=warps,
-                           num_stages=stages, warp_specialize=ws, ms=round(ms, 4),
+                           num_stages=stages, ms=round(ms, 4),
                            tflops=round(work / ms / 1e9, 1), density=round(layout.density, 4))
             except Exception as e:  # noqa: BLE001 (out of resources etc.: report, go on)
                 row = dict(block=block, pass_=passname, stack=stack, num_warps=warps,
-                           num_stages=stages, warp_specialize=ws, ms=None, tflops=None,
+                           num_stages=stages, ms=None, tflops=None,
                            density=round(layout.density, 4),
                            error=f"{type(e).__name__}: {str(e)[:200]}")
             rows.append(row)

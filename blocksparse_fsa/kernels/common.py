@@ -143,14 +143,17 @@ def log2_scores(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def bias_rows_of(Bias, b, hq0, heads, offs_m, bias_head_div, stride_biasb, stride_biash,
+def bias_rows_of(Bias, b, hq0, heads, q_rows, bias_head_div, stride_biasb, stride_biash,
                  stride_biasm, BIAS_ROW: tl.constexpr):
-    """Where each row of a query program reads its bias: one pointer per row, or with
-    ``BIAS_ROW`` the single bias row all of them share."""
+    """Where each row of a query program reads its bias (rows ``q_rows`` of query heads
+    ``heads``): one pointer per row, or with ``BIAS_ROW`` the single bias row all of them share.
+    (One return per jit function: Triton compiles the code after a constexpr-taken return.)"""
     if BIAS_ROW:
-        return Bias + b * stride_biasb + (hq0 // bias_head_div) * stride_biash
-    return (Bias + b * stride_biasb + (heads // bias_head_div) * stride_biash
-            + offs_m.to(tl.int64) * stride_biasm)
+        rows = Bias + b * stride_biasb + (hq0 // bias_head_div) * stride_biash
+    else:
+        rows = (Bias + b * stride_biasb + (heads // bias_head_div) * stride_biash
+                + q_rows * stride_biasm)
+    return rows
 
 
 @triton.jit
@@ -161,16 +164,17 @@ def load_bias(bias_rows, cols, row_ok, col_ok, stride_biasn, IS_PARTIAL: tl.cons
     partial tiles mask rows and keys outside ``row_ok`` / ``col_ok`` (full tiles lie inside
     both). With ``BIAS_ROW`` one vector is loaded and broadcast over the rows."""
     if BIAS_ROW:
-        if IS_PARTIAL:
-            row = tl.load(bias_rows + cols * stride_biasn, mask=col_ok, other=0.0)
-        else:
-            row = tl.load(bias_rows + cols * stride_biasn)
-        return row.to(tl.float32)[None, :] * LOG2E
-    ptrs = bias_rows[:, None] + cols[None, :] * stride_biasn
+        ptrs = bias_rows + cols * stride_biasn
+        ok = col_ok
+    else:
+        ptrs = bias_rows[:, None] + cols[None, :] * stride_biasn
+        ok = row_ok[:, None] & col_ok[None, :]
     if IS_PARTIAL:
-        bias = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        bias = tl.load(ptrs, mask=ok, other=0.0)
     else:
         bias = tl.load(ptrs)
+    if BIAS_ROW:
+        bias = bias[None, :]
     return bias.to(tl.float32) * LOG2E
 
 
@@ -180,8 +184,10 @@ def token_rows(perm, offs, n, PERMUTED: tl.constexpr):
     for a reordered layout, else ``offs``. Positions >= ``n`` (masked by the caller) map to 0
     when permuted."""
     if PERMUTED:
-        return tl.load(perm + offs, mask=offs < n, other=0).to(tl.int64)
-    return offs.to(tl.int64)
+        rows = tl.load(perm + offs, mask=offs < n, other=0)
+    else:
+        rows = offs
+    return rows.to(tl.int64)
 
 
 def perm_args(layout, q) -> dict:

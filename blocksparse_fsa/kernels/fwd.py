@@ -17,8 +17,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, start, e
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
                IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-               BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-               WARP_SPECIALIZE: tl.constexpr):
+               BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Fold the tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query tile
     of ``HEADS`` stacked query heads (rows ``h * BLOCK_M + m``; they share the tiles' bits).
     ``bias_rows``: see ``bias_rows_of`` (``HAS_BIAS``); ``row_ok``: rows < Lq; keys are read
@@ -27,7 +26,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, start, e
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    for t in tl.range(start, end, warp_specialize=WARP_SPECIALIZE):
+    for t in range(start, end):
         kt = tl.load(col_ptr + t).to(tl.int64)
         offs_kn = kt * BLOCK_N + offs_n
         k_rows = token_rows(KPerm, offs_kn, k_len, PERMUTED)
@@ -77,7 +76,6 @@ def sparse_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch, which
     share a KV head and a layout row (one K/V tile load serves all of them); grid
@@ -110,14 +108,14 @@ def sparse_attn_fwd_kernel(
         start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP, HAS_BIAS,
-        BIAS_ROW, PERMUTED, INPUT_PRECISION, WARP_SPECIALIZE)
+        BIAS_ROW, PERMUTED, INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, part_col, masks, KPerm,
         start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP, HAS_BIAS,
-        BIAS_ROW, PERMUTED, INPUT_PRECISION, WARP_SPECIALIZE)
+        BIAS_ROW, PERMUTED, INPUT_PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
