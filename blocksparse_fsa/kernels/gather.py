@@ -166,21 +166,25 @@ def gather_attn_bwd_dkdv_kernel(
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
     stride_dob, stride_dol, stride_doh, stride_dod,
-    stride_dkb, stride_dkl, stride_dkh, stride_dkd,
-    stride_dvb, stride_dvl, stride_dvh, stride_dvd,
+    stride_dks, stride_dkb, stride_dkl, stride_dkh, stride_dkd,
+    stride_dvs, stride_dvb, stride_dvl, stride_dvh, stride_dvd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, HEADS: tl.constexpr,
-    HEADS_P: tl.constexpr, SOFTCAP: tl.constexpr,
+    HEADS_P: tl.constexpr, SPLIT: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """One program = dK, dV of one key ``j`` of one (batch, KV head); grid (Lk, B * Hkv). For
-    each stack of ``HEADS`` query heads of the group that share a pattern row, it walks the
-    queries that chose ``j`` (transposed lists), ``BLOCK_Q`` queries x ``HEADS_P`` (``HEADS``
-    padded) heads per step, recomputing P from lse. One key column makes these matrix-vector
-    products: fp32 elementwise work, reduced over the rows once at the end (fixed order)."""
+    """One program = dK, dV of one key ``j`` of one (batch, KV head) from 1/``SPLIT`` of its
+    query heads; grid (Lk, B * Hkv * SPLIT). For each stack of ``HEADS`` of those heads that
+    share a pattern row, it walks the queries that chose ``j`` (transposed lists), ``BLOCK_Q``
+    queries x ``HEADS_P`` (``HEADS`` padded) heads per step, recomputing P from lse. One key
+    column makes these matrix-vector products: fp32 elementwise work, reduced over the rows
+    once at the end (fixed order). DK/DV are (B, Lk, Hkv, D), or with ``SPLIT`` > 1 fp32
+    partial sums (SPLIT, B, Lk, Hkv, D) that the launcher adds up in a fixed order."""
     j = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
+    split = bh % SPLIT
     num_kv_heads = num_q_heads // group_size
-    b = (bh // num_kv_heads).to(tl.int64)
-    hk = (bh % num_kv_heads).to(tl.int64)
+    b = (bh // SPLIT // num_kv_heads).to(tl.int64)
+    hk = (bh // SPLIT % num_kv_heads).to(tl.int64)
+    heads_per_split = group_size // SPLIT
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     k = tl.load(K + b * stride_kb + j * stride_kl + hk * stride_kh + offs_d * stride_kd,
@@ -192,8 +196,8 @@ def gather_attn_bwd_dkdv_kernel(
     r_h = offs_r % HEADS_P  # head of each row within the stack
     dk = tl.zeros([BLOCK_Q * HEADS_P, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_Q * HEADS_P, BLOCK_D], dtype=tl.float32)
-    for stack in range(group_size // HEADS):
-        hq0 = hk * group_size + stack * HEADS
+    for stack in range(heads_per_split // HEADS):
+        hq0 = hk * group_size + split * heads_per_split + stack * HEADS
         heads = hq0 + tl.where(r_h < HEADS, r_h, 0)  # [BLOCK_Q * HEADS_P] int64
         group = b * layout_batch_step * layout_heads + hq0 // head_div
         start, end = row_range(row_ptr_t, group * k_len + j)
@@ -219,10 +223,10 @@ def gather_attn_bwd_dkdv_kernel(
             dk += ds[:, None] * q
     dk_j = tl.sum(dk, 0) * softmax_scale  # [BLOCK_D]
     dv_j = tl.sum(dv, 0)
-    tl.store(DK + b * stride_dkb + j * stride_dkl + hk * stride_dkh + offs_d * stride_dkd,
-             dk_j.to(DK.dtype.element_ty), mask=d_ok)
-    tl.store(DV + b * stride_dvb + j * stride_dvl + hk * stride_dvh + offs_d * stride_dvd,
-             dv_j.to(DV.dtype.element_ty), mask=d_ok)
+    tl.store(DK + split * stride_dks + b * stride_dkb + j * stride_dkl + hk * stride_dkh
+             + offs_d * stride_dkd, dk_j.to(DK.dtype.element_ty), mask=d_ok)
+    tl.store(DV + split * stride_dvs + b * stride_dvb + j * stride_dvl + hk * stride_dvh
+             + offs_d * stride_dvd, dv_j.to(DV.dtype.element_ty), mask=d_ok)
 
 
 def _stack(q, k, gidx) -> tuple[dict, int]:
@@ -284,10 +288,7 @@ def gather_attn_bwd(q, k, v, out, lse, dout, gidx, softmax_scale, softcap=0.0, d
     gradient or None. Returns ``dq, dk, dv`` like q, k, v; deterministic, no atomics."""
     _check(q, k, gidx, bias)
     batch, q_len, num_q_heads, head_dim = q.shape
-    k_len = k.shape[1]
     dq = new_empty(like=q)
-    dk = new_empty(like=k)
-    dv = new_empty(like=v)
     lse = lse.contiguous()
     delta = new_empty(like=lse)
     args, heads = _stack(q, k, gidx)
@@ -305,13 +306,50 @@ def gather_attn_bwd(q, k, v, out, lse, dout, gidx, softmax_scale, softcap=0.0, d
             HEADS=heads, ROWS=max(16, triton.next_power_of_2(heads)),
             **args, **stride_args(q=q, k=k, v=v, do=dout, dq=dq),
             **launch_config.get_gather_config("dq", head_dim, heads))
-    if k_len and batch * k.shape[2]:
-        args.pop("INPUT_PRECISION")  # dK/dV multiplies in fp32 without tl.dot
-        gather_attn_bwd_dkdv_kernel[(k_len, batch * k.shape[2])](
+    dk, dv = _dkdv(q, k, v, dout, lse, delta, gidx, args, scores, softmax_scale)
+    return dq, dk, dv
+
+
+def _dkdv(q, k, v, dout, lse, delta, gidx, args, scores, softmax_scale):
+    """Launch dK/dV. ``head_split`` > 1 (config) spreads a KV head's query heads over that
+    many programs per key, each writing an fp32 partial sum; fewer heads per program means a
+    smaller set of q / dO rows in flight (L2 reuse), at the cost of the partial buffers and a
+    fixed-order sum (still deterministic)."""
+    batch, q_len, _, head_dim = q.shape
+    k_len, num_kv_heads = k.shape[1], k.shape[2]
+    cfg = dict(launch_config.get_gather_config("dkdv", head_dim, args["group_size"]))
+    split = cfg.pop("head_split", 1)
+    if split < 1 or args["group_size"] % split:
+        raise ValueError(f"head_split {split} must divide the group size {args['group_size']}")
+    heads = math.gcd(args["group_size"] // split, args["head_div"])
+    heads_p = triton.next_power_of_2(heads)
+    block_q = max(1, cfg.pop("ROWS") // heads_p)
+    args = {name: value for name, value in args.items() if name != "INPUT_PRECISION"}  # no dot
+    if split == 1:
+        dk, dv = new_empty(like=k), new_empty(like=v)
+        dk_out, dv_out = dk, dv  # (B, Lk, Hkv, D) views the kernel writes through
+    else:
+        dk, dv = (new_empty(split, *k.shape, dtype=torch.float32, device=k.device)
+                  for _ in range(2))
+        dk_out, dv_out = dk[0], dv[0]
+    grid = (k_len, batch * num_kv_heads * split)
+    if grid[0] * grid[1]:
+        gather_attn_bwd_dkdv_kernel[grid](
             Q=q, K=k, V=v, DOut=dout, Lse=lse, Delta=delta, DK=dk, DV=dv,
             row_ptr_t=gidx.row_ptr_t, row_t=gidx.row_t, softmax_scale=softmax_scale,
             q_len=q_len, k_len=k_len, **scores,
-            HEADS=heads, HEADS_P=triton.next_power_of_2(heads),
-            **args, **stride_args(q=q, k=k, v=v, do=dout, dk=dk, dv=dv),
-            **launch_config.get_gather_config("dkdv", head_dim, heads))
-    return dq, dk, dv
+            BLOCK_Q=block_q, HEADS=heads, HEADS_P=heads_p, SPLIT=split,
+            stride_dks=dk.stride(0) if split > 1 else 0,
+            stride_dvs=dv.stride(0) if split > 1 else 0,
+            **args, **stride_args(q=q, k=k, v=v, do=dout, dk=dk_out, dv=dv_out), **cfg)
+    if split == 1:
+        return dk, dv
+    return _ordered_sum(dk).to(k.dtype), _ordered_sum(dv).to(v.dtype)
+
+
+def _ordered_sum(parts: torch.Tensor) -> torch.Tensor:
+    """``parts[0] + parts[1] + ...`` in that order (bitwise reproducible)."""
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total

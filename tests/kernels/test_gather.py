@@ -44,7 +44,8 @@ class Case:
     dtype: torch.dtype = torch.float32
     softcap: float = 0.0
     block_n: int | None = None  # gather chunk of the forward and dQ (None = config's)
-    block_q: int | None = None  # queries per dK/dV step (None = config's)
+    dkdv_rows: int | None = None  # rows (queries x heads) per dK/dV step (None = config's)
+    head_split: int = 1  # dK/dV programs per (key, KV head)
 
     @property
     def id(self):
@@ -55,7 +56,8 @@ class Case:
                 f"{'causal' if self.causal else 'full'}-{str(self.dtype)[6:]}"
                 + (f"-softcap{self.softcap:g}" if self.softcap else "")
                 + (f"-bn{self.block_n}" if self.block_n else "")
-                + (f"-bq{self.block_q}" if self.block_q else ""))
+                + (f"-rows{self.dkdv_rows}" if self.dkdv_rows else "")
+                + (f"-split{self.head_split}" if self.head_split > 1 else ""))
 
 
 CASES = [
@@ -73,7 +75,9 @@ CASES = [
     Case(hq=4, hkv=1, pattern="mask", causal=True, pattern_batch=1),  # MQA, dense-mask layout
     Case(pattern="empty"),
     Case(pattern="unused_keys", k_len=40),  # keys no query chose: dk = dv = 0 there
-    Case(pattern="window", window=36, q_len=37, k_len=37, batch=1, block_n=16, block_q=4),  # chunks
+    Case(pattern="window", window=36, q_len=37, k_len=37, batch=1, block_n=16, dkdv_rows=8),
+    Case(hq=8, hkv=2, dim=16, window=12, head_split=2, causal=True),  # dK/dV partial sums
+    Case(hq=4, hkv=1, pattern_heads=4, head_split=4, q_len=19, k_len=23),  # 1 head each
     Case(dtype=torch.float16, causal=True),
     Case(dtype=torch.float16, hq=8, hkv=2, pattern="window", window=30, q_len=40, k_len=40,
          dim=64, batch=1),
@@ -120,7 +124,7 @@ def inputs(case: Case, seed=0):
 
 @pytest.fixture
 def chunks(monkeypatch):
-    """Set a case's BLOCK_N / BLOCK_Q by wrapping ``config.get_gather_config``."""
+    """Set a case's chunk sizes and head split by wrapping ``config.get_gather_config``."""
     default = config.get_gather_config
 
     def apply(case: Case):
@@ -128,8 +132,9 @@ def chunks(monkeypatch):
             cfg = dict(default(kernel, head_dim, heads))
             if kernel in ("fwd", "dq") and case.block_n:
                 cfg["BLOCK_N"] = case.block_n
-            if kernel == "dkdv" and case.block_q:
-                cfg["BLOCK_Q"] = case.block_q
+            if kernel == "dkdv":
+                cfg["ROWS"] = case.dkdv_rows or cfg["ROWS"]
+                cfg["head_split"] = case.head_split
             return cfg
         monkeypatch.setattr(config, "get_gather_config", patched)
     return apply
@@ -182,7 +187,7 @@ def test_gather_matches_reference(case, chunks):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("case", [CASES[3], CASES[10], CASES[15]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES[3], CASES[10], CASES[17]], ids=lambda c: c.id)
 def test_gather_matches_tile_walker(case, chunks):
     """Both paths compute the same attention (to rounding: their summation orders differ)."""
     chunks(case)
@@ -201,7 +206,7 @@ def test_gather_matches_tile_walker(case, chunks):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("case", [CASES[4], CASES[16]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES[4], CASES[15], CASES[18]], ids=lambda c: c.id)
 def test_gather_backward_is_bitwise_deterministic(case, chunks):
     chunks(case)
     q, k, v, dout, dlse = (t.to(case.dtype) if t.dim() == 4 else t for t in inputs(case))
@@ -227,8 +232,8 @@ def test_gather_non_contiguous_inputs_from_fused_qkv():
     torch.testing.assert_close(out.cpu().double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_gather_launchers_check_their_arguments():
-    case = Case(batch=1, q_len=8, k_len=8)
+def test_gather_launchers_check_their_arguments(chunks):
+    case = Case(batch=1, q_len=8, k_len=8, head_split=3)
     q, k, v, _, _ = inputs(case)
     gidx = build_gather_index(make_layout(case))
     with pytest.raises(NotImplementedError, match="attn_bias"):
@@ -239,6 +244,10 @@ def test_gather_launchers_check_their_arguments():
         gather_attn_fwd(q, k.repeat(1, 1, 2, 1), v.repeat(1, 1, 2, 1), gidx, 1.0)
     with pytest.raises(TypeError, match="GatherIndex"):
         gather_attn_fwd(q, k, v, make_layout(case), 1.0)
+    chunks(case)
+    out, lse = gather_attn_fwd(q, k, v, gidx, 1.0)
+    with pytest.raises(ValueError, match="head_split 3 must divide the group size 2"):
+        gather_attn_bwd(q, k, v, out, lse, out, gidx, 1.0)
 
 
 @pytest.mark.interpreter
