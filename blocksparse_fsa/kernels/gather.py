@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..gather_index import GatherIndex
 from .bwd import sparse_attn_bwd_preprocess
 from .common import (LN2, LOG2E, head_args, log2_scores, new_empty, row_range, score_args,
                      stride_args)
@@ -238,8 +239,6 @@ def _stack(q, k, gidx) -> tuple[dict, int]:
 
 def _check(q, k, gidx, bias):
     """The index must describe these lengths, batch and heads, on the inputs' device."""
-    from ..gather_index import GatherIndex
-
     if bias is not None:
         raise NotImplementedError("the gather kernels do not support attn_bias; use the tile "
                                   "walker (sparse_attn_fwd / sparse_attn_bwd) for a bias")
