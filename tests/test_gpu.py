@@ -173,3 +173,107 @@ def test_gpu_side_layout_build_matches_numba():
         assert on_gpu.device.type == "cuda" and on_gpu.nnz == on_cpu.nnz
         for name in names:
             assert torch.equal(getattr(on_gpu, name), getattr(on_cpu, name)), name
+
+
+# ---- gather kernels (issue #7) ----------------------------------------------------------------
+def gather_run(q, k, v, dout, layout, softcap=0.0):
+    """Out, lse, dq, dk, dv of the gather kernels, through their launchers."""
+    from blocksparse_fsa.gather_index import build_gather_index
+    from blocksparse_fsa.kernels import gather_attn_bwd, gather_attn_fwd
+
+    gidx = build_gather_index(layout)
+    scale = q.shape[-1] ** -0.5
+    out, lse = gather_attn_fwd(q, k, v, gidx, scale, softcap)
+    return (out, lse, *gather_attn_bwd(q, k, v, out, lse, dout.to(q.dtype), gidx, scale,
+                                       softcap))
+
+
+def check_gather(q, k, v, layout, dtype, softcap=0.0):
+    """``check`` for the gather kernels: vs fp32 (high) and the same math in ``dtype`` (low)."""
+    dout = torch.randn_like(q, dtype=torch.float32)
+    mask = layout.to_dense_mask()
+
+    def run(dt):
+        inputs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out, lse = dense_attention(*inputs, mask, softcap=softcap)
+        return (out, lse, *torch.autograd.grad((out.float() * dout).sum(), inputs))
+
+    ref, low = run(torch.float32), run(dtype)
+    got = gather_run(*(t.to(dtype) for t in (q, k, v)), dout, layout, softcap)
+    for name, g, lo, r in zip(["out", "lse", "dq", "dk", "dv"], got, low, ref):
+        assert_rule(f"gather {name}", g, lo, r, ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_gather_random_and_window_patterns(dtype, dim, group):
+    torch.manual_seed(dim + group)
+    hkv, length = 2, 1000
+    q = torch.randn(1, length, hkv * group, dim, device="cuda")
+    k = torch.randn(1, length, hkv, dim, device="cuda")
+    v = torch.randn(1, length, hkv, dim, device="cuda")
+    check_gather(q, k, v, bsa.build_layout(random_pattern(length, 150, hkv), length,
+                                           is_causal=True), dtype)
+    check_gather(q, k, v, bsa.build_layout(window_pattern(length, 200, hkv), length,
+                                           is_causal=True), dtype, softcap=2.0)
+
+
+def test_gather_backward_is_bitwise_deterministic():
+    torch.manual_seed(0)
+    length = 4096
+    q = torch.randn(1, length, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, length, 2, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, length, 2, 128, device="cuda", dtype=torch.bfloat16)
+    layout = bsa.build_layout(random_pattern(length, 512, 2), length, is_causal=True)
+    dout = torch.randn_like(q)
+    first = gather_run(q, k, v, dout, layout)
+    for _ in range(3):
+        for a, b in zip(first, gather_run(q, k, v, dout, layout)):
+            assert torch.equal(a, b)
+
+
+def test_gather_addresses_past_2_pow_31_elements():
+    """q, out, dout and dq with more than 2**31 elements; dK/dV gathers q rows up there."""
+    length, heads, dim, window = 270_000, 64, 128, 16
+    torch.manual_seed(0)
+    q = torch.randn(1, length, heads, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, length, 1, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, length, 1, dim, device="cuda", dtype=torch.bfloat16)
+    layout = bsa.build_layout(window_pattern(length, window), length, is_causal=True)
+    out, _, dq, dk, dv = gather_run(q, k, v, torch.ones_like(q), layout)
+    rows = torch.arange(length - 200, length, device="cuda")  # the far end of the buffers
+    tail = slice(length - 200 - window, length)
+    i = rows[:, None]
+    j = torch.arange(tail.start, tail.stop, device="cuda")[None, :]
+    mask = ((j <= i) & (j > i - window))[None, None]
+    inputs = [q[:, rows].float().requires_grad_(), k[:, tail].float().requires_grad_(),
+              v[:, tail].float().requires_grad_()]
+    ref, _ = dense_attention(*inputs, mask)
+    torch.testing.assert_close(out[:, rows].float(), ref, atol=2e-2, rtol=2e-2)
+    ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref, inputs, torch.ones_like(ref))
+    torch.testing.assert_close(dq[:, rows].float(), ref_dq, atol=5e-2, rtol=5e-2)
+    # keys >= length - 200 are seen only by queries in ``rows``: their gradients are complete
+    torch.testing.assert_close(dk[:, rows].float(), ref_dk[:, window:], atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(dv[:, rows].float(), ref_dv[:, window:], atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("head_split", [2, 8])
+def test_gather_dkdv_head_split(head_split, monkeypatch):
+    """dK/dV spread over several programs per key (fp32 partial sums): same accuracy, and
+    still bitwise deterministic."""
+    from blocksparse_fsa.kernels import config
+
+    default = config.get_gather_config
+    monkeypatch.setattr(config, "get_gather_config", lambda kernel, d, h: {
+        **default(kernel, d, h), **({"head_split": head_split} if kernel == "dkdv" else {})})
+    torch.manual_seed(3)
+    length = 1000
+    q = torch.randn(1, length, 16, 128, device="cuda")
+    k, v = (torch.randn(1, length, 2, 128, device="cuda") for _ in range(2))
+    layout = bsa.build_layout(random_pattern(length, 150, 2), length, is_causal=True)
+    check_gather(q, k, v, layout, torch.bfloat16)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    dout = torch.randn_like(q)
+    first, again = gather_run(q, k, v, dout, layout), gather_run(q, k, v, dout, layout)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))

@@ -47,23 +47,32 @@ def tile_bits(mask_ptr, offs_q, offs_k, N_WORDS: tl.constexpr, TRANSPOSED: tl.co
     return bits != 0
 
 
-def launch_args(q, k, layout) -> dict:
-    """Kernel arguments shared by every pass: head grouping, the layout's (batch, head) mapping,
-    tile sizes and the padded head dim. ``q`` is (B, Lq, Hq, D), ``k`` is (B, Lk, Hkv, D)."""
+def head_args(q, k, pattern) -> dict:
+    """Kernel arguments of the head grouping, the pattern's (batch, head) mapping, the padded head
+    dim and the dot precision. ``q`` is (B, Lq, Hq, D), ``k`` is (B, Lk, Hkv, D); ``pattern``
+    is a ``SparseLayout`` or a ``GatherIndex`` (its ``batch`` and ``heads``)."""
     num_q_heads, head_dim = q.shape[2], q.shape[3]
     return dict(
         num_q_heads=num_q_heads,
         group_size=num_q_heads // k.shape[2],
-        head_div=num_q_heads // layout.heads,
-        layout_heads=layout.heads,
-        layout_batch_step=0 if layout.batch == 1 else 1,
+        head_div=num_q_heads // pattern.heads,
+        layout_heads=pattern.heads,
+        layout_batch_step=0 if pattern.batch == 1 else 1,
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        # fp32 inputs get exact fp32 products; tf32 would miss the fp32 accuracy bar
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def launch_args(q, k, layout) -> dict:
+    """Kernel arguments shared by every pass of the tile walker: ``head_args`` and the
+    layout's tile sizes."""
+    return dict(
+        **head_args(q, k, layout),
         BLOCK_M=layout.block_m,
         BLOCK_N=layout.block_n,
         N_WORDS=-(-layout.block_n // 32),
-        # fp32 inputs get exact fp32 products; tf32 would miss the fp32 accuracy bar
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
 
 

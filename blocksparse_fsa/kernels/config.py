@@ -46,3 +46,21 @@ def heads_per_program(block_m: int, group_size: int, head_div: int, kernel: str 
            and head_div % (heads * 2) == 0):
         heads *= 2
     return heads
+
+
+def get_gather_config(kernel: str, head_dim: int, heads: int) -> dict:
+    """Chunk sizes, warps and stages of the gather kernels (``kernels/gather.py``).
+
+    ``kernel="fwd"`` / ``"dq"``: one query of ``heads`` stacked query heads (padded to at least
+    16 dot rows) walks its keys ``BLOCK_N`` at a time. ``kernel="dkdv"``: one key walks the
+    queries that chose it, ``ROWS`` rows (queries x the heads of a stack, padded to a power of
+    two) at a time; ``heads`` is the GQA group size, and ``head_split`` (a divisor of it)
+    spreads those heads over that many programs per key (fp32 partial sums). Not measured yet:
+    first guesses for an H200, to be swept.
+    """
+    if kernel in ("fwd", "dq"):
+        return dict(BLOCK_N=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+    if kernel == "dkdv":
+        return dict(ROWS=64 if head_dim <= 128 else 32, head_split=1,
+                    num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    raise ValueError(f"kernel must be 'fwd', 'dq' or 'dkdv', got {kernel!r}")
