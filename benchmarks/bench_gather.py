@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from blocksparse_fsa import bench
+from blocksparse_fsa import bench, bench_patterns
 from blocksparse_fsa.gather_index import build_gather_index, gather_stats
 from blocksparse_fsa.kernels import config as launch_config
 from blocksparse_fsa.kernels import gather as gather_kernels
@@ -88,13 +88,13 @@ def with_config(kernel: str, override: dict):
 
 def run_pattern(name: str, args, device) -> list[dict]:
     dtype = bench.DTYPES[args.dtype]
-    pattern = bench.PATTERN_BUILDERS[name](args.seq_len, args.heads_kv, device)
+    pattern = bench_patterns.PATTERN_BUILDERS[name](args.seq_len, args.heads_kv, device)
     inp = bench.make_inputs(args.batch, args.seq_len, args.heads_q, args.heads_kv,
                             args.head_dim, dtype, device, requires_grad=False)
     q, k, v, dout = inp.q, inp.k, inp.v, inp.dout
     scale = 1.0 / math.sqrt(args.head_dim)
     build = (lambda: build_layout(pattern.indices, args.seq_len, is_causal=True,
-                                  reorder=pattern.reorder).to(device))
+                                  reorder=pattern.reorder, kernel="tiles").to(device))
     bench._timed(build, device)  # compilation
     layout, layout_ms = bench._timed(build, device)
     gidx, gidx_ms = bench._timed(lambda: build_gather_index(layout), device)

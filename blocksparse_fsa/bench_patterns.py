@@ -87,9 +87,9 @@ class Pattern:
         permutation (for a BlockMask of the pattern at flex's block size)."""
         if self.indices is None:  # the layout's pairs are final: no causal cut
             return build_layout(self.layout.to_indices(), self.seq_len, block_m=block,
-                                block_n=block)
+                                block_n=block, kernel="tiles")
         return build_layout(self.indices, self.seq_len, is_causal=True, block_m=block,
-                            block_n=block)
+                            block_n=block, kernel="tiles")
 
 
 def _rows(seq_len: int, device) -> torch.Tensor:

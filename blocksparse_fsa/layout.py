@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -11,8 +12,14 @@ from .preprocess import dense_to_tiles, indices_to_tiles, mask_to_tiles
 from .preprocess.device import indices_to_tiles_torch, transpose_csr_torch
 from .reorder import inverse
 
+if TYPE_CHECKING:
+    from .gather_index import GatherIndex
+
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 64
+_KERNELS = ("auto", "tiles", "gather")
+# kernel="auto" picks the gather kernels below this tile density (useful / computed pairs)
+GATHER_MAX_DENSITY = 0.1
 _VALID_BLOCKS = (16, 32, 64, 128, 256)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -55,6 +62,7 @@ class SparseLayout:
     part_mask_t: torch.Tensor  # [Tp] index into masks
     q_perm: torch.Tensor | None = None  # [q_len] original query of each kernel row, or None
     k_perm: torch.Tensor | None = None  # [k_len] original key of each kernel column, or None
+    gather_index: GatherIndex | None = None  # set: the gather kernels run this layout
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -86,7 +94,13 @@ class SparseLayout:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors())
+        own = sum(t.numel() * t.element_size() for t in self._tensors())
+        return own + (self.gather_index.nbytes if self.gather_index is not None else 0)
+
+    @property
+    def kernel(self) -> str:
+        """``"gather"`` (each query loads its own keys) or ``"tiles"`` (the tile walker)."""
+        return "tiles" if self.gather_index is None else "gather"
 
     @property
     def device(self) -> torch.device:
@@ -103,6 +117,8 @@ class SparseLayout:
             return self
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
                  if isinstance(getattr(self, f.name), torch.Tensor)}
+        if self.gather_index is not None:
+            moved["gather_index"] = self.gather_index.to(device)
         return replace(self, **moved)
 
     def __repr__(self) -> str:
@@ -110,7 +126,8 @@ class SparseLayout:
                 f"heads={self.heads}, block={self.block_m}x{self.block_n}, "
                 f"tiles={self.num_tiles} ({self.num_full_tiles} full), "
                 f"density={self.density:.3f}, nnz={self.nnz}, causal={self.is_causal}, "
-                f"reordered={self.is_reordered}, nbytes={self.nbytes}, device={self.device})")
+                f"reordered={self.is_reordered}, kernel={self.kernel!r}, nbytes={self.nbytes}, "
+                f"device={self.device})")
 
     @property
     def is_reordered(self) -> bool:
@@ -197,8 +214,10 @@ class SparseLayout:
     @classmethod
     def from_indices(cls, attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = False,
                      block_m: int | None = None, block_n: int | None = None,
-                     reorder=None, method: str = "auto") -> SparseLayout:
+                     reorder=None, method: str = "auto", kernel: str = "auto") -> SparseLayout:
         """See :func:`build_layout`."""
+        if kernel not in _KERNELS:
+            raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
         if method not in ("auto", "numba", "torch"):
             raise ValueError(f"method must be 'auto', 'numba' or 'torch', got {method!r}")
         if reorder is not None:
@@ -206,8 +225,9 @@ class SparseLayout:
             q_perm, k_perm = _token_orders(
                 reorder, attn_indices.shape[2], k_len,
                 lambda: cls.from_indices(attn_indices, k_len, is_causal=is_causal,
-                                         block_m=block_m, block_n=block_n))
-            return _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm)
+                                         block_m=block_m, block_n=block_n, kernel="tiles"))
+            layout = _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm)
+            return layout.with_kernel(kernel)  # "gather" is an error here, "auto" the walker
         block_m, block_n = _check_blocks(block_m, block_n)
         idx = _check_indices(attn_indices, k_len)
         n_b, n_h, q_len, _ = idx.shape
@@ -215,12 +235,12 @@ class SparseLayout:
         if method == "torch" or (method == "auto" and idx.device.type != "cpu"):
             arrays = indices_to_tiles_torch(idx, q_len, int(k_len), bool(is_causal), block_m,
                                             block_n)
-            return _finish(*meta, *arrays)
+            return _finish(*meta, *arrays).with_kernel(kernel)
         arrays = indices_to_tiles(np.ascontiguousarray(idx.cpu().numpy()), q_len, int(k_len),
                                   bool(is_causal), block_m, block_n)
         arrays = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in arrays]
         arrays[4] = arrays[4].view(torch.int32)  # uint32 words -> int32 bit patterns
-        return _finish(*meta, *arrays).to(attn_indices.device)
+        return _finish(*meta, *arrays).to(attn_indices.device).with_kernel(kernel)
 
     @classmethod
     def from_dense_mask(cls, attn_mask: torch.Tensor, *, is_causal: bool = False,
@@ -262,6 +282,26 @@ class SparseLayout:
         layout = _finish(q_len, k_len, block_m, block_n, 1, 1, bool(is_causal), *arrays)
         return layout.to(device)
 
+    def with_kernel(self, kernel: str) -> SparseLayout:
+        """This layout for the tile walker (``"tiles"``), the gather kernels (``"gather"``: each
+        query loads its own keys, for scattered patterns; adds a :class:`GatherIndex` of 8
+        bytes per active pair) or whichever fits (``"auto"``: gather below
+        ``GATHER_MAX_DENSITY`` tile density, for layouts without a token permutation)."""
+        if kernel not in _KERNELS:
+            raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
+        if kernel == "auto":
+            kernel = ("gather" if self.density < GATHER_MAX_DENSITY and not self.is_reordered
+                      else "tiles")
+        if kernel == self.kernel:
+            return self
+        if kernel == "tiles":
+            return replace(self, gather_index=None)
+        if self.is_reordered:
+            raise ValueError("the gather kernels take layouts without a token permutation: a "
+                             "reordered layout is meant for the tile walker")
+        from .gather_index import build_gather_index
+        return replace(self, gather_index=build_gather_index(self))
+
     def unordered(self) -> SparseLayout:
         """The same tiles without the token permutation (the pattern in kernel order)."""
         return replace(self, q_perm=None, k_perm=None)
@@ -299,7 +339,7 @@ class SparseLayout:
 
 def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = False,
                  block_m: int | None = None, block_n: int | None = None,
-                 reorder=None, method: str = "auto") -> SparseLayout:
+                 reorder=None, method: str = "auto", kernel: str = "auto") -> SparseLayout:
     """Build the tile layout of ``attn_indices`` once; reuse it for every layer and the backward.
 
     ``attn_indices``: integer tensor ``(B|1, H|1, Lq, W)``, entries in ``[-1, k_len)``, ``-1`` =
@@ -311,9 +351,12 @@ def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = Fa
     ``"auto"`` (torch for GPU indices, numba otherwise).
     ``reorder``: an optional token permutation that makes scattered patterns tile-dense, see
     :meth:`SparseLayout.reordered`.
+    ``kernel``: ``"tiles"``, ``"gather"`` or ``"auto"`` (gather for scattered patterns), see
+    :meth:`SparseLayout.with_kernel`; a reordered layout always takes the tile walker.
     """
     return SparseLayout.from_indices(attn_indices, k_len, is_causal=is_causal, block_m=block_m,
-                                     block_n=block_n, reorder=reorder, method=method)
+                                     block_n=block_n, reorder=reorder, method=method,
+                                     kernel=kernel)
 
 
 def _broadcast_mask_layout(mask, q_len, k_len, is_causal, block_m, block_n):
@@ -373,7 +416,8 @@ def _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm):
     from .reorder import permute_indices
     dev = attn_indices.device
     idx = permute_indices(attn_indices, k_len, is_causal, q_perm.to(dev), k_perm.to(dev))
-    layout = SparseLayout.from_indices(idx, k_len, block_m=block_m, block_n=block_n)
+    layout = SparseLayout.from_indices(idx, k_len, block_m=block_m, block_n=block_n,
+                                       kernel="tiles")
     return replace(layout, is_causal=bool(is_causal), q_perm=q_perm.to(layout.device),
                    k_perm=k_perm.to(layout.device))
 

@@ -10,35 +10,58 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import sparse_attn_bwd, sparse_attn_fwd
+from .gather_index import GatherIndex
+from .kernels import gather_attn_bwd, gather_attn_fwd, sparse_attn_bwd, sparse_attn_fwd
 from .layout import SparseLayout
 
-# the tensors and sizes of a SparseLayout that the kernels read (the token permutation travels
-# as two optional tensors); not causality (already in the tiles) or nnz, so that torch.compile
-# does not specialise a graph on them
+# the tensors and sizes of a SparseLayout that the kernels read: the tiles, then the token
+# permutation or the gather lists if the layout has them; not causality (already in the tiles)
+# or nnz, so that torch.compile does not specialise a graph on them
 _TILE_FIELDS = ("full_ptr", "full_col", "part_ptr", "part_col", "masks",
                 "full_ptr_t", "full_row_t", "part_ptr_t", "part_row_t", "part_mask_t")
 _PERM_FIELDS = ("q_perm", "k_perm")
+_GATHER_FIELDS = ("row_ptr", "col", "row_ptr_t", "row_t")
 _SIZE_FIELDS = ("q_len", "k_len", "block_m", "block_n", "batch", "heads")
 
 
 def _flatten(layout: SparseLayout):
-    """``tiles`` (the tile tensors, then q_perm and k_perm if reordered) and ``sizes``."""
-    names = _TILE_FIELDS + (_PERM_FIELDS if layout.is_reordered else ())
-    return [getattr(layout, f) for f in names], [int(getattr(layout, f)) for f in _SIZE_FIELDS]
+    """``tiles`` (tensors) and ``sizes`` (ints, the last one 0 = plain, 1 = reordered,
+    2 = gather) of what the kernels read."""
+    tiles = [getattr(layout, f) for f in _TILE_FIELDS]
+    kind = 0
+    if layout.is_reordered:
+        tiles += [getattr(layout, f) for f in _PERM_FIELDS]
+        kind = 1
+    elif layout.gather_index is not None:
+        tiles += [getattr(layout.gather_index, f) for f in _GATHER_FIELDS]
+        kind = 2
+    return tiles, [int(getattr(layout, f)) for f in _SIZE_FIELDS] + [kind]
 
 
 def _unflatten(tiles, sizes) -> SparseLayout:
     """The kernels' view of a layout (``is_causal`` and ``nnz`` are placeholders)."""
-    return SparseLayout(**dict(zip(_SIZE_FIELDS, sizes)),
-                        **dict(zip(_TILE_FIELDS + _PERM_FIELDS, tiles)), is_causal=False, nnz=0)
+    *sizes, kind = sizes
+    sizes = dict(zip(_SIZE_FIELDS, sizes))
+    extra = {}
+    if kind == 1:
+        extra = dict(zip(_PERM_FIELDS, tiles[len(_TILE_FIELDS):]))
+    elif kind == 2:
+        extra["gather_index"] = GatherIndex(
+            q_len=sizes["q_len"], k_len=sizes["k_len"], batch=sizes["batch"],
+            heads=sizes["heads"], is_causal=False,
+            **dict(zip(_GATHER_FIELDS, tiles[len(_TILE_FIELDS):])))
+    return SparseLayout(**sizes, **dict(zip(_TILE_FIELDS, tiles)), **extra, is_causal=False,
+                        nnz=0)
 
 
 @torch.library.custom_op("blocksparse_fsa::fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiles: list[torch.Tensor],
          sizes: list[int], softmax_scale: float, softcap: float,
          bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return sparse_attn_fwd(q, k, v, _unflatten(tiles, sizes), softmax_scale, softcap, bias)
+    layout = _unflatten(tiles, sizes)
+    if layout.gather_index is not None:
+        return gather_attn_fwd(q, k, v, layout.gather_index, softmax_scale, softcap)
+    return sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap, bias)
 
 
 @_fwd.register_fake
@@ -55,8 +78,13 @@ def _bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
          bias: torch.Tensor | None, bias_grad: bool
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and dbias (an empty tensor unless ``bias_grad``: op outputs cannot be None)."""
-    dq, dk, dv, dbias = sparse_attn_bwd(dout, q, k, v, out, lse, dlse, _unflatten(tiles, sizes),
-                                        softmax_scale, softcap, bias, bias_grad)
+    layout = _unflatten(tiles, sizes)
+    if layout.gather_index is not None:
+        dq, dk, dv = gather_attn_bwd(q, k, v, out, lse, dout, layout.gather_index,
+                                     softmax_scale, softcap, dlse)
+        return dq, dk, dv, q.new_empty(0)
+    dq, dk, dv, dbias = sparse_attn_bwd(dout, q, k, v, out, lse, dlse, layout, softmax_scale,
+                                        softcap, bias, bias_grad)
     return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
 
 
@@ -94,6 +122,9 @@ _fwd.register_autograd(_backward, setup_context=_setup_context)
 def sparse_attn_op(q, k, v, layout: SparseLayout, softmax_scale: float, softcap: float = 0.0,
                    bias=None):
     """``(out, lse)`` of the Triton kernels over ``layout``, differentiable in q, k, v, bias and
-    lse. All tensors are in the caller's token order, also for a reordered layout."""
+    lse. All tensors are in the caller's token order, also for a reordered layout. A layout
+    for the gather kernels runs them, except with a bias (the tile walker has the bias)."""
+    if bias is not None and layout.gather_index is not None:
+        layout = layout.with_kernel("tiles")
     tiles, sizes = _flatten(layout)
     return _fwd(q, k, v, tiles, sizes, float(softmax_scale), float(softcap), bias)

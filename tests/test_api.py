@@ -196,3 +196,26 @@ def test_per_call_patterns_build_their_layout_once(monkeypatch):
     assert len(builds) == 3 and not torch.allclose(changed, first)
     bsa.sparse_attn_func(q, k, v, attn_indices=idx.clone(), is_causal=True)  # another tensor
     assert len(builds) == 4
+
+
+def test_kernel_choice_is_recorded_on_the_layout():
+    """kernel="auto" takes the gather kernels for scattered patterns and the tile walker for
+    clustered ones; the choice is a property of the layout, and an override is one call."""
+    g = torch.Generator().manual_seed(0)
+    scattered = torch.randint(0, 512, (1, 2, 512, 8), generator=g)
+    window = torch.arange(512)[:, None] - torch.arange(128)[None, :]
+    auto = bsa.build_layout(scattered, 512, is_causal=True)
+    assert auto.density < 0.1 and auto.kernel == "gather" and auto.gather_index is not None
+    assert "kernel='gather'" in repr(auto) and auto.nbytes > auto.with_kernel("tiles").nbytes
+    assert bsa.build_layout(window.clamp(min=-1)[None, None], 512).kernel == "tiles"
+    tiles = bsa.build_layout(scattered, 512, is_causal=True, kernel="tiles")
+    assert tiles.kernel == "tiles" and tiles.with_kernel("gather").kernel == "gather"
+    assert tiles.with_kernel("tiles") is tiles
+    assert bsa.build_layout(scattered, 512, reorder="rcm").kernel == "tiles"
+    with pytest.raises(ValueError, match="without a token permutation"):
+        bsa.build_layout(scattered, 512, reorder="rcm", kernel="gather")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        bsa.build_layout(scattered, 512, kernel="fast")
+    q, k, v = qkv(q_len=512, k_len=512)
+    torch.testing.assert_close(bsa.sparse_attn_func(q, k, v, layout=auto),
+                               bsa.sparse_attn_func(q, k, v, layout=tiles), atol=1e-5, rtol=1e-5)

@@ -25,6 +25,11 @@ def random_pattern(length, window, heads, seed=0):
     return torch.where(torch.rand(idx.shape, device="cuda", generator=g) < 0.1, -1, idx)
 
 
+def walker_layout(attn_indices, length, **kwargs):
+    """A layout for the tile walker (``kernel="auto"`` would give scattered ones to gather)."""
+    return bsa.build_layout(attn_indices, length, kernel="tiles", **kwargs)
+
+
 def check(q, k, v, layout, dtype, softcap=0.0, bias=None):
     """Out, lse and gradients of ours vs fp32 (high) and the same math in ``dtype`` (low)."""
     dout = torch.randn_like(q, dtype=torch.float32)
@@ -60,9 +65,9 @@ def test_window_and_random_patterns(dtype, dim, group):
     q = torch.randn(1, length, hkv * group, dim, device="cuda")
     k = torch.randn(1, length, hkv, dim, device="cuda")
     v = torch.randn(1, length, hkv, dim, device="cuda")
-    window = bsa.build_layout(window_pattern(length, 200, hkv), length, is_causal=True)
+    window = walker_layout(window_pattern(length, 200, hkv), length, is_causal=True)
     check(q, k, v, window, dtype)
-    scattered = bsa.build_layout(random_pattern(length, 64, hkv), length, is_causal=False)
+    scattered = walker_layout(random_pattern(length, 64, hkv), length, is_causal=False)
     check(q, k, v, scattered, dtype)
 
 
@@ -72,7 +77,7 @@ def test_long_sliding_window_bf16(length):
     q = torch.randn(1, length, 8, 128, device="cuda")
     k = torch.randn(1, length, 2, 128, device="cuda")
     v = torch.randn(1, length, 2, 128, device="cuda")
-    layout = bsa.build_layout(window_pattern(length, 1024, 2), length, is_causal=True)
+    layout = walker_layout(window_pattern(length, 1024, 2), length, is_causal=True)
     check(q, k, v, layout, torch.bfloat16)
 
 
@@ -93,7 +98,7 @@ def test_backward_is_bitwise_deterministic():
     q = torch.randn(1, length, 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(1, length, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, length, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layout = bsa.build_layout(random_pattern(length, 512, 2), length, is_causal=True)
+    layout = walker_layout(random_pattern(length, 512, 2), length, is_causal=True)
     dout = torch.randn_like(q)
     first = torch.autograd.grad(bsa.sparse_attn_func(q, k, v, layout=layout), (q, k, v), dout)
     for _ in range(3):
@@ -111,7 +116,7 @@ def test_addresses_past_2_pow_31_elements():
                     requires_grad=True)
     k = torch.randn(1, length, 1, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, length, 1, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layout = bsa.build_layout(window_pattern(length, window), length, is_causal=True)
+    layout = walker_layout(window_pattern(length, window), length, is_causal=True)
     out = bsa.sparse_attn_func(q, k, v, layout=layout)
     dq, = torch.autograd.grad(out, (q,), torch.ones_like(out))
     rows = torch.arange(length - 200, length, device="cuda")  # the far end of the buffers
@@ -132,7 +137,7 @@ def test_softcap(dtype):
     length = 1500
     q = torch.randn(1, length, 8, 128, device="cuda")
     k, v = (torch.randn(1, length, 2, 128, device="cuda") for _ in range(2))
-    layout = bsa.build_layout(window_pattern(length, 300, 2), length, is_causal=True)
+    layout = walker_layout(window_pattern(length, 300, 2), length, is_causal=True)
     check(q, k, v, layout, dtype, softcap=1.5)
 
 
@@ -144,7 +149,7 @@ def test_bias_and_its_gradient(shape):
     k, v = (torch.randn(1, length, 2, 128, device="cuda") for _ in range(2))
     bias = torch.randn((1, 8, length, length) if shape == "full" else (1, 2, 1, length),
                        device="cuda")
-    layout = bsa.build_layout(random_pattern(length, 200, 2), length, is_causal=True)
+    layout = walker_layout(random_pattern(length, 200, 2), length, is_causal=True)
     check(q, k, v, layout, torch.bfloat16, bias=bias)
 
 

@@ -40,6 +40,7 @@ class Case:
     # bias: "", "full" (B, Hq, Lq, Lk), "kv" (1, Hkv, Lq, Lk), "row" (B, 1, 1, Lk),
     # "kvrow" (B, Hkv, 1, Lk), "qrow" (1, Hq, 1, Lk)
     bias: str = ""
+    kernel: str = "tiles"  # attn_indices patterns: "tiles" (the walker) or "gather"
 
     @property
     def id(self):
@@ -49,7 +50,8 @@ class Case:
                 f"D{self.dim}-{self.pattern}{self.window}-pat{pb}x{ph}-"
                 f"{'causal' if self.causal else 'full'}-blk{self.block[0]}x{self.block[1]}-"
                 f"{str(self.dtype)[6:]}" + (f"-softcap{self.softcap:g}" if self.softcap else "")
-                + (f"-bias_{self.bias}" if self.bias else ""))
+                + (f"-bias_{self.bias}" if self.bias else "")
+                + (f"-{self.kernel}" if self.kernel != "tiles" else ""))
 
 
 CASES = [
@@ -85,6 +87,11 @@ CASES = [
     Case(batch=2, hq=8, hkv=2, dim=16, block=(32, 16), causal=True, bias="kvrow"),
     Case(hq=8, hkv=2, dim=16, block=(32, 16), q_len=45, bias="qrow"),
     Case(dtype=torch.float16, pattern="mask", pattern_heads=4, bias="full"),
+    # the gather kernels through sparse_attn_func (tests/kernels/test_gather.py has the rest)
+    Case(hq=8, hkv=2, dim=16, causal=True, kernel="gather"),
+    Case(q_len=70, k_len=20, causal=True, softcap=1.5, kernel="gather"),
+    Case(pattern="messy_window", window=20, q_len=77, k_len=77, kernel="gather"),
+    Case(hq=4, hkv=2, pattern_heads=4, bias="kv", kernel="gather"),  # bias: the walker runs
 ]
 
 
@@ -129,7 +136,8 @@ def run_case(case: Case, backend: str):
     block_m, block_n = case.block
     if "attn_indices" in pattern:
         layout = bsa.build_layout(pattern["attn_indices"], case.k_len, is_causal=case.causal,
-                                  block_m=block_m, block_n=block_n)
+                                  block_m=block_m, block_n=block_n, kernel=case.kernel)
+        assert layout.kernel == case.kernel
         mask = layout.to_dense_mask()
     elif "attn_mask" in pattern:
         layout = bsa.SparseLayout.from_dense_mask(pattern["attn_mask"], is_causal=case.causal,

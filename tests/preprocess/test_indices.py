@@ -146,7 +146,7 @@ def test_preprocessing_is_linear_in_indices_not_quadratic():
     # 1 key per query at L = 2**17: a dense mask would be 16 GiB; this must stay small and fast
     q_len = 2**17
     idx = torch.arange(q_len)[None, None, :, None]
-    layout = build_layout(idx, q_len, is_causal=True, block_m=64, block_n=64)
+    layout = build_layout(idx, q_len, is_causal=True, block_m=64, block_n=64, kernel="tiles")
     assert layout.nnz == q_len
     assert layout.num_tiles == q_len // 64
     assert layout.nbytes < 4 * 2**20
