@@ -1,0 +1,104 @@
+"""Compile every kernel variant the public API launches for a Hopper GPU (sm_90), on the CPU.
+
+The interpreter runs the kernels' Python, not Triton's compiler: a kernel can pass every CPU
+test and still fail to compile (a constexpr-dead branch that does not type-check, a layout the
+backend rejects). This script, run without ``TRITON_INTERPRET`` (``tests/kernels/
+test_compile_sm90.py`` does), replaces ``JITFunction.run`` by an offline ``triton.compile`` for
+``GPUTarget("cuda", 90, 32)`` with the launch's real arguments, then drives
+``sparse_attn_func`` forward and backward through the variants on small CPU tensors (the
+kernels do not run: their outputs are garbage, only compilation is checked).
+Prints one line per compiled kernel variant and exits non-zero on the first failure.
+"""
+
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+import blocksparse_fsa as bsa
+
+TARGET = GPUTarget("cuda", 90, 32)
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+           torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8",
+           torch.bool: "i1"}
+_seen = set()
+
+
+def _type_of(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i64" if abs(value) >= 2**31 else "i32"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def compile_offline(self, *args, grid, warmup, **kwargs):
+    """Stand-in for ``JITFunction.run``: compile this launch for sm_90, launch nothing."""
+    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+    bound = dict(zip(self.arg_names, args), **kwargs)
+    signature, constexprs = {}, {}
+    for param in self.params:
+        value = bound.get(param.name, param.default)
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        else:
+            signature[param.name] = _type_of(value)
+    key = (self.fn.__name__, tuple(sorted(signature.items())),
+           tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(options.items()))
+    if key not in _seen:
+        _seen.add(key)
+        triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs),
+                       target=TARGET, options=options)
+        flags = {k: v for k, v in constexprs.items() if isinstance(v, bool) and v}
+        print(f"ok {self.fn.__name__} {options} {sorted(flags)}", flush=True)
+
+
+def variants():
+    """(name, sparse_attn_func keyword arguments, make bias?) covering every constexpr path."""
+    g = torch.Generator().manual_seed(0)
+    length = 200
+    idx = torch.randint(0, length, (1, 2, length, 16), generator=g)
+    window = (torch.arange(length)[:, None] - torch.arange(48)[None, :]).clamp(min=-1)
+    tiles = bsa.build_layout(idx, length, is_causal=True, kernel="tiles")
+    gather = bsa.build_layout(idx, length, is_causal=True, kernel="gather")
+    dilated = bsa.build_layout(window[None, None].expand(1, 2, -1, -1), length, is_causal=True,
+                               reorder=("dilation", 2))
+    yield "tiles", dict(layout=tiles), None
+    yield "tiles+softcap+lse", dict(layout=tiles, softcap=3.0, return_lse=True), None
+    yield "tiles+bias row (kv heads)", dict(layout=tiles), (1, 2, 1, length)
+    yield "tiles+bias row (q heads)", dict(layout=tiles), (1, 8, 1, length)
+    yield "tiles+bias full", dict(layout=tiles), (1, 8, length, length)
+    yield "permuted+bias", dict(layout=dilated), (1, 2, 1, length)
+    yield "gather+softcap+lse", dict(layout=gather, softcap=3.0, return_lse=True), None
+
+
+def main():
+    JITFunction.run = compile_offline
+    for dtype, dim in ((torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 256)):
+        if True:
+            for name, kwargs, bias_shape in variants():
+                q = torch.randn(1, 200, 8, dim, dtype=dtype, requires_grad=True)
+                k, v = (torch.randn(1, 200, 2, dim, dtype=dtype, requires_grad=True)
+                        for _ in range(2))
+                inputs = [q, k, v]
+                if bias_shape is not None:
+                    kwargs = dict(kwargs, attn_bias=torch.randn(bias_shape, dtype=dtype,
+                                                                requires_grad=True))
+                    inputs.append(kwargs["attn_bias"])
+                print(f"-- {name}, {dtype}, D={dim}", flush=True)
+                out = bsa.sparse_attn_func(q, k, v, backend="triton", **kwargs)
+                loss = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
+                torch.autograd.grad(loss, inputs)
+    print(f"compiled {len(_seen)} kernel variants for sm_90")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
