@@ -8,13 +8,14 @@ import numpy as np
 import torch
 
 from .preprocess import dense_to_tiles, indices_to_tiles, mask_to_tiles
-from .preprocess.device import indices_to_tiles_torch, transpose_csr_torch
+from .preprocess.device import index_range_error, indices_to_tiles_torch, transpose_csr_torch
 from .reorder import inverse
 
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 64
 _VALID_BLOCKS = (16, 32, 64, 128, 256)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_METHODS = ("auto", "numba", "torch", "triton")
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,20 +200,30 @@ class SparseLayout:
                      block_m: int | None = None, block_n: int | None = None,
                      reorder=None, method: str = "auto") -> SparseLayout:
         """See :func:`build_layout`."""
-        if method not in ("auto", "numba", "torch"):
-            raise ValueError(f"method must be 'auto', 'numba' or 'torch', got {method!r}")
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         if reorder is not None:
             _check_indices(attn_indices, k_len)
             q_perm, k_perm = _token_orders(
                 reorder, attn_indices.shape[2], k_len,
                 lambda: cls.from_indices(attn_indices, k_len, is_causal=is_causal,
-                                         block_m=block_m, block_n=block_n))
-            return _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm)
+                                         block_m=block_m, block_n=block_n, method=method))
+            return _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm,
+                             method)
         block_m, block_n = _check_blocks(block_m, block_n)
-        idx = _check_indices(attn_indices, k_len)
+        idx = _check_indices(attn_indices, k_len, check_range=False)
+        if method == "auto":
+            method = {"cpu": "numba", "cuda": "triton"}.get(idx.device.type, "torch")
+        if method != "triton":  # the Triton kernels check the range in the same pass
+            _check_range(idx, k_len)
         n_b, n_h, q_len, _ = idx.shape
         meta = (q_len, int(k_len), block_m, block_n, n_b, n_h, bool(is_causal))
-        if method == "torch" or (method == "auto" and idx.device.type != "cpu"):
+        if method == "triton":
+            from .preprocess.indices_triton import indices_to_tiles_triton
+            arrays = indices_to_tiles_triton(idx, q_len, int(k_len), bool(is_causal), block_m,
+                                             block_n)
+            return _finish(*meta, *arrays)
+        if method == "torch":
             arrays = indices_to_tiles_torch(idx, q_len, int(k_len), bool(is_causal), block_m,
                                             block_n)
             return _finish(*meta, *arrays)
@@ -304,11 +315,12 @@ def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = Fa
 
     ``attn_indices``: integer tensor ``(B|1, H|1, Lq, W)``, entries in ``[-1, k_len)``, ``-1`` =
     unused slot, duplicates count once, order within a row is free. ``is_causal`` drops every
-    index ``j > i + k_len - Lq`` (bottom-right aligned). The numba preprocessor runs on the CPU in
-    O(Lq * W) per (batch, head); the layout is returned on ``attn_indices``' device.
-    ``method``: ``"numba"`` (the CPU preprocessor), ``"torch"`` (PyTorch on the indices' device:
-    no host round trip for indices that live on the GPU; the same layout, tensor for tensor) or
-    ``"auto"`` (torch for GPU indices, numba otherwise).
+    index ``j > i + k_len - Lq`` (bottom-right aligned). Every method costs O(Lq * W) per
+    (batch, head) and returns the same layout, tensor for tensor, on ``attn_indices``' device.
+    ``method``: ``"numba"`` (the CPU preprocessor), ``"triton"`` (two Triton kernels on the
+    indices' GPU, reading the indices about once: for indices a router or top-k selector just
+    produced), ``"torch"`` (PyTorch on the indices' device, chunked: a slower fallback for any
+    device) or ``"auto"`` (triton for CUDA indices, numba for CPU ones, torch otherwise).
     ``reorder``: an optional token permutation that makes scattered patterns tile-dense, see
     :meth:`SparseLayout.reordered`.
     """
@@ -368,12 +380,13 @@ def _token_orders(reorder, q_len, k_len, unordered_layout):
                      f"{reorder!r}")
 
 
-def _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm):
+def _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm, method="auto"):
     """The layout of ``attn_indices`` with its tokens in the order ``q_perm`` / ``k_perm``."""
     from .reorder import permute_indices
     dev = attn_indices.device
     idx = permute_indices(attn_indices, k_len, is_causal, q_perm.to(dev), k_perm.to(dev))
-    layout = SparseLayout.from_indices(idx, k_len, block_m=block_m, block_n=block_n)
+    layout = SparseLayout.from_indices(idx, k_len, block_m=block_m, block_n=block_n,
+                                       method=method)
     return replace(layout, is_causal=bool(is_causal), q_perm=q_perm.to(layout.device),
                    k_perm=k_perm.to(layout.device))
 
@@ -427,8 +440,9 @@ def _check_blocks(block_m, block_n):
     return block_m, block_n
 
 
-def _check_indices(attn_indices, k_len) -> torch.Tensor:
-    """Validate ``attn_indices``; return it detached as int32 or int64, on its device."""
+def _check_indices(attn_indices, k_len, check_range=True) -> torch.Tensor:
+    """Validate ``attn_indices`` (its entries too if ``check_range``); return it detached as
+    int32 or int64, on its device."""
     if not isinstance(attn_indices, torch.Tensor):
         raise TypeError(f"attn_indices must be a torch.Tensor, got {type(attn_indices).__name__}")
     if attn_indices.dtype not in _INT_DTYPES:
@@ -441,11 +455,14 @@ def _check_indices(attn_indices, k_len) -> torch.Tensor:
     idx = attn_indices.detach()
     if idx.dtype not in (torch.int32, torch.int64):
         idx = idx.to(torch.int32)
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < -1 or hi >= k_len:
-            bad = ((idx < -1) | (idx >= k_len)).nonzero()[0].tolist()
-            value = int(idx[tuple(bad)])
-            raise ValueError(f"attn_indices must lie in [-1, k_len={k_len}); found {value} at "
-                             f"position {tuple(bad)}")
+    if check_range:
+        _check_range(idx, k_len)
     return idx
+
+
+def _check_range(idx, k_len):
+    """Entries of ``idx`` in ``[-1, k_len)`` (one read of the indices and one sync)."""
+    if idx.numel():
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()
+        if lo < -1 or hi >= k_len:
+            raise index_range_error(idx, k_len)

@@ -66,6 +66,14 @@ def indices_to_tiles_torch(idx: torch.Tensor, q_len: int, k_len: int, is_causal:
     return full_ptr, full_col, part_ptr, part_col, masks, nnz
 
 
+def index_range_error(idx: torch.Tensor, k_len: int) -> ValueError:
+    """The error for indices outside ``[-1, k_len)``, naming the first offending position."""
+    bad = ((idx < -1) | (idx >= k_len)).nonzero()[0].tolist()
+    value = int(idx[tuple(bad)])
+    return ValueError(f"attn_indices must lie in [-1, k_len={k_len}); found {value} at "
+                      f"position {tuple(bad)}")
+
+
 def transpose_csr_torch(ptr: torch.Tensor, col: torch.Tensor, n_groups: int,
                         n_rows_per_group: int, n_cols_per_group: int):
     """Query-tile CSR -> key-tile CSR, per (batch, head) group, rows ascending per column.
