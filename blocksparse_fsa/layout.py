@@ -418,7 +418,7 @@ def _finish(q_len, k_len, block_m, block_n, n_b, n_h, is_causal, full_ptr, full_
     """Add the transposed CSR and pack everything as int32 tensors, on the given tensors'
     device (the CPU after numba, the GPU for GPU indices or masks)."""
     n_qt, n_kt = -(-q_len // block_m), -(-k_len // block_n)
-    if max(int(full_ptr[-1]), int(part_ptr[-1])) >= 2**31:
+    if max(full_col.numel(), part_col.numel()) >= 2**31:  # (ptr[-1]: a device sync)
         raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
     full_ptr_t, full_row_t, _ = transpose_csr_torch(full_ptr, full_col, n_b * n_h, n_qt, n_kt)
     part_ptr_t, part_row_t, part_mask_t = transpose_csr_torch(part_ptr, part_col, n_b * n_h,

@@ -82,14 +82,15 @@ def transpose_csr_torch(ptr: torch.Tensor, col: torch.Tensor, n_groups: int,
     where ``perm[t]`` is the position in ``col`` of the t-th transposed entry.
     """
     device = ptr.device
-    n = col.numel()
+    n = col.numel()  # no device sync: sizes come from ``col``, counts from scatter_add
     row = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=device),
-                                  (ptr[1:] - ptr[:-1]).long())
+                                  (ptr[1:] - ptr[:-1]).long(), output_size=n)
     group, q_tile = row // n_rows_per_group, row % n_rows_per_group
     key = group * n_cols_per_group + col.long()
     perm = torch.sort(key, stable=True).indices  # entries come sorted by row already
     n_rows_t = n_groups * n_cols_per_group
+    counts = torch.zeros(n_rows_t, dtype=torch.long, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
     ptr_t = torch.zeros(n_rows_t + 1, dtype=torch.long, device=device)
-    if n:
-        torch.cumsum(torch.bincount(key, minlength=n_rows_t), 0, out=ptr_t[1:])
+    torch.cumsum(counts, 0, out=ptr_t[1:])
     return ptr_t, q_tile[perm].to(torch.int32), perm.to(torch.int32)

@@ -1,26 +1,26 @@
 """Per-query key indices -> tile metadata in Triton, on the indices' GPU.
 
 The same layout as the numba path (``indices.py``) and the PyTorch path (``device.py``), tensor
-for tensor, in two kernel launches with one host sync between them. A *row* is one (layout
-batch, layout head, query tile); persistent programs take rows in turn. A program reads its
-row's ``[block_m, W]`` indices in ``[block_m, CHUNK]`` chunks and ORs their bits into a bitmap
-of the row's key words, ``[block_m, SPAN]`` 32-bit words from a tile-aligned start ``wlo``
-(a *window*), kept in the program's own scratch in global memory (L2). Triton has no register
-scatter, so a chunk goes in by steps: each step takes every row's smallest word ``m`` of the
-chunk not yet merged, ORs the bits of words ``m`` and ``m + 1`` (two reductions over the
-chunk) and adds them to the scratch with one relaxed atomic OR each. A row's CHUNK=32
-consecutive keys (a window, in either order) take one step.
+for tensor, from two kernels with one host sync between them. A *row* is one (layout batch,
+layout head, query tile) with ``block_m`` queries of ``width`` index slots each; persistent
+programs take rows in turn. A program reads its row's indices in ``[block_m, CHUNK]`` chunks
+and ORs their bits into a bitmap of ``[block_m, SPAN]`` 32-bit key words starting at a
+tile-aligned word ``base`` (a *span*), kept in the program's own scratch in global memory (L2).
+Triton has no register scatter, so a chunk goes in by *steps*: each step takes every query's
+smallest word ``m`` not merged yet, ORs the bits of its words ``m`` and ``m + 1`` (reductions
+over the chunk) and adds them to the scratch with one relaxed atomic OR each. A query's 32
+consecutive keys (a sliding window, in either order) take one step.
 
-* ``indices_to_tiles_count_kernel``: places the first window on the words of the first and
-  last chunk, scans, and opens further windows below or above it for words outside; per row
-  it writes the numbers of full and partial tiles and where pass 2 should start, and adds the
-  active pairs and the out-of-range indices to global counters. A row that one window held
-  keeps its tiles, sorted, in a pool (slots taken with an atomic counter, up to a budget).
+* ``indices_to_tiles_count_kernel``: centres the first span on the words of the row's first
+  and last chunk, scans, and opens further spans below or above the covered words for indices
+  outside; per row it writes the numbers of full and partial tiles and where pass 2 starts,
+  and adds the active pairs and the out-of-range indices to global counters. A row that one
+  span held keeps its tiles, sorted, in a pool (slots from an atomic counter, up to a budget).
 * ``indices_to_tiles_write_kernel``: after a cumsum of the counts, copies pooled rows to their
-  CSR offsets and rescans the others in ascending windows from their first word.
+  CSR offsets and rescans the others in ascending spans from their first word.
 
 Memory: O(rows) counters, the programs' scratch (programs x block_m x SPAN words) and the pool
-(at most ``POOL_BYTES`` bytes): nothing of size Lq x Lk or (query tiles x key tiles).
+(at most ``POOL_BYTES``): nothing of size Lq x Lk or (query tiles x key tiles).
 """
 
 import os
@@ -32,8 +32,7 @@ import triton.language as tl
 from ..kernels import common
 from ..kernels import config as launch_config
 
-BIG = tl.constexpr(1 << 30)  # the word of an inactive index: above every real word (< 2**27)
-BAD = tl.constexpr((1 << 30) - 1)  # the word of an index outside [-1, k_len)
+BIG = tl.constexpr(1 << 30)  # no word: above every real word (< 2**27)
 POOL_BYTES = 2**28  # pass 2 rescans the rows that do not fit
 
 
@@ -57,8 +56,8 @@ def _or_rows(x, BY_BITS: tl.constexpr):
 
 @triton.jit
 def _load_chunk(row_ptr, row_ok, c0, n_cols, stride_idx_w, CHUNK: tl.constexpr):
-    """Raw indices of window columns ``[c0, c0 + CHUNK)`` below ``n_cols`` of the row's
-    queries, -1 elsewhere: ``[BLOCK_M, CHUNK]`` in the indices' dtype."""
+    """Raw indices of slots ``[c0, c0 + CHUNK)`` below ``n_cols`` of the row's queries, -1
+    elsewhere: ``[BLOCK_M, CHUNK]`` in the indices' dtype."""
     cols = c0 + tl.arange(0, CHUNK)
     ok = row_ok[:, None] & (cols < n_cols)[None, :]
     return tl.load(row_ptr[:, None] + cols[None, :].to(tl.int64) * stride_idx_w, mask=ok,
@@ -87,8 +86,9 @@ def _words(j, bound, k_len, LOG_WB: tl.constexpr):
 
 @triton.jit
 def _merge_step(rel, bit, m, bitmap_rows, SPAN: tl.constexpr, BY_BITS: tl.constexpr):
-    """OR the bits of each query's words ``m`` and ``m + 1`` (``[BLOCK_M, 1]``, window-relative)
-    into the scratch bitmap; return each query's next word (SPAN + 1 / SPAN + 2 when done)."""
+    """OR the bits of each query's words ``m`` and ``m + 1`` (``[BLOCK_M, 1]``, relative to the
+    span) into the scratch bitmap; return each query's next word (SPAN + 1 / SPAN + 2 when
+    done)."""
     lo = _or_rows(tl.where(rel == m, bit, 0), BY_BITS)  # [BLOCK_M, 1]
     hi = _or_rows(tl.where(rel == m + 1, bit, 0), BY_BITS)
     tl.atomic_or(bitmap_rows + m, lo, mask=m < SPAN, sem="relaxed")
@@ -98,45 +98,46 @@ def _merge_step(rel, bit, m, bitmap_rows, SPAN: tl.constexpr, BY_BITS: tl.conste
 
 
 @triton.jit
-def _scan_chunk(j, c0, n_cols, row_ptr, row_ok, bound, k_len, stride_idx_w, bitmap_rows, wlo,
-                lo_done, hi_done, below, above, n_bad, LOG_WB: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
-                BY_BITS: tl.constexpr):
-    """OR the words in ``[wlo, wlo + SPAN)`` of chunk ``j`` (columns ``c0...``) into the scratch
-    bitmap (``bitmap_rows``: ``[BLOCK_M, 1]`` pointers to its rows). ``[lo_done, hi_done)``: the words this and earlier windows
-    cover; ``below`` / ``above``: the largest active word under it and the smallest over it;
-    ``n_bad``: indices outside ``[-1, k_len)``."""
+def _scan_chunk(j, c0, n_cols, row_ptr, row_ok, bound, k_len, stride_idx_w, bitmap_rows, base,
+                cov_lo, cov_hi, below, above, n_bad, LOG_WB: tl.constexpr, SPAN: tl.constexpr,
+                CHUNK: tl.constexpr, BY_BITS: tl.constexpr):
+    """OR the words in ``[base, base + SPAN)`` of chunk ``j`` (slots ``c0...``) into the
+    scratch bitmap (``bitmap_rows``: ``[BLOCK_M, 1]`` pointers to its rows).
+    ``[cov_lo, cov_hi)``: the words this and earlier spans cover; ``below`` / ``above``: the
+    largest active word under it and the smallest over it; ``n_bad``: indices outside
+    ``[-1, k_len)`` (counted when the chunk has indices outside the span)."""
     j32, active, in_range = _classify(j, bound, k_len)
-    rel = (j32 >> LOG_WB) - wlo
-    # the word's place in the window; SPAN + 1: outside it, or out of range; SPAN + 2: inactive
+    rel = (j32 >> LOG_WB) - base
+    # the word's place in the span; SPAN + 1: outside it, or out of range; SPAN + 2: inactive
     rel = tl.where(active & (rel >= 0) & (rel < SPAN), rel,
                    tl.where(active | (in_range == 0), SPAN + 1, SPAN + 2))
     bit = tl.full(rel.shape, 1, tl.uint32) << (j32 & ((1 << LOG_WB) - 1)).to(tl.uint32)
     m = _merge_step(rel, bit, tl.min(rel, 1, keep_dims=True), bitmap_rows, SPAN, BY_BITS)
     low = tl.min(tl.min(m, 1), 0)
-    while low < SPAN:  # a query has more than two words of the window in this chunk
+    while low < SPAN:  # a query has more than two words of the span in this chunk
         m = _merge_step(rel, bit, m, bitmap_rows, SPAN, BY_BITS)
         low = tl.min(tl.min(m, 1), 0)
-    if low == SPAN + 1:  # active indices outside the window: reload the chunk, locate them
+    if low == SPAN + 1:  # indices outside the span: reload the chunk (rare), locate them
         word, bad = _words(_load_chunk(row_ptr, row_ok, c0, n_cols, stride_idx_w, CHUNK), bound,
                            k_len, LOG_WB)
-        below = tl.maximum(below, tl.max(tl.max(tl.where(word < lo_done, word, -1), 1), 0))
-        above = tl.minimum(above, tl.min(tl.min(tl.where(word >= hi_done, word, BIG), 1), 0))
+        below = tl.maximum(below, tl.max(tl.max(tl.where(word < cov_lo, word, -1), 1), 0))
+        above = tl.minimum(above, tl.min(tl.min(tl.where(word >= cov_hi, word, BIG), 1), 0))
         n_bad += tl.sum(tl.sum(bad.to(tl.int32), 1), 0)
     return below, above, n_bad
 
 
 @triton.jit
-def _scan_window(below, above, n_bad, bitmap_rows, row_ptr, row_ok, bound, wlo, lo_done,
-                 hi_done, c_begin, c_end, window, k_len, stride_idx_w, LOG_WB: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
-                 BY_BITS: tl.constexpr):
+def _scan_chunks(below, above, n_bad, bitmap_rows, row_ptr, row_ok, bound, base, cov_lo,
+                 cov_hi, c_begin, c_end, width, k_len, stride_idx_w, LOG_WB: tl.constexpr,
+                 SPAN: tl.constexpr, CHUNK: tl.constexpr, BY_BITS: tl.constexpr):
     """``_scan_chunk`` over chunks ``[c_begin, c_end)``, loading one chunk ahead; returns the
     updated ``below, above, n_bad``. The caller zeroes the bitmap first and reads it after."""
-    n_cols = tl.minimum(window, c_end * CHUNK)
+    n_cols = tl.minimum(width, c_end * CHUNK)
     j = _load_chunk(row_ptr, row_ok, c_begin * CHUNK, n_cols, stride_idx_w, CHUNK)
     for c in range(c_begin, c_end):
         j_next = _load_chunk(row_ptr, row_ok, (c + 1) * CHUNK, n_cols, stride_idx_w, CHUNK)
         below, above, n_bad = _scan_chunk(j, c * CHUNK, n_cols, row_ptr, row_ok, bound, k_len,
-                                          stride_idx_w, bitmap_rows, wlo, lo_done, hi_done,
+                                          stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
                                           below, above, n_bad, LOG_WB, SPAN, CHUNK,
                                           BY_BITS)
         j = j_next
@@ -146,7 +147,7 @@ def _scan_window(below, above, n_bad, bitmap_rows, row_ptr, row_ok, bound, wlo, 
 @triton.jit
 def _read_bitmap(scratch, BLOCK_M: tl.constexpr, SPAN: tl.constexpr):
     """Wait for the program's atomics, read its bitmap ``[BLOCK_M, SPAN]`` (uint32) past L1,
-    and clear it for the next window."""
+    and clear it for the next span."""
     offs = tl.arange(0, BLOCK_M)[:, None] * SPAN + tl.arange(0, SPAN)[None, :]
     tl.debug_barrier()
     acc = tl.load(scratch + offs, cache_modifier=".cg").to(tl.uint32, bitcast=True)
@@ -159,8 +160,8 @@ def _read_bitmap(scratch, BLOCK_M: tl.constexpr, SPAN: tl.constexpr):
 @triton.jit
 def _tile_flags(acc, BLOCK_M: tl.constexpr, SPAN: tl.constexpr, N_WORDS: tl.constexpr,
                 FULL_WORD: tl.constexpr):
-    """Window bitmap -> (touched, full) int32 flags per tile of the window, ``[SPAN_TILES]``.
-    A tile is full when every bit is set (rows past q_len and keys past k_len never are)."""
+    """Span bitmap -> (touched, full) int32 flags of its tiles, ``[SPAN // N_WORDS]``. A tile
+    is full when every bit is set (queries past q_len and keys past k_len never are)."""
     acc3 = tl.reshape(acc, [BLOCK_M, SPAN // N_WORDS, N_WORDS])
     touched = (tl.max(tl.max(acc3, 2), 0) != 0).to(tl.int32)
     full = (tl.min(tl.min(acc3, 2), 0) == FULL_WORD).to(tl.int32)
@@ -179,8 +180,8 @@ def _popcount(x):
 @triton.jit
 def _store_tiles(acc, touched, full, kt0, full_col_ptr, f0, part_col_ptr, masks_ptr, p0,
                  BLOCK_M: tl.constexpr, SPAN: tl.constexpr, N_WORDS: tl.constexpr):
-    """Write the window's full tiles at ``full_col[f0:]`` and its partial tiles at
-    ``part_col[p0:]`` / ``masks[p0:]``, in key-tile order (the window's first tile is ``kt0``).
+    """Write the span's full tiles at ``full_col[f0:]`` and its partial tiles at
+    ``part_col[p0:]`` / ``masks[p0:]``, in key-tile order (the span's first tile is ``kt0``).
     Returns the advanced ``(f0, p0)``."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     TILE_WORDS: tl.constexpr = BLOCK_M * N_WORDS
@@ -218,7 +219,7 @@ def _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len, causal_offset, stride_id
 def indices_to_tiles_count_kernel(
         idx_ptr, counts_ptr, start_ptr, pool_at_ptr, stats_ptr, scratch_ptr,
         pool_full_ptr, pool_part_ptr, pool_mask_ptr, pool_full_cap, pool_part_cap,
-        n_rows, heads, n_qt, q_len, k_len, window, causal_offset,
+        n_rows, heads, n_qt, q_len, k_len, width, causal_offset,
         stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_w,
         BLOCK_M: tl.constexpr, N_WORDS: tl.constexpr, LOG_NW: tl.constexpr, LOG_WB: tl.constexpr,
         FULL_WORD: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
@@ -226,7 +227,7 @@ def indices_to_tiles_count_kernel(
     """Pass 1. Persistent grid ``[programs]``, rows ``pid, pid + programs, ...``; indices
     ``(Bl, Hl, Lq, W)``, any strides. Per row: ``counts[0 / 1, row]`` = full / partial tiles,
     ``start[row]`` = the word pass 2 starts at; ``stats`` += (active pairs, out-of-range
-    indices, pool slots taken: full, partial). A row that one window held goes to the pool if
+    indices, pool slots taken: full, partial). A row that one span held goes to the pool if
     it fits: ``pool_at[0 / 1, row]`` = its first full / partial slot, else -1."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     pid = tl.program_id(0)
@@ -235,40 +236,40 @@ def indices_to_tiles_count_kernel(
     tl.store(bitmap_rows + tl.arange(0, SPAN)[None, :],
              tl.zeros([BLOCK_M, SPAN], tl.int32), cache_modifier=".cg")
     tiles_t = tl.arange(0, SPAN_TILES)
-    n_chunks = tl.cdiv(window, CHUNK)
+    n_chunks = tl.cdiv(width, CHUNK)
     nnz = tl.zeros([], tl.int64)
     n_bad = tl.zeros([], tl.int32)
     for row in range(pid, n_rows, tl.num_programs(0)):
-        row_ptr, row_ok, bound = _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len, causal_offset,
-                                            stride_idx_b, stride_idx_h, stride_idx_q, BLOCK_M,
-                                            IS_CAUSAL)
-        # First window: centred on the active words of the first and last chunks.
+        row_ptr, row_ok, bound = _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len,
+                                            causal_offset, stride_idx_b, stride_idx_h,
+                                            stride_idx_q, BLOCK_M, IS_CAUSAL)
+        # First span: centred on the active words of the first and last chunks.
         c_b = tl.maximum(n_chunks - 1, 1) * CHUNK  # nothing there when chunk 0 is the last one
-        j_a = _load_chunk(row_ptr, row_ok, 0, window, stride_idx_w, CHUNK)
-        j_b = _load_chunk(row_ptr, row_ok, c_b, window, stride_idx_w, CHUNK)
+        j_a = _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK)
+        j_b = _load_chunk(row_ptr, row_ok, c_b, width, stride_idx_w, CHUNK)
         word_a, bad_a = _words(j_a, bound, k_len, LOG_WB)
         word_b, bad_b = _words(j_b, bound, k_len, LOG_WB)
         lo = tl.minimum(tl.min(tl.min(word_a, 1), 0), tl.min(tl.min(word_b, 1), 0))
         hi = tl.maximum(tl.max(tl.max(tl.where(word_a < BIG, word_a, -1), 1), 0),
                         tl.max(tl.max(tl.where(word_b < BIG, word_b, -1), 1), 0))
-        wlo = tl.maximum(tl.minimum(lo, (lo + hi + 1) // 2 - SPAN // 2), 0)
-        wlo = tl.where(lo < BIG, (wlo >> LOG_NW) << LOG_NW, 0)
-        lo_done = wlo
-        hi_done = wlo + SPAN
+        base = tl.maximum(tl.minimum(lo, (lo + hi + 1) // 2 - SPAN // 2), 0)
+        base = tl.where(lo < BIG, (base >> LOG_NW) << LOG_NW, 0)
+        cov_lo = base
+        cov_hi = base + SPAN
         below = tl.full([], -1, tl.int32)
         above = tl.full([], BIG, tl.int32)
         tl.debug_barrier()  # the bitmap is zero
-        below, above, n_bad = _scan_chunk(j_a, 0, window, row_ptr, row_ok, bound, k_len,
-                                          stride_idx_w, bitmap_rows, wlo, lo_done, hi_done,
+        below, above, n_bad = _scan_chunk(j_a, 0, width, row_ptr, row_ok, bound, k_len,
+                                          stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
                                           below, above, n_bad, LOG_WB, SPAN, CHUNK,
                                           BY_BITS)
-        below, above, n_bad = _scan_chunk(j_b, c_b, window, row_ptr, row_ok, bound, k_len,
-                                          stride_idx_w, bitmap_rows, wlo, lo_done, hi_done,
+        below, above, n_bad = _scan_chunk(j_b, c_b, width, row_ptr, row_ok, bound, k_len,
+                                          stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
                                           below, above, n_bad, LOG_WB, SPAN, CHUNK,
                                           BY_BITS)
-        below, above, n_bad = _scan_window(below, above, n_bad, bitmap_rows, row_ptr, row_ok,
-                                           bound, wlo, lo_done, hi_done, 1, n_chunks - 1,
-                                           window, k_len, stride_idx_w, LOG_WB, SPAN,
+        below, above, n_bad = _scan_chunks(below, above, n_bad, bitmap_rows, row_ptr, row_ok,
+                                           bound, base, cov_lo, cov_hi, 1, n_chunks - 1,
+                                           width, k_len, stride_idx_w, LOG_WB, SPAN,
                                            CHUNK, BY_BITS)
         acc = _read_bitmap(scratch, BLOCK_M, SPAN)
         touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
@@ -276,40 +277,40 @@ def indices_to_tiles_count_kernel(
         n_part = tl.sum(touched, 0) - n_full
         nnz += tl.sum(tl.sum(_popcount(acc), 1), 0).to(tl.int64)
         first_t = tl.min(tl.where(touched != 0, tiles_t, SPAN_TILES), 0)
-        start = tl.where(first_t < SPAN_TILES, wlo + first_t * N_WORDS, BIG)
+        start = tl.where(first_t < SPAN_TILES, base + first_t * N_WORDS, BIG)
         slot_f = tl.full([], -1, tl.int64)
         slot_p = tl.full([], -1, tl.int64)
-        if (below < 0) & (above == BIG):  # one window held the row: pool its tiles
-            start = wlo
+        if (below < 0) & (above == BIG):  # one span held the row: pool its tiles
+            start = base
             slot_f = tl.atomic_add(stats_ptr + 2, n_full.to(tl.int64), sem="relaxed")
             slot_p = tl.atomic_add(stats_ptr + 3, n_part.to(tl.int64), sem="relaxed")
             if (slot_f + n_full <= pool_full_cap) & (slot_p + n_part <= pool_part_cap):
-                _store_tiles(acc, touched, full, wlo >> LOG_NW, pool_full_ptr, slot_f,
+                _store_tiles(acc, touched, full, base >> LOG_NW, pool_full_ptr, slot_f,
                              pool_part_ptr, pool_mask_ptr, slot_p, BLOCK_M, SPAN, N_WORDS)
             else:
                 slot_f = tl.full([], -1, tl.int64)
                 slot_p = tl.full([], -1, tl.int64)
         tl.store(pool_at_ptr + row, slot_f)
         tl.store(pool_at_ptr + n_rows + row, slot_p)
-        # More windows, below or above the words covered so far, until none is left.
+        # More spans, below or above the words covered so far, until none is left.
         while (below >= 0) | (above < BIG):
             if below >= 0:
-                wlo = (((below + N_WORDS) >> LOG_NW) << LOG_NW) - SPAN  # ends just past `below`
-                lo_done = wlo
+                base = (((below + N_WORDS) >> LOG_NW) << LOG_NW) - SPAN  # ends just past `below`
+                cov_lo = base
             else:
-                wlo = (above >> LOG_NW) << LOG_NW
-                hi_done = wlo + SPAN
-            below, above, n_bad_w = _scan_window(tl.full([], -1, tl.int32), tl.full([], BIG, tl.int32),
-                                           tl.zeros([], tl.int32), bitmap_rows, row_ptr, row_ok, bound, wlo, lo_done,
-                                           hi_done, 0, n_chunks, window, k_len, stride_idx_w,
-                                           LOG_WB, SPAN, CHUNK, BY_BITS)
+                base = (above >> LOG_NW) << LOG_NW
+                cov_hi = base + SPAN
+            below, above, n_bad_span = _scan_chunks(
+                tl.full([], -1, tl.int32), tl.full([], BIG, tl.int32), tl.zeros([], tl.int32),
+                bitmap_rows, row_ptr, row_ok, bound, base, cov_lo, cov_hi, 0, n_chunks, width,
+                k_len, stride_idx_w, LOG_WB, SPAN, CHUNK, BY_BITS)
             acc = _read_bitmap(scratch, BLOCK_M, SPAN)
             touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
             n_full += tl.sum(touched * full, 0)
             n_part += tl.sum(touched * (1 - full), 0)
             nnz += tl.sum(tl.sum(_popcount(acc), 1), 0).to(tl.int64)
             first_t = tl.min(tl.where(touched != 0, tiles_t, SPAN_TILES), 0)
-            start = tl.minimum(start, tl.where(first_t < SPAN_TILES, wlo + first_t * N_WORDS,
+            start = tl.minimum(start, tl.where(first_t < SPAN_TILES, base + first_t * N_WORDS,
                                                BIG))
         tl.store(counts_ptr + row, n_full)
         tl.store(counts_ptr + n_rows + row, n_part)
@@ -322,7 +323,7 @@ def indices_to_tiles_count_kernel(
 def indices_to_tiles_write_kernel(
         idx_ptr, full_ptr_ptr, part_ptr_ptr, start_ptr, pool_at_ptr, scratch_ptr,
         pool_full_ptr, pool_part_ptr, pool_mask_ptr, full_col_ptr, part_col_ptr, masks_ptr,
-        n_rows, heads, n_qt, q_len, k_len, window, causal_offset,
+        n_rows, heads, n_qt, q_len, k_len, width, causal_offset,
         stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_w,
         BLOCK_M: tl.constexpr, N_WORDS: tl.constexpr, LOG_NW: tl.constexpr, LOG_WB: tl.constexpr,
         FULL_WORD: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
@@ -330,7 +331,7 @@ def indices_to_tiles_write_kernel(
     """Pass 2, persistent grid ``[programs]`` as pass 1: the row's full tiles go to
     ``full_col[full_ptr[row]:]``, its partial ones to ``part_col`` / ``masks`` ``[Tp, BLOCK_M,
     N_WORDS]`` from ``part_ptr[row]``, sorted by key tile: copied from the pool, or rescanned
-    in ascending windows from ``start[row]``."""
+    in ascending spans from ``start[row]``."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     TILE_WORDS: tl.constexpr = BLOCK_M * N_WORDS
     pid = tl.program_id(0)
@@ -340,7 +341,7 @@ def indices_to_tiles_write_kernel(
              tl.zeros([BLOCK_M, SPAN], tl.int32), cache_modifier=".cg")
     t = tl.arange(0, SPAN_TILES)
     e = tl.arange(0, TILE_WORDS)
-    n_chunks = tl.cdiv(window, CHUNK)
+    n_chunks = tl.cdiv(width, CHUNK)
     for row in range(pid, n_rows, tl.num_programs(0)):
         f0 = tl.load(full_ptr_ptr + row)
         n_f = tl.load(full_ptr_ptr + row + 1) - f0
@@ -361,18 +362,19 @@ def indices_to_tiles_write_kernel(
             row_ptr, row_ok, bound = _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len,
                                                 causal_offset, stride_idx_b, stride_idx_h,
                                                 stride_idx_q, BLOCK_M, IS_CAUSAL)
-            wlo = tl.load(start_ptr + row)
+            base = tl.load(start_ptr + row)
             tl.debug_barrier()  # the bitmap is zero
-            while wlo < BIG:
-                _, above, _ = _scan_window(tl.full([], -1, tl.int32), tl.full([], BIG, tl.int32),
-                                           tl.zeros([], tl.int32), bitmap_rows, row_ptr, row_ok, bound, wlo, wlo,
-                                           wlo + SPAN, 0, n_chunks, window, k_len, stride_idx_w,
-                                           LOG_WB, SPAN, CHUNK, BY_BITS)
+            while base < BIG:
+                _, above, _ = _scan_chunks(
+                    tl.full([], -1, tl.int32), tl.full([], BIG, tl.int32),
+                    tl.zeros([], tl.int32), bitmap_rows, row_ptr, row_ok, bound, base, base,
+                    base + SPAN, 0, n_chunks, width, k_len, stride_idx_w, LOG_WB, SPAN, CHUNK,
+                    BY_BITS)
                 acc = _read_bitmap(scratch, BLOCK_M, SPAN)
                 touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
-                f0, p0 = _store_tiles(acc, touched, full, wlo >> LOG_NW, full_col_ptr, f0,
+                f0, p0 = _store_tiles(acc, touched, full, base >> LOG_NW, full_col_ptr, f0,
                                       part_col_ptr, masks_ptr, p0, BLOCK_M, SPAN, N_WORDS)
-                wlo = (above >> LOG_NW) << LOG_NW  # BIG when nothing is left
+                base = (above >> LOG_NW) << LOG_NW  # BIG when nothing is left
 
 
 def word_args(block_n: int) -> dict:
@@ -400,7 +402,7 @@ def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal
 
     Raises ``ValueError`` for an index outside ``[-1, k_len)``: the kernels count them, so the
     caller need not scan the indices first. ``config`` overrides
-    ``kernels.config.get_tiles_config``; ``pool_bytes`` caps the pool of single-window rows
+    ``kernels.config.get_tiles_config``; ``pool_bytes`` caps the pool of single-span rows
     (0: pass 2 rescans every row).
     """
     if idx.dtype not in (torch.int32, torch.int64):
@@ -408,11 +410,11 @@ def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal
     if k_len >= 2**31 - 2**15:
         raise ValueError(f"k_len={k_len} is too large for the Triton layout build")
     device = idx.device
-    n_b, n_h, _, window = idx.shape
+    n_b, n_h, _, width = idx.shape
     n_qt = -(-q_len // block_m)
     n_rows = n_b * n_h * n_qt
     n_words = -(-block_n // 32)
-    cfg = dict(config or launch_config.get_tiles_config(block_m, block_n, window,
+    cfg = dict(config or launch_config.get_tiles_config(block_m, block_n, width,
                                                          idx.element_size()))
     span, chunk, per_sm = cfg.pop("SPAN"), cfg.pop("CHUNK"), cfg.pop("programs_per_sm")
     if cfg.get("maxnreg") is None or device.type != "cuda":
@@ -438,7 +440,7 @@ def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal
     pool_full = _new_int(max(full_cap, 1), torch.int32, device)
     pool_part = _new_int(max(part_cap, 1), torch.int32, device)
     pool_mask = _new_int(max(part_cap, 1) * block_m * n_words, torch.int32, device)
-    args = dict(n_rows=n_rows, heads=n_h, n_qt=n_qt, q_len=q_len, k_len=k_len, window=window,
+    args = dict(n_rows=n_rows, heads=n_h, n_qt=n_qt, q_len=q_len, k_len=k_len, width=width,
                 causal_offset=k_len - q_len, stride_idx_b=idx.stride(0),
                 stride_idx_h=idx.stride(1), stride_idx_q=idx.stride(2),
                 stride_idx_w=idx.stride(3), BLOCK_M=block_m, **word_args(block_n), SPAN=span,
