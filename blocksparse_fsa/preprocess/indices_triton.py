@@ -127,13 +127,13 @@ def _scan_chunk(j, c0, n_cols, row_ptr, row_ok, bound, k_len, stride_idx_w, bitm
 
 
 @triton.jit
-def _scan_chunks(below, above, n_bad, bitmap_rows, row_ptr, row_ok, bound, base, cov_lo,
+def _scan_chunks(j, below, above, n_bad, bitmap_rows, row_ptr, row_ok, bound, base, cov_lo,
                  cov_hi, c_begin, c_end, width, k_len, stride_idx_w, LOG_WB: tl.constexpr,
                  SPAN: tl.constexpr, CHUNK: tl.constexpr, BY_BITS: tl.constexpr):
-    """``_scan_chunk`` over chunks ``[c_begin, c_end)``, loading one chunk ahead; returns the
-    updated ``below, above, n_bad``. The caller zeroes the bitmap first and reads it after."""
+    """``_scan_chunk`` over chunks ``[c_begin, c_end)``, loading one chunk ahead (``j``: chunk
+    ``c_begin``, which the caller loaded); returns the updated ``below, above, n_bad``. The
+    caller zeroes the bitmap first and reads it after."""
     n_cols = tl.minimum(width, c_end * CHUNK)
-    j = _load_chunk(row_ptr, row_ok, c_begin * CHUNK, n_cols, stride_idx_w, CHUNK)
     for c in range(c_begin, c_end):
         j_next = _load_chunk(row_ptr, row_ok, (c + 1) * CHUNK, n_cols, stride_idx_w, CHUNK)
         below, above, n_bad = _scan_chunk(j, c * CHUNK, n_cols, row_ptr, row_ok, bound, k_len,
@@ -247,6 +247,7 @@ def indices_to_tiles_count_kernel(
         c_b = tl.maximum(n_chunks - 1, 1) * CHUNK  # nothing there when chunk 0 is the last one
         j_a = _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK)
         j_b = _load_chunk(row_ptr, row_ok, c_b, width, stride_idx_w, CHUNK)
+        j_1 = _load_chunk(row_ptr, row_ok, CHUNK, (n_chunks - 1) * CHUNK, stride_idx_w, CHUNK)
         word_a, bad_a = _words(j_a, bound, k_len, LOG_WB)
         word_b, bad_b = _words(j_b, bound, k_len, LOG_WB)
         lo = tl.minimum(tl.min(tl.min(word_a, 1), 0), tl.min(tl.min(word_b, 1), 0))
@@ -267,10 +268,10 @@ def indices_to_tiles_count_kernel(
                                           stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
                                           below, above, n_bad, LOG_WB, SPAN, CHUNK,
                                           BY_BITS)
-        below, above, n_bad = _scan_chunks(below, above, n_bad, bitmap_rows, row_ptr, row_ok,
-                                           bound, base, cov_lo, cov_hi, 1, n_chunks - 1,
-                                           width, k_len, stride_idx_w, LOG_WB, SPAN,
-                                           CHUNK, BY_BITS)
+        below, above, n_bad = _scan_chunks(j_1, below, above, n_bad, bitmap_rows, row_ptr,
+                                           row_ok, bound, base, cov_lo, cov_hi, 1, n_chunks - 1,
+                                           width, k_len, stride_idx_w, LOG_WB, SPAN, CHUNK,
+                                           BY_BITS)
         acc = _read_bitmap(scratch, BLOCK_M, SPAN)
         touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
         n_full = tl.sum(touched * full, 0)
@@ -301,6 +302,7 @@ def indices_to_tiles_count_kernel(
                 base = (above >> LOG_NW) << LOG_NW
                 cov_hi = base + SPAN
             below, above, n_bad_span = _scan_chunks(
+                _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK),
                 tl.full([], -1, tl.int32), tl.full([], BIG, tl.int32), tl.zeros([], tl.int32),
                 bitmap_rows, row_ptr, row_ok, bound, base, cov_lo, cov_hi, 0, n_chunks, width,
                 k_len, stride_idx_w, LOG_WB, SPAN, CHUNK, BY_BITS)
@@ -366,6 +368,7 @@ def indices_to_tiles_write_kernel(
             tl.debug_barrier()  # the bitmap is zero
             while base < BIG:
                 _, above, _ = _scan_chunks(
+                    _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK),
                     tl.full([], -1, tl.int32), tl.full([], BIG, tl.int32),
                     tl.zeros([], tl.int32), bitmap_rows, row_ptr, row_ok, bound, base, base,
                     base + SPAN, 0, n_chunks, width, k_len, stride_idx_w, LOG_WB, SPAN, CHUNK,
