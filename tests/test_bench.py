@@ -289,3 +289,17 @@ def test_runner_smoke_cpu(tmp_path, monkeypatch):
     ours = [r for r in rows if r["system"] == "ours"]
     assert all(r["speedup_vs_flex"] and r["tflops"] and r["layout_ms"] for r in ours)
     assert all(r["nnz"] > 0 and 0 < r["density"] <= 1 for r in ours)
+
+
+def test_layout_build_timer_smoke(tmp_path):
+    """``benchmarks/time_layout_build.py`` end to end on the CPU (Triton interpreter): every
+    build agrees with the PyTorch one and a CSV comes out."""
+    import os
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "benchmarks/time_layout_build.py", "--device", "cpu",
+                          "--seq-len", "96", "--heads-kv", "1", "--block", "32x32", "--skip",
+                          "torch", "--out", str(tmp_path)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "MISMATCH" not in res.stdout and res.stdout.count(" ok ") == 3, res.stdout
+    assert (tmp_path / "layout_build_cpu.csv").exists()
