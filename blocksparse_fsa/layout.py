@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .preprocess import dense_to_tiles, indices_to_tiles, mask_to_tiles
-from .preprocess.device import indices_to_tiles_torch, transpose_csr_torch
+from .preprocess.device import index_range_error, indices_to_tiles_torch, transpose_csr_torch
 from .reorder import inverse
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ _KERNELS = ("auto", "tiles", "gather")
 GATHER_MAX_DENSITY = 0.1
 _VALID_BLOCKS = (16, 32, 64, 128, 256)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_METHODS = ("auto", "numba", "torch", "triton")
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,21 +219,32 @@ class SparseLayout:
         """See :func:`build_layout`."""
         if kernel not in _KERNELS:
             raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
-        if method not in ("auto", "numba", "torch"):
-            raise ValueError(f"method must be 'auto', 'numba' or 'torch', got {method!r}")
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
         if reorder is not None:
             _check_indices(attn_indices, k_len)
             q_perm, k_perm = _token_orders(
                 reorder, attn_indices.shape[2], k_len,
                 lambda: cls.from_indices(attn_indices, k_len, is_causal=is_causal,
-                                         block_m=block_m, block_n=block_n, kernel="tiles"))
-            layout = _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm)
+                                         block_m=block_m, block_n=block_n, method=method,
+                                         kernel="tiles"))
+            layout = _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm,
+                               method)
             return layout.with_kernel(kernel)  # "gather" is an error here, "auto" the walker
         block_m, block_n = _check_blocks(block_m, block_n)
-        idx = _check_indices(attn_indices, k_len)
+        idx = _check_indices(attn_indices, k_len, check_range=False)
+        if method == "auto":
+            method = {"cpu": "numba", "cuda": "triton"}.get(idx.device.type, "torch")
+        if method != "triton":  # the Triton kernels check the range in the same pass
+            _check_range(idx, k_len)
         n_b, n_h, q_len, _ = idx.shape
         meta = (q_len, int(k_len), block_m, block_n, n_b, n_h, bool(is_causal))
-        if method == "torch" or (method == "auto" and idx.device.type != "cpu"):
+        if method == "triton":
+            from .preprocess.indices_triton import indices_to_tiles_triton
+            arrays = indices_to_tiles_triton(idx, q_len, int(k_len), bool(is_causal), block_m,
+                                             block_n)
+            return _finish(*meta, *arrays)
+        if method == "torch":
             arrays = indices_to_tiles_torch(idx, q_len, int(k_len), bool(is_causal), block_m,
                                             block_n)
             return _finish(*meta, *arrays).with_kernel(kernel)
@@ -344,11 +356,12 @@ def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = Fa
 
     ``attn_indices``: integer tensor ``(B|1, H|1, Lq, W)``, entries in ``[-1, k_len)``, ``-1`` =
     unused slot, duplicates count once, order within a row is free. ``is_causal`` drops every
-    index ``j > i + k_len - Lq`` (bottom-right aligned). The numba preprocessor runs on the CPU in
-    O(Lq * W) per (batch, head); the layout is returned on ``attn_indices``' device.
-    ``method``: ``"numba"`` (the CPU preprocessor), ``"torch"`` (PyTorch on the indices' device:
-    no host round trip for indices that live on the GPU; the same layout, tensor for tensor) or
-    ``"auto"`` (torch for GPU indices, numba otherwise).
+    index ``j > i + k_len - Lq`` (bottom-right aligned). Every method costs O(Lq * W) per
+    (batch, head) and returns the same layout, tensor for tensor, on ``attn_indices``' device.
+    ``method``: ``"numba"`` (the CPU preprocessor), ``"triton"`` (two Triton kernels on the
+    indices' GPU, reading the indices about once: for indices a router or top-k selector just
+    produced), ``"torch"`` (PyTorch on the indices' device, chunked: a slower fallback for any
+    device) or ``"auto"`` (triton for CUDA indices, numba for CPU ones, torch otherwise).
     ``reorder``: an optional token permutation that makes scattered patterns tile-dense, see
     :meth:`SparseLayout.reordered`.
     ``kernel``: ``"tiles"``, ``"gather"`` or ``"auto"`` (gather for scattered patterns), see
@@ -411,13 +424,13 @@ def _token_orders(reorder, q_len, k_len, unordered_layout):
                      f"{reorder!r}")
 
 
-def _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm):
+def _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm, method="auto"):
     """The layout of ``attn_indices`` with its tokens in the order ``q_perm`` / ``k_perm``."""
     from .reorder import permute_indices
     dev = attn_indices.device
     idx = permute_indices(attn_indices, k_len, is_causal, q_perm.to(dev), k_perm.to(dev))
     layout = SparseLayout.from_indices(idx, k_len, block_m=block_m, block_n=block_n,
-                                       kernel="tiles")
+                                       method=method, kernel="tiles")
     return replace(layout, is_causal=bool(is_causal), q_perm=q_perm.to(layout.device),
                    k_perm=k_perm.to(layout.device))
 
@@ -449,7 +462,7 @@ def _finish(q_len, k_len, block_m, block_n, n_b, n_h, is_causal, full_ptr, full_
     """Add the transposed CSR and pack everything as int32 tensors, on the given tensors'
     device (the CPU after numba, the GPU for GPU indices or masks)."""
     n_qt, n_kt = -(-q_len // block_m), -(-k_len // block_n)
-    if max(int(full_ptr[-1]), int(part_ptr[-1])) >= 2**31:
+    if max(full_col.numel(), part_col.numel()) >= 2**31:  # (ptr[-1]: a device sync)
         raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
     full_ptr_t, full_row_t, _ = transpose_csr_torch(full_ptr, full_col, n_b * n_h, n_qt, n_kt)
     part_ptr_t, part_row_t, part_mask_t = transpose_csr_torch(part_ptr, part_col, n_b * n_h,
@@ -471,8 +484,9 @@ def _check_blocks(block_m, block_n):
     return block_m, block_n
 
 
-def _check_indices(attn_indices, k_len) -> torch.Tensor:
-    """Validate ``attn_indices``; return it detached as int32 or int64, on its device."""
+def _check_indices(attn_indices, k_len, check_range=True) -> torch.Tensor:
+    """Validate ``attn_indices`` (its entries too if ``check_range``); return it detached as
+    int32 or int64, on its device."""
     if not isinstance(attn_indices, torch.Tensor):
         raise TypeError(f"attn_indices must be a torch.Tensor, got {type(attn_indices).__name__}")
     if attn_indices.dtype not in _INT_DTYPES:
@@ -485,11 +499,14 @@ def _check_indices(attn_indices, k_len) -> torch.Tensor:
     idx = attn_indices.detach()
     if idx.dtype not in (torch.int32, torch.int64):
         idx = idx.to(torch.int32)
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < -1 or hi >= k_len:
-            bad = ((idx < -1) | (idx >= k_len)).nonzero()[0].tolist()
-            value = int(idx[tuple(bad)])
-            raise ValueError(f"attn_indices must lie in [-1, k_len={k_len}); found {value} at "
-                             f"position {tuple(bad)}")
+    if check_range:
+        _check_range(idx, k_len)
     return idx
+
+
+def _check_range(idx, k_len):
+    """Entries of ``idx`` in ``[-1, k_len)`` (one read of the indices and one sync)."""
+    if idx.numel():
+        lo, hi = torch.stack(torch.aminmax(idx)).tolist()
+        if lo < -1 or hi >= k_len:
+            raise index_range_error(idx, k_len)

@@ -342,3 +342,17 @@ def test_runner_user_patterns_cpu(tmp_path, monkeypatch):
     # nnz: summed over the 2 KV heads; the window's heads share one pattern
     causal_pairs = 128 * 129 // 2  # L = 128: the window covers the whole causal prefix
     assert rows[("bench_my_pattern:window_and_globals", "ours")]["nnz"] == 2 * causal_pairs
+
+
+def test_layout_build_timer_smoke(tmp_path):
+    """``benchmarks/time_layout_build.py`` end to end on the CPU (Triton interpreter): every
+    build agrees with the PyTorch one and a CSV comes out."""
+    import os
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "benchmarks/time_layout_build.py", "--device", "cpu",
+                          "--seq-len", "96", "--heads-kv", "1", "--block", "32x32", "--skip",
+                          "torch", "--out", str(tmp_path)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "MISMATCH" not in res.stdout and res.stdout.count(" ok ") == 3, res.stdout
+    assert (tmp_path / "layout_build_cpu.csv").exists()

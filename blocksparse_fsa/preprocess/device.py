@@ -66,6 +66,14 @@ def indices_to_tiles_torch(idx: torch.Tensor, q_len: int, k_len: int, is_causal:
     return full_ptr, full_col, part_ptr, part_col, masks, nnz
 
 
+def index_range_error(idx: torch.Tensor, k_len: int) -> ValueError:
+    """The error for indices outside ``[-1, k_len)``, naming the first offending position."""
+    bad = ((idx < -1) | (idx >= k_len)).nonzero()[0].tolist()
+    value = int(idx[tuple(bad)])
+    return ValueError(f"attn_indices must lie in [-1, k_len={k_len}); found {value} at "
+                      f"position {tuple(bad)}")
+
+
 def transpose_csr_torch(ptr: torch.Tensor, col: torch.Tensor, n_groups: int,
                         n_rows_per_group: int, n_cols_per_group: int):
     """Query-tile CSR -> key-tile CSR, per (batch, head) group, rows ascending per column.
@@ -74,14 +82,15 @@ def transpose_csr_torch(ptr: torch.Tensor, col: torch.Tensor, n_groups: int,
     where ``perm[t]`` is the position in ``col`` of the t-th transposed entry.
     """
     device = ptr.device
-    n = col.numel()
+    n = col.numel()  # no device sync: sizes come from ``col``, counts from scatter_add
     row = torch.repeat_interleave(torch.arange(ptr.numel() - 1, device=device),
-                                  (ptr[1:] - ptr[:-1]).long())
+                                  (ptr[1:] - ptr[:-1]).long(), output_size=n)
     group, q_tile = row // n_rows_per_group, row % n_rows_per_group
     key = group * n_cols_per_group + col.long()
     perm = torch.sort(key, stable=True).indices  # entries come sorted by row already
     n_rows_t = n_groups * n_cols_per_group
+    counts = torch.zeros(n_rows_t, dtype=torch.long, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
     ptr_t = torch.zeros(n_rows_t + 1, dtype=torch.long, device=device)
-    if n:
-        torch.cumsum(torch.bincount(key, minlength=n_rows_t), 0, out=ptr_t[1:])
+    torch.cumsum(counts, 0, out=ptr_t[1:])
     return ptr_t, q_tile[perm].to(torch.int32), perm.to(torch.int32)

@@ -117,7 +117,7 @@ def test_causal_drops_future_keys_bottom_right():
     assert layout.to_dense_mask()[0, 0].sum(1).tolist() == [3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("method", ["numba", "torch"])
+@pytest.mark.parametrize("method", ["numba", "torch", "triton"])
 def test_all_inactive_and_empty_shapes(method):
     idx = torch.full((1, 2, 40, 3), -1)
     layout = build_layout(idx, 50, block_m=16, block_n=16, method=method)

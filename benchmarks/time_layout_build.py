@@ -1,0 +1,169 @@
+"""Time the layout build from GPU indices: numba (host), PyTorch and Triton (GPU).
+
+    python benchmarks/time_layout_build.py                      # the benchmark's sliding window
+    python benchmarks/time_layout_build.py --dtype int64 --pattern topk_random
+    python benchmarks/time_layout_build.py --sweep --out benchmarks/results   # Triton configs
+
+The indices come from ``blocksparse_fsa.bench`` (``(1, Hkv, L, W)`` on the GPU, int32 there;
+``--dtype int64`` converts them). Every build is first compared with the PyTorch build, tensor
+for tensor: a mismatch is reported and not timed. GPU times are medians of
+``triton.testing.do_bench``; ``build_layout`` rows include the host sync and the transposed
+lists (``_finish``), ``tiles only`` rows are the builders alone. numba is timed with
+``time.perf_counter`` (median of 3 after a warm-up) and includes copying the indices to the
+host. ``--sweep`` adds one row per Triton launch config (tiles only) and names the fastest.
+``--device cpu`` (with ``TRITON_INTERPRET=1``, small ``--seq-len``) is a smoke test.
+"""
+
+import argparse
+import csv
+import itertools
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+import blocksparse_fsa as bsa
+from blocksparse_fsa import bench
+from blocksparse_fsa.kernels import config as launch_config
+from blocksparse_fsa.preprocess.device import indices_to_tiles_torch
+from blocksparse_fsa.preprocess.indices_triton import indices_to_tiles_triton
+
+LAYOUT_TENSORS = ["full_ptr", "full_col", "part_ptr", "part_col", "masks", "full_ptr_t",
+                  "full_row_t", "part_ptr_t", "part_row_t", "part_mask_t", "nnz"]
+TILE_NAMES = ["full_ptr", "full_col", "part_ptr", "part_col", "masks", "nnz"]
+SWEEP = dict(CHUNK=(16, 32, 64), num_warps=(4, 8), maxnreg=(None, 128, 168),
+             programs_per_sm=(4, 8))
+
+
+def first_difference(got, want):
+    """Name of the first differing tensor of two layouts or two builder outputs, or None."""
+    if isinstance(want, tuple):
+        pairs = zip(TILE_NAMES, got, want)
+    else:
+        pairs = ((n, getattr(got, n), getattr(want, n)) for n in LAYOUT_TENSORS)
+    for name, a, b in pairs:
+        same = (a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+                if isinstance(a, torch.Tensor) else a == b)
+        if not same:
+            return name
+    return None
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_ms(fn, device, runs=3):
+    fn()
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def gpu_ms(fn, device, rep=200):
+    if device != "cuda":
+        return host_ms(fn, device)
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=rep)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pattern", default="sliding_window", choices=bench.PATTERNS)
+    parser.add_argument("--seq-len", type=int, default=32768)
+    parser.add_argument("--heads-kv", type=int, default=8)
+    parser.add_argument("--block", default="64x64")
+    parser.add_argument("--dtype", default="int32", choices=["int32", "int64"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["numba", "torch"],
+                        help="builds not to time (the PyTorch build is still the reference)")
+    parser.add_argument("--sweep", action="store_true", help="time Triton launch configs")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=None, help="folder for layout_build_<gpu>.csv")
+    args = parser.parse_args()
+    device = args.device
+    block_m, block_n = map(int, args.block.split("x"))
+    pattern = bench.PATTERN_BUILDERS[args.pattern](args.seq_len, args.heads_kv, device)
+    idx = pattern.indices.to(getattr(torch, args.dtype)).contiguous()
+    length = pattern.seq_len
+    gpu = torch.cuda.get_device_name() if device == "cuda" else device
+    import triton
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    print(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}; "
+          f"{args.pattern} L={length} Hkv={args.heads_kv}, indices {tuple(idx.shape)} "
+          f"{args.dtype} ({idx.nbytes / 2**20:.0f} MiB), {block_m}x{block_n} tiles")
+
+    def build(method):
+        return bsa.build_layout(idx, length, is_causal=True, block_m=block_m, block_n=block_n,
+                                method=method)
+
+    def tiles(config=None):
+        return indices_to_tiles_triton(idx, length, length, True, block_m, block_n,
+                                       config=config)
+
+    want = build("torch")
+    want_tiles = indices_to_tiles_torch(idx, length, length, True, block_m, block_n)
+    print(f"layout: {want.num_tiles} tiles ({want.num_full_tiles} full), nnz {want.nnz}")
+    rows = []
+
+    def run(name, fn, reference, timer, **extra):
+        bad = first_difference(fn(), reference)
+        ms = None if bad else timer(fn)
+        status = f"MISMATCH in {bad}" if bad else "ok"
+        rows.append(dict(gpu=gpu, commit=commit, pattern=args.pattern, seq_len=length,
+                         dtype=args.dtype, block=args.block, method=name, ms=ms,
+                         status=status, **extra))
+        shown = f"{ms:10.3f} ms" if ms is not None else "   not timed"
+        print(f"{name:28s} {shown}  {status}  {extra or ''}", flush=True)
+        return ms
+
+    on_gpu = lambda fn: gpu_ms(fn, device)  # noqa: E731
+    run("triton build_layout", lambda: build("triton"), want, on_gpu)
+    run("triton tiles only", tiles, want_tiles, on_gpu)
+    if "torch" not in args.skip:
+        run("torch build_layout", lambda: build("torch"), want, on_gpu)
+        run("torch tiles only",
+            lambda: indices_to_tiles_torch(idx, length, length, True, block_m, block_n),
+            want_tiles, on_gpu)
+    if "numba" not in args.skip:
+        run("numba build_layout (host)", lambda: build("numba"), want,
+            lambda fn: host_ms(fn, device))
+
+    if args.sweep:
+        default = launch_config.get_tiles_config(block_m, block_n, idx.shape[-1],
+                                                 idx.element_size())
+        print(f"default Triton config: {default}")
+        timed = []
+        for values in itertools.product(*SWEEP.values()):
+            config = dict(default, **dict(zip(SWEEP, values)))
+            try:
+                ms = run("triton sweep", lambda: tiles(config), want_tiles,
+                         lambda fn: gpu_ms(fn, device, rep=50), **config)
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile or launch
+                print(f"triton sweep {config}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            if ms is not None:
+                timed.append((ms, config))
+        if timed:
+            print("fastest:", min(timed, key=lambda t: t[0]))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"layout_build_{gpu.replace(' ', '_')}.csv")
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,465 @@
+"""Per-query key indices -> tile metadata in Triton, on the indices' GPU.
+
+The same layout as the numba path (``indices.py``) and the PyTorch path (``device.py``), tensor
+for tensor, from two kernels with one host sync between them. A *row* is one (layout batch,
+layout head, query tile) with ``block_m`` queries of ``width`` index slots each; persistent
+programs take rows in turn. A program reads its row's indices in ``[block_m, CHUNK]`` chunks
+and ORs their bits into a bitmap of ``[block_m, SPAN]`` 32-bit key words starting at a
+tile-aligned word ``base`` (a *span*), kept in the program's own scratch in global memory (L2).
+Triton has no register scatter, so a chunk goes in by *steps*: each step takes every query's
+smallest word ``m`` not merged yet, ORs the bits of its words ``m`` and ``m + 1`` (reductions
+over the chunk) and adds them to the scratch with one relaxed atomic OR each. A query's 32
+consecutive keys (a sliding window, in either order) take one step.
+
+* ``indices_to_tiles_count_kernel``: centres the first span on the words of the row's first
+  and last chunk, scans, and opens further spans below or above the covered words for indices
+  outside; per row it writes the numbers of full and partial tiles and where pass 2 starts,
+  and adds the active pairs and the out-of-range indices to global counters. A row that one
+  span held keeps its tiles, sorted, in a pool (slots from an atomic counter, up to a budget).
+* ``indices_to_tiles_write_kernel``: after a cumsum of the counts, copies pooled rows to their
+  CSR offsets and rescans the others in ascending spans from their first word.
+
+Memory: O(rows) counters, the programs' scratch (programs x block_m x SPAN words) and the pool
+(at most ``POOL_BYTES``): nothing of size Lq x Lk or (query tiles x key tiles).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..kernels import common
+from ..kernels import config as launch_config
+
+BIG = tl.constexpr(1 << 30)  # no word: above every real word (< 2**27)
+POOL_BYTES = 2**28  # pass 2 rescans the rows that do not fit
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _or_rows(x, BY_BITS: tl.constexpr):
+    """OR along axis 1 of a ``[M, C]`` uint32 tensor -> ``[M, 1]``. ``BY_BITS``: the CPU
+    interpreter runs a custom reduction element by element in Python, so there it is a max per
+    bit (numpy)."""
+    if BY_BITS:
+        shifts = tl.arange(0, 32).to(tl.uint32)
+        bits = tl.max((x[:, :, None] >> shifts[None, None, :]) & 1, 1)  # [M, 32]
+        return tl.sum(bits << shifts[None, :], 1, keep_dims=True)
+    else:
+        return tl.reduce(x, 1, _or, keep_dims=True)
+
+
+@triton.jit
+def _load_chunk(row_ptr, row_ok, c0, n_cols, stride_idx_w, CHUNK: tl.constexpr):
+    """Raw indices of slots ``[c0, c0 + CHUNK)`` below ``n_cols`` of the row's queries, -1
+    elsewhere: ``[BLOCK_M, CHUNK]`` in the indices' dtype."""
+    cols = c0 + tl.arange(0, CHUNK)
+    ok = row_ok[:, None] & (cols < n_cols)[None, :]
+    return tl.load(row_ptr[:, None] + cols[None, :].to(tl.int64) * stride_idx_w, mask=ok,
+                   other=-1)
+
+
+@triton.jit
+def _classify(j, bound, k_len):
+    """Raw indices ``[BLOCK_M, CHUNK]`` -> (as int32; active: in ``[0, bound[r])``, where
+    ``bound[r]`` is one past query r's last allowed key (causal) or k_len; in ``[-1, k_len)``:
+    -1 and causally dropped keys are inactive, anything else outside is an error)."""
+    j32 = j.to(tl.int32)
+    active = j32.to(tl.uint32, bitcast=True) < bound[:, None].to(tl.uint32, bitcast=True)
+    if j.dtype == tl.int64:  # and it fits in int32
+        active = active & (j == j32)
+    return j32, active, (j >= -1) & (j < k_len)
+
+
+@triton.jit
+def _words(j, bound, k_len, LOG_WB: tl.constexpr):
+    """Raw indices -> (key word, BIG unless the index is active; whether it lies outside
+    ``[-1, k_len)``)."""
+    j32, active, in_range = _classify(j, bound, k_len)
+    return tl.where(active, j32 >> LOG_WB, BIG), in_range == 0
+
+
+@triton.jit
+def _merge_step(rel, bit, m, bitmap_rows, SPAN: tl.constexpr, BY_BITS: tl.constexpr):
+    """OR the bits of each query's words ``m`` and ``m + 1`` (``[BLOCK_M, 1]``, relative to the
+    span) into the scratch bitmap; return each query's next word (SPAN + 1 / SPAN + 2 when
+    done)."""
+    lo = _or_rows(tl.where(rel == m, bit, 0), BY_BITS)  # [BLOCK_M, 1]
+    hi = _or_rows(tl.where(rel == m + 1, bit, 0), BY_BITS)
+    tl.atomic_or(bitmap_rows + m, lo, mask=m < SPAN, sem="relaxed")
+    tl.atomic_or(bitmap_rows + m + 1, hi, mask=(m < SPAN) & (hi != 0), sem="relaxed")
+    m_next = tl.min(tl.where(rel > m + 1, rel, SPAN + 2), 1, keep_dims=True)
+    return tl.where(m < SPAN, m_next, m)
+
+
+@triton.jit
+def _scan_chunk(j, c0, n_cols, row_ptr, row_ok, bound, k_len, stride_idx_w, bitmap_rows, base,
+                cov_lo, cov_hi, below, above, n_bad, LOG_WB: tl.constexpr, SPAN: tl.constexpr,
+                CHUNK: tl.constexpr, BY_BITS: tl.constexpr):
+    """OR the words in ``[base, base + SPAN)`` of chunk ``j`` (slots ``c0...``) into the
+    scratch bitmap (``bitmap_rows``: ``[BLOCK_M, 1]`` pointers to its rows).
+    ``[cov_lo, cov_hi)``: the words this and earlier spans cover; ``below`` / ``above``: the
+    largest active word under it and the smallest over it; ``n_bad``: indices outside
+    ``[-1, k_len)`` (counted when the chunk has indices outside the span)."""
+    j32, active, in_range = _classify(j, bound, k_len)
+    rel = (j32 >> LOG_WB) - base
+    # the word's place in the span; SPAN + 1: outside it, or out of range; SPAN + 2: inactive
+    rel = tl.where(active & (rel >= 0) & (rel < SPAN), rel,
+                   tl.where(active | (in_range == 0), SPAN + 1, SPAN + 2))
+    bit = tl.full(rel.shape, 1, tl.uint32) << (j32 & ((1 << LOG_WB) - 1)).to(tl.uint32)
+    m = _merge_step(rel, bit, tl.min(rel, 1, keep_dims=True), bitmap_rows, SPAN, BY_BITS)
+    low = tl.min(tl.min(m, 1), 0)
+    while low < SPAN:  # a query has more than two words of the span in this chunk
+        m = _merge_step(rel, bit, m, bitmap_rows, SPAN, BY_BITS)
+        low = tl.min(tl.min(m, 1), 0)
+    if low == SPAN + 1:  # indices outside the span: reload the chunk (rare), locate them
+        word, bad = _words(_load_chunk(row_ptr, row_ok, c0, n_cols, stride_idx_w, CHUNK), bound,
+                           k_len, LOG_WB)
+        below = tl.maximum(below, tl.max(tl.max(tl.where(word < cov_lo, word, -1), 1), 0))
+        above = tl.minimum(above, tl.min(tl.min(tl.where(word >= cov_hi, word, BIG), 1), 0))
+        n_bad += tl.sum(tl.sum(bad.to(tl.int32), 1), 0)
+    return below, above, n_bad
+
+
+@triton.jit
+def _scan_chunks(j, below, above, n_bad, bitmap_rows, row_ptr, row_ok, bound, base, cov_lo,
+                 cov_hi, c_begin, c_end, width, k_len, stride_idx_w, LOG_WB: tl.constexpr,
+                 SPAN: tl.constexpr, CHUNK: tl.constexpr, BY_BITS: tl.constexpr):
+    """``_scan_chunk`` over chunks ``[c_begin, c_end)``, loading one chunk ahead (``j``: chunk
+    ``c_begin``, which the caller loaded); returns the updated ``below, above, n_bad``. The
+    caller zeroes the bitmap first and reads it after."""
+    n_cols = tl.minimum(width, c_end * CHUNK)
+    for c in range(c_begin, c_end):
+        j_next = _load_chunk(row_ptr, row_ok, (c + 1) * CHUNK, n_cols, stride_idx_w, CHUNK)
+        below, above, n_bad = _scan_chunk(j, c * CHUNK, n_cols, row_ptr, row_ok, bound, k_len,
+                                          stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
+                                          below, above, n_bad, LOG_WB, SPAN, CHUNK,
+                                          BY_BITS)
+        j = j_next
+    return below, above, n_bad
+
+
+@triton.jit
+def _read_bitmap(scratch, BLOCK_M: tl.constexpr, SPAN: tl.constexpr):
+    """Wait for the program's atomics, read its bitmap ``[BLOCK_M, SPAN]`` (uint32) past L1,
+    and clear it for the next span."""
+    offs = tl.arange(0, BLOCK_M)[:, None] * SPAN + tl.arange(0, SPAN)[None, :]
+    tl.debug_barrier()
+    acc = tl.load(scratch + offs, cache_modifier=".cg").to(tl.uint32, bitcast=True)
+    tl.debug_barrier()
+    tl.store(scratch + offs, tl.zeros([BLOCK_M, SPAN], tl.int32), cache_modifier=".cg")
+    tl.debug_barrier()
+    return acc
+
+
+@triton.jit
+def _tile_flags(acc, BLOCK_M: tl.constexpr, SPAN: tl.constexpr, N_WORDS: tl.constexpr,
+                FULL_WORD: tl.constexpr):
+    """Span bitmap -> (touched, full) int32 flags of its tiles, ``[SPAN // N_WORDS]``. A tile
+    is full when every bit is set (queries past q_len and keys past k_len never are)."""
+    acc3 = tl.reshape(acc, [BLOCK_M, SPAN // N_WORDS, N_WORDS])
+    touched = (tl.max(tl.max(acc3, 2), 0) != 0).to(tl.int32)
+    full = (tl.min(tl.min(acc3, 2), 0) == FULL_WORD).to(tl.int32)
+    return touched, full
+
+
+@triton.jit
+def _popcount(x):
+    """Set bits of each uint32 word."""
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return (x * 0x01010101) >> 24
+
+
+@triton.jit
+def _store_tiles(acc, touched, full, kt0, full_col_ptr, f0, part_col_ptr, masks_ptr, p0,
+                 BLOCK_M: tl.constexpr, SPAN: tl.constexpr, N_WORDS: tl.constexpr):
+    """Write the span's full tiles at ``full_col[f0:]`` and its partial tiles at
+    ``part_col[p0:]`` / ``masks[p0:]``, in key-tile order (the span's first tile is ``kt0``).
+    Returns the advanced ``(f0, p0)``."""
+    SPAN_TILES: tl.constexpr = SPAN // N_WORDS
+    TILE_WORDS: tl.constexpr = BLOCK_M * N_WORDS
+    is_full = touched * full
+    is_part = touched - is_full
+    f_pos = f0 + tl.cumsum(is_full, 0) - is_full  # [SPAN_TILES]
+    p_pos = p0 + tl.cumsum(is_part, 0) - is_part
+    kt = kt0 + tl.arange(0, SPAN_TILES)
+    tl.store(full_col_ptr + f_pos, kt, mask=is_full != 0)
+    tl.store(part_col_ptr + p_pos, kt, mask=is_part != 0)
+    tiles = tl.permute(tl.reshape(acc, [BLOCK_M, SPAN_TILES, N_WORDS]), (1, 0, 2))
+    tiles = tl.reshape(tiles, [SPAN_TILES, TILE_WORDS])  # tile t's words, row-major
+    offs = p_pos[:, None].to(tl.int64) * TILE_WORDS + tl.arange(0, TILE_WORDS)[None, :]
+    tl.store(masks_ptr + offs, tiles.to(tl.int32, bitcast=True), mask=(is_part != 0)[:, None])
+    return f0 + tl.sum(is_full, 0), p0 + tl.sum(is_part, 0)
+
+
+@triton.jit
+def _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len, causal_offset, stride_idx_b,
+               stride_idx_h, stride_idx_q, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """Pointers to the row's queries' indices ``[BLOCK_M]``, which queries exist, and one past
+    each query's last allowed key."""
+    group = row // n_qt
+    offs_m = (row % n_qt) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ptr = (idx_ptr + (group // heads).to(tl.int64) * stride_idx_b
+               + (group % heads).to(tl.int64) * stride_idx_h
+               + offs_m.to(tl.int64) * stride_idx_q)
+    bound = tl.full([BLOCK_M], k_len, tl.int32)
+    if IS_CAUSAL:
+        bound = tl.maximum(tl.minimum(bound, offs_m + causal_offset + 1), 0)
+    return row_ptr, offs_m < q_len, bound
+
+
+@triton.jit
+def indices_to_tiles_count_kernel(
+        idx_ptr, counts_ptr, start_ptr, pool_at_ptr, stats_ptr, scratch_ptr,
+        pool_full_ptr, pool_part_ptr, pool_mask_ptr, pool_full_cap, pool_part_cap,
+        n_rows, heads, n_qt, q_len, k_len, width, causal_offset,
+        stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_w,
+        BLOCK_M: tl.constexpr, N_WORDS: tl.constexpr, LOG_NW: tl.constexpr, LOG_WB: tl.constexpr,
+        FULL_WORD: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, BY_BITS: tl.constexpr):
+    """Pass 1. Persistent grid ``[programs]``, rows ``pid, pid + programs, ...``; indices
+    ``(Bl, Hl, Lq, W)``, any strides. Per row: ``counts[0 / 1, row]`` = full / partial tiles,
+    ``start[row]`` = the word pass 2 starts at; ``stats`` += (active pairs, out-of-range
+    indices, pool slots taken: full, partial). A row that one span held goes to the pool if
+    it fits: ``pool_at[0 / 1, row]`` = its first full / partial slot, else -1."""
+    SPAN_TILES: tl.constexpr = SPAN // N_WORDS
+    pid = tl.program_id(0)
+    scratch = scratch_ptr + pid.to(tl.int64) * (BLOCK_M * SPAN)
+    bitmap_rows = scratch + tl.arange(0, BLOCK_M)[:, None] * SPAN  # [BLOCK_M, 1]
+    tl.store(bitmap_rows + tl.arange(0, SPAN)[None, :],
+             tl.zeros([BLOCK_M, SPAN], tl.int32), cache_modifier=".cg")
+    tiles_t = tl.arange(0, SPAN_TILES)
+    n_chunks = tl.cdiv(width, CHUNK)
+    nnz = tl.zeros([], tl.int64)
+    n_bad = tl.zeros([], tl.int32)
+    for row in range(pid, n_rows, tl.num_programs(0)):
+        row_ptr, row_ok, bound = _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len,
+                                            causal_offset, stride_idx_b, stride_idx_h,
+                                            stride_idx_q, BLOCK_M, IS_CAUSAL)
+        # First span: centred on the active words of the first and last chunks.
+        c_b = tl.maximum(n_chunks - 1, 1) * CHUNK  # nothing there when chunk 0 is the last one
+        j_a = _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK)
+        j_b = _load_chunk(row_ptr, row_ok, c_b, width, stride_idx_w, CHUNK)
+        j_1 = _load_chunk(row_ptr, row_ok, CHUNK, (n_chunks - 1) * CHUNK, stride_idx_w, CHUNK)
+        word_a, bad_a = _words(j_a, bound, k_len, LOG_WB)
+        word_b, bad_b = _words(j_b, bound, k_len, LOG_WB)
+        lo = tl.minimum(tl.min(tl.min(word_a, 1), 0), tl.min(tl.min(word_b, 1), 0))
+        hi = tl.maximum(tl.max(tl.max(tl.where(word_a < BIG, word_a, -1), 1), 0),
+                        tl.max(tl.max(tl.where(word_b < BIG, word_b, -1), 1), 0))
+        base = tl.maximum(tl.minimum(lo, (lo + hi + 1) // 2 - SPAN // 2), 0)
+        base = tl.where(lo < BIG, (base >> LOG_NW) << LOG_NW, 0)
+        cov_lo = base
+        cov_hi = base + SPAN
+        below = tl.full([], -1, tl.int32)
+        above = tl.full([], BIG, tl.int32)
+        tl.debug_barrier()  # the bitmap is zero
+        below, above, n_bad = _scan_chunk(j_a, 0, width, row_ptr, row_ok, bound, k_len,
+                                          stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
+                                          below, above, n_bad, LOG_WB, SPAN, CHUNK,
+                                          BY_BITS)
+        below, above, n_bad = _scan_chunk(j_b, c_b, width, row_ptr, row_ok, bound, k_len,
+                                          stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
+                                          below, above, n_bad, LOG_WB, SPAN, CHUNK,
+                                          BY_BITS)
+        below, above, n_bad = _scan_chunks(j_1, below, above, n_bad, bitmap_rows, row_ptr,
+                                           row_ok, bound, base, cov_lo, cov_hi, 1, n_chunks - 1,
+                                           width, k_len, stride_idx_w, LOG_WB, SPAN, CHUNK,
+                                           BY_BITS)
+        acc = _read_bitmap(scratch, BLOCK_M, SPAN)
+        touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
+        n_full = tl.sum(touched * full, 0)
+        n_part = tl.sum(touched, 0) - n_full
+        nnz += tl.sum(tl.sum(_popcount(acc), 1), 0).to(tl.int64)
+        first_t = tl.min(tl.where(touched != 0, tiles_t, SPAN_TILES), 0)
+        start = tl.where(first_t < SPAN_TILES, base + first_t * N_WORDS, BIG)
+        slot_f = tl.full([], -1, tl.int64)
+        slot_p = tl.full([], -1, tl.int64)
+        if (below < 0) & (above == BIG):  # one span held the row: pool its tiles
+            start = base
+            slot_f = tl.atomic_add(stats_ptr + 2, n_full.to(tl.int64), sem="relaxed")
+            slot_p = tl.atomic_add(stats_ptr + 3, n_part.to(tl.int64), sem="relaxed")
+            if (slot_f + n_full <= pool_full_cap) & (slot_p + n_part <= pool_part_cap):
+                _store_tiles(acc, touched, full, base >> LOG_NW, pool_full_ptr, slot_f,
+                             pool_part_ptr, pool_mask_ptr, slot_p, BLOCK_M, SPAN, N_WORDS)
+            else:
+                slot_f = tl.full([], -1, tl.int64)
+                slot_p = tl.full([], -1, tl.int64)
+        tl.store(pool_at_ptr + row, slot_f)
+        tl.store(pool_at_ptr + n_rows + row, slot_p)
+        # More spans, below or above the words covered so far, until none is left.
+        while (below >= 0) | (above < BIG):
+            if below >= 0:
+                base = (((below + N_WORDS) >> LOG_NW) << LOG_NW) - SPAN  # ends just past `below`
+                cov_lo = base
+            else:
+                base = (above >> LOG_NW) << LOG_NW
+                cov_hi = base + SPAN
+            below, above, n_bad_span = _scan_chunks(
+                _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK),
+                tl.full([], -1, tl.int32), tl.full([], BIG, tl.int32), tl.zeros([], tl.int32),
+                bitmap_rows, row_ptr, row_ok, bound, base, cov_lo, cov_hi, 0, n_chunks, width,
+                k_len, stride_idx_w, LOG_WB, SPAN, CHUNK, BY_BITS)
+            acc = _read_bitmap(scratch, BLOCK_M, SPAN)
+            touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
+            n_full += tl.sum(touched * full, 0)
+            n_part += tl.sum(touched * (1 - full), 0)
+            nnz += tl.sum(tl.sum(_popcount(acc), 1), 0).to(tl.int64)
+            first_t = tl.min(tl.where(touched != 0, tiles_t, SPAN_TILES), 0)
+            start = tl.minimum(start, tl.where(first_t < SPAN_TILES, base + first_t * N_WORDS,
+                                               BIG))
+        tl.store(counts_ptr + row, n_full)
+        tl.store(counts_ptr + n_rows + row, n_part)
+        tl.store(start_ptr + row, start)
+    tl.atomic_add(stats_ptr, nnz, sem="relaxed")
+    tl.atomic_add(stats_ptr + 1, n_bad.to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def indices_to_tiles_write_kernel(
+        idx_ptr, full_ptr_ptr, part_ptr_ptr, start_ptr, pool_at_ptr, scratch_ptr,
+        pool_full_ptr, pool_part_ptr, pool_mask_ptr, full_col_ptr, part_col_ptr, masks_ptr,
+        n_rows, heads, n_qt, q_len, k_len, width, causal_offset,
+        stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_w,
+        BLOCK_M: tl.constexpr, N_WORDS: tl.constexpr, LOG_NW: tl.constexpr, LOG_WB: tl.constexpr,
+        FULL_WORD: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
+        IS_CAUSAL: tl.constexpr, BY_BITS: tl.constexpr):
+    """Pass 2, persistent grid ``[programs]`` as pass 1: the row's full tiles go to
+    ``full_col[full_ptr[row]:]``, its partial ones to ``part_col`` / ``masks`` ``[Tp, BLOCK_M,
+    N_WORDS]`` from ``part_ptr[row]``, sorted by key tile: copied from the pool, or rescanned
+    in ascending spans from ``start[row]``."""
+    SPAN_TILES: tl.constexpr = SPAN // N_WORDS
+    TILE_WORDS: tl.constexpr = BLOCK_M * N_WORDS
+    pid = tl.program_id(0)
+    scratch = scratch_ptr + pid.to(tl.int64) * (BLOCK_M * SPAN)
+    bitmap_rows = scratch + tl.arange(0, BLOCK_M)[:, None] * SPAN  # [BLOCK_M, 1]
+    tl.store(bitmap_rows + tl.arange(0, SPAN)[None, :],
+             tl.zeros([BLOCK_M, SPAN], tl.int32), cache_modifier=".cg")
+    t = tl.arange(0, SPAN_TILES)
+    e = tl.arange(0, TILE_WORDS)
+    n_chunks = tl.cdiv(width, CHUNK)
+    for row in range(pid, n_rows, tl.num_programs(0)):
+        f0 = tl.load(full_ptr_ptr + row)
+        n_f = tl.load(full_ptr_ptr + row + 1) - f0
+        p0 = tl.load(part_ptr_ptr + row)
+        n_p = tl.load(part_ptr_ptr + row + 1) - p0
+        slot_f = tl.load(pool_at_ptr + row)
+        slot_p = tl.load(pool_at_ptr + n_rows + row)
+        if slot_f >= 0:
+            tl.store(full_col_ptr + f0 + t, tl.load(pool_full_ptr + slot_f + t, mask=t < n_f),
+                     mask=t < n_f)
+            tl.store(part_col_ptr + p0 + t, tl.load(pool_part_ptr + slot_p + t, mask=t < n_p),
+                     mask=t < n_p)
+            src = pool_mask_ptr + (slot_p + t)[:, None] * TILE_WORDS + e[None, :]
+            words = tl.load(src, mask=(t < n_p)[:, None])  # [SPAN_TILES, TILE_WORDS]
+            dst = masks_ptr + (p0 + t)[:, None] * TILE_WORDS + e[None, :]
+            tl.store(dst, words, mask=(t < n_p)[:, None])
+        elif n_f + n_p > 0:
+            row_ptr, row_ok, bound = _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len,
+                                                causal_offset, stride_idx_b, stride_idx_h,
+                                                stride_idx_q, BLOCK_M, IS_CAUSAL)
+            base = tl.load(start_ptr + row)
+            tl.debug_barrier()  # the bitmap is zero
+            while base < BIG:
+                _, above, _ = _scan_chunks(
+                    _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK),
+                    tl.full([], -1, tl.int32), tl.full([], BIG, tl.int32),
+                    tl.zeros([], tl.int32), bitmap_rows, row_ptr, row_ok, bound, base, base,
+                    base + SPAN, 0, n_chunks, width, k_len, stride_idx_w, LOG_WB, SPAN, CHUNK,
+                    BY_BITS)
+                acc = _read_bitmap(scratch, BLOCK_M, SPAN)
+                touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
+                f0, p0 = _store_tiles(acc, touched, full, base >> LOG_NW, full_col_ptr, f0,
+                                      part_col_ptr, masks_ptr, p0, BLOCK_M, SPAN, N_WORDS)
+                base = (above >> LOG_NW) << LOG_NW  # BIG when nothing is left
+
+
+def word_args(block_n: int) -> dict:
+    """How a tile row's key bits sit in words: 32 bits a word (16 at ``block_n`` 16),
+    ``N_WORDS`` words a tile row, and the value of a word whose keys are all active."""
+    bits = min(block_n, 32)
+    n_words = block_n // bits
+    return dict(N_WORDS=n_words, LOG_NW=n_words.bit_length() - 1, LOG_WB=bits.bit_length() - 1,
+                FULL_WORD=(1 << bits) - 1)
+
+
+def _new_int(shape, dtype, device):
+    """``torch.empty`` for integer outputs, filled with a poison value under the tests'
+    ``POISON_OUTPUTS`` so that an entry a kernel forgot to write fails the comparison."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(-0x7A5A5A5A) if common.POISON_OUTPUTS else t
+
+
+def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: bool,
+                            block_m: int, block_n: int, *, pool_bytes: int = POOL_BYTES,
+                            config: dict | None = None):
+    """``(Bl, Hl, Lq, W)`` int32/int64 indices (any strides) -> ``full_ptr, full_col, part_ptr,
+    part_col, masks, nnz`` exactly as ``indices_to_tiles_torch`` gives them (pointers int64,
+    columns and masks int32, ``nnz`` an int), on ``idx.device``.
+
+    Raises ``ValueError`` for an index outside ``[-1, k_len)``: the kernels count them, so the
+    caller need not scan the indices first. ``config`` overrides
+    ``kernels.config.get_tiles_config``; ``pool_bytes`` caps the pool of single-span rows
+    (0: pass 2 rescans every row).
+    """
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {idx.dtype}")
+    if k_len >= 2**31 - 2**15:
+        raise ValueError(f"k_len={k_len} is too large for the Triton layout build")
+    device = idx.device
+    n_b, n_h, _, width = idx.shape
+    n_qt = -(-q_len // block_m)
+    n_rows = n_b * n_h * n_qt
+    n_words = -(-block_n // 32)
+    cfg = dict(config or launch_config.get_tiles_config(block_m, block_n, width,
+                                                         idx.element_size()))
+    span, chunk, per_sm = cfg.pop("SPAN"), cfg.pop("CHUNK"), cfg.pop("programs_per_sm")
+    if cfg.get("maxnreg") is None or device.type != "cuda":
+        cfg.pop("maxnreg", None)
+    ptrs = torch.zeros(2, n_rows + 1, dtype=torch.int64, device=device)
+    if n_rows == 0:
+        empty = torch.zeros(0, dtype=torch.int32, device=device)
+        return (ptrs[0], empty, ptrs[1], empty,
+                torch.zeros(0, block_m, n_words, dtype=torch.int32, device=device), 0)
+    if device.type == "cuda":
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        n_programs = min(n_rows, per_sm * n_sm)
+    else:  # the CPU interpreter runs programs one after the other
+        n_programs = min(n_rows, 3)
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    part_cap = min(n_rows * (span // n_words), pool_bytes // (4 * block_m * n_words))
+    full_cap = min(n_rows * (span // n_words), pool_bytes // 4) if part_cap else 0
+    counts = _new_int((2, n_rows), torch.int32, device)
+    start = _new_int(n_rows, torch.int32, device)
+    pool_at = _new_int((2, n_rows), torch.int64, device)
+    stats = torch.zeros(4, dtype=torch.int64, device=device)  # pairs, bad, pool slots f / p
+    scratch = torch.empty(n_programs * block_m * span, dtype=torch.int32, device=device)
+    pool_full = _new_int(max(full_cap, 1), torch.int32, device)
+    pool_part = _new_int(max(part_cap, 1), torch.int32, device)
+    pool_mask = _new_int(max(part_cap, 1) * block_m * n_words, torch.int32, device)
+    args = dict(n_rows=n_rows, heads=n_h, n_qt=n_qt, q_len=q_len, k_len=k_len, width=width,
+                causal_offset=k_len - q_len, stride_idx_b=idx.stride(0),
+                stride_idx_h=idx.stride(1), stride_idx_q=idx.stride(2),
+                stride_idx_w=idx.stride(3), BLOCK_M=block_m, **word_args(block_n), SPAN=span,
+                CHUNK=chunk, IS_CAUSAL=bool(is_causal), BY_BITS=interpret, **cfg)
+    indices_to_tiles_count_kernel[(n_programs,)](
+        idx, counts, start, pool_at, stats, scratch, pool_full, pool_part, pool_mask,
+        pool_full_cap=full_cap, pool_part_cap=part_cap, **args)
+    torch.cumsum(counts, 1, out=ptrs[:, 1:])
+    n_full, n_part, nnz, n_bad = torch.cat([ptrs[:, -1], stats[:2]]).tolist()  # the one sync
+    if n_bad:
+        from .device import index_range_error
+        raise index_range_error(idx, k_len)
+    full_col = _new_int(n_full, torch.int32, device)
+    part_col = _new_int(n_part, torch.int32, device)
+    masks = _new_int((n_part, block_m, n_words), torch.int32, device)
+    indices_to_tiles_write_kernel[(n_programs,)](
+        idx, ptrs[0], ptrs[1], start, pool_at, scratch, pool_full, pool_part, pool_mask,
+        full_col, part_col, masks, **args)
+    return ptrs[0], full_col, ptrs[1], part_col, masks, nnz

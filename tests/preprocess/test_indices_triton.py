@@ -1,0 +1,190 @@
+"""The Triton layout build (``preprocess/indices_triton.py``) against the numba and PyTorch
+builds: the same tensors, exactly. CPU tests run the kernels under the Triton interpreter."""
+
+import numpy as np
+import pytest
+import torch
+
+from blocksparse_fsa import build_layout
+from blocksparse_fsa.preprocess.device import indices_to_tiles_torch
+from blocksparse_fsa.preprocess.indices import indices_to_tiles
+from blocksparse_fsa.preprocess.indices_triton import indices_to_tiles_triton
+
+from ..conftest import HAS_CUDA, INTERPRET
+from .test_indices import LAYOUT_TENSORS, check_layout_invariants, random_indices
+
+pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET),
+                                reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+NAMES = ["full_ptr", "full_col", "part_ptr", "part_col", "masks"]
+
+
+def assert_same_tiles(got, want, label=""):
+    """Raw builder outputs equal, dtype included; on failure name the first differing row."""
+    for name, g, w in zip(NAMES, got, want):
+        g, w = g.cpu(), w.cpu()
+        assert g.dtype == w.dtype, f"{label} {name}: dtype {g.dtype} != {w.dtype}"
+        if g.shape != w.shape or not torch.equal(g, w):
+            ptr = want[0 if name.startswith("full") else 2].cpu()
+            rows = torch.arange(ptr.numel() - 1)
+            if name.endswith("ptr"):
+                bad = (g != w).nonzero()[0].item() if g.shape == w.shape else -1
+                raise AssertionError(f"{label} {name} differs from row {bad}: got {g[:12]} "
+                                     f"want {w[:12]} (shapes {tuple(g.shape)}, "
+                                     f"{tuple(w.shape)})")
+            first = (g != w).reshape(g.shape[0], -1).any(1).nonzero()[0].item() \
+                if g.shape == w.shape else 0
+            row = int(rows[(ptr[1:] > first)][0]) if ptr[-1] > first else -1
+            raise AssertionError(f"{label} {name}: first difference at entry {first} (row {row}): "
+                                 f"got {g[first].tolist()}, want {w[first].tolist()}")
+    assert got[5] == want[5], f"{label} nnz {got[5]} != {want[5]}"
+
+
+def numba_tiles(idx, q_len, k_len, is_causal, block_m, block_n):
+    arrays = indices_to_tiles(np.ascontiguousarray(idx.cpu().numpy()), q_len, k_len, is_causal,
+                              block_m, block_n)
+    full_ptr, full_col, part_ptr, part_col, masks, nnz = arrays
+    return (torch.from_numpy(full_ptr), torch.from_numpy(full_col), torch.from_numpy(part_ptr),
+            torch.from_numpy(part_col), torch.from_numpy(masks).view(torch.int32), nnz)
+
+
+def check_all(idx, q_len, k_len, is_causal, block_m, block_n, **kwargs):
+    """Triton == PyTorch build == numba build."""
+    got = indices_to_tiles_triton(idx.to(DEVICE), q_len, k_len, is_causal, block_m, block_n,
+                                  **kwargs)
+    assert_same_tiles(got, indices_to_tiles_torch(idx, q_len, k_len, is_causal, block_m,
+                                                  block_n), "vs torch:")
+    want = numba_tiles(idx, q_len, k_len, is_causal, block_m, block_n)
+    want = tuple(t.long() if i in (0, 2) else t for i, t in enumerate(want[:5])) + (want[5],)
+    assert_same_tiles(got, want, "vs numba:")
+    return got
+
+
+def window(q_len, k_len, left, right=0, order="ascending", dup=False, pad_to=None, seed=0):
+    """Query i sees keys i + off - left .. i + off + right (off = k_len - q_len), clipped to
+    -1; in ascending, descending or shuffled order, optionally duplicated and -1 padded."""
+    i = torch.arange(q_len)[:, None] + (k_len - q_len)
+    idx = i + torch.arange(-left, right + 1)[None, :]
+    idx = torch.where((idx >= 0) & (idx < k_len), idx, -1)
+    if dup:
+        idx = torch.cat([idx, idx[:, ::3]], dim=1)
+    if order == "descending":
+        idx = idx.flip(1)
+    elif order == "shuffled":
+        g = torch.Generator().manual_seed(seed)
+        idx = idx[:, torch.randperm(idx.shape[1], generator=g)]
+    if pad_to is not None:
+        idx = torch.nn.functional.pad(idx, (0, pad_to - idx.shape[1]), value=-1)
+    return idx[None, None]
+
+
+BLOCK_PAIRS = [(16, 16), (16, 128), (128, 16), (32, 64), (64, 32), (64, 64), (128, 128),
+               (256, 32), (32, 256)]
+
+
+@pytest.mark.parametrize("block_m,block_n", BLOCK_PAIRS, ids=lambda b: str(b))
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(2, 1, 77, 91, 9), (1, 2, 100, 40, 23), (1, 1, 33, 130, 40)],
+                         ids=lambda s: "B{}-H{}-Lq{}-Lk{}-W{}".format(*s))
+def test_random_indices(shape, is_causal, block_m, block_n):
+    """Duplicates, unsorted rows, -1 padding, Lq > Lk and Lq < Lk, odd lengths."""
+    n_b, n_h, q_len, k_len, width = shape
+    idx = random_indices((n_b, n_h, q_len, width), k_len, seed=q_len + width + block_m)
+    idx[:, :, 5:9] = -1  # empty rows
+    check_all(idx, q_len, k_len, is_causal, block_m, block_n)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (64, 64), (16, 128), (128, 32)], ids=str)
+@pytest.mark.parametrize("case", [
+    dict(q_len=200, k_len=200, left=5),  # narrower than a tile
+    dict(q_len=200, k_len=200, left=150, order="descending", dup=True),
+    dict(q_len=130, k_len=333, left=100, right=20, order="shuffled"),
+    dict(q_len=270, k_len=150, left=70, pad_to=100),
+    dict(q_len=131, k_len=131, left=130, right=130),  # the whole sequence
+], ids=["W6", "W151-desc-dup", "Lq<Lk-shuffled", "Lq>Lk-padded", "full"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_windows(case, is_causal, block_m, block_n):
+    """Sliding windows wider and narrower than a tile, in every order."""
+    q_len, k_len = case["q_len"], case["k_len"]
+    args = {k: v for k, v in case.items() if k not in ("q_len", "k_len")}
+    check_all(window(q_len, k_len, **args), q_len, k_len, is_causal, block_m, block_n)
+
+
+@pytest.mark.parametrize("pool_bytes", [0, 2000, 2**20], ids=["no-pool", "small-pool", "pool"])
+@pytest.mark.parametrize("span,chunk", [(2, 16), (4, 32), (8, 64)], ids=lambda x: str(x))
+def test_several_windows_per_row(span, chunk, pool_bytes):
+    """Spans smaller than a row's keys: windows below and above the first one, rows that do
+    not fit the pool, and chunks whose rows take several steps."""
+    config = dict(SPAN=span, CHUNK=chunk, num_warps=4, programs_per_sm=1)
+    for order in ("ascending", "descending", "shuffled"):
+        idx = window(70, 90, left=50, right=10, order=order, dup=True)
+        check_all(idx, 70, 90, False, 32, 64, pool_bytes=pool_bytes, config=config)
+    idx = random_indices((1, 2, 40, 30), 300, seed=span)
+    check_all(idx, 40, 300, True, 16, 32, pool_bytes=pool_bytes, config=config)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.int16, torch.uint8],
+                         ids=str)
+def test_dtypes_strides_and_layout(dtype):
+    """Index dtypes, broadcast (stride 0) and sliced inputs, and the full layout through
+    ``build_layout``."""
+    base = window(90, 90, left=40, right=3, order="shuffled")
+    if dtype == torch.uint8:
+        base = base.clamp(min=0)
+    idx = base.expand(2, 3, -1, -1).to(dtype)  # stride 0 over batch and heads
+    ours = build_layout(idx.to(DEVICE), 90, is_causal=True, block_m=32, block_n=16,
+                        method="triton")
+    want = build_layout(idx, 90, is_causal=True, block_m=32, block_n=16, method="numba")
+    assert ours.nnz == want.nnz
+    for name in LAYOUT_TENSORS:
+        assert torch.equal(getattr(ours, name).cpu(), getattr(want, name)), name
+    check_layout_invariants(ours.to("cpu"))
+    if dtype in (torch.int32, torch.int64):  # a strided view, read in place
+        wide = torch.cat([base, torch.full_like(base, 7)], dim=-1).to(dtype)[..., ::2]
+        got = indices_to_tiles_triton(wide.to(DEVICE), 90, 90, False, 16, 16)
+        assert_same_tiles(got, indices_to_tiles_torch(wide, 90, 90, False, 16, 16))
+
+
+@pytest.mark.parametrize("bad", [-2, 50, 2**31 - 1, 2**32 + 3, -(2**40)])
+def test_out_of_range_index_is_an_error(bad):
+    idx = window(40, 50, left=10)
+    idx = idx.long() if abs(bad) >= 2**31 else idx.int()
+    idx[0, 0, 17, 3] = bad
+    with pytest.raises(ValueError, match=rf"found {bad} at position \(0, 0, 17, 3\)"):
+        build_layout(idx.to(DEVICE), 50, block_m=16, block_n=16, method="triton")
+
+
+def test_empty_inputs():
+    for q_len, width, k_len in ((0, 4, 10), (40, 0, 10), (40, 3, 0)):
+        idx = torch.full((1, 2, q_len, width), -1, dtype=torch.int64)
+        got = indices_to_tiles_triton(idx.to(DEVICE), q_len, k_len, True, 16, 32)
+        assert_same_tiles(got, indices_to_tiles_torch(idx, q_len, k_len, True, 16, 32))
+        layout = build_layout(idx.to(DEVICE), k_len, method="triton", block_m=16, block_n=32)
+        assert layout.num_tiles == 0 and layout.nnz == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("block_m,block_n", [(64, 64), (128, 64), (16, 256)], ids=str)
+def test_gpu_larger_patterns_match_torch(dtype, block_m, block_n):
+    """L=4096 on the GPU: the benchmark's causal sliding window (ascending, padded at the
+    start), a descending one, random top-k with duplicates; and ``auto`` picks triton."""
+    length, heads = 4096, 2
+    i = torch.arange(length, device="cuda")[:, None]
+    asc = i - 511 + torch.arange(512, device="cuda")
+    patterns = {
+        "window": torch.where(asc >= 0, asc, -1),
+        "window-desc": torch.where(asc >= 0, asc, -1).flip(-1),
+        "topk": (torch.rand(length, 700, device="cuda") * (i + 1)).long(),
+    }
+    for name, idx in patterns.items():
+        idx = idx.to(dtype)[None, None].expand(1, heads, -1, -1).contiguous()
+        got = indices_to_tiles_triton(idx, length, length, True, block_m, block_n)
+        want = indices_to_tiles_torch(idx, length, length, True, block_m, block_n)
+        assert_same_tiles(got, want, name)
+    ours = build_layout(idx, length, is_causal=True, block_m=block_m, block_n=block_n)
+    want = build_layout(idx, length, is_causal=True, block_m=block_m, block_n=block_n,
+                        method="torch")
+    for name in LAYOUT_TENSORS:
+        assert torch.equal(getattr(ours, name), getattr(want, name)), name
