@@ -25,7 +25,7 @@ import time
 import torch
 
 import blocksparse_fsa as bsa
-from blocksparse_fsa import bench
+from blocksparse_fsa import bench, bench_patterns
 from blocksparse_fsa.kernels import config as launch_config
 from blocksparse_fsa.preprocess.device import indices_to_tiles_torch
 from blocksparse_fsa.preprocess.indices_triton import indices_to_tiles_triton
@@ -90,7 +90,7 @@ def main():
     args = parser.parse_args()
     device = args.device
     block_m, block_n = map(int, args.block.split("x"))
-    pattern = bench.PATTERN_BUILDERS[args.pattern](args.seq_len, args.heads_kv, device)
+    pattern = bench_patterns.PATTERN_BUILDERS[args.pattern](args.seq_len, args.heads_kv, device)
     idx = pattern.indices.to(getattr(torch, args.dtype)).contiguous()
     length = pattern.seq_len
     gpu = torch.cuda.get_device_name() if device == "cuda" else device

@@ -243,7 +243,7 @@ class SparseLayout:
             from .preprocess.indices_triton import indices_to_tiles_triton
             arrays = indices_to_tiles_triton(idx, q_len, int(k_len), bool(is_causal), block_m,
                                              block_n)
-            return _finish(*meta, *arrays)
+            return _finish(*meta, *arrays).with_kernel(kernel)
         if method == "torch":
             arrays = indices_to_tiles_torch(idx, q_len, int(k_len), bool(is_causal), block_m,
                                             block_n)

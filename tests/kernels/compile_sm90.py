@@ -10,6 +10,7 @@ kernels do not run: their outputs are garbage, only compilation is checked).
 Prints one line per compiled kernel variant and exits non-zero on the first failure.
 """
 
+import itertools
 import sys
 
 import torch
@@ -82,21 +83,19 @@ def variants():
 
 def main():
     JITFunction.run = compile_offline
-    for dtype, dim in ((torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 256)):
-        if True:
-            for name, kwargs, bias_shape in variants():
-                q = torch.randn(1, 200, 8, dim, dtype=dtype, requires_grad=True)
-                k, v = (torch.randn(1, 200, 2, dim, dtype=dtype, requires_grad=True)
-                        for _ in range(2))
-                inputs = [q, k, v]
-                if bias_shape is not None:
-                    kwargs = dict(kwargs, attn_bias=torch.randn(bias_shape, dtype=dtype,
-                                                                requires_grad=True))
-                    inputs.append(kwargs["attn_bias"])
-                print(f"-- {name}, {dtype}, D={dim}", flush=True)
-                out = bsa.sparse_attn_func(q, k, v, backend="triton", **kwargs)
-                loss = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
-                torch.autograd.grad(loss, inputs)
+    cases = ((torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 256))
+    for (dtype, dim), (name, kwargs, bias_shape) in itertools.product(cases, variants()):
+        q = torch.randn(1, 200, 8, dim, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(1, 200, 2, dim, dtype=dtype, requires_grad=True) for _ in range(2))
+        inputs = [q, k, v]
+        if bias_shape is not None:
+            kwargs = dict(kwargs, attn_bias=torch.randn(bias_shape, dtype=dtype,
+                                                        requires_grad=True))
+            inputs.append(kwargs["attn_bias"])
+        print(f"-- {name}, {dtype}, D={dim}", flush=True)
+        out = bsa.sparse_attn_func(q, k, v, backend="triton", **kwargs)
+        loss = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
+        torch.autograd.grad(loss, inputs)
     print(f"compiled {len(_seen)} kernel variants for sm_90")
 
 
