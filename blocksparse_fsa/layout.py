@@ -18,8 +18,11 @@ if TYPE_CHECKING:
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 64
 _KERNELS = ("auto", "tiles", "gather")
-# kernel="auto" picks the gather kernels below this tile density (useful / computed pairs)
-GATHER_MAX_DENSITY = 0.1
+# kernel="auto" picks the gather forward below this tile density (useful / computed pairs).
+# Measured on an H200 (benchmarks/results/bench_gather_NVIDIA_H200_61543d8.csv, D=128,
+# L=32768): gather / walker forward = 16.7 / 25.0 ms at density 0.058, 9.0 / 3.27 ms at 0.24;
+# with the gather cost following the pairs and the walker's the tiles, both cross at ~0.087
+GATHER_MAX_DENSITY = 0.08
 _VALID_BLOCKS = (16, 32, 64, 128, 256)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _METHODS = ("auto", "numba", "torch", "triton")
@@ -295,10 +298,11 @@ class SparseLayout:
         return layout.to(device)
 
     def with_kernel(self, kernel: str) -> SparseLayout:
-        """This layout for the tile walker (``"tiles"``), the gather kernels (``"gather"``: each
+        """This layout for the tile walker (``"tiles"``), the gather forward (``"gather"``: each
         query loads its own keys, for scattered patterns; adds a :class:`GatherIndex` of 8
-        bytes per active pair) or whichever fits (``"auto"``: gather below
-        ``GATHER_MAX_DENSITY`` tile density, for layouts without a token permutation)."""
+        bytes per active pair; the backward still walks the tiles) or whichever fits
+        (``"auto"``: gather below ``GATHER_MAX_DENSITY`` tile density, for layouts without a
+        token permutation)."""
         if kernel not in _KERNELS:
             raise ValueError(f"kernel must be one of {_KERNELS}, got {kernel!r}")
         if kernel == "auto":

@@ -27,7 +27,9 @@ def loss_fn(**kwargs):
     return loss
 
 
-def check_compiled(loss, args, backend):
+def check_compiled(loss, args, backend, tol=0.0):
+    """Compiled vs eager: bit for bit with aot_eager (the same kernels and torch ops); inductor
+    may fuse the loss's own reduction differently, hence ``tol``."""
     torch._dynamo.reset()
     compiled = torch.compile(loss, backend=backend, fullgraph=True)
     inputs = [a for a in args if a is not None]
@@ -35,9 +37,9 @@ def check_compiled(loss, args, backend):
     want_grads = torch.autograd.grad(want, inputs)
     got = compiled(*args)
     got_grads = torch.autograd.grad(got, inputs)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     for name, g, w in zip(["dq", "dk", "dv", "dbias"], got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=name)
 
 
 @pytest.mark.parametrize("reorder,softcap,kernel", [(None, 0.0, "tiles"), (None, 5.0, "tiles"),
@@ -92,4 +94,4 @@ def test_per_call_pattern_is_a_graph_break():
 def test_inductor_matches_eager_on_gpu(dtype):
     q, k, v, bias, idx = inputs("cuda", dtype, batch=2, q_len=1000, hq=8, hkv=2, dim=64)
     layout = bsa.build_layout(idx, q.shape[1], is_causal=True)
-    check_compiled(loss_fn(layout=layout), (q, k, v, bias), "inductor")
+    check_compiled(loss_fn(layout=layout), (q, k, v, bias), "inductor", tol=1e-3)
