@@ -19,15 +19,17 @@ from .preprocess.device import transpose_csr_torch
 
 @dataclass(frozen=True, eq=False)
 class GatherIndex:
-    """The exact pairs of a :class:`SparseLayout`, as a CSR over query rows and its transpose.
+    """The exact pairs of a :class:`SparseLayout`, as a CSR over query rows and (optionally) its
+    transpose.
 
     A *group* is one (layout batch ``b``, layout head ``h``), numbered ``b * heads + h``, with
     the layout's broadcasting: ``batch`` is 1 or the batch size, ``heads`` 1, the number of KV
     heads or of query heads. Row ``g * q_len + i`` lists the keys of query ``i`` in group ``g``
     (ascending, unique, causality already applied); transposed row ``g * k_len + j`` lists the
-    queries that attend key ``j`` (ascending). Tokens are in the layout's kernel order (a
-    reordered layout's permuted order). Pointers are int64 (nnz may pass 2**31), entries int32.
-    Memory: 8 bytes per pair plus 8 per query and key row.
+    queries that attend key ``j`` (ascending; only ``gather_attn_bwd`` reads it). Tokens are in
+    the layout's kernel order (a reordered layout's permuted order). Pointers are int64 (nnz may
+    pass 2**31), entries int32. Memory: 4 bytes per pair plus 8 per query row, twice that with
+    the transpose.
     """
 
     q_len: int
@@ -37,8 +39,9 @@ class GatherIndex:
     is_causal: bool
     row_ptr: torch.Tensor  # [batch * heads * q_len + 1] int64 -> col
     col: torch.Tensor  # [nnz] int32 key of each pair, by query row
-    row_ptr_t: torch.Tensor  # [batch * heads * k_len + 1] int64 -> row_t
-    row_t: torch.Tensor  # [nnz] int32 query of each pair, by key row
+    row_ptr_t: torch.Tensor | None = None  # [batch * heads * k_len + 1] int64 -> row_t
+    row_t: torch.Tensor | None = None  # [nnz] int32 query of each pair, by key row
+    # (the transpose is for ``gather_attn_bwd``; a layout's index, forward only, has none)
 
     @property
     def nnz(self) -> int:
@@ -70,22 +73,30 @@ class GatherIndex:
                 f"nbytes={self.nbytes}, device={self.device})")
 
 
-def build_gather_index(layout: SparseLayout) -> GatherIndex:
+def build_gather_index(layout: SparseLayout, transposed: bool = True) -> GatherIndex:
     """The :class:`GatherIndex` of ``layout``'s exact pattern, on the layout's device.
 
     PyTorch only: ``interop.layout_csr`` decodes the tiles into the query-row CSR
-    (O(nnz + tiles * block_m) memory), then each group's pairs are transposed with one stable
-    sort (temporaries O(nnz of one group)). Build it once per batch, next to the layout.
+    (O(nnz + tiles * block_m) memory), then, if ``transposed`` (needed by ``gather_attn_bwd``
+    only), each group's pairs are transposed with one stable sort (temporaries O(nnz of one
+    group)). Build it once per batch, next to the layout.
     """
     from .interop import layout_csr
 
     if not isinstance(layout, SparseLayout):
         raise TypeError(f"layout must be a SparseLayout, got {type(layout).__name__}")
     row_ptr, col = layout_csr(layout)  # int64, keys ascending and unique per row
-    q_len, k_len, n_groups = layout.q_len, layout.k_len, layout.batch * layout.heads
-    dev = layout.device
-    row_ptr_t = torch.zeros(n_groups * k_len + 1, dtype=torch.long, device=dev)
-    row_t = torch.empty(col.numel(), dtype=torch.int32, device=dev)
+    index = GatherIndex(q_len=layout.q_len, k_len=layout.k_len, batch=layout.batch,
+                        heads=layout.heads, is_causal=layout.is_causal,
+                        row_ptr=row_ptr.contiguous(), col=col.to(torch.int32))
+    return _with_transpose(index) if transposed else index
+
+
+def _with_transpose(index: GatherIndex) -> GatherIndex:
+    q_len, k_len, n_groups = index.q_len, index.k_len, index.batch * index.heads
+    row_ptr, col = index.row_ptr, index.col
+    row_ptr_t = torch.zeros(n_groups * k_len + 1, dtype=torch.long, device=index.device)
+    row_t = torch.empty(col.numel(), dtype=torch.int32, device=index.device)
     bounds = row_ptr[::q_len].tolist() if q_len else [0] * (n_groups + 1)
     for g in range(n_groups):
         start, stop = bounds[g], bounds[g + 1]
@@ -93,9 +104,7 @@ def build_gather_index(layout: SparseLayout) -> GatherIndex:
         ptr_t, rows, _ = transpose_csr_torch(ptr, col[start:stop], 1, q_len, k_len)
         row_ptr_t[g * k_len + 1:(g + 1) * k_len + 1] = ptr_t[1:] + start
         row_t[start:stop] = rows
-    return GatherIndex(q_len=q_len, k_len=k_len, batch=layout.batch, heads=layout.heads,
-                       is_causal=layout.is_causal, row_ptr=row_ptr.contiguous(),
-                       col=col.to(torch.int32), row_ptr_t=row_ptr_t, row_t=row_t)
+    return replace(index, row_ptr_t=row_ptr_t, row_t=row_t)
 
 
 def gather_stats(layout: SparseLayout, gidx: GatherIndex | None = None, *, block_n: int = 64,
@@ -112,7 +121,7 @@ def gather_stats(layout: SparseLayout, gidx: GatherIndex | None = None, *, block
     - ``gather_slots_dkdv``: query slots dK/dV load, each key's list padded to ``block_q``;
     - ``keys_per_query_mean`` / ``_max``, ``queries_per_key_max``, ``empty_queries``.
     """
-    gidx = build_gather_index(layout) if gidx is None else gidx
+    gidx = build_gather_index(layout) if gidx is None or gidx.row_t is None else gidx
     per_q = (gidx.row_ptr[1:] - gidx.row_ptr[:-1])
     per_k = (gidx.row_ptr_t[1:] - gidx.row_ptr_t[:-1])
     slots_fwd = int((-(-per_q // block_n) * block_n).sum()) if per_q.numel() else 0

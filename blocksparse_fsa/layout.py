@@ -299,7 +299,7 @@ class SparseLayout:
 
     def with_kernel(self, kernel: str) -> SparseLayout:
         """This layout for the tile walker (``"tiles"``), the gather forward (``"gather"``: each
-        query loads its own keys, for scattered patterns; adds a :class:`GatherIndex` of 8
+        query loads its own keys, for scattered patterns; adds a :class:`GatherIndex` of 4
         bytes per active pair; the backward still walks the tiles) or whichever fits
         (``"auto"``: gather below ``GATHER_MAX_DENSITY`` tile density, for layouts without a
         token permutation)."""
@@ -316,7 +316,7 @@ class SparseLayout:
             raise ValueError("the gather kernels take layouts without a token permutation: a "
                              "reordered layout is meant for the tile walker")
         from .gather_index import build_gather_index
-        return replace(self, gather_index=build_gather_index(self))
+        return replace(self, gather_index=build_gather_index(self, transposed=False))
 
     def unordered(self) -> SparseLayout:
         """The same tiles without the token permutation (the pattern in kernel order)."""

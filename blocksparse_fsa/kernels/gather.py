@@ -286,6 +286,9 @@ def gather_attn_bwd(q, k, v, out, lse, dout, gidx, softmax_scale, softcap=0.0, d
     ``gather_attn_fwd`` (or the tile walker's forward: same layout and units); ``dlse`` its
     gradient or None. Returns ``dq, dk, dv`` like q, k, v; deterministic, no atomics."""
     _check(q, k, gidx, bias)
+    if gidx.row_t is None:
+        raise ValueError("gather_attn_bwd needs the transposed lists: "
+                         "build_gather_index(layout, transposed=True)")
     batch, q_len, num_q_heads, head_dim = q.shape
     dq = new_empty(like=q)
     lse = lse.contiguous()
