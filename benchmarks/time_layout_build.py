@@ -19,7 +19,6 @@ import csv
 import itertools
 import os
 import statistics
-import subprocess
 import time
 
 import torch
@@ -95,8 +94,7 @@ def main():
     length = pattern.seq_len
     gpu = torch.cuda.get_device_name() if device == "cuda" else device
     import triton
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = bench.git_commit()  # BSA_COMMIT on a copy of the tree without .git
     print(f"{gpu}, torch {torch.__version__}, triton {triton.__version__}, commit {commit}; "
           f"{args.pattern} L={length} Hkv={args.heads_kv}, indices {tuple(idx.shape)} "
           f"{args.dtype} ({idx.nbytes / 2**20:.0f} MiB), {block_m}x{block_n} tiles")
