@@ -15,6 +15,12 @@ from blocksparse_fsa.kernels import common  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# the kernel tiers: CUDA tensors on a GPU, CPU tensors under the interpreter
+DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
+needs_kernels = pytest.mark.skipif(not (INTERPRET or HAS_CUDA),
+                                   reason="needs TRITON_INTERPRET=1 or a GPU")
+# the atol of the tolerance rule (assert_rule) per dtype
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(autouse=True)

@@ -14,9 +14,8 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig  # noqa
 import blocksparse_fsa as bsa  # noqa: E402
 from blocksparse_fsa.integrations.transformers import ATTN_IMPLEMENTATION  # noqa: E402
 
-from .conftest import HAS_CUDA, INTERPRET  # noqa: E402
+from .conftest import DEVICE  # noqa: E402
 
-DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
 BATCH, LENGTH, VOCAB, HQ, HKV = 2, 101, 128, 4, 2
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=HQ, num_key_value_heads=HKV)

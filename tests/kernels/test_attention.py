@@ -12,13 +12,10 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa.reference import dense_attention
 
-from ..conftest import HAS_CUDA, INTERPRET, assert_rule
+from ..conftest import ATOL, DEVICE, assert_rule, needs_kernels
 from ..preprocess.test_indices import random_indices, window_indices
 
-pytestmark = pytest.mark.skipif(not (INTERPRET or HAS_CUDA),
-                                reason="needs TRITON_INTERPRET=1 or a GPU")
-DEVICE = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+pytestmark = needs_kernels
 
 
 @dataclass
