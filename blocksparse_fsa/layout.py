@@ -246,15 +246,14 @@ class SparseLayout:
             from .preprocess.indices_triton import indices_to_tiles_triton
             arrays = indices_to_tiles_triton(idx, q_len, int(k_len), bool(is_causal), block_m,
                                              block_n)
-            return _finish(*meta, *arrays).with_kernel(kernel)
-        if method == "torch":
+        elif method == "torch":
             arrays = indices_to_tiles_torch(idx, q_len, int(k_len), bool(is_causal), block_m,
                                             block_n)
-            return _finish(*meta, *arrays).with_kernel(kernel)
-        arrays = indices_to_tiles(np.ascontiguousarray(idx.cpu().numpy()), q_len, int(k_len),
-                                  bool(is_causal), block_m, block_n)
-        arrays = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in arrays]
-        arrays[4] = arrays[4].view(torch.int32)  # uint32 words -> int32 bit patterns
+        else:
+            arrays = indices_to_tiles(np.ascontiguousarray(idx.cpu().numpy()), q_len, int(k_len),
+                                      bool(is_causal), block_m, block_n)
+            arrays = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in arrays]
+            arrays[4] = arrays[4].view(torch.int32)  # uint32 words -> int32 bit patterns
         return _finish(*meta, *arrays).to(attn_indices.device).with_kernel(kernel)
 
     @classmethod
