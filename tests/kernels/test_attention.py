@@ -191,14 +191,15 @@ def test_empty_rows_give_zero_output_and_gradients():
 
 
 @pytest.mark.interpreter
-def test_non_contiguous_inputs_from_fused_qkv():
+@pytest.mark.parametrize("kernel", ["tiles", "gather"])
+def test_non_contiguous_inputs_from_fused_qkv(kernel):
     gen = torch.Generator().manual_seed(1)
     batch, length, heads, dim = 2, 40, 2, 16
     qkv = torch.randn(batch, length, 3, heads, dim, generator=gen)
     q, k, v = qkv.unbind(2)  # views with a stride of 3 * heads * dim along the sequence
     assert not q.is_contiguous()
     idx = window_indices(length, 9).expand(batch, heads, -1, -1)
-    layout = bsa.build_layout(idx, length, is_causal=True, block_m=16, block_n=16)
+    layout = bsa.build_layout(idx, length, is_causal=True, block_m=16, block_n=16, kernel=kernel)
     out = bsa.sparse_attn_func(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), layout=layout.to(DEVICE))
     ref, _ = dense_attention(q.double(), k.double(), v.double(), layout.to_dense_mask())
     torch.testing.assert_close(out.cpu().double(), ref, atol=1e-5, rtol=1e-5)

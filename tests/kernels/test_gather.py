@@ -214,21 +214,6 @@ def test_gather_backward_is_bitwise_deterministic(case, chunks):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.interpreter
-def test_gather_non_contiguous_inputs_from_fused_qkv():
-    gen = torch.Generator().manual_seed(1)
-    batch, length, heads, dim = 2, 24, 2, 16
-    qkv = torch.randn(batch, length, 3, heads, dim, generator=gen)
-    q, k, v = qkv.unbind(2)  # views with a stride of 3 * heads * dim along the sequence
-    assert not q.is_contiguous()
-    idx = window_indices(length, 9).expand(batch, heads, -1, -1)
-    layout = bsa.build_layout(idx, length, is_causal=True, block_m=16, block_n=16)
-    out, _ = gather_attn_fwd(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE),
-                             build_gather_index(layout).to(DEVICE), 1.0 / math.sqrt(dim))
-    ref, _ = dense_attention(q.double(), k.double(), v.double(), layout.to_dense_mask())
-    torch.testing.assert_close(out.cpu().double(), ref, atol=1e-5, rtol=1e-5)
-
-
 def test_gather_launchers_check_their_arguments(chunks):
     case = Case(batch=1, q_len=8, k_len=8, head_split=3)
     q, k, v, _, _ = inputs(case)
