@@ -32,8 +32,8 @@ from blocksparse_fsa.preprocess.indices_triton import indices_to_tiles_triton
 LAYOUT_TENSORS = ["full_ptr", "full_col", "part_ptr", "part_col", "masks", "full_ptr_t",
                   "full_row_t", "part_ptr_t", "part_row_t", "part_mask_t", "nnz"]
 TILE_NAMES = ["full_ptr", "full_col", "part_ptr", "part_col", "masks", "nnz"]
-SWEEP = dict(CHUNK=(16, 32, 64), num_warps=(4, 8), maxnreg=(None, 128, 168),
-             programs_per_sm=(4, 8))
+SWEEP = dict(CHUNK=(32, 64), num_warps=(4, 8), maxnreg=(None, 128),
+             programs_per_sm=(4, 8, 16))
 
 
 def first_difference(got, want):
@@ -74,6 +74,20 @@ def gpu_ms(fn, device, rep=200):
     return do_bench(fn, warmup=25, rep=rep)
 
 
+def profile(fn, device, runs=5):
+    """Where ``fn``'s time goes: host wall time per call (synced) and the kernel table."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    print(f"host wall time, synced: {host_ms(fn, device, runs):.3f} ms")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(runs):
+            fn()
+        sync(device)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"profile of {runs} calls:")
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pattern", default="sliding_window", choices=bench.PATTERNS)
@@ -84,6 +98,8 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], choices=["numba", "torch"],
                         help="builds not to time (the PyTorch build is still the reference)")
     parser.add_argument("--sweep", action="store_true", help="time Triton launch configs")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's kernel table of the Triton build_layout")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None, help="folder for layout_build_<gpu>.csv")
     args = parser.parse_args()
@@ -135,6 +151,8 @@ def main():
         run("numba build_layout (host)", lambda: build("numba"), want,
             lambda fn: host_ms(fn, device))
 
+    if args.profile:
+        profile(lambda: build("triton"), device)
     if args.sweep:
         default = launch_config.get_tiles_config(block_m, block_n, idx.shape[-1],
                                                  idx.element_size())
