@@ -37,7 +37,11 @@ def main():
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
     parser.add_argument("--stack", nargs="+", default=["auto"],
                         help="query heads per forward and dQ program: 'auto' (config.py) or ints")
-    parser.add_argument("--passes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
+    parser.add_argument("--passes", nargs="+", default=["fwd", "bwd"],
+                        choices=["fwd", "bwd", "dq", "dkdv"],
+                        help="bwd: one config for both backward kernels; dq / dkdv: that "
+                             "kernel's config only (the other keeps config.py's); all three "
+                             "time the whole backward")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     length, hq, hkv, dim = args.seq_len, args.heads_q, args.heads_kv, args.head_dim
@@ -60,9 +64,15 @@ def main():
             config = dict(num_warps=warps, num_stages=stages)
             launch_config.heads_per_program = (
                 default_stack if stack == "auto" else (lambda *a, n=int(stack), **kw: n))
-            fixed = (lambda *a, c=config: c)
+            fixed = (lambda *a, c=config, **kw: c)
             launch_config.get_fwd_config = fixed if passname == "fwd" else default_fwd
-            launch_config.get_bwd_config = fixed if passname == "bwd" else default_bwd
+            launch_config.get_bwd_config = {
+                "bwd": fixed, "fwd": default_bwd,
+                "dq": lambda *a, c=config, kernel="dkdv": (
+                    c if kernel == "dq" else default_bwd(*a, kernel=kernel)),
+                "dkdv": lambda *a, c=config, kernel="dkdv": (
+                    c if kernel == "dkdv" else default_bwd(*a, kernel=kernel)),
+            }[passname]
             try:
                 if passname == "fwd":
                     ms = do_bench(lambda: bsa.sparse_attn_func(q, k, v, layout=layout),

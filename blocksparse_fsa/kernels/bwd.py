@@ -324,7 +324,8 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
             part_col=layout.part_col, masks=layout.masks, **perm_args(layout, q),
             softmax_scale=softmax_scale, q_len=q_len, k_len=k_len, **scores,
             HEADS=heads, **common, **stride_args(q=q, k=k, v=v, do=do, dq=dq),
-            **launch_config.get_bwd_config(head_dim, heads * layout.block_m, layout.block_n))
+            **launch_config.get_bwd_config(head_dim, heads * layout.block_m, layout.block_n,
+                                           kernel="dq"))
     kv_grid = (layout.num_k_tiles, batch * k.shape[2])
     if kv_grid[0] * kv_grid[1]:
         sparse_attn_bwd_dkdv_kernel[kv_grid](
@@ -335,7 +336,8 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
             part_mask_t=layout.part_mask_t, masks=layout.masks, **perm_args(layout, q),
             softmax_scale=softmax_scale, q_len=q_len, k_len=k_len, **scores,
             **common, **stride_args(q=q, k=k, v=v, do=do, dk=dk, dv=dv),
-            **launch_config.get_bwd_config(head_dim, layout.block_m, layout.block_n))
+            **launch_config.get_bwd_config(head_dim, layout.block_m, layout.block_n,
+                                           kernel="dkdv"))
     dbias = None
     if dbias_mode:
         dbias = _reduce_to(dbias_buf if dbias_mode == 1 else dbias_buf[:, :, None], bias)

@@ -23,9 +23,10 @@ def get_fwd_config(head_dim: int, block_m: int, block_n: int) -> dict:
     return dict(num_warps=8, num_stages=2)
 
 
-def get_bwd_config(head_dim: int, block_m: int, block_n: int) -> dict:
-    """Warps and stages of the dK/dV and dQ kernels (H200, D=128: 64x64 tiles with 4 warps and
-    2-4 stages are best; larger tiles want 8 warps and are slower overall)."""
+def get_bwd_config(head_dim: int, block_m: int, block_n: int, kernel: str = "dkdv") -> dict:
+    """Warps and stages of the dK/dV (``kernel="dkdv"``) and dQ (``"dq"``) kernels (H200,
+    D=128: 64x64 tiles with 4 warps and 2-4 stages are best; larger tiles want 8 warps and are
+    slower overall)."""
     if head_dim <= 64:
         return dict(num_warps=4, num_stages=3)
     if head_dim <= 128:

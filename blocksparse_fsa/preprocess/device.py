@@ -94,3 +94,41 @@ def transpose_csr_torch(ptr: torch.Tensor, col: torch.Tensor, n_groups: int,
     ptr_t = torch.zeros(n_rows_t + 1, dtype=torch.long, device=device)
     torch.cumsum(counts, 0, out=ptr_t[1:])
     return ptr_t, q_tile[perm].to(torch.int32), perm.to(torch.int32)
+
+
+def transpose_key_dtype(n_rows: int, n_kt: int) -> torch.dtype:
+    """int32 when every ``transpose_keys`` value fits, else int64."""
+    return torch.int32 if 2 * n_rows * n_kt < 2**31 else torch.int64
+
+
+def transpose_keys(full_ptr, full_col, part_ptr, part_col, n_qt: int, n_kt: int):
+    """One sort key per tile, full tiles first, each list in its CSR order: ``kind * n_rows *
+    n_kt + (group * n_kt + kt) * n_qt + q_tile`` (kind 0 full, 1 partial; row = group * n_qt +
+    q_tile). Keys are distinct and sort as the transposed lists do: by kind, group, key tile,
+    then query tile. The Triton build writes the same keys in its second pass."""
+    n_rows = full_ptr.numel() - 1
+    device = full_col.device
+    rows = torch.arange(n_rows, device=device).repeat(2)
+    counts = torch.cat([full_ptr.diff(), part_ptr.diff()])
+    n_full, n = full_col.numel(), full_col.numel() + part_col.numel()
+    rows = torch.repeat_interleave(rows, counts, output_size=n)
+    kt = torch.cat([full_col, part_col]).long()
+    keys = (rows // n_qt * n_kt + kt) * n_qt + rows % n_qt
+    keys[n_full:] += n_rows * n_kt
+    return keys.to(transpose_key_dtype(n_rows, n_kt))
+
+
+def transpose_tiles(keys: torch.Tensor, n_full: int, n_groups: int, n_qt: int, n_kt: int):
+    """Key-tile CSR of a layout from its ``transpose_keys``: one sort of all tiles.
+
+    Returns ``full_ptr_t, full_row_t, part_ptr_t, part_row_t, part_mask_t``: pointers over
+    ``n_groups * n_kt`` key tiles (int64), the query tile of each entry, and for partial tiles
+    the entry's position in the query-tile lists (its mask), int32.
+    """
+    values, order = torch.sort(keys)
+    n_cols = n_groups * n_kt
+    bounds = torch.arange(2 * n_cols + 1, device=keys.device, dtype=keys.dtype) * n_qt
+    ptr_t = torch.searchsorted(values, bounds)  # entries below each (kind, group, kt)
+    row_t = (values % n_qt).to(torch.int32)
+    return (ptr_t[:n_cols + 1], row_t[:n_full], ptr_t[n_cols:] - n_full, row_t[n_full:],
+            (order[n_full:] - n_full).to(torch.int32))

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ..kernels import common
 from ..kernels import config as launch_config
+from .device import transpose_key_dtype
 
 BIG = tl.constexpr(1 << 30)  # no word: above every real word (< 2**27)
 POOL_BYTES = 2**28  # pass 2 rescans the rows that do not fit
@@ -200,6 +201,19 @@ def _store_tiles(acc, touched, full, kt0, full_col_ptr, f0, part_col_ptr, masks_
 
 
 @triton.jit
+def _store_keys(touched, full, kt0, keys_full_ptr, f0, key_f, keys_part_ptr, p0, key_p, n_qt,
+                SPAN_TILES: tl.constexpr):
+    """The sort keys of the span's tiles, at the positions ``_store_tiles`` gives them."""
+    is_full = touched * full
+    is_part = touched - is_full
+    kt = (kt0 + tl.arange(0, SPAN_TILES)).to(tl.int64) * n_qt
+    tl.store(keys_full_ptr + f0 + tl.cumsum(is_full, 0) - is_full, key_f + kt,
+             mask=is_full != 0)
+    tl.store(keys_part_ptr + p0 + tl.cumsum(is_part, 0) - is_part, key_p + kt,
+             mask=is_part != 0)
+
+
+@triton.jit
 def _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len, causal_offset, stride_idx_b,
                stride_idx_h, stride_idx_q, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """Pointers to the row's queries' indices ``[BLOCK_M]``, which queries exist, and one past
@@ -325,6 +339,7 @@ def indices_to_tiles_count_kernel(
 def indices_to_tiles_write_kernel(
         idx_ptr, full_ptr_ptr, part_ptr_ptr, start_ptr, pool_at_ptr, scratch_ptr,
         pool_full_ptr, pool_part_ptr, pool_mask_ptr, full_col_ptr, part_col_ptr, masks_ptr,
+        keys_full_ptr, keys_part_ptr, n_kt,
         n_rows, heads, n_qt, q_len, k_len, width, causal_offset,
         stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_w,
         BLOCK_M: tl.constexpr, N_WORDS: tl.constexpr, LOG_NW: tl.constexpr, LOG_WB: tl.constexpr,
@@ -333,7 +348,8 @@ def indices_to_tiles_write_kernel(
     """Pass 2, persistent grid ``[programs]`` as pass 1: the row's full tiles go to
     ``full_col[full_ptr[row]:]``, its partial ones to ``part_col`` / ``masks`` ``[Tp, BLOCK_M,
     N_WORDS]`` from ``part_ptr[row]``, sorted by key tile: copied from the pool, or rescanned
-    in ascending spans from ``start[row]``."""
+    in ascending spans from ``start[row]``. Each tile's sort key for the transposed lists
+    (``device.transpose_keys``) goes to ``keys_full`` / ``keys_part`` at the tile's position."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     TILE_WORDS: tl.constexpr = BLOCK_M * N_WORDS
     pid = tl.program_id(0)
@@ -351,11 +367,15 @@ def indices_to_tiles_write_kernel(
         n_p = tl.load(part_ptr_ptr + row + 1) - p0
         slot_f = tl.load(pool_at_ptr + row)
         slot_p = tl.load(pool_at_ptr + n_rows + row)
+        key_f = (row // n_qt).to(tl.int64) * n_kt * n_qt + row % n_qt  # + kt * n_qt
+        key_p = key_f + n_rows.to(tl.int64) * n_kt  # partial tiles sort after all full ones
         if slot_f >= 0:
-            tl.store(full_col_ptr + f0 + t, tl.load(pool_full_ptr + slot_f + t, mask=t < n_f),
-                     mask=t < n_f)
-            tl.store(part_col_ptr + p0 + t, tl.load(pool_part_ptr + slot_p + t, mask=t < n_p),
-                     mask=t < n_p)
+            kt_f = tl.load(pool_full_ptr + slot_f + t, mask=t < n_f)
+            kt_p = tl.load(pool_part_ptr + slot_p + t, mask=t < n_p)
+            tl.store(full_col_ptr + f0 + t, kt_f, mask=t < n_f)
+            tl.store(part_col_ptr + p0 + t, kt_p, mask=t < n_p)
+            tl.store(keys_full_ptr + f0 + t, key_f + kt_f.to(tl.int64) * n_qt, mask=t < n_f)
+            tl.store(keys_part_ptr + p0 + t, key_p + kt_p.to(tl.int64) * n_qt, mask=t < n_p)
             src = pool_mask_ptr + (slot_p + t)[:, None] * TILE_WORDS + e[None, :]
             words = tl.load(src, mask=(t < n_p)[:, None])  # [SPAN_TILES, TILE_WORDS]
             dst = masks_ptr + (p0 + t)[:, None] * TILE_WORDS + e[None, :]
@@ -375,6 +395,8 @@ def indices_to_tiles_write_kernel(
                     BY_BITS)
                 acc = _read_bitmap(scratch, BLOCK_M, SPAN)
                 touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
+                _store_keys(touched, full, base >> LOG_NW, keys_full_ptr, f0, key_f,
+                            keys_part_ptr, p0, key_p, n_qt, SPAN // N_WORDS)
                 f0, p0 = _store_tiles(acc, touched, full, base >> LOG_NW, full_col_ptr, f0,
                                       part_col_ptr, masks_ptr, p0, BLOCK_M, SPAN, N_WORDS)
                 base = (above >> LOG_NW) << LOG_NW  # BIG when nothing is left
@@ -398,7 +420,7 @@ def _new_int(shape, dtype, device):
 
 def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: bool,
                             block_m: int, block_n: int, *, pool_bytes: int = POOL_BYTES,
-                            config: dict | None = None):
+                            config: dict | None = None, with_keys: bool = False):
     """``(Bl, Hl, Lq, W)`` int32/int64 indices (any strides) -> ``full_ptr, full_col, part_ptr,
     part_col, masks, nnz`` exactly as ``indices_to_tiles_torch`` gives them (pointers int64,
     columns and masks int32, ``nnz`` an int), on ``idx.device``.
@@ -406,7 +428,8 @@ def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal
     Raises ``ValueError`` for an index outside ``[-1, k_len)``: the kernels count them, so the
     caller need not scan the indices first. ``config`` overrides
     ``kernels.config.get_tiles_config``; ``pool_bytes`` caps the pool of single-span rows
-    (0: pass 2 rescans every row).
+    (0: pass 2 rescans every row). ``with_keys``: return ``(arrays, keys)``, ``keys`` the
+    tiles' ``device.transpose_keys``, which pass 2 writes next to the tiles.
     """
     if idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"indices must be int32 or int64, got {idx.dtype}")
@@ -423,10 +446,13 @@ def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal
     if cfg.get("maxnreg") is None or device.type != "cuda":
         cfg.pop("maxnreg", None)
     ptrs = torch.zeros(2, n_rows + 1, dtype=torch.int64, device=device)
+    n_kt = -(-k_len // block_n)
+    key_dtype = transpose_key_dtype(n_rows, n_kt)
     if n_rows == 0:
         empty = torch.zeros(0, dtype=torch.int32, device=device)
-        return (ptrs[0], empty, ptrs[1], empty,
-                torch.zeros(0, block_m, n_words, dtype=torch.int32, device=device), 0)
+        arrays = (ptrs[0], empty, ptrs[1], empty,
+                  torch.zeros(0, block_m, n_words, dtype=torch.int32, device=device), 0)
+        return (arrays, torch.zeros(0, dtype=key_dtype, device=device)) if with_keys else arrays
     if device.type == "cuda":
         n_sm = torch.cuda.get_device_properties(device).multi_processor_count
         n_programs = min(n_rows, per_sm * n_sm)
@@ -459,7 +485,9 @@ def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal
     full_col = _new_int(n_full, torch.int32, device)
     part_col = _new_int(n_part, torch.int32, device)
     masks = _new_int((n_part, block_m, n_words), torch.int32, device)
+    keys = _new_int(n_full + n_part, key_dtype, device)
     indices_to_tiles_write_kernel[(n_programs,)](
         idx, ptrs[0], ptrs[1], start, pool_at, scratch, pool_full, pool_part, pool_mask,
-        full_col, part_col, masks, **args)
-    return ptrs[0], full_col, ptrs[1], part_col, masks, nnz
+        full_col, part_col, masks, keys, keys[n_full:], n_kt, **args)
+    arrays = ptrs[0], full_col, ptrs[1], part_col, masks, nnz
+    return (arrays, keys) if with_keys else arrays

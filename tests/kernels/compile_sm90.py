@@ -81,6 +81,21 @@ def variants():
     yield "gather+softcap+lse", dict(layout=gather, softcap=3.0, return_lse=True), None
 
 
+def layout_builds():
+    """Compile the Triton layout build (``build_layout(method="triton")``) per index dtype and
+    tile shape. Its first pass does not run here, so its counts come from zero-filled buffers
+    (empty outputs) to reach the second pass."""
+    from blocksparse_fsa.preprocess import indices_triton
+    indices_triton._new_int = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype,
+                                                                       device=device)
+    g = torch.Generator().manual_seed(0)
+    for dtype, (bm, bn) in itertools.product((torch.int32, torch.int64),
+                                              ((64, 64), (128, 32), (16, 256))):
+        print(f"-- layout build, {dtype}, {bm}x{bn}", flush=True)
+        idx = torch.randint(-1, 200, (1, 2, 200, 16), generator=g, dtype=dtype)
+        bsa.build_layout(idx, 200, is_causal=True, block_m=bm, block_n=bn, method="triton")
+
+
 def main():
     JITFunction.run = compile_offline
     cases = ((torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 256))
@@ -96,6 +111,7 @@ def main():
         out = bsa.sparse_attn_func(q, k, v, backend="triton", **kwargs)
         loss = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
         torch.autograd.grad(loss, inputs)
+    layout_builds()
     print(f"compiled {len(_seen)} kernel variants for sm_90")
 
 

@@ -51,12 +51,35 @@ def check_layout_invariants(layout):
         for r in range(ptr.numel() - 1):
             row = col[ptr[r]:ptr[r + 1]]
             assert (row[1:] > row[:-1]).all(), "key tiles of a row must be sorted and unique"
-    assert sorted(layout.part_mask_t.tolist()) == list(range(layout.num_partial_tiles))
-    assert layout.full_row_t.numel() == layout.num_full_tiles
+    check_transposed_lists(layout)
     bits = unpack_bits(layout.masks, layout.block_n)
     assert bits.flatten(1).any(1).all(), "a stored partial tile must have an active pair"
     assert not bits.flatten(1).all(1).any() or layout.q_len % layout.block_m \
         or layout.k_len % layout.block_n, "an in-range tile with every bit set must be full"
+
+
+def check_transposed_lists(layout):
+    """The key-tile lists hold exactly the query-tile lists' tiles, query tiles ascending per
+    key tile, and ``part_mask_t`` points at the same tile in the query-tile lists."""
+    n_qt, n_kt = layout.num_q_tiles, layout.num_k_tiles
+    for ptr, col, ptr_t, row_t, mask_t in (
+            (layout.full_ptr, layout.full_col, layout.full_ptr_t, layout.full_row_t, None),
+            (layout.part_ptr, layout.part_col, layout.part_ptr_t, layout.part_row_t,
+             layout.part_mask_t)):
+        position = {}  # (group, q tile, key tile) -> index in col
+        for r in range(ptr.numel() - 1):
+            for e in range(int(ptr[r]), int(ptr[r + 1])):
+                position[(r // n_qt, r % n_qt, int(col[e]))] = e
+        assert ptr_t.numel() == layout.batch * layout.heads * n_kt + 1 and int(ptr_t[0]) == 0
+        seen = {}
+        for c in range(ptr_t.numel() - 1):
+            rows = row_t[ptr_t[c]:ptr_t[c + 1]].tolist()
+            assert rows == sorted(set(rows)), "query tiles of a key tile: sorted, unique"
+            for t, qt in enumerate(rows, int(ptr_t[c])):
+                seen[(c // n_kt, qt, c % n_kt)] = t
+        assert seen.keys() == position.keys()
+        if mask_t is not None:
+            assert all(int(mask_t[t]) == position[k] for k, t in seen.items())
 
 
 @pytest.mark.parametrize("block_m,block_n", BLOCKS, ids=lambda x: str(x))

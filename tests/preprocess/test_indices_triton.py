@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from blocksparse_fsa import build_layout
-from blocksparse_fsa.preprocess.device import indices_to_tiles_torch
+from blocksparse_fsa.preprocess.device import indices_to_tiles_torch, transpose_keys
 from blocksparse_fsa.preprocess.indices import indices_to_tiles
 from blocksparse_fsa.preprocess.indices_triton import indices_to_tiles_triton
 
@@ -49,11 +49,14 @@ def numba_tiles(idx, q_len, k_len, is_causal, block_m, block_n):
 
 
 def check_all(idx, q_len, k_len, is_causal, block_m, block_n, **kwargs):
-    """Triton == PyTorch build == numba build."""
-    got = indices_to_tiles_triton(idx.to(DEVICE), q_len, k_len, is_causal, block_m, block_n,
-                                  **kwargs)
-    assert_same_tiles(got, indices_to_tiles_torch(idx, q_len, k_len, is_causal, block_m,
-                                                  block_n), "vs torch:")
+    """Triton == PyTorch build == numba build, and the Triton build's transpose keys are
+    ``transpose_keys`` of its tiles."""
+    got, keys = indices_to_tiles_triton(idx.to(DEVICE), q_len, k_len, is_causal, block_m,
+                                        block_n, with_keys=True, **kwargs)
+    in_torch = indices_to_tiles_torch(idx, q_len, k_len, is_causal, block_m, block_n)
+    assert_same_tiles(got, in_torch, "vs torch:")
+    want_keys = transpose_keys(*in_torch[:4], -(-q_len // block_m), -(-k_len // block_n))
+    assert keys.dtype == want_keys.dtype and torch.equal(keys.cpu(), want_keys), "keys differ"
     want = numba_tiles(idx, q_len, k_len, is_causal, block_m, block_n)
     want = tuple(t.long() if i in (0, 2) else t for i, t in enumerate(want[:5])) + (want[5],)
     assert_same_tiles(got, want, "vs numba:")
