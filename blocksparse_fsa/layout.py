@@ -68,6 +68,7 @@ class SparseLayout:
     q_perm: torch.Tensor | None = None  # [q_len] original query of each kernel row, or None
     k_perm: torch.Tensor | None = None  # [k_len] original key of each kernel column, or None
     gather_index: GatherIndex | None = None  # set: the gather kernels run this layout
+    perm_dilation: int = 0  # d > 0: q_perm / k_perm are ("dilation", d); kernels compute them
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -321,7 +322,7 @@ class SparseLayout:
 
     def unordered(self) -> SparseLayout:
         """The same tiles without the token permutation (the pattern in kernel order)."""
-        return replace(self, q_perm=None, k_perm=None)
+        return replace(self, q_perm=None, k_perm=None, perm_dilation=0)
 
     def reordered(self, reorder) -> SparseLayout:
         """This pattern with its tokens permuted so that its active pairs fill fewer tiles.
@@ -431,13 +432,13 @@ def _token_orders(reorder, q_len, k_len, unordered_layout):
 
 def _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm, method="auto"):
     """The layout of ``attn_indices`` with its tokens in the order ``q_perm`` / ``k_perm``."""
-    from .reorder import permute_indices
+    from .reorder import dilation_of, permute_indices
     dev = attn_indices.device
     idx = permute_indices(attn_indices, k_len, is_causal, q_perm.to(dev), k_perm.to(dev))
     layout = SparseLayout.from_indices(idx, k_len, block_m=block_m, block_n=block_n,
                                        method=method, kernel="tiles")
     return replace(layout, is_causal=bool(is_causal), q_perm=q_perm.to(layout.device),
-                   k_perm=k_perm.to(layout.device))
+                   k_perm=k_perm.to(layout.device), perm_dilation=dilation_of(q_perm, k_perm))
 
 
 def tile_rows(ptr: torch.Tensor) -> torch.Tensor:

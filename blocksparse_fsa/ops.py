@@ -21,7 +21,7 @@ _TILE_FIELDS = ("full_ptr", "full_col", "part_ptr", "part_col", "masks",
                 "full_ptr_t", "full_row_t", "part_ptr_t", "part_row_t", "part_mask_t")
 _PERM_FIELDS = ("q_perm", "k_perm")
 _GATHER_FIELDS = ("row_ptr", "col")  # what the gather forward reads
-_SIZE_FIELDS = ("q_len", "k_len", "block_m", "block_n", "batch", "heads")
+_SIZE_FIELDS = ("q_len", "k_len", "block_m", "block_n", "batch", "heads", "perm_dilation")
 
 
 def _flatten(layout: SparseLayout):

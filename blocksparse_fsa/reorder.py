@@ -29,6 +29,21 @@ def dilation_order(length: int, dilation: int, offset: int = 0, device="cpu") ->
     return torch.sort((pos + offset) % dilation, stable=True).indices
 
 
+def dilation_of(q_perm: torch.Tensor, k_perm: torch.Tensor) -> int:
+    """``d`` if ``(q_perm, k_perm)`` are the orders of ``reorder=("dilation", d)`` for lengths
+    that are multiples of ``d`` (the kernels then compute them instead of reading them), else 0.
+    """
+    q_len, k_len = q_perm.numel(), k_perm.numel()
+    if k_len < 2 or q_len < 1:
+        return 0
+    d = int(k_perm[1])  # dilation_order(k_len, d) starts 0, d, 2d, ... (or 0, 1 if d == k_len)
+    if d < 1 or q_len % d or k_len % d:
+        return 0
+    same = (torch.equal(k_perm.cpu(), dilation_order(k_len, d))
+            and torch.equal(q_perm.cpu(), dilation_order(q_len, d, offset=k_len - q_len)))
+    return d if same else 0
+
+
 def rcm_order(layout) -> torch.Tensor:
     """Reverse Cuthill-McKee order of the union over (batch, head) of ``layout``'s pattern,
     symmetrised (``A | A^T``); needs ``q_len == k_len``. O(nnz) memory (scipy sparse)."""

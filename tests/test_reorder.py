@@ -10,8 +10,9 @@ from blocksparse_fsa.reference import dense_attention
 from .conftest import INTERPRET
 
 
-def dilated_indices(length, size, dilation):
-    i = torch.arange(length)[:, None]
+def dilated_indices(length, size, dilation, k_len=None):
+    """Query i (bottom-right aligned to ``k_len`` keys) sees keys i, i - d, ..., size of them."""
+    i = torch.arange(length)[:, None] + ((k_len or length) - length)
     idx = i - dilation * torch.arange(size)[None, :]
     return torch.where(idx >= 0, idx, -1)[None, None]
 
@@ -22,21 +23,28 @@ def attention_and_grads(layout, q, k, v, dout, backend):
     return (out, lse, *torch.autograd.grad((out * dout).sum(), (q, k, v)))
 
 
+@pytest.mark.parametrize("q_len,k_len,computed", [(256, 256, True), (192, 256, True),
+                                                  (250, 250, False)],
+                         ids=["L256", "Lq192-Lk256", "L250-read"])
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if INTERPRET else []))
-def test_dilation_reorder_is_invisible_and_denser(backend):
-    length, dilation = 256, 4
-    idx = dilated_indices(length, 32, dilation).expand(1, 2, -1, -1)
-    plain = bsa.build_layout(idx, length, is_causal=True, block_m=16, block_n=16)
-    packed = bsa.build_layout(idx, length, is_causal=True, block_m=16, block_n=16,
+def test_dilation_reorder_is_invisible_and_denser(backend, q_len, k_len, computed):
+    """Lengths that are multiples of the dilation let the kernels compute the order
+    (``perm_dilation``); other lengths read it from ``q_perm`` / ``k_perm``."""
+    dilation = 4
+    idx = dilated_indices(q_len, 32, dilation, k_len).expand(1, 2, -1, -1)
+    plain = bsa.build_layout(idx, k_len, is_causal=True, block_m=16, block_n=16)
+    packed = bsa.build_layout(idx, k_len, is_causal=True, block_m=16, block_n=16,
                               reorder=("dilation", dilation))
+    assert packed.perm_dilation == (dilation if computed else 0)
+    assert packed.unordered().perm_dilation == 0
     assert packed.is_reordered and packed.is_causal and packed.nnz == plain.nnz
     assert torch.equal(packed.to_dense_mask(), plain.to_dense_mask())
     assert torch.equal(packed.to_indices(), plain.to_indices())
     assert packed.density > 2 * plain.density and packed.num_tiles < plain.num_tiles
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, length, 4, 16, generator=g)
-    k, v = (torch.randn(1, length, 2, 16, generator=g) for _ in range(2))
-    dout = torch.randn(1, length, 4, 16, generator=g)
+    q = torch.randn(1, q_len, 4, 16, generator=g)
+    k, v = (torch.randn(1, k_len, 2, 16, generator=g) for _ in range(2))
+    dout = torch.randn(1, q_len, 4, 16, generator=g)
     for a, b in zip(attention_and_grads(packed, q, k, v, dout, backend),
                     attention_and_grads(plain, q, k, v, dout, backend)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -135,3 +143,13 @@ def test_bias_follows_the_permutation():
             results.append((out, *torch.autograd.grad(out.square().sum(), (b,))))
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_dilation_of_recognises_only_dilation_orders():
+    from blocksparse_fsa.reorder import dilation_of, dilation_order
+    assert dilation_of(dilation_order(64, 4, offset=32), dilation_order(96, 4)) == 4
+    assert dilation_of(dilation_order(96, 8), dilation_order(96, 8)) == 8
+    assert dilation_of(dilation_order(90, 4), dilation_order(90, 4)) == 0  # 90 % 4 != 0
+    assert dilation_of(dilation_order(96, 4), dilation_order(96, 2)) == 0  # mixed
+    shuffled = torch.randperm(96, generator=torch.Generator().manual_seed(0))
+    assert dilation_of(shuffled, shuffled) == 0

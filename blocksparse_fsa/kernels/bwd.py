@@ -40,8 +40,8 @@ def sparse_attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-                bias_col, dbias_base, row_ptr, mask_idx_ptr, masks, QPerm, k_rows, start, end,
-                qk_scale, cap_scale, q_len, k_len, kt,
+                bias_col, dbias_base, row_ptr, mask_idx_ptr, masks, QPerm, perm_d,
+                k_rows, start, end, qk_scale, cap_scale, q_len, k_len, kt,
                 stride_ql, stride_qd, stride_dol, stride_dod, stride_biasm, stride_biasn,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
@@ -64,7 +64,7 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
     for t in range(start, end):
         qt = tl.load(row_ptr + t).to(tl.int64)
         offs_m = qt * BLOCK_M + offs_i
-        q_rows = token_rows(QPerm, offs_m, q_len, PERMUTED)
+        q_rows = token_rows(QPerm, offs_m, q_len, perm_d, PERMUTED)
         q_ok = d_ok[None, :]
         if IS_PARTIAL:
             q_ok = q_ok & (offs_m[:, None] < q_len)
@@ -114,6 +114,7 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
 def sparse_attn_bwd_dkdv_kernel(
     Q, K, V, Bias, DOut, Lse, Delta, DK, DV, DBias,
     full_ptr_t, full_row_t, part_ptr_t, part_row_t, part_mask_t, masks, QPerm, KPerm,
+    perm_d,
     qk_scale, cap_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div,
     layout_heads, layout_batch_step, bias_head_div,
     stride_qb, stride_ql, stride_qh, stride_qd,
@@ -139,7 +140,7 @@ def sparse_attn_bwd_dkdv_kernel(
     offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-    k_rows = token_rows(KPerm, offs_n, k_len, PERMUTED)
+    k_rows = token_rows(KPerm, offs_n, k_len, perm_d, PERMUTED)
     rows = k_rows[:, None]
     k = tl.load(K + b * stride_kb + hk * stride_kh + rows * stride_kl + offs_d[None, :] * stride_kd,
                 mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -168,17 +169,17 @@ def sparse_attn_bwd_dkdv_kernel(
         start, end = row_range(full_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-            bias_col, dbias_base, full_row_t, full_row_t, masks, QPerm, k_rows, start, end,
-            qk_scale, cap_scale, q_len, k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod,
-            stride_biasm, stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, False,
-            SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS, PERMUTED, INPUT_PRECISION)
+            bias_col, dbias_base, full_row_t, full_row_t, masks, QPerm, perm_d, k_rows,
+            start, end, qk_scale, cap_scale, q_len, k_len, kt, stride_ql, stride_qd, stride_dol,
+            stride_dod, stride_biasm, stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS,
+            False, SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS, PERMUTED, INPUT_PRECISION)
         start, end = row_range(part_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
-            bias_col, dbias_base, part_row_t, part_mask_t, masks, QPerm, k_rows, start, end,
-            qk_scale, cap_scale, q_len, k_len, kt, stride_ql, stride_qd, stride_dol, stride_dod,
-            stride_biasm, stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, True,
-            SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS, PERMUTED, INPUT_PRECISION)
+            bias_col, dbias_base, part_row_t, part_mask_t, masks, QPerm, perm_d, k_rows,
+            start, end, qk_scale, cap_scale, q_len, k_len, kt, stride_ql, stride_qd, stride_dol,
+            stride_dod, stride_biasm, stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS,
+            True, SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS, PERMUTED, INPUT_PRECISION)
         if DBIAS == 2:
             tl.store(dbias_base + k_rows, dbias_cols, mask=offs_n < k_len)
     dk *= softmax_scale
@@ -189,7 +190,7 @@ def sparse_attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, KPerm, start, end,
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, KPerm, perm_d, start, end,
               qk_scale, cap_scale, bias_rows, row_ok, k_len,
               stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -197,7 +198,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, KPerm, star
               IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
               BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile of ``HEADS`` stacked query heads over the key tiles
-    ``col_ptr[start:end]`` (keys read through ``KPerm`` if ``PERMUTED``)."""
+    ``col_ptr[start:end]`` (keys where ``token_rows(KPerm, ..., perm_d, PERMUTED)`` puts
+    them)."""
     offs_i = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -205,7 +207,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, KPerm, star
     for t in range(start, end):
         kt = tl.load(col_ptr + t).to(tl.int64)
         offs_kn = kt * BLOCK_N + offs_n
-        k_rows = token_rows(KPerm, offs_kn, k_len, PERMUTED)
+        k_rows = token_rows(KPerm, offs_kn, k_len, perm_d, PERMUTED)
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
             kv_ok = kv_ok & (offs_kn[:, None] < k_len)
@@ -234,7 +236,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, KPerm, star
 @triton.jit
 def sparse_attn_bwd_dq_kernel(
     Q, K, V, Bias, DOut, Lse, Delta, DQ,
-    full_ptr, full_col, part_ptr, part_col, masks, QPerm, KPerm,
+    full_ptr, full_col, part_ptr, part_col, masks, QPerm, KPerm, perm_d,
     qk_scale, cap_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div,
     layout_heads, layout_batch_step, bias_head_div,
     stride_qb, stride_ql, stride_qh, stride_qd,
@@ -254,7 +256,7 @@ def sparse_attn_bwd_dq_kernel(
                                                    layout_heads, layout_batch_step, HEADS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-    q_rows = token_rows(QPerm, offs_m, q_len, PERMUTED)
+    q_rows = token_rows(QPerm, offs_m, q_len, perm_d, PERMUTED)
     rows = q_rows[:, None]
     hs = heads[:, None]
     q = tl.load(Q + b * stride_qb + hs * stride_qh + rows * stride_ql + offs_d[None, :] * stride_qd,
@@ -271,13 +273,13 @@ def sparse_attn_bwd_dq_kernel(
     row_ok = offs_m < q_len
     dq = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, end = row_range(full_ptr, row)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, full_col, masks, KPerm,
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, full_col, masks, KPerm, perm_d,
                    start, end, qk_scale, cap_scale, bias_rows, row_ok, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP,
                    HAS_BIAS, BIAS_ROW, PERMUTED, INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, part_col, masks, KPerm,
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, part_col, masks, KPerm, perm_d,
                    start, end, qk_scale, cap_scale, bias_rows, row_ok, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP,

@@ -188,20 +188,30 @@ def load_bias(bias_rows, cols, row_ok, col_ok, stride_biasn, IS_PARTIAL: tl.cons
 
 
 @triton.jit
-def token_rows(perm, offs, n, PERMUTED: tl.constexpr):
-    """Where the kernel-order tokens ``offs`` live in the caller's tensors (int64): ``perm[offs]``
-    for a reordered layout, else ``offs``. Positions >= ``n`` (masked by the caller) map to 0
-    when permuted."""
-    if PERMUTED:
-        rows = tl.load(perm + offs, mask=offs < n, other=0)
+def token_rows(perm, offs, n, perm_d, PERMUTED: tl.constexpr):
+    """Where the kernel-order tokens ``offs`` of a sequence of ``n`` live in the caller's
+    tensors (int64). ``PERMUTED``: 0 no permutation (``offs``); 1 ``perm[offs]``; 2 the
+    dilation order ``reorder.dilation_order(n, perm_d)`` computed rather than read (``n`` a
+    multiple of ``perm_d``, so the queries' bottom-right offset is a multiple of it too): kernel
+    token ``p`` is the ``p % (n / perm_d)``-th position of residue ``p // (n / perm_d)``.
+    Positions >= ``n`` are masked by the caller (they map to 0 with 1, to some row with 2)."""
+    if PERMUTED == 1:
+        rows = tl.load(perm + offs, mask=offs < n, other=0).to(tl.int64)
+    elif PERMUTED == 2:
+        group_len = n // perm_d
+        group = offs // group_len
+        rows = (group % perm_d + (offs - group * group_len) * perm_d).to(tl.int64)
     else:
-        rows = offs
-    return rows.to(tl.int64)
+        rows = offs.to(tl.int64)
+    return rows
 
 
 def perm_args(layout, q) -> dict:
     """Kernel arguments of a reordered layout: the kernels read and write the caller's tensors
-    through ``q_perm`` / ``k_perm`` (no gathered copies)."""
+    through ``q_perm`` / ``k_perm`` (no gathered copies), or compute a dilation order
+    (``layout.perm_dilation``) instead of reading it."""
     if layout.q_perm is None:
-        return dict(QPerm=q, KPerm=q, PERMUTED=False)
-    return dict(QPerm=layout.q_perm, KPerm=layout.k_perm, PERMUTED=True)
+        return dict(QPerm=q, KPerm=q, perm_d=1, PERMUTED=0)
+    if layout.perm_dilation:
+        return dict(QPerm=q, KPerm=q, perm_d=layout.perm_dilation, PERMUTED=2)
+    return dict(QPerm=layout.q_perm, KPerm=layout.k_perm, perm_d=1, PERMUTED=1)

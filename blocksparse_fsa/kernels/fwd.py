@@ -11,8 +11,8 @@ from . import config as launch_config
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, start, end, qk_scale,
-               cap_scale, bias_rows, row_ok, k_len,
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, perm_d, start, end,
+               qk_scale, cap_scale, bias_rows, row_ok, k_len,
                stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
@@ -21,7 +21,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, start, e
     """Fold the tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query tile
     of ``HEADS`` stacked query heads (rows ``h * BLOCK_M + m``; they share the tiles' bits).
     ``bias_rows``: see ``bias_rows_of`` (``HAS_BIAS``); ``row_ok``: rows < Lq; keys are read
-    through ``KPerm`` if ``PERMUTED``."""
+    as ``token_rows(KPerm, ..., perm_d, PERMUTED)`` gives them."""
     offs_m = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -29,7 +29,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, start, e
     for t in range(start, end):
         kt = tl.load(col_ptr + t).to(tl.int64)
         offs_kn = kt * BLOCK_N + offs_n
-        k_rows = token_rows(KPerm, offs_kn, k_len, PERMUTED)
+        k_rows = token_rows(KPerm, offs_kn, k_len, perm_d, PERMUTED)
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
             kv_ok = kv_ok & (offs_kn[:, None] < k_len)
@@ -64,7 +64,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, start, e
 @triton.jit
 def sparse_attn_fwd_kernel(
     Q, K, V, Bias, Out, Lse,
-    full_ptr, full_col, part_ptr, part_col, masks, QPerm, KPerm,
+    full_ptr, full_col, part_ptr, part_col, masks, QPerm, KPerm, perm_d,
     qk_scale, cap_scale, q_len, k_len, num_q_heads, group_size, head_div, layout_heads,
     layout_batch_step, bias_head_div,
     stride_qb, stride_ql, stride_qh, stride_qd,
@@ -83,14 +83,15 @@ def sparse_attn_fwd_kernel(
     (B, Hq, Lq) float32, natural log. Rows with no active key get out = 0 and lse = -inf.
     An optional bias (``HAS_BIAS``, broadcast dims with stride 0) is added to the scores.
     With ``PERMUTED`` the tiles are in the layout's token order and every tensor is read and
-    written through ``QPerm`` / ``KPerm`` (kernel row r is the caller's row QPerm[r]).
+    written through ``QPerm`` / ``KPerm`` (kernel row r is the caller's row QPerm[r]), or
+    through the dilation order they hold, computed (``common.token_rows``).
     """
     b, hk, hq0, row, heads, offs_m = query_program(num_q_heads, group_size, head_div,
                                                    layout_heads, layout_batch_step, HEADS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
     d_ok = offs_d < HEAD_DIM
-    q_rows = token_rows(QPerm, offs_m, q_len, PERMUTED)
+    q_rows = token_rows(QPerm, offs_m, q_len, perm_d, PERMUTED)
     q_ptrs = (Q + b * stride_qb + heads[:, None] * stride_qh
               + q_rows[:, None] * stride_ql + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [HEADS*BLOCK_M, BLOCK_D]
@@ -104,14 +105,14 @@ def sparse_attn_fwd_kernel(
     m_i = tl.full([HEADS * BLOCK_M], float("-inf"), dtype=tl.float32)
     start, end = row_range(full_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, full_col, masks, KPerm,
+        acc, l_i, m_i, q, k_base, v_base, full_col, masks, KPerm, perm_d,
         start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP, HAS_BIAS,
         BIAS_ROW, PERMUTED, INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, part_col, masks, KPerm,
+        acc, l_i, m_i, q, k_base, v_base, part_col, masks, KPerm, perm_d,
         start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP, HAS_BIAS,

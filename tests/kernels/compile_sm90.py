@@ -78,6 +78,8 @@ def variants():
     yield "tiles+bias row (q heads)", dict(layout=tiles), (1, 8, 1, length)
     yield "tiles+bias full", dict(layout=tiles), (1, 8, length, length)
     yield "permuted+bias", dict(layout=dilated), (1, 2, 1, length)
+    shuffled = tiles.reordered((torch.randperm(length, generator=g),) * 2)
+    yield "permuted (gathered order)", dict(layout=shuffled), None
     yield "gather+softcap+lse", dict(layout=gather, softcap=3.0, return_lse=True), None
 
 
