@@ -68,7 +68,8 @@ class SparseLayout:
     q_perm: torch.Tensor | None = None  # [q_len] original query of each kernel row, or None
     k_perm: torch.Tensor | None = None  # [k_len] original key of each kernel column, or None
     gather_index: GatherIndex | None = None  # set: the gather kernels run this layout
-    perm_dilation: int = 0  # d > 0: q_perm / k_perm are ("dilation", d); kernels compute them
+    perm_dilation: int = 0  # d > 0: q_perm / k_perm are ("dilation", d) over whole tiles;
+    # the kernels compute them (reorder.dilation_of)
 
     # ---- sizes -------------------------------------------------------------------------------
     @property
@@ -438,7 +439,8 @@ def _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm, 
     layout = SparseLayout.from_indices(idx, k_len, block_m=block_m, block_n=block_n,
                                        method=method, kernel="tiles")
     return replace(layout, is_causal=bool(is_causal), q_perm=q_perm.to(layout.device),
-                   k_perm=k_perm.to(layout.device), perm_dilation=dilation_of(q_perm, k_perm))
+                   k_perm=k_perm.to(layout.device), perm_dilation=dilation_of(q_perm, k_perm, layout.block_m,
+                                                         layout.block_n))
 
 
 def tile_rows(ptr: torch.Tensor) -> torch.Tensor:

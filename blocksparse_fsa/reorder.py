@@ -29,15 +29,15 @@ def dilation_order(length: int, dilation: int, offset: int = 0, device="cpu") ->
     return torch.sort((pos + offset) % dilation, stable=True).indices
 
 
-def dilation_of(q_perm: torch.Tensor, k_perm: torch.Tensor) -> int:
-    """``d`` if ``(q_perm, k_perm)`` are the orders of ``reorder=("dilation", d)`` for lengths
-    that are multiples of ``d`` (the kernels then compute them instead of reading them), else 0.
-    """
+def dilation_of(q_perm: torch.Tensor, k_perm: torch.Tensor, block_m: int, block_n: int) -> int:
+    """``d`` if ``(q_perm, k_perm)`` are the orders of ``reorder=("dilation", d)`` with residue
+    groups of whole tiles (``Lq / d`` a multiple of ``block_m``, ``Lk / d`` of ``block_n``): the
+    kernels then compute the order per tile instead of reading it. Else 0."""
     q_len, k_len = q_perm.numel(), k_perm.numel()
     if k_len < 2 or q_len < 1:
         return 0
     d = int(k_perm[1])  # dilation_order(k_len, d) starts 0, d, 2d, ... (or 0, 1 if d == k_len)
-    if d < 1 or q_len % d or k_len % d:
+    if d < 1 or q_len % (d * block_m) or k_len % (d * block_n):
         return 0
     same = (torch.equal(k_perm.cpu(), dilation_order(k_len, d))
             and torch.equal(q_perm.cpu(), dilation_order(q_len, d, offset=k_len - q_len)))

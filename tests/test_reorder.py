@@ -24,12 +24,12 @@ def attention_and_grads(layout, q, k, v, dout, backend):
 
 
 @pytest.mark.parametrize("q_len,k_len,computed", [(256, 256, True), (192, 256, True),
-                                                  (250, 250, False)],
-                         ids=["L256", "Lq192-Lk256", "L250-read"])
+                                                  (250, 250, False), (200, 200, False)],
+                         ids=["L256", "Lq192-Lk256", "L250-read", "L200-read"])
 @pytest.mark.parametrize("backend", ["torch"] + (["triton"] if INTERPRET else []))
 def test_dilation_reorder_is_invisible_and_denser(backend, q_len, k_len, computed):
-    """Lengths that are multiples of the dilation let the kernels compute the order
-    (``perm_dilation``); other lengths read it from ``q_perm`` / ``k_perm``."""
+    """Residue groups of whole tiles (length / dilation a multiple of 16 here) let the kernels
+    compute the order (``perm_dilation``); other lengths read ``q_perm`` / ``k_perm``."""
     dilation = 4
     idx = dilated_indices(q_len, 32, dilation, k_len).expand(1, 2, -1, -1)
     plain = bsa.build_layout(idx, k_len, is_causal=True, block_m=16, block_n=16)
@@ -147,9 +147,10 @@ def test_bias_follows_the_permutation():
 
 def test_dilation_of_recognises_only_dilation_orders():
     from blocksparse_fsa.reorder import dilation_of, dilation_order
-    assert dilation_of(dilation_order(64, 4, offset=32), dilation_order(96, 4)) == 4
-    assert dilation_of(dilation_order(96, 8), dilation_order(96, 8)) == 8
-    assert dilation_of(dilation_order(90, 4), dilation_order(90, 4)) == 0  # 90 % 4 != 0
-    assert dilation_of(dilation_order(96, 4), dilation_order(96, 2)) == 0  # mixed
-    shuffled = torch.randperm(96, generator=torch.Generator().manual_seed(0))
-    assert dilation_of(shuffled, shuffled) == 0
+    assert dilation_of(dilation_order(64, 4, offset=32), dilation_order(96, 4), 16, 8) == 4
+    assert dilation_of(dilation_order(128, 8), dilation_order(128, 8), 16, 16) == 8
+    assert dilation_of(dilation_order(96, 4), dilation_order(96, 4), 16, 16) == 0  # 24 % 16
+    assert dilation_of(dilation_order(90, 3), dilation_order(90, 3), 16, 16) == 0
+    assert dilation_of(dilation_order(128, 4), dilation_order(128, 2), 16, 16) == 0  # mixed
+    shuffled = torch.randperm(128, generator=torch.Generator().manual_seed(0))
+    assert dilation_of(shuffled, shuffled, 16, 16) == 0

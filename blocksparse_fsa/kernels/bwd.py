@@ -64,7 +64,7 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
     for t in range(start, end):
         qt = tl.load(row_ptr + t).to(tl.int64)
         offs_m = qt * BLOCK_M + offs_i
-        q_rows = token_rows(QPerm, offs_m, q_len, perm_d, PERMUTED)
+        q_rows = token_rows(QPerm, offs_m, qt * BLOCK_M, q_len, perm_d, PERMUTED)
         q_ok = d_ok[None, :]
         if IS_PARTIAL:
             q_ok = q_ok & (offs_m[:, None] < q_len)
@@ -140,7 +140,7 @@ def sparse_attn_bwd_dkdv_kernel(
     offs_n = kt * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = (offs_n[:, None] < k_len) & (offs_d[None, :] < HEAD_DIM)
-    k_rows = token_rows(KPerm, offs_n, k_len, perm_d, PERMUTED)
+    k_rows = token_rows(KPerm, offs_n, kt.to(tl.int64) * BLOCK_N, k_len, perm_d, PERMUTED)
     rows = k_rows[:, None]
     k = tl.load(K + b * stride_kb + hk * stride_kh + rows * stride_kl + offs_d[None, :] * stride_kd,
                 mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
@@ -207,7 +207,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, KPerm, perm
     for t in range(start, end):
         kt = tl.load(col_ptr + t).to(tl.int64)
         offs_kn = kt * BLOCK_N + offs_n
-        k_rows = token_rows(KPerm, offs_kn, k_len, perm_d, PERMUTED)
+        k_rows = token_rows(KPerm, offs_kn, kt * BLOCK_N, k_len, perm_d, PERMUTED)
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
             kv_ok = kv_ok & (offs_kn[:, None] < k_len)
@@ -256,7 +256,8 @@ def sparse_attn_bwd_dq_kernel(
                                                    layout_heads, layout_batch_step, HEADS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-    q_rows = token_rows(QPerm, offs_m, q_len, perm_d, PERMUTED)
+    q_rows = token_rows(QPerm, offs_m, tl.program_id(0).to(tl.int64) * BLOCK_M, q_len, perm_d,
+                        PERMUTED)
     rows = q_rows[:, None]
     hs = heads[:, None]
     q = tl.load(Q + b * stride_qb + hs * stride_qh + rows * stride_ql + offs_d[None, :] * stride_qd,

@@ -188,19 +188,20 @@ def load_bias(bias_rows, cols, row_ok, col_ok, stride_biasn, IS_PARTIAL: tl.cons
 
 
 @triton.jit
-def token_rows(perm, offs, n, perm_d, PERMUTED: tl.constexpr):
-    """Where the kernel-order tokens ``offs`` of a sequence of ``n`` live in the caller's
-    tensors (int64). ``PERMUTED``: 0 no permutation (``offs``); 1 ``perm[offs]``; 2 the
-    dilation order ``reorder.dilation_order(n, perm_d)`` computed rather than read (``n`` a
-    multiple of ``perm_d``, so the queries' bottom-right offset is a multiple of it too): kernel
-    token ``p`` is the ``p % (n / perm_d)``-th position of residue ``p // (n / perm_d)``.
-    Positions >= ``n`` are masked by the caller (they map to 0 with 1, to some row with 2)."""
+def token_rows(perm, offs, start, n, perm_d, PERMUTED: tl.constexpr):
+    """Where the kernel-order tokens ``offs`` (one tile, first token ``start``) of a sequence of
+    ``n`` live in the caller's tensors (int64). ``PERMUTED``: 0 no permutation (``offs``);
+    1 ``perm[offs]``; 2 the dilation order ``reorder.dilation_order(n, perm_d)``, computed
+    rather than read: residue groups of ``n / perm_d`` tokens, a multiple of the tile size, so
+    the tile lies in group ``g = start // (n / perm_d)`` and its rows are ``g + (start - g * n /
+    perm_d + i) * perm_d`` (one scalar int32 division per tile, none per row).
+    Positions >= ``n`` are masked by the caller (they map to row 0 with 1)."""
     if PERMUTED == 1:
         rows = tl.load(perm + offs, mask=offs < n, other=0).to(tl.int64)
     elif PERMUTED == 2:
         group_len = n // perm_d
-        group = offs // group_len
-        rows = (group % perm_d + (offs - group * group_len) * perm_d).to(tl.int64)
+        group = (start.to(tl.int32) // group_len).to(tl.int64)
+        rows = group + (start - group * group_len + (offs - start)) * perm_d
     else:
         rows = offs.to(tl.int64)
     return rows

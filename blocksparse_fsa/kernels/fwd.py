@@ -29,7 +29,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, perm_d, 
     for t in range(start, end):
         kt = tl.load(col_ptr + t).to(tl.int64)
         offs_kn = kt * BLOCK_N + offs_n
-        k_rows = token_rows(KPerm, offs_kn, k_len, perm_d, PERMUTED)
+        k_rows = token_rows(KPerm, offs_kn, kt * BLOCK_N, k_len, perm_d, PERMUTED)
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
             kv_ok = kv_ok & (offs_kn[:, None] < k_len)
@@ -91,7 +91,8 @@ def sparse_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
     d_ok = offs_d < HEAD_DIM
-    q_rows = token_rows(QPerm, offs_m, q_len, perm_d, PERMUTED)
+    q_start = tl.program_id(0).to(tl.int64) * BLOCK_M
+    q_rows = token_rows(QPerm, offs_m, q_start, q_len, perm_d, PERMUTED)
     q_ptrs = (Q + b * stride_qb + heads[:, None] * stride_qh
               + q_rows[:, None] * stride_ql + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [HEADS*BLOCK_M, BLOCK_D]

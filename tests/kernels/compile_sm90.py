@@ -22,6 +22,7 @@ from triton.runtime.jit import JITFunction
 import blocksparse_fsa as bsa
 
 TARGET = GPUTarget("cuda", 90, 32)
+LENGTH = 256  # / 2 a multiple of the 64-token tiles: the dilation order is computed
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
            torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8",
            torch.bool: "i1"}
@@ -65,7 +66,7 @@ def compile_offline(self, *args, grid, warmup, **kwargs):
 def variants():
     """(name, sparse_attn_func keyword arguments, make bias?) covering every constexpr path."""
     g = torch.Generator().manual_seed(0)
-    length = 200
+    length = LENGTH
     idx = torch.randint(0, length, (1, 2, length, 16), generator=g)
     window = (torch.arange(length)[:, None] - torch.arange(48)[None, :]).clamp(min=-1)
     tiles = bsa.build_layout(idx, length, is_causal=True, kernel="tiles")
@@ -78,6 +79,7 @@ def variants():
     yield "tiles+bias row (q heads)", dict(layout=tiles), (1, 8, 1, length)
     yield "tiles+bias full", dict(layout=tiles), (1, 8, length, length)
     yield "permuted+bias", dict(layout=dilated), (1, 2, 1, length)
+    assert dilated.perm_dilation == 2
     shuffled = tiles.reordered((torch.randperm(length, generator=g),) * 2)
     yield "permuted (gathered order)", dict(layout=shuffled), None
     yield "gather+softcap+lse", dict(layout=gather, softcap=3.0, return_lse=True), None
@@ -102,8 +104,9 @@ def main():
     JITFunction.run = compile_offline
     cases = ((torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 256))
     for (dtype, dim), (name, kwargs, bias_shape) in itertools.product(cases, variants()):
-        q = torch.randn(1, 200, 8, dim, dtype=dtype, requires_grad=True)
-        k, v = (torch.randn(1, 200, 2, dim, dtype=dtype, requires_grad=True) for _ in range(2))
+        q = torch.randn(1, LENGTH, 8, dim, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(1, LENGTH, 2, dim, dtype=dtype, requires_grad=True)
+                for _ in range(2))
         inputs = [q, k, v]
         if bias_shape is not None:
             kwargs = dict(kwargs, attn_bias=torch.randn(bias_shape, dtype=dtype,
