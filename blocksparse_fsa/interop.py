@@ -15,6 +15,7 @@ which stores a dense tile map itself.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,42 +23,68 @@ import torch
 
 from .layout import SparseLayout, _check_blocks, _finish, popcount32, tile_rows
 
-# pairs of full tiles / words of partial tiles handled at a time: bounds the temporaries
+# pairs of full tiles / bytes plus set bits of partial tiles decoded at a time: bounds the
+# temporaries of layout_csr
 _CHUNK_PAIRS = 1 << 22
 # tile-map codes of the FlexAttention mask_mod (>= 0: index of a partial tile into ``masks``)
 _NO_TILE, _FULL_TILE = -1, -2
 
 
 # ---- the exact pattern as CSR / padded indices -----------------------------------------------
-def _merged_tiles(layout: SparseLayout):
-    """Full and partial tiles in one list ordered by (row, key tile).
-
-    Returns ``row, kt, mask_id`` (int64; ``mask_id`` = index into ``masks``, -1 for a full
-    tile) and ``first``: the position of each tile's row's first tile in that list.
-    """
-    dev = layout.device
-    row = torch.cat([tile_rows(layout.full_ptr), tile_rows(layout.part_ptr)])
-    kt = torch.cat([layout.full_col.long(), layout.part_col.long()])
-    mask_id = torch.cat([torch.full((layout.num_full_tiles,), -1, dtype=torch.long, device=dev),
-                         torch.arange(layout.num_partial_tiles, device=dev)])
-    order = torch.argsort(row * layout.num_k_tiles + kt)  # a tile is full or partial, not both
-    row_start = layout.full_ptr.long() + layout.part_ptr.long()  # merged CSR row pointers
-    row = row[order]
-    return row, kt[order], mask_id[order], row_start[row]
-
-
-def _lowest_bit(x: torch.Tensor) -> torch.Tensor:
-    """Position of the lowest set bit of each nonzero int32 element, int64.
-
-    ``x & -x`` isolates it (a power of two, or -2**31 for bit 31) and ``frexp`` reads its
-    exponent exactly.
-    """
-    return torch.frexp((x & -x).double()).exponent.long() - 1
-
-
 def popcount_rows(masks: torch.Tensor) -> torch.Tensor:
     """``[T, block_m, n_words]`` int32 words -> ``[T, block_m]`` int64 active keys per row."""
     return popcount32(masks).sum(-1, dtype=torch.long)
+
+
+def _mask_bytes(masks: torch.Tensor) -> torch.Tensor:
+    """``[T, block_m, n_words]`` int32 words -> ``[T, block_m, 4 * n_words]`` uint8, their
+    bytes (a view; little-endian, as on every device PyTorch runs on): byte ``k`` of a row
+    holds key columns ``8k`` to ``8k + 7``, bit ``c % 8`` = column ``c``."""
+    n_tiles, bm, n_words = masks.shape
+    return masks.reshape(-1).view(torch.uint8).view(n_tiles, bm, 4 * n_words)
+
+
+def _popcount8(b: torch.Tensor) -> torch.Tensor:
+    """Set bits of each uint8 element, uint8."""
+    b = b - ((b >> 1) & 0x55)
+    b = (b & 0x33) + ((b >> 2) & 0x33)
+    return (b + (b >> 4)) & 0x0F
+
+
+def _key_of_bit(n_bytes: int, device) -> torch.Tensor:
+    """``[n_bytes * 256 * 8]`` int64 look-up table: entry ``(256 * k + v) * 8 + j`` = the key
+    column of the ``j``-th lowest set bit of value ``v`` in byte ``k`` of a row (key columns
+    ``8k`` to ``8k + 7``); entries past ``v``'s set bits are never read."""
+    is_set = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
+    bit = torch.argsort(1 - is_set, dim=1, stable=True)  # [256, 8] set positions first
+    return (8 * torch.arange(n_bytes, device=device)[:, None, None] + bit).flatten()
+
+
+def _entry_slots(layout: SparseLayout, row: torch.Tensor, kt: torch.Tensor,
+                 counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR slots of the entries (tile, row of the tile) of ``layout``'s tiles.
+
+    ``row`` / ``kt`` ``[T]``: each tile's tile row and key tile, the full tiles then the
+    partial ones; ``counts`` ``[T, block_m]``: active keys per entry (none past ``q_len``).
+    The CSR holds query row ``i`` of tile row ``r`` tile by tile in key order, so the entries
+    are laid out in that order -- entry (``r``'s ``m``-th tile by key tile, ``i``) at
+    ``r``'s first tile * ``block_m`` + ``i`` * (``r``'s tiles) + ``m`` -- and one 1-D prefix
+    sum of their counts gives all slots. Returns the first slot of each entry ``[T,
+    block_m]`` and ``indptr`` ``[batch * heads * q_len + 1]``, both int64.
+    """
+    bm, dev = layout.block_m, layout.device
+    start = layout.full_ptr.long() + layout.part_ptr.long()  # merged row pointers [rows + 1]
+    n_tiles = start.diff()
+    place = torch.empty_like(row)  # rank among the tiles sorted by (row, key tile)
+    place[torch.argsort(row * layout.num_k_tiles + kt)] = torch.arange(row.numel(), device=dev)
+    first, i = start[row], torch.arange(bm, device=dev)
+    order = (first * bm + place - first)[:, None] + n_tiles[row][:, None] * i  # [T, bm]
+    in_order = torch.empty_like(counts).view(-1).scatter_(0, order.view(-1), counts.view(-1))
+    ends = torch.zeros(row.numel() * bm + 1, dtype=torch.long, device=dev)
+    torch.cumsum(in_order, 0, dtype=torch.long, out=ends[1:])  # ends[e]: keys of entries < e
+    row_start = (start[:-1] * bm)[:, None] + n_tiles[:, None] * i  # [rows, bm] query rows
+    q_rows = ends[row_start].view(layout.batch * layout.heads, -1)[:, :layout.q_len]
+    return ends[order], torch.cat([q_rows.flatten(), ends[-1:]])
 
 
 def layout_csr(layout: SparseLayout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,53 +92,56 @@ def layout_csr(layout: SparseLayout) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns ``indptr`` int64 ``[batch * heads * q_len + 1]`` and ``indices`` int64 ``[nnz]``,
     the active keys of each row in ascending order, on the layout's device. No sort of the
-    pairs and no expansion of partial tiles to bits: a tile's slot in its query row is a prefix
-    sum of per-row popcounts over the row's tiles, a word's slot one over the row's words, and
-    each word gives up its set bits lowest first (O(words + nnz) work).
+    pairs and no loop over bits: every (tile, row of the tile) gets its first slot from one
+    1-D prefix sum of popcounts (``_entry_slots``); a full tile writes ``block_n`` keys per
+    row; the set bits of partial tiles are enumerated a chunk at a time with
+    ``repeat_interleave`` over the popcounts of their bytes, and a bit's rank among them gives
+    both its slot and, through a byte table, its key. O(tiles * block_m * n_words + nnz) work
+    and memory (chunks of about ``_CHUNK_PAIRS`` bytes and set bits), two host syncs.
     """
-    bm, bn, q_len, n_qt = layout.block_m, layout.block_n, layout.q_len, layout.num_q_tiles
-    dev = layout.device
-    n_flat = layout.batch * layout.heads * q_len
-    row, kt, mask_id, first = _merged_tiles(layout)
-    # active keys of every (tile, row in tile): full tiles are always inside [0, q_len)
-    counts = torch.full((row.numel(), bm), bn, dtype=torch.long, device=dev)
-    part = mask_id >= 0
-    counts[part] = popcount_rows(layout.masks[mask_id[part]])
-    q = (row % n_qt)[:, None] * bm + torch.arange(bm, device=dev)  # [T, bm] query index
-    valid = q < q_len  # rows past q_len of an edge tile have no bits
-    flat = torch.where(valid, (row // n_qt)[:, None] * q_len + q, 0)
-    counts = torch.where(valid, counts, 0)
-    per_row = torch.zeros(n_flat, dtype=torch.long, device=dev)
-    per_row.index_add_(0, flat.flatten(), counts.flatten())
-    indptr = torch.zeros(n_flat + 1, dtype=torch.long, device=dev)
-    torch.cumsum(per_row, 0, out=indptr[1:])
-    # keys before tile t in its query row = sum of counts of the earlier tiles of its tile row
-    before = torch.cumsum(counts, 0) - counts
-    slot = indptr[flat] + before - before[first]  # [T, bm] slot of the tile's first key
-    indices = torch.empty(int(indptr[-1]), dtype=torch.long, device=dev)
+    bm, bn, dev = layout.block_m, layout.block_n, layout.device
+    n_full, n_part = layout.num_full_tiles, layout.num_partial_tiles
+    row = torch.cat([tile_rows(layout.full_ptr, n_full), tile_rows(layout.part_ptr, n_part)])
+    kt = torch.cat([layout.full_col, layout.part_col]).long()
+    mask_bytes = _mask_bytes(layout.masks)  # [Tp, bm, n_bytes] uint8
+    byte_keys = _popcount8(mask_bytes)
+    n_bytes = mask_bytes.shape[2]
+    counts = torch.full((n_full + n_part, bm), bn, dtype=torch.int16, device=dev)  # bn <= 256
+    counts[n_full:] = byte_keys.sum(-1, dtype=torch.int16)  # edge tiles: no bits past q_len
+    slot, indptr = _entry_slots(layout, row, kt, counts)
+    # chunks of partial tiles: a tile costs its bytes and its set bits (temporaries of both)
+    cost = torch.zeros(n_part + 1, dtype=torch.long, device=dev)
+    torch.cumsum(counts[n_full:].sum(1) + bm * n_bytes, 0, out=cost[1:])
+    total = int(cost[-1])  # host sync 1
+    edges = torch.searchsorted(cost[:-1], torch.arange(0, total, _CHUNK_PAIRS, device=dev))
+    bounds = torch.stack([edges, cost[edges]]).T.tolist() + [[n_part, total]]  # host sync 2
+    nnz = n_full * bm * bn + total - n_part * bm * n_bytes  # = indptr[-1]
+
+    indices = torch.empty(nnz, dtype=torch.long, device=dev)
     cols = torch.arange(bn, device=dev)
-    full_tiles = (~part).nonzero().squeeze(1)
     step = max(1, _CHUNK_PAIRS // (bm * bn))
-    for s in range(0, full_tiles.numel(), step):  # every key of every row, in order
-        t = full_tiles[s:s + step]
-        indices[slot[t][:, :, None] + cols] = (kt[t] * bn)[:, None, None] + cols  # [C, bm, bn]
-    part_tiles, n_words = part.nonzero().squeeze(1), layout.masks.shape[2]
-    word_col = 32 * torch.arange(n_words, device=dev)
-    step = max(1, _CHUNK_PAIRS // (bm * n_words))
-    for s in range(0, part_tiles.numel(), step):  # set bits of each word, lowest first
-        t = part_tiles[s:s + step]
-        words = layout.masks[mask_id[t]]  # [C, bm, n_words] int32
-        in_word = popcount32(words).long()
-        dest = slot[t][:, :, None] + torch.cumsum(in_word, -1) - in_word
-        col = ((kt[t] * bn)[:, None, None] + word_col).expand_as(words)
-        live = words != 0
-        words, dest, col = words[live], dest[live], col[live]
-        while words.numel():  # at most 32 rounds, each over the words with bits left
-            bit = _lowest_bit(words)
-            indices[dest] = col + bit
-            words = words & (words - 1)  # clear the lowest bit (int32 wraps at -2**31)
-            live = words != 0
-            words, dest, col = words[live], dest[live] + 1, col[live]
+    for s in range(0, n_full, step):  # every key of every row, in order
+        t = slice(s, min(s + step, n_full))
+        indices[slot[t, :, None] + cols] = (kt[t] * bn)[:, None, None] + cols  # [C, bm, bn]
+    key_of_bit = _key_of_bit(n_bytes, dev)
+    table_of_byte = 256 * torch.arange(n_bytes, device=dev)  # byte k's block of key_of_bit
+    for (p0, c0), (p1, c1) in itertools.pairwise(bounds):  # partial tiles [p0, p1)
+        if p1 == p0:
+            continue
+        t = slice(n_full + p0, n_full + p1)
+        in_byte = byte_keys[p0:p1].flatten()  # [C * bm * n_bytes] uint8, rows in key order
+        before = torch.cumsum(in_byte, 0) - in_byte  # the chunk's set bits before each byte
+        # The chunk's set bit m, the j-th of its byte (m = before + j), goes to its row's slot
+        # + (m - before[the row's first byte]); in the row's k-th byte, of value v, it is key
+        # key_of_bit[(256 k + v) * 8 + j] of the row's key tile.
+        row_dest = slot[t].flatten() - before[::n_bytes]  # [C * bm]
+        row_key = (kt[t] * bn)[:, None].expand(-1, bm).flatten()  # the row's key tile start
+        lut = 8 * (mask_bytes[p0:p1].long() + table_of_byte).flatten() - before  # [C*bm*n_bytes]
+        n_keys = c1 - c0 - (p1 - p0) * bm * n_bytes
+        src = torch.repeat_interleave(in_byte.long(), output_size=n_keys)  # byte of each bit
+        m = torch.arange(n_keys, device=dev)
+        r = src // n_bytes
+        indices[row_dest[r] + m] = row_key[r] + key_of_bit[lut[src] + m]
     return indptr, indices
 
 

@@ -443,10 +443,13 @@ def _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm, 
                                                          layout.block_n))
 
 
-def tile_rows(ptr: torch.Tensor) -> torch.Tensor:
-    """The CSR row of every entry of a layout's tile list (``ptr`` = its row pointers), int64."""
+def tile_rows(ptr: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """The CSR row of every entry of a layout's tile list (``ptr`` = its row pointers), int64.
+
+    ``n``: the list's length, if known (saves a device sync).
+    """
     rows = torch.arange(ptr.numel() - 1, device=ptr.device)
-    return torch.repeat_interleave(rows, (ptr[1:] - ptr[:-1]).long())
+    return torch.repeat_interleave(rows, (ptr[1:] - ptr[:-1]).long(), output_size=n)
 
 
 def popcount32(words: torch.Tensor) -> torch.Tensor:

@@ -125,9 +125,31 @@ def test_layout_csr_small_chunks(monkeypatch):
     """Tiles walked a few at a time give the same CSR as all at once."""
     layout = random_layout(CASES[1], seed=3)
     want = interop.layout_csr(layout)
-    monkeypatch.setattr(interop, "_CHUNK_PAIRS", 48)  # 1 full / 3 partial tiles
+    monkeypatch.setattr(interop, "_CHUNK_PAIRS", 48)  # 1 full / 1 partial tile at a time
     got = interop.layout_csr(layout)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("chunk", [None, 300], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (64, 64), (16, 128), (32, 256)],
+                         ids=lambda b: f"{b[0]}x{b[1]}")
+def test_layout_csr_matches_dense_mask(blocks, chunk, monkeypatch):
+    """``layout_csr`` against the dense mask's nonzeros: scattered keys (partial tiles, bit 31
+    set in some words), a sliding window (full tiles), Lq not a multiple of block_m."""
+    if chunk is not None:
+        monkeypatch.setattr(interop, "_CHUNK_PAIRS", chunk)  # many chunks of partial tiles
+    block_m, block_n = blocks
+    idx = random_indices(2, 2, 150, 400, 40, seed=block_n, window_keys=3 * max(blocks))
+    layout = bsa.build_layout(idx, 400, is_causal=True, block_m=block_m, block_n=block_n)
+    assert layout.num_full_tiles and layout.num_partial_tiles
+    assert block_n == 16 or bool((layout.masks < 0).any())  # bit 31 of a word
+    indptr, indices = interop.layout_csr(layout)
+    mask = layout.to_dense_mask().reshape(-1, layout.k_len)  # [batch * heads * q_len, k_len]
+    want_ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.long)
+    torch.cumsum(mask.sum(1), 0, out=want_ptr[1:])
+    assert indptr.dtype == indices.dtype == torch.int64
+    assert torch.equal(indptr, want_ptr)
+    assert torch.equal(indices, mask.nonzero()[:, 1])
 
 
 # ---- SciPy -------------------------------------------------------------------------------------
