@@ -10,7 +10,9 @@ for tensor: a mismatch is reported and not timed. GPU times are medians of
 ``triton.testing.do_bench``; ``build_layout`` rows include the host sync and the transposed
 lists (``_finish``), ``tiles only`` rows are the builders alone. numba is timed with
 ``time.perf_counter`` (median of 3 after a warm-up) and includes copying the indices to the
-host. ``--sweep`` adds one row per Triton launch config (tiles only) and names the fastest.
+host; ``(host)`` rows time a synced call with ``perf_counter`` (median of 20). ``--flex`` adds
+flex's compiled ``create_block_mask`` on the pattern's ``mask_mod`` on both timers.
+``--sweep`` adds one row per Triton launch config (tiles only) and names the fastest.
 ``--device cpu`` (with ``TRITON_INTERPRET=1``, small ``--seq-len``) is a smoke test.
 """
 
@@ -32,8 +34,7 @@ from blocksparse_fsa.preprocess.indices_triton import indices_to_tiles_triton
 LAYOUT_TENSORS = ["full_ptr", "full_col", "part_ptr", "part_col", "masks", "full_ptr_t",
                   "full_row_t", "part_ptr_t", "part_row_t", "part_mask_t", "nnz"]
 TILE_NAMES = ["full_ptr", "full_col", "part_ptr", "part_col", "masks", "nnz"]
-SWEEP = dict(CHUNK=(32, 64), num_warps=(4, 8), maxnreg=(None, 128),
-             programs_per_sm=(4, 8, 16))
+SWEEP = dict(CHUNK=(16, 32), num_warps=(4,), maxnreg=(128, 168), programs_per_sm=(4, 8, 16))
 
 
 def first_difference(got, want):
@@ -88,6 +89,23 @@ def profile(fn, device, runs=5):
     print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
 
 
+def time_flex(pattern, heads_q, length, device, rows, gpu, commit, args):
+    """Flex's compiled ``create_block_mask`` on the pattern's analytic ``mask_mod`` (what the
+    benchmark's flex rows use; it reads no indices), on the same two timers as ours."""
+    mask_mod, heads = bench.flex_mask_mod(pattern, heads_q)
+    make = bench.compiled_create_block_mask()
+
+    def fn():
+        return make(mask_mod, None, heads, length, length, device=device)
+
+    fn()  # compile
+    for name, ms in (("flex create_block_mask", gpu_ms(fn, device)),
+                     ("flex create_block_mask (host)", host_ms(fn, device, runs=20))):
+        rows.append(dict(gpu=gpu, commit=commit, pattern=args.pattern, seq_len=length,
+                         dtype=args.dtype, block="128x128", method=name, ms=ms, status="ok"))
+        print(f"{name:28s} {ms:10.3f} ms  (heads {heads or 1})", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pattern", default="sliding_window", choices=bench.PATTERNS)
@@ -98,6 +116,10 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], choices=["numba", "torch"],
                         help="builds not to time (the PyTorch build is still the reference)")
     parser.add_argument("--sweep", action="store_true", help="time Triton launch configs")
+    parser.add_argument("--flex", action="store_true",
+                        help="also time flex's compiled create_block_mask for the pattern (its "
+                             "mask_mod, query heads --heads-q) with the same timers")
+    parser.add_argument("--heads-q", type=int, default=32)
     parser.add_argument("--profile", action="store_true",
                         help="print torch.profiler's kernel table of the Triton build_layout")
     parser.add_argument("--device", default="cuda")
@@ -141,6 +163,8 @@ def main():
 
     on_gpu = lambda fn: gpu_ms(fn, device)  # noqa: E731
     run("triton build_layout", lambda: build("triton"), want, on_gpu)
+    run("triton build_layout (host)", lambda: build("triton"), want,
+        lambda fn: host_ms(fn, device, runs=20))
     run("triton tiles only", tiles, want_tiles, on_gpu)
     if "torch" not in args.skip:
         run("torch build_layout", lambda: build("torch"), want, on_gpu)
@@ -151,6 +175,8 @@ def main():
         run("numba build_layout (host)", lambda: build("numba"), want,
             lambda fn: host_ms(fn, device))
 
+    if args.flex:
+        time_flex(pattern, args.heads_q, length, device, rows, gpu, commit, args)
     if args.profile:
         profile(lambda: build("triton"), device)
     if args.sweep:
