@@ -64,15 +64,15 @@ def main():
             config = dict(num_warps=warps, num_stages=stages)
             launch_config.heads_per_program = (
                 default_stack if stack == "auto" else (lambda *a, n=int(stack), **kw: n))
-            fixed = (lambda *a, c=config, **kw: c)
-            launch_config.get_fwd_config = fixed if passname == "fwd" else default_fwd
-            launch_config.get_bwd_config = {
-                "bwd": fixed, "fwd": default_bwd,
-                "dq": lambda *a, c=config, kernel="dkdv": (
-                    c if kernel == "dq" else default_bwd(*a, kernel=kernel)),
-                "dkdv": lambda *a, c=config, kernel="dkdv": (
-                    c if kernel == "dkdv" else default_bwd(*a, kernel=kernel)),
-            }[passname]
+
+            def fwd_config(*a, c=config):
+                return c
+
+            def bwd_config(*a, kernel="dkdv", c=config, tuned=passname):
+                return c if tuned in ("bwd", kernel) else default_bwd(*a, kernel=kernel)
+
+            launch_config.get_fwd_config = fwd_config if passname == "fwd" else default_fwd
+            launch_config.get_bwd_config = bwd_config
             try:
                 if passname == "fwd":
                     ms = do_bench(lambda: bsa.sparse_attn_func(q, k, v, layout=layout),

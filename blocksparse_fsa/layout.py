@@ -438,9 +438,9 @@ def _permuted(attn_indices, k_len, is_causal, block_m, block_n, q_perm, k_perm, 
     idx = permute_indices(attn_indices, k_len, is_causal, q_perm.to(dev), k_perm.to(dev))
     layout = SparseLayout.from_indices(idx, k_len, block_m=block_m, block_n=block_n,
                                        method=method, kernel="tiles")
+    dilation = dilation_of(q_perm, k_perm, layout.block_m, layout.block_n)
     return replace(layout, is_causal=bool(is_causal), q_perm=q_perm.to(layout.device),
-                   k_perm=k_perm.to(layout.device), perm_dilation=dilation_of(q_perm, k_perm, layout.block_m,
-                                                         layout.block_n))
+                   k_perm=k_perm.to(layout.device), perm_dilation=dilation)
 
 
 def tile_rows(ptr: torch.Tensor, n: int | None = None) -> torch.Tensor:

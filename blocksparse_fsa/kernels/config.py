@@ -26,7 +26,8 @@ def get_fwd_config(head_dim: int, block_m: int, block_n: int) -> dict:
 def get_bwd_config(head_dim: int, block_m: int, block_n: int, kernel: str = "dkdv") -> dict:
     """Warps and stages of the dK/dV (``kernel="dkdv"``) and dQ (``"dq"``) kernels (H200,
     D=128: 64x64 tiles with 4 warps and 2-4 stages are best; larger tiles want 8 warps and are
-    slower overall)."""
+    slower overall). Both kernels take the same config: tuned one at a time
+    (``tune_configs.py --passes dq dkdv``), neither beat 4 warps x 2 stages by more than 1%."""
     if head_dim <= 64:
         return dict(num_warps=4, num_stages=3)
     if head_dim <= 128:

@@ -180,10 +180,13 @@ def _popcount(x):
 
 @triton.jit
 def _store_tiles(acc, touched, full, kt0, full_col_ptr, f0, part_col_ptr, masks_ptr, p0,
-                 BLOCK_M: tl.constexpr, SPAN: tl.constexpr, N_WORDS: tl.constexpr):
+                 keys_full_ptr, key_f, keys_part_ptr, key_p, n_qt,
+                 BLOCK_M: tl.constexpr, SPAN: tl.constexpr, N_WORDS: tl.constexpr,
+                 WITH_KEYS: tl.constexpr):
     """Write the span's full tiles at ``full_col[f0:]`` and its partial tiles at
-    ``part_col[p0:]`` / ``masks[p0:]``, in key-tile order (the span's first tile is ``kt0``).
-    Returns the advanced ``(f0, p0)``."""
+    ``part_col[p0:]`` / ``masks[p0:]``, in key-tile order (the span's first tile is ``kt0``),
+    and with ``WITH_KEYS`` their sort keys (``key_f`` / ``key_p`` + kt * n_qt) at the same
+    positions of ``keys_full`` / ``keys_part``. Returns the advanced ``(f0, p0)``."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     TILE_WORDS: tl.constexpr = BLOCK_M * N_WORDS
     is_full = touched * full
@@ -193,24 +196,15 @@ def _store_tiles(acc, touched, full, kt0, full_col_ptr, f0, part_col_ptr, masks_
     kt = kt0 + tl.arange(0, SPAN_TILES)
     tl.store(full_col_ptr + f_pos, kt, mask=is_full != 0)
     tl.store(part_col_ptr + p_pos, kt, mask=is_part != 0)
+    if WITH_KEYS:
+        kt_key = kt.to(tl.int64) * n_qt
+        tl.store(keys_full_ptr + f_pos, key_f + kt_key, mask=is_full != 0)
+        tl.store(keys_part_ptr + p_pos, key_p + kt_key, mask=is_part != 0)
     tiles = tl.permute(tl.reshape(acc, [BLOCK_M, SPAN_TILES, N_WORDS]), (1, 0, 2))
     tiles = tl.reshape(tiles, [SPAN_TILES, TILE_WORDS])  # tile t's words, row-major
     offs = p_pos[:, None].to(tl.int64) * TILE_WORDS + tl.arange(0, TILE_WORDS)[None, :]
     tl.store(masks_ptr + offs, tiles.to(tl.int32, bitcast=True), mask=(is_part != 0)[:, None])
     return f0 + tl.sum(is_full, 0), p0 + tl.sum(is_part, 0)
-
-
-@triton.jit
-def _store_keys(touched, full, kt0, keys_full_ptr, f0, key_f, keys_part_ptr, p0, key_p, n_qt,
-                SPAN_TILES: tl.constexpr):
-    """The sort keys of the span's tiles, at the positions ``_store_tiles`` gives them."""
-    is_full = touched * full
-    is_part = touched - is_full
-    kt = (kt0 + tl.arange(0, SPAN_TILES)).to(tl.int64) * n_qt
-    tl.store(keys_full_ptr + f0 + tl.cumsum(is_full, 0) - is_full, key_f + kt,
-             mask=is_full != 0)
-    tl.store(keys_part_ptr + p0 + tl.cumsum(is_part, 0) - is_part, key_p + kt,
-             mask=is_part != 0)
 
 
 @triton.jit
@@ -301,7 +295,8 @@ def indices_to_tiles_count_kernel(
             slot_p = tl.atomic_add(stats_ptr + 3, n_part.to(tl.int64), sem="relaxed")
             if (slot_f + n_full <= pool_full_cap) & (slot_p + n_part <= pool_part_cap):
                 _store_tiles(acc, touched, full, base >> LOG_NW, pool_full_ptr, slot_f,
-                             pool_part_ptr, pool_mask_ptr, slot_p, BLOCK_M, SPAN, N_WORDS)
+                             pool_part_ptr, pool_mask_ptr, slot_p, pool_full_ptr, 0,
+                             pool_full_ptr, 0, 0, BLOCK_M, SPAN, N_WORDS, False)
             else:
                 slot_f = tl.full([], -1, tl.int64)
                 slot_p = tl.full([], -1, tl.int64)
@@ -395,10 +390,9 @@ def indices_to_tiles_write_kernel(
                     BY_BITS)
                 acc = _read_bitmap(scratch, BLOCK_M, SPAN)
                 touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
-                _store_keys(touched, full, base >> LOG_NW, keys_full_ptr, f0, key_f,
-                            keys_part_ptr, p0, key_p, n_qt, SPAN // N_WORDS)
                 f0, p0 = _store_tiles(acc, touched, full, base >> LOG_NW, full_col_ptr, f0,
-                                      part_col_ptr, masks_ptr, p0, BLOCK_M, SPAN, N_WORDS)
+                                      part_col_ptr, masks_ptr, p0, keys_full_ptr, key_f,
+                                      keys_part_ptr, key_p, n_qt, BLOCK_M, SPAN, N_WORDS, True)
                 base = (above >> LOG_NW) << LOG_NW  # BIG when nothing is left
 
 

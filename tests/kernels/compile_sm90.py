@@ -73,13 +73,13 @@ def variants():
     gather = bsa.build_layout(idx, length, is_causal=True, kernel="gather")
     dilated = bsa.build_layout(window[None, None].expand(1, 2, -1, -1), length, is_causal=True,
                                reorder=("dilation", 2))
+    assert dilated.perm_dilation == 2  # the computed order, not the gathered one
     yield "tiles", dict(layout=tiles), None
     yield "tiles+softcap+lse", dict(layout=tiles, softcap=3.0, return_lse=True), None
     yield "tiles+bias row (kv heads)", dict(layout=tiles), (1, 2, 1, length)
     yield "tiles+bias row (q heads)", dict(layout=tiles), (1, 8, 1, length)
     yield "tiles+bias full", dict(layout=tiles), (1, 8, length, length)
     yield "permuted+bias", dict(layout=dilated), (1, 2, 1, length)
-    assert dilated.perm_dilation == 2
     shuffled = tiles.reordered((torch.randperm(length, generator=g),) * 2)
     yield "permuted (gathered order)", dict(layout=shuffled), None
     yield "gather+softcap+lse", dict(layout=gather, softcap=3.0, return_lse=True), None
