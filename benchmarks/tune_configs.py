@@ -1,6 +1,7 @@
 """Sweep tile shapes, warps and pipeline stages of the kernels on one pattern (GPU only).
 
     python benchmarks/tune_configs.py --seq-len 32768 --out benchmarks/results
+    python benchmarks/tune_configs.py --pattern dilated_reordered --blocks 64x64 --passes dq dkdv
 
 Prints one row per (layout tile, pass, num_warps, num_stages) with the median time and the
 effective TFLOP/s on the pattern's non-zeros, and writes them to ``tune_<gpu>.csv``. The winners
@@ -16,19 +17,16 @@ import torch
 from triton.testing import do_bench
 
 import blocksparse_fsa as bsa
+from blocksparse_fsa import bench_patterns
 from blocksparse_fsa.kernels import config as launch_config
-
-
-def sliding_window(length, window, heads, device):
-    i = torch.arange(length, device=device)[:, None]
-    idx = i - torch.arange(window, device=device)[None, :]
-    return torch.where(idx >= 0, idx, -1).to(torch.int32)[None, None].expand(1, heads, -1, -1)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=32768)
-    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--pattern", default="sliding_window", choices=bench_patterns.PATTERNS,
+                        help="a benchmark pattern (its token order too)")
+    parser.add_argument("--window", type=int, default=1024, help="for sliding_window")
     parser.add_argument("--heads-q", type=int, default=32)
     parser.add_argument("--heads-kv", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -50,13 +48,16 @@ def main():
     k = torch.randn(1, length, hkv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(1, length, hkv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn_like(q)
-    idx = sliding_window(length, args.window, hkv, "cuda")
+    build = bench_patterns.PATTERN_BUILDERS[args.pattern]
+    extra = dict(window=args.window) if args.pattern == "sliding_window" else {}
+    pattern = build(length, hkv, "cuda", **extra)
     rows = []
     default_fwd, default_bwd = launch_config.get_fwd_config, launch_config.get_bwd_config
     default_stack = launch_config.heads_per_program
     for block in args.blocks:
         block_m, block_n = map(int, block.split("x"))
-        layout = bsa.build_layout(idx, length, is_causal=True, block_m=block_m, block_n=block_n)
+        layout = bsa.build_layout(pattern.indices, length, is_causal=True, block_m=block_m,
+                                  block_n=block_n, reorder=pattern.reorder, kernel="tiles")
         flops = 4 * layout.nnz * (hq // layout.heads) * dim
         out = bsa.sparse_attn_func(q, k, v, layout=layout)
         for passname, stack, warps, stages in itertools.product(
@@ -98,7 +99,8 @@ def main():
     launch_config.heads_per_program = default_stack
     os.makedirs(args.out, exist_ok=True)
     slug = torch.cuda.get_device_name().replace(" ", "_")
-    with open(os.path.join(args.out, f"tune_{slug}.csv"), "w", newline="") as f:
+    suffix = "" if args.pattern == "sliding_window" else f"_{args.pattern}"
+    with open(os.path.join(args.out, f"tune_{slug}{suffix}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=sorted({key for r in rows for key in r}))
         writer.writeheader()
         writer.writerows(rows)
