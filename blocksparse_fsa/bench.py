@@ -71,8 +71,8 @@ Method
       two. With ``--passes fwd`` alone the inputs do not require grad.
     * ``layout_ms`` is the steady-state cost of building the pattern's metadata once (ours:
       ``build_layout`` + ``.to(device)``; flex: the mask_mod's tensors + compiled
-      ``create_block_mask``; sdpa_mask: the dense mask), measured with ``perf_counter`` and a
-      synchronize; ``layout_first_ms`` is the first call, including numba / torch.compile
+      ``create_block_mask``; sdpa_mask: the dense mask), the median of 5 calls timed with
+      ``perf_counter`` and a synchronize; ``layout_first_ms`` is the first call, including numba / torch.compile
       compilation. ``first_call_s`` is the check run (for flex it includes compiling the
       attention kernels).
     * ``peak_mb`` = ``max_memory_allocated`` during one call of the timed function (forward, or
@@ -93,6 +93,7 @@ import json
 import math
 import re
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -200,6 +201,17 @@ def _timed(fn, device):
     return result, (time.perf_counter() - t0) * 1e3
 
 
+def _timed_median(fn, device, runs: int = 5):
+    """(result of the last call, median ms of ``runs`` synchronized calls): one call of a
+    millisecond-scale build is too noisy a sample."""
+    times = []
+    for _ in range(runs):
+        result = None  # free the previous result before the next call (dense masks are large)
+        result, ms = _timed(fn, device)
+        times.append(ms)
+    return result, statistics.median(times)
+
+
 def _with_backward(fwd, dout):
     def fwdbwd():
         fwd().backward(dout)
@@ -249,7 +261,7 @@ def setup_ours(pattern: Pattern, inp: Inputs, args, with_bias: bool = False) -> 
         layout, ms, first_ms, note = pattern.layout, None, None, "the pattern's own layout"
     else:
         layout, first_ms = _timed(build, device)  # includes compilation the first time
-        layout, ms = _timed(build, device)
+        layout, ms = _timed_median(build, device)
         _timed(lambda: build("numba"), device)  # numba's compilation
         _, numba_ms = _timed(lambda: build("numba"), device)
         note = f"layout build with numba on the host: {numba_ms:.0f} ms"
@@ -398,7 +410,7 @@ def setup_flex(pattern: Pattern, inp: Inputs, args) -> SystemRun:
         from torch.nn.attention.flex_attention import create_block_mask as make
         note = f"compiled create_block_mask failed ({_short(exc, 60)}); eager"
         block_mask, first_ms = _timed(build, device)
-    block_mask, ms = _timed(build, device)
+    block_mask, ms = _timed_median(build, device)
     flex = compiled_flex_attention()
 
     def fwd():
@@ -459,7 +471,7 @@ def setup_sdpa_mask(pattern: Pattern, inp: Inputs, args) -> SystemRun:
 
     mask, first_ms = _timed(build, device)
     del mask
-    mask, ms = _timed(build, device)
+    mask, ms = _timed_median(build, device)
     kr, vr, grads = _repeated_kv(inp)
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
