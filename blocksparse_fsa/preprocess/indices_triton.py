@@ -146,6 +146,17 @@ def _scan_chunks(j, below, above, n_bad, bitmap_rows, row_ptr, row_ok, bound, ba
 
 
 @triton.jit
+def _program_bitmap(scratch_ptr, pid, BLOCK_M: tl.constexpr, SPAN: tl.constexpr):
+    """Program ``pid``'s scratch bitmap ``[BLOCK_M, SPAN]`` words, zeroed: its base and the
+    pointers to its rows ``[BLOCK_M, 1]``."""
+    scratch = scratch_ptr + pid.to(tl.int64) * (BLOCK_M * SPAN)
+    bitmap_rows = scratch + tl.arange(0, BLOCK_M)[:, None] * SPAN
+    tl.store(bitmap_rows + tl.arange(0, SPAN)[None, :],
+             tl.zeros([BLOCK_M, SPAN], tl.int32), cache_modifier=".cg")
+    return scratch, bitmap_rows
+
+
+@triton.jit
 def _read_bitmap(scratch, BLOCK_M: tl.constexpr, SPAN: tl.constexpr):
     """Wait for the program's atomics, read its bitmap ``[BLOCK_M, SPAN]`` (uint32) past L1,
     and clear it for the next span."""
@@ -239,10 +250,7 @@ def indices_to_tiles_count_kernel(
     it fits: ``pool_at[0 / 1, row]`` = its first full / partial slot, else -1."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     pid = tl.program_id(0)
-    scratch = scratch_ptr + pid.to(tl.int64) * (BLOCK_M * SPAN)
-    bitmap_rows = scratch + tl.arange(0, BLOCK_M)[:, None] * SPAN  # [BLOCK_M, 1]
-    tl.store(bitmap_rows + tl.arange(0, SPAN)[None, :],
-             tl.zeros([BLOCK_M, SPAN], tl.int32), cache_modifier=".cg")
+    scratch, bitmap_rows = _program_bitmap(scratch_ptr, pid, BLOCK_M, SPAN)
     tiles_t = tl.arange(0, SPAN_TILES)
     n_chunks = tl.cdiv(width, CHUNK)
     nnz = tl.zeros([], tl.int64)
@@ -348,10 +356,7 @@ def indices_to_tiles_write_kernel(
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     TILE_WORDS: tl.constexpr = BLOCK_M * N_WORDS
     pid = tl.program_id(0)
-    scratch = scratch_ptr + pid.to(tl.int64) * (BLOCK_M * SPAN)
-    bitmap_rows = scratch + tl.arange(0, BLOCK_M)[:, None] * SPAN  # [BLOCK_M, 1]
-    tl.store(bitmap_rows + tl.arange(0, SPAN)[None, :],
-             tl.zeros([BLOCK_M, SPAN], tl.int32), cache_modifier=".cg")
+    scratch, bitmap_rows = _program_bitmap(scratch_ptr, pid, BLOCK_M, SPAN)
     t = tl.arange(0, SPAN_TILES)
     e = tl.arange(0, TILE_WORDS)
     n_chunks = tl.cdiv(width, CHUNK)
