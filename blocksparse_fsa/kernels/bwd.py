@@ -5,9 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, bias_args, bias_rows_of, launch_args, load_bias, log2_scores,
-                     new_empty, perm_args, query_program, row_range, score_args, stride_args,
-                     tile_bits, token_rows)
+from .common import (LOG2E, bias_args, bias_rows_of, launch_args, load_bias, load_tile,
+                     log2_scores, new_empty, perm_args, query_program, row_range, score_args,
+                     stride_args, tile_bits, tile_source, token_rows, use_tma)
 from . import config as launch_config
 
 
@@ -19,7 +19,8 @@ def sparse_attn_bwd_preprocess(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """delta = rowsum(dO * O) - dLse for one query tile of one (batch, head); grid
-    (num_q_tiles, B * Hq). Delta and DLse are (B, Hq, Lq) float32, contiguous."""
+    (num_q_tiles, B * Hq). Delta and DLse are (B, Hq, Lq) float32, contiguous. (The gather
+    backward's; the tile walker's dQ kernel computes delta itself.)"""
     qt = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // num_q_heads
@@ -46,7 +47,8 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, IS_PARTIAL: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr,
-                DBIAS: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                DBIAS: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                TMA: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles ``row_ptr[start:end]``.
 
     The bias comes from ``bias_base`` (this query head's plane), or with ``BIAS_ROW`` (one bias
@@ -68,9 +70,9 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
         q_ok = d_ok[None, :]
         if IS_PARTIAL:
             q_ok = q_ok & (offs_m[:, None] < q_len)
-        q = tl.load(q_base + q_rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                    mask=q_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
-        lse = tl.load(lse_base + q_rows, mask=offs_m < q_len, other=0.0) * LOG2E
+        q = load_tile(q_base, q_rows, qt * BLOCK_M, q_len, perm_d, stride_ql, stride_qd, q_ok,
+                      BLOCK_M, BLOCK_D, PERMUTED, TMA)  # [BLOCK_M, BLOCK_D]
+        lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
         s_t, tanh_t = log2_scores(qk_t, qk_scale, cap_scale, SOFTCAP)  # [BLOCK_N, BLOCK_M]
         if BIAS_ROW:
@@ -89,10 +91,10 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
             bits_t = tile_bits(masks + mask_idx * (BLOCK_M * N_WORDS), offs_i, offs_n, N_WORDS,
                                True)
             p_t = tl.where(bits_t, p_t, 0.0)
-        do = tl.load(do_base + q_rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
-                     mask=q_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = load_tile(do_base, q_rows, qt * BLOCK_M, q_len, perm_d, stride_dol, stride_dod, q_ok,
+                       BLOCK_M, BLOCK_D, PERMUTED, TMA)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        delta = tl.load(delta_base + q_rows, mask=offs_m < q_len, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
         ds_t = p_t * (dp_t - delta[None, :])  # d(score) = d(bias)
         if DBIAS == 1:
@@ -127,9 +129,11 @@ def sparse_attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     N_WORDS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_ROW: tl.constexpr,
     DBIAS: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """One program = one key tile of one (batch, KV head), looping over the query heads of its
-    group; grid (num_k_tiles, B * Hkv). Lse and Delta are (B, Hq, Lq) float32, contiguous.
+    group; grid (num_k_tiles, B * Hkv). Lse and Delta are (B, Hq, Lq) float32, contiguous, in
+    the layout's token order (written by the dQ kernel, which runs first).
     DBias (``DBIAS`` > 0) is fp32 ``(B, Hq, Lq, Lk)`` (1) or ``(B, Hq, Lk)`` (2), contiguous.
     Tensors are in the caller's token order (``PERMUTED``: see the forward kernel)."""
     kt = tl.program_id(0)
@@ -153,6 +157,10 @@ def sparse_attn_bwd_dkdv_kernel(
         row = (b * layout_batch_step * layout_heads + hq // head_div) * tl.num_programs(0) + kt
         q_base = Q + b * stride_qb + hq * stride_qh
         do_base = DOut + b * stride_dob + hq * stride_doh
+        q_base = tile_source(q_base, q_len, stride_ql, perm_d, BLOCK_M, HEAD_DIM, BLOCK_D,
+                             PERMUTED, TMA)
+        do_base = tile_source(do_base, q_len, stride_dol, perm_d, BLOCK_M, HEAD_DIM, BLOCK_D,
+                              PERMUTED, TMA)
         lse_base = Lse + (b * num_q_heads + hq) * q_len
         delta_base = Delta + (b * num_q_heads + hq) * q_len
         bias_base = Bias + b * stride_biasb + (hq // bias_head_div) * stride_biash
@@ -172,14 +180,14 @@ def sparse_attn_bwd_dkdv_kernel(
             bias_col, dbias_base, full_row_t, full_row_t, masks, QPerm, perm_d, k_rows,
             start, end, qk_scale, cap_scale, q_len, k_len, kt, stride_ql, stride_qd, stride_dol,
             stride_dod, stride_biasm, stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS,
-            False, SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS, PERMUTED, INPUT_PRECISION)
+            False, SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS, PERMUTED, INPUT_PRECISION, TMA)
         start, end = row_range(part_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base, bias_base,
             bias_col, dbias_base, part_row_t, part_mask_t, masks, QPerm, perm_d, k_rows,
             start, end, qk_scale, cap_scale, q_len, k_len, kt, stride_ql, stride_qd, stride_dol,
             stride_dod, stride_biasm, stride_biasn, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS,
-            True, SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS, PERMUTED, INPUT_PRECISION)
+            True, SOFTCAP, HAS_BIAS, BIAS_ROW, DBIAS, PERMUTED, INPUT_PRECISION, TMA)
         if DBIAS == 2:
             tl.store(dbias_base + k_rows, dbias_cols, mask=offs_n < k_len)
     dk *= softmax_scale
@@ -196,7 +204,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, KPerm, perm
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
               IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              TMA: tl.constexpr):
     """Accumulate dQ of one query tile of ``HEADS`` stacked query heads over the key tiles
     ``col_ptr[start:end]`` (keys where ``token_rows(KPerm, ..., perm_d, PERMUTED)`` puts
     them)."""
@@ -211,10 +220,10 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, KPerm, perm
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
             kv_ok = kv_ok & (offs_kn[:, None] < k_len)
-        k = tl.load(k_base + k_rows[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                    mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_base + k_rows[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                    mask=kv_ok, other=0.0)
+        k = load_tile(k_base, k_rows, kt * BLOCK_N, k_len, perm_d, stride_kl, stride_kd, kv_ok,
+                      BLOCK_N, BLOCK_D, PERMUTED, TMA)  # [BLOCK_N, BLOCK_D]
+        v = load_tile(v_base, k_rows, kt * BLOCK_N, k_len, perm_d, stride_vl, stride_vd, kv_ok,
+                      BLOCK_N, BLOCK_D, PERMUTED, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
         s, tanh = log2_scores(qk, qk_scale, cap_scale, SOFTCAP)
         if HAS_BIAS:
@@ -235,23 +244,29 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, KPerm, perm
 
 @triton.jit
 def sparse_attn_bwd_dq_kernel(
-    Q, K, V, Bias, DOut, Lse, Delta, DQ,
+    Q, K, V, Bias, Out, DOut, Lse, DLse, Delta, LseK, DQ,
     full_ptr, full_col, part_ptr, part_col, masks, QPerm, KPerm, perm_d,
     qk_scale, cap_scale, softmax_scale, q_len, k_len, num_q_heads, group_size, head_div,
     layout_heads, layout_batch_step, bias_head_div,
     stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
     stride_vb, stride_vl, stride_vh, stride_vd,
+    stride_ob, stride_ol, stride_oh, stride_od,
     stride_dob, stride_dol, stride_doh, stride_dod,
     stride_dqb, stride_dql, stride_dqh, stride_dqd,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch (sharing
     a KV head and a layout row); grid (num_q_tiles, B * Hq / HEADS). Tensors are in the
-    caller's token order (``PERMUTED``: see the forward kernel)."""
+    caller's token order (``PERMUTED``: see the forward kernel).
+
+    It also computes what the dK/dV kernel reads per query row, in the layout's token order
+    (contiguous per tile): Delta = rowsum(dO * O) - dLse and, with ``PERMUTED``, LseK = Lse.
+    Lse, DLse, Delta and LseK are (B, Hq, Lq) float32, contiguous."""
     b, hk, hq0, row, heads, offs_m = query_program(num_q_heads, group_size, head_div,
                                                    layout_heads, layout_batch_step, HEADS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -264,27 +279,39 @@ def sparse_attn_bwd_dq_kernel(
                 mask=ok, other=0.0)  # [HEADS * BLOCK_M, BLOCK_D]
     do = tl.load(DOut + b * stride_dob + hs * stride_doh + rows * stride_dol
                  + offs_d[None, :] * stride_dod, mask=ok, other=0.0)
-    stat = (b * num_q_heads + heads) * q_len + q_rows  # lse / delta offsets
-    lse = tl.load(Lse + stat, mask=offs_m < q_len, other=0.0) * LOG2E
-    delta = tl.load(Delta + stat, mask=offs_m < q_len, other=0.0)
+    o = tl.load(Out + b * stride_ob + hs * stride_oh + rows * stride_ol
+                + offs_d[None, :] * stride_od, mask=ok, other=0.0)
+    row_ok = offs_m < q_len
+    plane = (b * num_q_heads + heads) * q_len
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + plane + q_rows, mask=row_ok, other=0.0)
+    lse = tl.load(Lse + plane + q_rows, mask=row_ok, other=0.0)
+    tl.store(Delta + plane + offs_m, delta, mask=row_ok)
+    if PERMUTED:
+        tl.store(LseK + plane + offs_m, lse, mask=row_ok)
+    lse *= LOG2E
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    k_base = tile_source(k_base, k_len, stride_kl, perm_d, BLOCK_N, HEAD_DIM, BLOCK_D, PERMUTED,
+                         TMA)
+    v_base = tile_source(v_base, k_len, stride_vl, perm_d, BLOCK_N, HEAD_DIM, BLOCK_D, PERMUTED,
+                         TMA)
     bias_rows = bias_rows_of(Bias, b, hq0, heads, q_rows, bias_head_div, stride_biasb,
                              stride_biash, stride_biasm, BIAS_ROW)
-    row_ok = offs_m < q_len
     dq = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, end = row_range(full_ptr, row)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, full_col, masks, KPerm, perm_d,
                    start, end, qk_scale, cap_scale, bias_rows, row_ok, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP,
-                   HAS_BIAS, BIAS_ROW, PERMUTED, INPUT_PRECISION)
+                   HAS_BIAS, BIAS_ROW, PERMUTED, INPUT_PRECISION, TMA)
     start, end = row_range(part_ptr, row)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, part_col, masks, KPerm, perm_d,
                    start, end, qk_scale, cap_scale, bias_rows, row_ok, k_len,
                    stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
                    HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP,
-                   HAS_BIAS, BIAS_ROW, PERMUTED, INPUT_PRECISION)
+                   HAS_BIAS, BIAS_ROW, PERMUTED, INPUT_PRECISION, TMA)
     dq *= softmax_scale
     tl.store(DQ + b * stride_dqb + hs * stride_dqh + rows * stride_dql
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=ok)
@@ -292,7 +319,8 @@ def sparse_attn_bwd_dq_kernel(
 
 def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=0.0, bias=None,
                     bias_grad=False):
-    """Launch the three backward kernels. ``dlse`` (B, Hq, Lq) or None.
+    """Launch the backward kernels, dQ (which also computes rowsum(dO * O)) then dK/dV.
+    ``lse`` and ``dlse`` (B, Hq, Lq) float32 contiguous, ``dlse`` or None.
 
     Returns dq, dk, dv and dbias: the bias' gradient in its own (broadcast) shape, reduced over
     the broadcast dims in a fixed order, zero on inactive pairs (None unless ``bias_grad``).
@@ -305,6 +333,8 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
     dk = new_empty(like=k)
     dv = new_empty(like=v)
     delta = new_empty(like=lse)
+    perm = perm_args(layout, q)
+    lse_k = new_empty(like=lse) if perm["PERMUTED"] else lse  # lse in the layout's token order
     common = launch_args(q, k, layout)
     scores = score_args(softmax_scale, softcap)
     dbias_mode, dbias_buf = 0, dq  # dq: a placeholder pointer when no dbias is computed
@@ -314,31 +344,30 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
         dbias_buf = torch.zeros(shape, dtype=torch.float32, device=q.device)
     q_grid = (layout.num_q_tiles, batch * num_q_heads)
     if q_grid[0] * q_grid[1]:
-        sparse_attn_bwd_preprocess[q_grid](
-            Out=out, DOut=do, DLse=dlse if dlse is not None else delta, Delta=delta,
-            q_len=q_len, num_q_heads=num_q_heads, HEAD_DIM=head_dim, BLOCK_M=layout.block_m,
-            BLOCK_D=common["BLOCK_D"], HAS_DLSE=dlse is not None,
-            **stride_args(o=out, do=do))
         heads = launch_config.heads_per_program(layout.block_m, common["group_size"],
                                                 common["head_div"], kernel="dq")
         sparse_attn_bwd_dq_kernel[(q_grid[0], q_grid[1] // heads)](
-            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DQ=dq, **bias_args(bias, q, heads),
+            Q=q, K=k, V=v, Out=out, DOut=do, Lse=lse, DLse=dlse if dlse is not None else delta,
+            HAS_DLSE=dlse is not None, Delta=delta, LseK=lse_k, DQ=dq,
+            **bias_args(bias, q, heads),
             full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
-            part_col=layout.part_col, masks=layout.masks, **perm_args(layout, q),
+            part_col=layout.part_col, masks=layout.masks, **perm,
             softmax_scale=softmax_scale, q_len=q_len, k_len=k_len, **scores,
-            HEADS=heads, **common, **stride_args(q=q, k=k, v=v, do=do, dq=dq),
+            HEADS=heads, **common, **stride_args(q=q, k=k, v=v, o=out, do=do, dq=dq),
+            TMA=use_tma(layout, k, v),
             **launch_config.get_bwd_config(head_dim, heads * layout.block_m, layout.block_n,
                                            kernel="dq"))
     kv_grid = (layout.num_k_tiles, batch * k.shape[2])
     if kv_grid[0] * kv_grid[1]:
         sparse_attn_bwd_dkdv_kernel[kv_grid](
-            Q=q, K=k, V=v, DOut=do, Lse=lse, Delta=delta, DK=dk, DV=dv, **bias_args(bias, q),
+            Q=q, K=k, V=v, DOut=do, Lse=lse_k, Delta=delta, DK=dk, DV=dv, **bias_args(bias, q),
             DBias=dbias_buf, DBIAS=dbias_mode,
             full_ptr_t=layout.full_ptr_t, full_row_t=layout.full_row_t,
             part_ptr_t=layout.part_ptr_t, part_row_t=layout.part_row_t,
-            part_mask_t=layout.part_mask_t, masks=layout.masks, **perm_args(layout, q),
+            part_mask_t=layout.part_mask_t, masks=layout.masks, **perm,
             softmax_scale=softmax_scale, q_len=q_len, k_len=k_len, **scores,
             **common, **stride_args(q=q, k=k, v=v, do=do, dk=dk, dv=dv),
+            TMA=use_tma(layout, q, do),
             **launch_config.get_bwd_config(head_dim, layout.block_m, layout.block_n,
                                            kernel="dkdv"))
     dbias = None

@@ -1,8 +1,13 @@
 """Pieces shared by the forward and backward kernels."""
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
+
+from . import config as launch_config
 
 # kernels may only read globals that are constexpr; host code uses ``LOG2E.value``
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -207,6 +212,48 @@ def token_rows(perm, offs, start, n, perm_d, PERMUTED: tl.constexpr):
     return rows
 
 
+@triton.jit
+def tile_source(base, n, stride_l, perm_d, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, TMA: tl.constexpr):
+    """What ``load_tile`` reads ``BLOCK``-row tiles of one (batch, head) plane of a (B, L, H, D)
+    tensor through (``base`` points at its row 0, ``n`` rows ``stride_l`` apart): ``base``
+    itself, or with ``TMA`` a descriptor for the TMA unit, rows past ``n`` and columns past
+    ``HEAD_DIM`` reading as zeros. In the dilation order (``PERMUTED`` 2) it sees the plane as
+    ``[n / perm_d, perm_d, D]``, so the tile of one residue group is one box."""
+    if TMA:
+        if PERMUTED == 2:
+            src = tl.make_tensor_descriptor(base, shape=[n // perm_d, perm_d, HEAD_DIM],
+                                            strides=[stride_l * perm_d, stride_l, 1],
+                                            block_shape=[BLOCK, 1, BLOCK_D])
+        else:
+            src = tl.make_tensor_descriptor(base, shape=[n, HEAD_DIM], strides=[stride_l, 1],
+                                            block_shape=[BLOCK, BLOCK_D])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def load_tile(src, rows, start, n, perm_d, stride_l, stride_d, ok, BLOCK: tl.constexpr,
+              BLOCK_D: tl.constexpr, PERMUTED: tl.constexpr, TMA: tl.constexpr):
+    """The ``[BLOCK, BLOCK_D]`` tile of kernel-order rows ``start ...`` from ``src``
+    (``tile_source``): one TMA box, or the caller's rows ``rows`` (``token_rows``) with pointer
+    loads, zero where ``ok`` is false."""
+    if TMA:
+        if PERMUTED == 2:
+            group_len = n // perm_d
+            group = start.to(tl.int32) // group_len
+            tile = src.load([start.to(tl.int32) - group * group_len, group, 0])
+            tile = tile.reshape(BLOCK, BLOCK_D)
+        else:
+            tile = src.load([start.to(tl.int32), 0])
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        tile = tl.load(src + rows[:, None] * stride_l + offs_d[None, :] * stride_d, mask=ok,
+                       other=0.0)
+    return tile
+
+
 def perm_args(layout, q) -> dict:
     """Kernel arguments of a reordered layout: the kernels read and write the caller's tensors
     through ``q_perm`` / ``k_perm`` (no gathered copies), or compute a dilation order
@@ -216,3 +263,34 @@ def perm_args(layout, q) -> dict:
     if layout.perm_dilation:
         return dict(QPerm=q, KPerm=q, perm_d=layout.perm_dilation, PERMUTED=2)
     return dict(QPerm=layout.q_perm, KPerm=layout.k_perm, perm_d=1, PERMUTED=1)
+
+
+def use_tma(layout, *tensors) -> bool:
+    """Whether the kernels read ``tensors`` (B, L, H, D) by tiles through TMA descriptors
+    (``config.TMA``): on CUDA or under the interpreter, in token order or a computed dilation
+    order (``config.TMA_DILATION``), with a contiguous head dim and 16-byte aligned rows.
+    On CUDA it sets Triton's scratch allocator (where kernels write their descriptors) if none
+    is set."""
+    if not launch_config.TMA or (layout.q_perm is not None and not (
+            layout.perm_dilation and launch_config.TMA_DILATION)):
+        return False
+    if not _runs_tma(tensors[0]):
+        return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:3]):
+            return False
+    if tensors[0].is_cuda and isinstance(_allocation._allocator.get(),
+                                         _allocation.NullAllocator):
+        device = tensors[0].device
+        triton.set_allocator(lambda n, align, stream: torch.empty(n, dtype=torch.int8,
+                                                                  device=device))
+    return True
+
+
+def _runs_tma(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t`` can read through TMA descriptors: a CUDA GPU with a TMA unit
+    (sm_90 and later), or the CPU interpreter, which emulates them."""
+    if t.is_cuda:
+        return torch.cuda.get_device_capability(t.device)[0] >= 9
+    return os.environ.get("TRITON_INTERPRET") == "1"

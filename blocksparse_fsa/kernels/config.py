@@ -93,3 +93,11 @@ def get_tiles_config(block_m: int, block_n: int, window: int, index_bytes: int =
     maxnreg = (128 if index_bytes == 4 else 168) if num_warps == 4 else None
     return dict(SPAN=span, CHUNK=chunk, num_warps=num_warps, maxnreg=maxnreg,
                 programs_per_sm=4)
+
+
+# TMA: the kernels read K/V (forward, dQ) and Q/dO (dK/dV) tiles through TMA descriptors where
+# the tensors allow it (``common.use_tma``); False falls back to pointer loads everywhere.
+# H200, sliding window, L=32768: forward 1.522 -> 1.360 ms, backward 4.413 -> 4.157 ms.
+TMA = True
+# The same in the computed dilation order (a 3-D descriptor); an experiment, not yet measured.
+TMA_DILATION = False

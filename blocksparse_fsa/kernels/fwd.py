@@ -4,9 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LN2, bias_args, bias_rows_of, launch_args, load_bias, log2_scores,
-                     new_empty, perm_args, query_program, row_range, score_args, stride_args,
-                     tile_bits, token_rows)
+from .common import (LN2, bias_args, bias_rows_of, launch_args, load_bias, load_tile,
+                     log2_scores, new_empty, perm_args, query_program, row_range, score_args,
+                     stride_args, tile_bits, tile_source, token_rows, use_tma)
 from . import config as launch_config
 
 
@@ -17,11 +17,14 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, perm_d, 
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, N_WORDS: tl.constexpr, HEADS: tl.constexpr,
                IS_PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
-               BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               TMA: tl.constexpr, FOLD_SCALE: tl.constexpr):
     """Fold the tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query tile
     of ``HEADS`` stacked query heads (rows ``h * BLOCK_M + m``; they share the tiles' bits).
     ``bias_rows``: see ``bias_rows_of`` (``HAS_BIAS``); ``row_ok``: rows < Lq; keys are read
-    as ``token_rows(KPerm, ..., perm_d, PERMUTED)`` gives them."""
+    as ``token_rows(KPerm, ..., perm_d, PERMUTED)`` gives them. ``FOLD_SCALE`` (no softcap,
+    no bias, ``qk_scale`` > 0): the scores stay raw products, the row max is scaled once and
+    each score inside the exp2's fused multiply-add (the same values: rounding is monotonic)."""
     offs_m = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -33,29 +36,36 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, perm_d, 
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
             kv_ok = kv_ok & (offs_kn[:, None] < k_len)
-        k = tl.load(k_base + k_rows[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                    mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = load_tile(k_base, k_rows, kt * BLOCK_N, k_len, perm_d, stride_kl, stride_kd, kv_ok,
+                      BLOCK_N, BLOCK_D, PERMUTED, TMA)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [HEADS*BLOCK_M, BLOCK_N]
-        s, _ = log2_scores(s, qk_scale, cap_scale, SOFTCAP)
-        if HAS_BIAS:
-            s += load_bias(bias_rows, k_rows, row_ok, offs_kn < k_len, stride_biasn, IS_PARTIAL,
-                           BIAS_ROW)
+        if not FOLD_SCALE:
+            s, _ = log2_scores(s, qk_scale, cap_scale, SOFTCAP)
+            if HAS_BIAS:
+                s += load_bias(bias_rows, k_rows, row_ok, offs_kn < k_len, stride_biasn,
+                               IS_PARTIAL, BIAS_ROW)
         if IS_PARTIAL:
             bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_m, offs_n,
                              N_WORDS, False)
             s = tl.where(bits, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if FOLD_SCALE:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         if IS_PARTIAL:
             # a row with no active key so far keeps m = -inf: shift by 0 so exp2 gives 0, not
             # NaN (full tiles, visited first, make every row's m finite)
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
-        p = tl.math.exp2(s - m_new_safe[:, None])
+        if FOLD_SCALE:
+            p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])
+        else:
+            p = tl.math.exp2(s - m_new_safe[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + k_rows[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                    mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = load_tile(v_base, k_rows, kt * BLOCK_N, k_len, perm_d, stride_vl, stride_vd, kv_ok,
+                      BLOCK_N, BLOCK_D, PERMUTED, TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -76,6 +86,7 @@ def sparse_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     N_WORDS: tl.constexpr, HEADS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_ROW: tl.constexpr, PERMUTED: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, FOLD_SCALE: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch, which
     share a KV head and a layout row (one K/V tile load serves all of them); grid
@@ -98,6 +109,10 @@ def sparse_attn_fwd_kernel(
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [HEADS*BLOCK_M, BLOCK_D]
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    k_base = tile_source(k_base, k_len, stride_kl, perm_d, BLOCK_N, HEAD_DIM, BLOCK_D, PERMUTED,
+                         TMA)
+    v_base = tile_source(v_base, k_len, stride_vl, perm_d, BLOCK_N, HEAD_DIM, BLOCK_D, PERMUTED,
+                         TMA)
     bias_rows = bias_rows_of(Bias, b, hq0, heads, q_rows, bias_head_div, stride_biasb,
                              stride_biash, stride_biasm, BIAS_ROW)
 
@@ -110,14 +125,14 @@ def sparse_attn_fwd_kernel(
         start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, False, SOFTCAP, HAS_BIAS,
-        BIAS_ROW, PERMUTED, INPUT_PRECISION)
+        BIAS_ROW, PERMUTED, INPUT_PRECISION, TMA, FOLD_SCALE)
     start, end = row_range(part_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_base, v_base, part_col, masks, KPerm, perm_d,
         start, end, qk_scale, cap_scale, bias_rows, m_ok, k_len,
         stride_kl, stride_kd, stride_vl, stride_vd, stride_biasn,
         HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, N_WORDS, HEADS, True, SOFTCAP, HAS_BIAS,
-        BIAS_ROW, PERMUTED, INPUT_PRECISION)
+        BIAS_ROW, PERMUTED, INPUT_PRECISION, TMA, FOLD_SCALE)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -148,6 +163,9 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
         q_len=q_len, k_len=k.shape[1], **score_args(softmax_scale, softcap),
         stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
         HEADS=heads, **args, **stride_args(q=q, k=k, v=v, o=out),
+        TMA=use_tma(layout, k, v),
+        FOLD_SCALE=bias is None and not softcap and softmax_scale > 0,
         **launch_config.get_fwd_config(head_dim, heads * layout.block_m, layout.block_n),
     )
     return out, lse
+

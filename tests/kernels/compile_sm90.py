@@ -20,6 +20,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 import blocksparse_fsa as bsa
+from blocksparse_fsa.kernels import common, config
 
 TARGET = GPUTarget("cuda", 90, 32)
 LENGTH = 256  # / 2 a multiple of the 64-token tiles: the dilation order is computed
@@ -103,7 +104,11 @@ def layout_builds():
 def main():
     JITFunction.run = compile_offline
     cases = ((torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 256))
-    for (dtype, dim), (name, kwargs, bias_shape) in itertools.product(cases, variants()):
+    for tma, (dtype, dim), (name, kwargs, bias_shape) in itertools.product(
+            (False, True), cases, variants()):
+        # with and without TMA loads; CPU tensors, so the device check is bypassed
+        config.TMA = config.TMA_DILATION = tma
+        common._runs_tma = lambda t: True
         q = torch.randn(1, LENGTH, 8, dim, dtype=dtype, requires_grad=True)
         k, v = (torch.randn(1, LENGTH, 2, dim, dtype=dtype, requires_grad=True)
                 for _ in range(2))
@@ -112,7 +117,7 @@ def main():
             kwargs = dict(kwargs, attn_bias=torch.randn(bias_shape, dtype=dtype,
                                                         requires_grad=True))
             inputs.append(kwargs["attn_bias"])
-        print(f"-- {name}, {dtype}, D={dim}", flush=True)
+        print(f"-- {name}, {dtype}, D={dim}{', TMA' if tma else ''}", flush=True)
         out = bsa.sparse_attn_func(q, k, v, backend="triton", **kwargs)
         loss = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
         torch.autograd.grad(loss, inputs)
