@@ -97,7 +97,8 @@ def get_tiles_config(block_m: int, block_n: int, window: int, index_bytes: int =
 
 # TMA: the kernels read K/V (forward, dQ) and Q/dO (dK/dV) tiles through TMA descriptors where
 # the tensors allow it (``common.use_tma``); False falls back to pointer loads everywhere.
-# H200, sliding window, L=32768: forward 1.522 -> 1.360 ms, backward 4.413 -> 4.157 ms.
+# TMA_DILATION: the same in the computed dilation order (a 3-D descriptor, one box per tile).
+# H200, L=32768 (benchmarks/NOTES.md, session 4): sliding window forward 1.530 -> 1.376 ms,
+# backward 4.49 -> 4.20 ms; dilated_reordered forward 1.060 -> 0.931 ms, backward 3.04 -> 2.90.
 TMA = True
-# The same in the computed dilation order (a 3-D descriptor); an experiment, not yet measured.
-TMA_DILATION = False
+TMA_DILATION = True
