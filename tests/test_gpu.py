@@ -167,6 +167,36 @@ def test_reordered_layout_with_bias():
     check(q, k, v, layout, torch.bfloat16, bias=torch.randn(1, 2, 1, length, device="cuda"))
 
 
+@pytest.mark.parametrize("dim", [64, 128])
+def test_computed_dilation_order_with_tma(dim):
+    """Residue groups of whole tiles: the kernels compute the order and read tiles through
+    3-D TMA descriptors (one box per tile of a residue group)."""
+    torch.manual_seed(dim)
+    length, dilation = 2048, 4
+    i = torch.arange(length, device="cuda")[:, None]
+    idx = (i - dilation * torch.arange(100, device="cuda")[None, :])[None, None]
+    layout = bsa.build_layout(torch.where(idx >= 0, idx, -1).expand(1, 2, -1, -1), length,
+                              is_causal=True, reorder=("dilation", dilation))
+    assert layout.perm_dilation == dilation
+    q = torch.randn(1, length, 8, dim, device="cuda")
+    k, v = (torch.randn(1, length, 2, dim, device="cuda") for _ in range(2))
+    check(q, k, v, layout, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dim", [96, 128])
+def test_pointer_loads_without_tma(dim, monkeypatch):
+    """``config.TMA = False``: every tile through pointer loads (what GPUs before sm_90 and
+    misaligned tensors get)."""
+    from blocksparse_fsa.kernels import config
+    monkeypatch.setattr(config, "TMA", False)
+    torch.manual_seed(dim)
+    length = 1000
+    q = torch.randn(1, length, 8, dim, device="cuda")
+    k, v = (torch.randn(1, length, 2, dim, device="cuda") for _ in range(2))
+    check(q, k, v, walker_layout(window_pattern(length, 200, 2), length, is_causal=True),
+          torch.bfloat16)
+
+
 def test_gpu_side_layout_build_matches_numba():
     """Indices on the GPU build their layout there (method="auto"), tensor for tensor equal to
     the numba layout."""
