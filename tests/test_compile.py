@@ -7,7 +7,7 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa import ops
 
-from .conftest import HAS_CUDA
+from .conftest import DEVICE, HAS_CUDA
 
 
 def inputs(device="cpu", dtype=torch.float32, batch=1, q_len=80, hq=4, hkv=2, dim=16):
@@ -68,8 +68,9 @@ def test_one_compiled_function_many_layouts():
 
 
 def test_ops_pass_opcheck():
-    """Schema, fake tensors, autograd registration and AOT dispatch of the custom ops."""
-    q, k, v, bias, idx = inputs()
+    """Schema, fake tensors, autograd registration and AOT dispatch of the custom ops (which run
+    the kernels: CUDA tensors on a GPU, CPU tensors under the interpreter)."""
+    q, k, v, bias, idx = inputs(DEVICE)
     tiles, sizes = ops._flatten(bsa.build_layout(idx, q.shape[1], block_m=16, block_n=16))
     torch.library.opcheck(ops._fwd, (q, k, v, tiles, sizes, 0.25, 0.0, bias))
     q, k, v, bias = (t.detach() for t in (q, k, v, bias))  # no double backward
