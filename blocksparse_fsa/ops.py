@@ -74,10 +74,10 @@ def _(q, k, v, tiles, sizes, softmax_scale, softcap, bias):
 
 
 def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-         out: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
-         tiles: list[torch.Tensor], sizes: list[int], softmax_scale: float, softcap: float,
-         bias: torch.Tensor | None, bias_grad: bool
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              out: torch.Tensor, lse: torch.Tensor, dlse: torch.Tensor | None,
+              tiles: list[torch.Tensor], sizes: list[int], softmax_scale: float, softcap: float,
+              bias: torch.Tensor | None, bias_grad: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv and dbias (an empty tensor unless ``bias_grad``: op outputs cannot be None)."""
     # the backward always walks the tiles (a gather layout keeps them): on the H200 the
     # gather dK/dV took 172 ms against 65.5 ms for the walker's whole backward (top-k, L=32768);

@@ -269,8 +269,8 @@ def use_tma(layout, *tensors) -> bool:
     """Whether the kernels read ``tensors`` (B, L, H, D) by tiles through TMA descriptors
     (``config.TMA``): on CUDA or under the interpreter, in token order or a computed dilation
     order (``config.TMA_DILATION``), with a contiguous head dim and 16-byte aligned rows.
-    On CUDA it sets Triton's scratch allocator (where kernels write their descriptors) if none
-    is set."""
+    On CUDA it sets Triton's scratch allocator (where kernels write their descriptors, on the
+    current device like the launch) if none is set."""
     if not launch_config.TMA or (layout.q_perm is not None and not (
             layout.perm_dilation and launch_config.TMA_DILATION)):
         return False
@@ -282,9 +282,8 @@ def use_tma(layout, *tensors) -> bool:
             return False
     if tensors[0].is_cuda and isinstance(_allocation._allocator.get(),
                                          _allocation.NullAllocator):
-        device = tensors[0].device
         triton.set_allocator(lambda n, align, stream: torch.empty(n, dtype=torch.int8,
-                                                                  device=device))
+                                                                  device="cuda"))
     return True
 
 

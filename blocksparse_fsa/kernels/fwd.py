@@ -168,4 +168,3 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
         **launch_config.get_fwd_config(head_dim, heads * layout.block_m, layout.block_n),
     )
     return out, lse
-

@@ -217,3 +217,15 @@ def test_stacked_dq_programs(case, monkeypatch):
     assert config.heads_per_program(case.block[0], case.hq // case.hkv, case.hq // case.hkv,
                                     "dq") > 1
     run_case(case, "triton")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", [CASES[1], CASES[7], CASES[18]], ids=lambda c: c.id)
+def test_pointer_loads_without_tma(case, monkeypatch):
+    """``config.TMA = False``: every tile through pointer loads (the interpreter emulates the
+    TMA descriptors the other tests read through; GPUs before sm_90 take this path)."""
+    from blocksparse_fsa.kernels import common, config
+
+    monkeypatch.setattr(config, "TMA", False)
+    assert not common.use_tma(bsa.build_layout(window_indices(8, 2), 8), torch.zeros(1, 8, 1, 16))
+    run_case(case, "triton")
