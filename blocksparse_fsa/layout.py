@@ -245,12 +245,14 @@ class SparseLayout:
             _check_range(idx, k_len)
         n_b, n_h, q_len, _ = idx.shape
         meta = (q_len, int(k_len), block_m, block_n, n_b, n_h, bool(is_causal))
-        keys = None
-        if method == "triton":
-            from .preprocess.indices_triton import indices_to_tiles_triton
-            arrays, keys = indices_to_tiles_triton(idx, q_len, int(k_len), bool(is_causal),
-                                                   block_m, block_n, with_keys=True)
-        elif method == "torch":
+        if method == "triton":  # every tensor on the GPU, the transposed lists included
+            from .preprocess.indices_triton import layout_tensors_triton
+            tensors, nnz = layout_tensors_triton(idx, q_len, int(k_len), bool(is_causal),
+                                                 block_m, block_n)
+            return cls(q_len=q_len, k_len=int(k_len), block_m=block_m, block_n=block_n,
+                       batch=n_b, heads=n_h, is_causal=bool(is_causal), nnz=nnz,
+                       **tensors).with_kernel(kernel)
+        if method == "torch":
             arrays = indices_to_tiles_torch(idx, q_len, int(k_len), bool(is_causal), block_m,
                                             block_n)
         else:
@@ -258,7 +260,7 @@ class SparseLayout:
                                       bool(is_causal), block_m, block_n)
             arrays = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in arrays]
             arrays[4] = arrays[4].view(torch.int32)  # uint32 words -> int32 bit patterns
-        return _finish(*meta, *arrays, keys=keys).to(attn_indices.device).with_kernel(kernel)
+        return _finish(*meta, *arrays).to(attn_indices.device).with_kernel(kernel)
 
     @classmethod
     def from_dense_mask(cls, attn_mask: torch.Tensor, *, is_causal: bool = False,
@@ -469,15 +471,14 @@ def unpack_bits(masks: torch.Tensor, block_n: int) -> torch.Tensor:
 
 
 def _finish(q_len, k_len, block_m, block_n, n_b, n_h, is_causal, full_ptr, full_col, part_ptr,
-            part_col, masks, nnz, keys=None) -> SparseLayout:
+            part_col, masks, nnz) -> SparseLayout:
     """Add the transposed CSR and pack everything as int32 tensors, on the given tensors'
-    device (the CPU after numba, the GPU for GPU indices or masks). ``keys``: the tiles'
-    ``transpose_keys`` if the builder made them (the Triton build does)."""
+    device (the CPU after numba, the GPU for GPU indices or masks). The Triton build makes
+    its layouts itself (``indices_triton.layout_tensors_triton``)."""
     n_qt, n_kt = -(-q_len // block_m), -(-k_len // block_n)
     if max(full_col.numel(), part_col.numel()) >= 2**31:  # (ptr[-1]: a device sync)
         raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
-    if keys is None:
-        keys = transpose_keys(full_ptr, full_col, part_ptr, part_col, n_qt, n_kt)
+    keys = transpose_keys(full_ptr, full_col, part_ptr, part_col, n_qt, n_kt)
     full_ptr_t, full_row_t, part_ptr_t, part_row_t, part_mask_t = transpose_tiles(
         keys, full_col.numel(), n_b * n_h, n_qt, n_kt)
     tensors = dict(full_ptr=full_ptr, full_col=full_col, part_ptr=part_ptr, part_col=part_col,

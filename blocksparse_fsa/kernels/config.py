@@ -80,9 +80,12 @@ def get_tiles_config(block_m: int, block_n: int, window: int, index_bytes: int =
     index columns a program folds per step, about 2048 indices; a query's 32 consecutive keys
     touch at most two words, which one step merges. Warps: 16 query rows and at most 32
     bitmap words a thread.
-    ``maxnreg``: the register cap that keeps four 4-warp programs on an SM (offline SASS for
-    sm_90, 64x64 tiles: no spills in the index loop). ``programs_per_sm``: the persistent grid.
-    Not yet tuned on a GPU (``benchmarks/time_layout_build.py --sweep``).
+    ``maxnreg``: the register cap that keeps four 4-warp programs on an SM.
+    ``programs_per_sm``: the persistent grid. ``FAST``: the fast scan where ``CHUNK`` divides
+    the width (two words per query and chunk, rows it cannot hold rescanned), ``STAGES`` its
+    software pipeline (``cp.async`` copies in flight). H200, the benchmark's sliding window
+    (``benchmarks/NOTES.md``, session 5): pass 1 0.638 ms without the fast scan, 0.588 with it;
+    8 warps, 2 programs per SM, 3-4 stages within 0.02 ms of that.
     """
     bits = min(block_n, 32)
     n_words = block_n // bits
@@ -92,7 +95,7 @@ def get_tiles_config(block_m: int, block_n: int, window: int, index_bytes: int =
     num_warps = max(4, min(16, max(block_m // 16, block_m * span // 1024)))
     maxnreg = (128 if index_bytes == 4 else 168) if num_warps == 4 else None
     return dict(SPAN=span, CHUNK=chunk, num_warps=num_warps, maxnreg=maxnreg,
-                programs_per_sm=4)
+                programs_per_sm=4, FAST=True, STAGES=3)
 
 
 # TMA: the kernels read K/V (forward, dQ) and Q/dO (dK/dV) tiles through TMA descriptors where

@@ -35,6 +35,7 @@ from .device import transpose_key_dtype
 
 BIG = tl.constexpr(1 << 30)  # no word: above every real word (< 2**27)
 POOL_BYTES = 2**28  # pass 2 rescans the rows that do not fit
+LAST_BUILD = {}  # rows of the last build, and how many the fast scan gave to the general one
 
 
 @triton.jit
@@ -43,16 +44,16 @@ def _or(a, b):
 
 
 @triton.jit
-def _or_rows(x, BY_BITS: tl.constexpr):
-    """OR along axis 1 of a ``[M, C]`` uint32 tensor -> ``[M, 1]``. ``BY_BITS``: the CPU
-    interpreter runs a custom reduction element by element in Python, so there it is a max per
-    bit (numpy)."""
+def _or_rows(x, BY_BITS: tl.constexpr, KEEP_DIMS: tl.constexpr = True):
+    """OR along axis 1 of a ``[M, C]`` uint32 tensor -> ``[M, 1]`` (``[M]`` without
+    ``KEEP_DIMS``). ``BY_BITS``: the CPU interpreter runs a custom reduction element by element
+    in Python, so there it is a max per bit (numpy)."""
     if BY_BITS:
         shifts = tl.arange(0, 32).to(tl.uint32)
         bits = tl.max((x[:, :, None] >> shifts[None, None, :]) & 1, 1)  # [M, 32]
-        return tl.sum(bits << shifts[None, :], 1, keep_dims=True)
+        return tl.sum(bits << shifts[None, :], 1, keep_dims=KEEP_DIMS)
     else:
-        return tl.reduce(x, 1, _or, keep_dims=True)
+        return tl.reduce(x, 1, _or, keep_dims=KEEP_DIMS)
 
 
 @triton.jit
@@ -146,6 +147,106 @@ def _scan_chunks(j, below, above, n_bad, bitmap_rows, row_ptr, row_ok, bound, ba
 
 
 @triton.jit
+def _load_even(row_ptr, c, width, stride_idx_w, CHUNK: tl.constexpr):
+    """Chunk ``c`` of the row's queries, or the last one past the end, for a width that
+    ``CHUNK`` divides: unmasked (``row_ptr`` points at a real query for every row), so the
+    loads are vectorized."""
+    cols = tl.minimum(c * CHUNK, width - CHUNK) + tl.arange(0, CHUNK)
+    return tl.load(row_ptr[:, None] + cols[None, :].to(tl.int64) * stride_idx_w)
+
+
+@triton.jit
+def _or_into(ptr, value, mask, BY_BITS: tl.constexpr):
+    """``atomic_or(ptr, value, mask)`` for per-query values ``[BLOCK_M]`` (a row reduction's
+    layout), issued in that layout. ``tl.atomic_or`` first moves pointers, values and masks
+    to a layout of its own through shared memory (two barriers each); here each thread issues
+    its elements, and a lane whose next-lower lane holds the same pointer (a copy of the same
+    query) leaves it to that lane. Under the interpreter: ``tl.atomic_or``."""
+    if BY_BITS:
+        tl.atomic_or(ptr, value, mask=mask, sem="relaxed")
+    else:
+        tl.inline_asm_elementwise(
+            """{
+            .reg .pred ok, up, go;
+            .reg .b32 key, prev;
+            setp.ne.b32 ok, $3, 0;
+            cvt.u32.u64 key, $1;
+            selp.b32 key, key, 0xffffffff, ok;
+            shfl.sync.up.b32 prev|up, key, 1, 0, 0xffffffff;
+            setp.ne.or.b32 go, prev, key, !up;
+            and.pred go, go, ok;
+            @go red.relaxed.gpu.global.or.b32 [$1], $2;
+            mov.b32 $0, 0;
+            }""",
+            "=r,l,r,r", [ptr, value, mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
+            pack=1)
+
+
+@triton.jit
+def _fast_chunk(j, bound, base, bitmap_rows, miss, j_max, out, LOG_WB: tl.constexpr,
+                SPAN: tl.constexpr, BY_BITS: tl.constexpr):
+    """The fast scan of chunk ``j``: each query's active words here are assumed to be its
+    smallest one ``w`` and ``w + 1``, both in the span; their bits are ORed into the scratch
+    bitmap (``bitmap_rows``: ``[BLOCK_M]`` pointers to its rows) in one step. Whatever breaks
+    that is only recorded, per element (``miss``, uint32: the smallest distance of an active
+    word past ``w + 1``, below 2**28 if any; ``j_max``: the largest ``index + 1`` as
+    unsigned, above k_len for an index outside ``[-1, k_len)``) or per query (``out``: a
+    word outside the span); the caller rescans such a row. Per-query values stay 1-D: a
+    ``[BLOCK_M, 1]`` tensor may hold copies of each value in one thread."""
+    j32, active, _ = _classify(j, bound, 0)
+    word = tl.where(active, j32 >> LOG_WB, BIG)
+    w_min = tl.min(word, 1)  # [BLOCK_M]; BIG: no active index
+    off = word - (w_min + 2)[:, None]  # -2, -1: the words merged here; inactive: above 2**29
+    bit = tl.full(j32.shape, 1, tl.uint32) << (j32 & ((1 << LOG_WB) - 1)).to(tl.uint32)
+    lo = _or_rows(tl.where(off == -2, bit, 0), BY_BITS, False)
+    hi = _or_rows(tl.where(off == -1, bit, 0), BY_BITS, False)
+    miss = tl.minimum(miss, off.to(tl.uint32, bitcast=True))
+    j_max = tl.maximum(j_max, (j + 1).to(j_max.dtype, bitcast=True))
+    rel = w_min - base
+    in_span = (rel >= 0) & (rel + (hi != 0).to(tl.int32) < SPAN)
+    _or_into(bitmap_rows + rel, lo, (w_min < BIG) & in_span, BY_BITS)
+    _or_into(bitmap_rows + rel + 1, hi, (hi != 0) & in_span, BY_BITS)
+    return miss, j_max, out | ((w_min < BIG) & (in_span == 0))
+
+
+@triton.jit
+def _fast_scan(j_a, j_b, row_ptr, bound, base, k_len, width, n_chunks, stride_idx_w, scratch,
+               LOG_WB: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
+               BY_BITS: tl.constexpr, STAGES: tl.constexpr):
+    """The fast scan of a row whose width ``CHUNK`` divides, into the program's scratch
+    bitmap: chunks ``j_a`` (the first), ``j_b`` (the last, or the first again) and the others
+    (loaded one ahead, two a step so that no chunk is copied between registers; a step past
+    the end repeats the last chunk, which changes nothing), each by ``_fast_chunk``. Returns
+    whether it held: every query's active words in every chunk at most two consecutive ones
+    in the span, no index outside ``[-1, k_len)``. If it did not, the bitmap holds part of
+    the row and the caller clears it."""
+    bitmap_rows = scratch + tl.arange(0, j_a.shape[0]) * SPAN
+    miss = tl.full(j_a.shape, 0xFFFFFFFF, tl.uint32)
+    j_max = tl.zeros(j_a.shape, tl.uint64 if j_a.dtype == tl.int64 else tl.uint32)
+    out = tl.zeros([j_a.shape[0]], tl.int1)
+    miss, j_max, out = _fast_chunk(j_a, bound, base, bitmap_rows, miss, j_max, out, LOG_WB,
+                                   SPAN, BY_BITS)
+    miss, j_max, out = _fast_chunk(j_b, bound, base, bitmap_rows, miss, j_max, out, LOG_WB,
+                                   SPAN, BY_BITS)
+    for c in tl.range(1, n_chunks - 1, num_stages=STAGES):
+        j = _load_even(row_ptr, c, width, stride_idx_w, CHUNK)
+        miss, j_max, out = _fast_chunk(j, bound, base, bitmap_rows, miss, j_max, out, LOG_WB,
+                                       SPAN, BY_BITS)
+    return ((tl.min(tl.min(miss, 1), 0) >= 2**28)
+            & (tl.max(tl.max(j_max, 1), 0) <= k_len.to(j_max.dtype))
+            & (tl.max(out.to(tl.int32), 0) == 0))
+
+
+@triton.jit
+def _clear_bitmap(scratch, BLOCK_M: tl.constexpr, SPAN: tl.constexpr):
+    """Zero the program's bitmap once its atomics are done."""
+    offs = tl.arange(0, BLOCK_M)[:, None] * SPAN + tl.arange(0, SPAN)[None, :]
+    tl.debug_barrier()
+    tl.store(scratch + offs, tl.zeros([BLOCK_M, SPAN], tl.int32), cache_modifier=".cg")
+    tl.debug_barrier()
+
+
+@triton.jit
 def _program_bitmap(scratch_ptr, pid, BLOCK_M: tl.constexpr, SPAN: tl.constexpr):
     """Program ``pid``'s scratch bitmap ``[BLOCK_M, SPAN]`` words, zeroed: its base and the
     pointers to its rows ``[BLOCK_M, 1]``."""
@@ -221,32 +322,36 @@ def _store_tiles(acc, touched, full, kt0, full_col_ptr, f0, part_col_ptr, masks_
 @triton.jit
 def _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len, causal_offset, stride_idx_b,
                stride_idx_h, stride_idx_q, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """Pointers to the row's queries' indices ``[BLOCK_M]``, which queries exist, and one past
-    each query's last allowed key."""
+    """Pointers to the row's queries' indices ``[BLOCK_M]`` (the last query's for rows past
+    q_len), which queries exist, and one past each query's last allowed key (0 for rows past
+    q_len: nothing is active there)."""
     group = row // n_qt
     offs_m = (row % n_qt) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ptr = (idx_ptr + (group // heads).to(tl.int64) * stride_idx_b
                + (group % heads).to(tl.int64) * stride_idx_h
-               + offs_m.to(tl.int64) * stride_idx_q)
+               + tl.minimum(offs_m, q_len - 1).to(tl.int64) * stride_idx_q)
     bound = tl.full([BLOCK_M], k_len, tl.int32)
     if IS_CAUSAL:
         bound = tl.maximum(tl.minimum(bound, offs_m + causal_offset + 1), 0)
-    return row_ptr, offs_m < q_len, bound
+    row_ok = offs_m < q_len
+    return row_ptr, row_ok, tl.where(row_ok, bound, 0)
 
 
 @triton.jit
 def indices_to_tiles_count_kernel(
-        idx_ptr, counts_ptr, start_ptr, pool_at_ptr, stats_ptr, scratch_ptr,
+        idx_ptr, counts_ptr, ptrs_ptr, start_ptr, pool_at_ptr, stats_ptr, scratch_ptr,
         pool_full_ptr, pool_part_ptr, pool_mask_ptr, pool_full_cap, pool_part_cap,
         n_rows, heads, n_qt, q_len, k_len, width, causal_offset,
         stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_w,
         BLOCK_M: tl.constexpr, N_WORDS: tl.constexpr, LOG_NW: tl.constexpr, LOG_WB: tl.constexpr,
         FULL_WORD: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
-        IS_CAUSAL: tl.constexpr, BY_BITS: tl.constexpr):
+        IS_CAUSAL: tl.constexpr, BY_BITS: tl.constexpr, FAST: tl.constexpr = False,
+        STAGES: tl.constexpr = 3):
     """Pass 1. Persistent grid ``[programs]``, rows ``pid, pid + programs, ...``; indices
     ``(Bl, Hl, Lq, W)``, any strides. Per row: ``counts[0 / 1, row]`` = full / partial tiles,
     ``start[row]`` = the word pass 2 starts at; ``stats`` += (active pairs, out-of-range
-    indices, pool slots taken: full, partial). A row that one span held goes to the pool if
+    indices, pool slots taken: full, partial, rows the fast scan left to the general one, full
+    tiles, partial tiles); ``ptrs[0 / 1, 0]`` = 0. A row that one span held goes to the pool if
     it fits: ``pool_at[0 / 1, row]`` = its first full / partial slot, else -1."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     pid = tl.program_id(0)
@@ -255,15 +360,21 @@ def indices_to_tiles_count_kernel(
     n_chunks = tl.cdiv(width, CHUNK)
     nnz = tl.zeros([], tl.int64)
     n_bad = tl.zeros([], tl.int32)
+    n_rescanned = tl.zeros([], tl.int32)
+    total_full = tl.zeros([], tl.int64)
+    total_part = tl.zeros([], tl.int64)
     for row in range(pid, n_rows, tl.num_programs(0)):
         row_ptr, row_ok, bound = _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len,
                                             causal_offset, stride_idx_b, stride_idx_h,
                                             stride_idx_q, BLOCK_M, IS_CAUSAL)
         # First span: centred on the active words of the first and last chunks.
         c_b = tl.maximum(n_chunks - 1, 1) * CHUNK  # nothing there when chunk 0 is the last one
-        j_a = _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK)
-        j_b = _load_chunk(row_ptr, row_ok, c_b, width, stride_idx_w, CHUNK)
-        j_1 = _load_chunk(row_ptr, row_ok, CHUNK, (n_chunks - 1) * CHUNK, stride_idx_w, CHUNK)
+        if FAST:  # CHUNK divides the width: vectorized loads (no rows past q_len: bound 0)
+            j_a = _load_even(row_ptr, 0, width, stride_idx_w, CHUNK)
+            j_b = _load_even(row_ptr, n_chunks - 1, width, stride_idx_w, CHUNK)
+        else:
+            j_a = _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK)
+            j_b = _load_chunk(row_ptr, row_ok, c_b, width, stride_idx_w, CHUNK)
         word_a, bad_a = _words(j_a, bound, k_len, LOG_WB)
         word_b, bad_b = _words(j_b, bound, k_len, LOG_WB)
         lo = tl.minimum(tl.min(tl.min(word_a, 1), 0), tl.min(tl.min(word_b, 1), 0))
@@ -276,18 +387,31 @@ def indices_to_tiles_count_kernel(
         below = tl.full([], -1, tl.int32)
         above = tl.full([], BIG, tl.int32)
         tl.debug_barrier()  # the bitmap is zero
-        below, above, n_bad = _scan_chunk(j_a, 0, width, row_ptr, row_ok, bound, k_len,
-                                          stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
-                                          below, above, n_bad, LOG_WB, SPAN, CHUNK,
-                                          BY_BITS)
-        below, above, n_bad = _scan_chunk(j_b, c_b, width, row_ptr, row_ok, bound, k_len,
-                                          stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
-                                          below, above, n_bad, LOG_WB, SPAN, CHUNK,
-                                          BY_BITS)
-        below, above, n_bad = _scan_chunks(j_1, below, above, n_bad, bitmap_rows, row_ptr,
-                                           row_ok, bound, base, cov_lo, cov_hi, 1, n_chunks - 1,
-                                           width, k_len, stride_idx_w, LOG_WB, SPAN, CHUNK,
-                                           BY_BITS)
+        fast = False
+        if FAST:
+            fast = _fast_scan(j_a, j_b, row_ptr, bound, base, k_len, width, n_chunks,
+                              stride_idx_w, scratch, LOG_WB, SPAN, CHUNK, BY_BITS, STAGES)
+            if not fast:
+                _clear_bitmap(scratch, BLOCK_M, SPAN)
+                n_rescanned += 1
+        if not fast:
+            if FAST:  # the fast scan took them (and its j_b is chunk 0 for a single chunk)
+                j_a = _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK)
+                j_b = _load_chunk(row_ptr, row_ok, c_b, width, stride_idx_w, CHUNK)
+            j_1 = _load_chunk(row_ptr, row_ok, CHUNK, (n_chunks - 1) * CHUNK, stride_idx_w,
+                              CHUNK)
+            below, above, n_bad = _scan_chunk(j_a, 0, width, row_ptr, row_ok, bound, k_len,
+                                              stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
+                                              below, above, n_bad, LOG_WB, SPAN, CHUNK,
+                                              BY_BITS)
+            below, above, n_bad = _scan_chunk(j_b, c_b, width, row_ptr, row_ok, bound, k_len,
+                                              stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
+                                              below, above, n_bad, LOG_WB, SPAN, CHUNK,
+                                              BY_BITS)
+            below, above, n_bad = _scan_chunks(j_1, below, above, n_bad, bitmap_rows, row_ptr,
+                                               row_ok, bound, base, cov_lo, cov_hi, 1,
+                                               n_chunks - 1, width, k_len, stride_idx_w, LOG_WB,
+                                               SPAN, CHUNK, BY_BITS)
         acc = _read_bitmap(scratch, BLOCK_M, SPAN)
         touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
         n_full = tl.sum(touched * full, 0)
@@ -334,8 +458,16 @@ def indices_to_tiles_count_kernel(
         tl.store(counts_ptr + row, n_full)
         tl.store(counts_ptr + n_rows + row, n_part)
         tl.store(start_ptr + row, start)
+        total_full += n_full
+        total_part += n_part
     tl.atomic_add(stats_ptr, nnz, sem="relaxed")
     tl.atomic_add(stats_ptr + 1, n_bad.to(tl.int64), sem="relaxed")
+    tl.atomic_add(stats_ptr + 4, n_rescanned.to(tl.int64), sem="relaxed")
+    tl.atomic_add(stats_ptr + 5, total_full, sem="relaxed")
+    tl.atomic_add(stats_ptr + 6, total_part, sem="relaxed")
+    if pid == 0:  # the pointers' first entries (a cumsum of the counts writes the rest)
+        tl.store(ptrs_ptr, 0)
+        tl.store(ptrs_ptr + n_rows + 1, 0)
 
 
 @triton.jit
@@ -401,6 +533,36 @@ def indices_to_tiles_write_kernel(
                 base = (above >> LOG_NW) << LOG_NW  # BIG when nothing is left
 
 
+@triton.jit
+def transposed_lists_kernel(values_ptr, order_ptr, row_t_ptr, mask_t_ptr, full_ptr_t_ptr,
+                            part_ptr_t_ptr, n, n_full, n_cols, n_qt, steps,
+                            BLOCK: tl.constexpr):
+    """The key-tile lists from the sorted ``transpose_keys`` (``values``, ascending, and the
+    sort's ``order``), what ``device.transpose_tiles`` computes, in one launch: ``row_t[i]``
+    = the i-th entry's query tile, ``mask_t[i]`` = ``order[n_full + i] - n_full`` (a partial
+    entry's mask), and the pointers ``full_ptr_t[c]`` / ``part_ptr_t[c]`` over the
+    ``n_cols + 1`` column bounds (a binary search of ``steps`` steps for each ``c * n_qt``)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_n = offs < n
+    values = tl.load(values_ptr + offs, mask=in_n, other=0)
+    tl.store(row_t_ptr + offs, (values % n_qt).to(tl.int32), mask=in_n)
+    in_p = offs < n - n_full
+    order = tl.load(order_ptr + n_full + offs, mask=in_p, other=0)
+    tl.store(mask_t_ptr + offs, (order - n_full).to(tl.int32), mask=in_p)
+    target = offs.to(values.dtype) * n_qt  # bound c = offs of the 2 * n_cols + 1
+    lo = tl.zeros([BLOCK], tl.int32)
+    hi = tl.full([BLOCK], 0, tl.int32) + n
+    for _ in range(steps):  # the first entry >= target
+        searching = lo < hi
+        mid = (lo + hi) // 2
+        below = searching & (tl.load(values_ptr + mid, mask=searching, other=0) < target)
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(searching & (below == 0), mid, hi)
+    tl.store(full_ptr_t_ptr + offs, lo, mask=offs <= n_cols)
+    tl.store(part_ptr_t_ptr + offs - n_cols, lo - n_full,
+             mask=(offs >= n_cols) & (offs <= 2 * n_cols))
+
+
 def word_args(block_n: int) -> dict:
     """How a tile row's key bits sit in words: 32 bits a word (16 at ``block_n`` 16),
     ``N_WORDS`` words a tile row, and the value of a word whose keys are all active."""
@@ -417,6 +579,95 @@ def _new_int(shape, dtype, device):
     return t.fill_(-0x7A5A5A5A) if common.POISON_OUTPUTS else t
 
 
+class _Counted:
+    """Pass 1 launched (and synced): what pass 2 and the transposition need."""
+
+
+def _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config):
+    """Launch pass 1 (and the cumsum of its counts), read its totals (the one host sync) and
+    raise for out-of-range indices. Few launches and allocations: one int32 workspace holds
+    the per-row arrays, the programs' scratch and the pool; the pointers have their own."""
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {idx.dtype}")
+    if k_len >= 2**31 - 2**15:
+        raise ValueError(f"k_len={k_len} is too large for the Triton layout build")
+    c = _Counted()
+    device = c.device = idx.device
+    n_b, n_h, _, width = idx.shape
+    c.n_qt = n_qt = -(-q_len // block_m)
+    c.n_kt = -(-k_len // block_n)
+    c.n_groups = n_b * n_h
+    c.n_rows = n_rows = n_b * n_h * n_qt
+    c.n_words = n_words = -(-block_n // 32)
+    cfg = dict(config or launch_config.get_tiles_config(block_m, block_n, width,
+                                                         idx.element_size()))
+    span, chunk, per_sm = cfg.pop("SPAN"), cfg.pop("CHUNK"), cfg.pop("programs_per_sm")
+    fast, stages = cfg.pop("FAST", True), cfg.pop("STAGES", 3)
+    if cfg.get("maxnreg") is None or device.type != "cuda":
+        cfg.pop("maxnreg", None)
+    if device.type == "cuda":
+        n_programs = min(n_rows, per_sm * _sm_count(device))
+    else:  # the CPU interpreter runs programs one after the other
+        n_programs = min(n_rows, 3)
+    c.n_programs = n_programs
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    part_cap = min(n_rows * (span // n_words), pool_bytes // (4 * block_m * n_words))
+    full_cap = min(n_rows * (span // n_words), pool_bytes // 4) if part_cap else 0
+    sizes = dict(counts=2 * n_rows, start=n_rows, pool_at=2 * n_rows,
+                 scratch=n_programs * block_m * span, pool_full=max(full_cap, 1),
+                 pool_part=max(part_cap, 1), pool_mask=max(part_cap, 1) * block_m * n_words)
+    work = _new_int(sum(sizes.values()), torch.int32, device)  # freed after the build
+    views = dict(zip(sizes, work.split(list(sizes.values()))))
+    c.ptrs = _new_int((2, n_rows + 1), torch.int32, device)  # the layout keeps these
+    counts = views["counts"].view(2, n_rows)
+    c.start, c.pool_at = views["start"], views["pool_at"]
+    c.scratch, c.pool_full = views["scratch"], views["pool_full"]
+    c.pool_part, c.pool_mask = views["pool_part"], views["pool_mask"]
+    # pairs, out-of-range indices, pool slots full / partial, rows the fast scan left to the
+    # general one, full tiles, partial tiles
+    stats = torch.zeros(7, dtype=torch.int64, device=device)
+    c.args = dict(n_rows=n_rows, heads=n_h, n_qt=n_qt, q_len=q_len, k_len=k_len, width=width,
+                  causal_offset=k_len - q_len, stride_idx_b=idx.stride(0),
+                  stride_idx_h=idx.stride(1), stride_idx_q=idx.stride(2),
+                  stride_idx_w=idx.stride(3), BLOCK_M=block_m, **word_args(block_n),
+                  SPAN=span, CHUNK=chunk, IS_CAUSAL=bool(is_causal), BY_BITS=interpret, **cfg)
+    if n_rows:
+        indices_to_tiles_count_kernel[(n_programs,)](
+            idx, counts, c.ptrs, c.start, c.pool_at, stats, c.scratch, c.pool_full,
+            c.pool_part, c.pool_mask, pool_full_cap=full_cap, pool_part_cap=part_cap,
+            FAST=fast and width > 0 and width % chunk == 0, STAGES=stages, **c.args)
+        torch.cumsum(counts, 1, out=c.ptrs[:, 1:])  # int32: the totals are checked below
+    else:
+        c.ptrs.zero_()
+    c.nnz, n_bad, _, _, rescanned, c.n_full, c.n_part = stats.tolist()  # the one sync
+    LAST_BUILD.update(rows=n_rows, rescanned_rows=rescanned)
+    if n_bad:
+        from .device import index_range_error
+        raise index_range_error(idx, k_len)
+    if max(c.n_full, c.n_part) >= 2**31:
+        raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
+    c.key_dtype = transpose_key_dtype(n_rows, c.n_kt)
+    return c
+
+
+def _write_pass(idx, c, full_col, part_col, masks, keys):
+    """Launch pass 2 into the given outputs."""
+    if c.n_rows:
+        indices_to_tiles_write_kernel[(c.n_programs,)](
+            idx, c.ptrs[0], c.ptrs[1], c.start, c.pool_at, c.scratch, c.pool_full, c.pool_part,
+            c.pool_mask, full_col, part_col, masks, keys, keys[c.n_full:], c.n_kt, **c.args)
+
+
+_SM_COUNT = {}
+
+
+def _sm_count(device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: bool,
                             block_m: int, block_n: int, *, pool_bytes: int = POOL_BYTES,
                             config: dict | None = None, with_keys: bool = False):
@@ -430,63 +681,42 @@ def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal
     (0: pass 2 rescans every row). ``with_keys``: return ``(arrays, keys)``, ``keys`` the
     tiles' ``device.transpose_keys``, which pass 2 writes next to the tiles.
     """
-    if idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"indices must be int32 or int64, got {idx.dtype}")
-    if k_len >= 2**31 - 2**15:
-        raise ValueError(f"k_len={k_len} is too large for the Triton layout build")
-    device = idx.device
-    n_b, n_h, _, width = idx.shape
-    n_qt = -(-q_len // block_m)
-    n_rows = n_b * n_h * n_qt
-    n_words = -(-block_n // 32)
-    cfg = dict(config or launch_config.get_tiles_config(block_m, block_n, width,
-                                                         idx.element_size()))
-    span, chunk, per_sm = cfg.pop("SPAN"), cfg.pop("CHUNK"), cfg.pop("programs_per_sm")
-    if cfg.get("maxnreg") is None or device.type != "cuda":
-        cfg.pop("maxnreg", None)
-    ptrs = torch.zeros(2, n_rows + 1, dtype=torch.int64, device=device)
-    n_kt = -(-k_len // block_n)
-    key_dtype = transpose_key_dtype(n_rows, n_kt)
-    if n_rows == 0:
-        empty = torch.zeros(0, dtype=torch.int32, device=device)
-        arrays = (ptrs[0], empty, ptrs[1], empty,
-                  torch.zeros(0, block_m, n_words, dtype=torch.int32, device=device), 0)
-        return (arrays, torch.zeros(0, dtype=key_dtype, device=device)) if with_keys else arrays
-    if device.type == "cuda":
-        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-        n_programs = min(n_rows, per_sm * n_sm)
-    else:  # the CPU interpreter runs programs one after the other
-        n_programs = min(n_rows, 3)
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    part_cap = min(n_rows * (span // n_words), pool_bytes // (4 * block_m * n_words))
-    full_cap = min(n_rows * (span // n_words), pool_bytes // 4) if part_cap else 0
-    counts = _new_int((2, n_rows), torch.int32, device)
-    start = _new_int(n_rows, torch.int32, device)
-    pool_at = _new_int((2, n_rows), torch.int64, device)
-    stats = torch.zeros(4, dtype=torch.int64, device=device)  # pairs, bad, pool slots f / p
-    scratch = torch.empty(n_programs * block_m * span, dtype=torch.int32, device=device)
-    pool_full = _new_int(max(full_cap, 1), torch.int32, device)
-    pool_part = _new_int(max(part_cap, 1), torch.int32, device)
-    pool_mask = _new_int(max(part_cap, 1) * block_m * n_words, torch.int32, device)
-    args = dict(n_rows=n_rows, heads=n_h, n_qt=n_qt, q_len=q_len, k_len=k_len, width=width,
-                causal_offset=k_len - q_len, stride_idx_b=idx.stride(0),
-                stride_idx_h=idx.stride(1), stride_idx_q=idx.stride(2),
-                stride_idx_w=idx.stride(3), BLOCK_M=block_m, **word_args(block_n), SPAN=span,
-                CHUNK=chunk, IS_CAUSAL=bool(is_causal), BY_BITS=interpret, **cfg)
-    indices_to_tiles_count_kernel[(n_programs,)](
-        idx, counts, start, pool_at, stats, scratch, pool_full, pool_part, pool_mask,
-        pool_full_cap=full_cap, pool_part_cap=part_cap, **args)
-    torch.cumsum(counts, 1, out=ptrs[:, 1:])
-    n_full, n_part, nnz, n_bad = torch.cat([ptrs[:, -1], stats[:2]]).tolist()  # the one sync
-    if n_bad:
-        from .device import index_range_error
-        raise index_range_error(idx, k_len)
-    full_col = _new_int(n_full, torch.int32, device)
-    part_col = _new_int(n_part, torch.int32, device)
-    masks = _new_int((n_part, block_m, n_words), torch.int32, device)
-    keys = _new_int(n_full + n_part, key_dtype, device)
-    indices_to_tiles_write_kernel[(n_programs,)](
-        idx, ptrs[0], ptrs[1], start, pool_at, scratch, pool_full, pool_part, pool_mask,
-        full_col, part_col, masks, keys, keys[n_full:], n_kt, **args)
-    arrays = ptrs[0], full_col, ptrs[1], part_col, masks, nnz
+    c = _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config)
+    full_col = _new_int(c.n_full, torch.int32, c.device)
+    part_col = _new_int(c.n_part, torch.int32, c.device)
+    masks = _new_int((c.n_part, block_m, c.n_words), torch.int32, c.device)
+    keys = _new_int(c.n_full + c.n_part, c.key_dtype, c.device)
+    _write_pass(idx, c, full_col, part_col, masks, keys)
+    ptrs = c.ptrs.long()
+    arrays = ptrs[0], full_col, ptrs[1], part_col, masks, c.nnz
     return (arrays, keys) if with_keys else arrays
+
+
+def layout_tensors_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: bool,
+                          block_m: int, block_n: int, *, pool_bytes: int = POOL_BYTES,
+                          config: dict | None = None) -> tuple[dict, int]:
+    """Every tensor of the ``SparseLayout`` of ``idx`` (int32, on its device) and ``nnz``:
+    ``indices_to_tiles_triton``'s tiles with the key-tile lists of ``device.transpose_tiles``
+    (one sort of the tiles' keys and ``transposed_lists_kernel``). After pass 1's sync: one
+    allocation (views of one int32 buffer), pass 2, the sort and one more launch."""
+    c = _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config)
+    n = c.n_full + c.n_part
+    n_cols = c.n_groups * c.n_kt
+    sizes = dict(full_col=c.n_full, part_col=c.n_part, masks=c.n_part * block_m * c.n_words,
+                 row_t=n, part_mask_t=c.n_part, full_ptr_t=n_cols + 1, part_ptr_t=n_cols + 1)
+    if c.key_dtype == torch.int32:
+        sizes["keys"] = n
+    out = dict(zip(sizes, _new_int(sum(sizes.values()), torch.int32, c.device).split(
+        list(sizes.values()))))
+    keys = out.pop("keys") if "keys" in out else _new_int(n, c.key_dtype, c.device)
+    out["masks"] = out["masks"].view(c.n_part, block_m, c.n_words)
+    _write_pass(idx, c, out["full_col"], out["part_col"], out["masks"], keys)
+    values, order = torch.sort(keys)
+    block = 1024
+    transposed_lists_kernel[(triton.cdiv(max(n, 2 * n_cols + 1), block),)](
+        values, order, out["row_t"], out["part_mask_t"], out["full_ptr_t"], out["part_ptr_t"],
+        n, c.n_full, n_cols, max(c.n_qt, 1), n.bit_length() + 1, BLOCK=block)
+    row_t = out.pop("row_t")
+    tensors = dict(full_ptr=c.ptrs[0], part_ptr=c.ptrs[1], full_row_t=row_t[:c.n_full],
+                   part_row_t=row_t[c.n_full:], **out)
+    return tensors, c.nnz

@@ -8,7 +8,9 @@ import torch
 from blocksparse_fsa import build_layout
 from blocksparse_fsa.preprocess.device import indices_to_tiles_torch, transpose_keys
 from blocksparse_fsa.preprocess.indices import indices_to_tiles
-from blocksparse_fsa.preprocess.indices_triton import indices_to_tiles_triton
+from blocksparse_fsa.preprocess import indices_triton
+from blocksparse_fsa.preprocess.indices_triton import (indices_to_tiles_triton,
+                                                     layout_tensors_triton)
 
 from ..conftest import HAS_CUDA, INTERPRET
 from .test_indices import LAYOUT_TENSORS, check_layout_invariants, random_indices
@@ -48,9 +50,9 @@ def numba_tiles(idx, q_len, k_len, is_causal, block_m, block_n):
             torch.from_numpy(part_col), torch.from_numpy(masks).view(torch.int32), nnz)
 
 
-def check_all(idx, q_len, k_len, is_causal, block_m, block_n, **kwargs):
-    """Triton == PyTorch build == numba build, and the Triton build's transpose keys are
-    ``transpose_keys`` of its tiles."""
+def check_tiles(idx, q_len, k_len, is_causal, block_m, block_n, **kwargs):
+    """``indices_to_tiles_triton`` == PyTorch build == numba build, and its transpose keys
+    are ``transpose_keys`` of its tiles."""
     got, keys = indices_to_tiles_triton(idx.to(DEVICE), q_len, k_len, is_causal, block_m,
                                         block_n, with_keys=True, **kwargs)
     in_torch = indices_to_tiles_torch(idx, q_len, k_len, is_causal, block_m, block_n)
@@ -61,6 +63,22 @@ def check_all(idx, q_len, k_len, is_causal, block_m, block_n, **kwargs):
     want = tuple(t.long() if i in (0, 2) else t for i, t in enumerate(want[:5])) + (want[5],)
     assert_same_tiles(got, want, "vs numba:")
     return got
+
+
+def check_all(idx, q_len, k_len, is_causal, block_m, block_n, **kwargs):
+    """Every tensor of the Triton build's layout (``layout_tensors_triton``: both passes, the
+    sort and the key-tile lists) == the numba build's."""
+    tensors, nnz = layout_tensors_triton(idx.to(DEVICE), q_len, k_len, is_causal, block_m,
+                                         block_n, **kwargs)
+    want = build_layout(idx, k_len, is_causal=is_causal, block_m=block_m, block_n=block_n,
+                        method="numba")
+    assert nnz == want.nnz, f"nnz {nnz} != {want.nnz}"
+    for name in LAYOUT_TENSORS:
+        got, expected = tensors[name].cpu(), getattr(want, name)
+        assert got.dtype == torch.int32, f"{name}: {got.dtype}"
+        assert got.shape == expected.shape and torch.equal(got, expected), \
+            f"{name} differs: got {got.flatten()[:12]}, want {expected.flatten()[:12]}"
+    return tensors
 
 
 def window(q_len, k_len, left, right=0, order="ascending", dup=False, pad_to=None, seed=0):
@@ -124,6 +142,60 @@ def test_several_windows_per_row(span, chunk, pool_bytes):
         check_all(idx, 70, 90, False, 32, 64, pool_bytes=pool_bytes, config=config)
     idx = random_indices((1, 2, 40, 30), 300, seed=span)
     check_all(idx, 40, 300, True, 16, 32, pool_bytes=pool_bytes, config=config)
+
+
+@pytest.mark.parametrize("case", ["random", "window", "several-spans"])
+def test_tiles_and_keys(case):
+    """``indices_to_tiles_triton`` (the tiles with pass 2's transpose keys)."""
+    if case == "random":
+        idx = random_indices((2, 1, 77, 9), 91, seed=3)
+        check_tiles(idx, 77, 91, True, 32, 16)
+    elif case == "window":
+        check_tiles(window(200, 200, left=150, order="descending", dup=True), 200, 200, False,
+                    64, 64)
+    else:
+        config = dict(SPAN=4, CHUNK=32, num_warps=4, programs_per_sm=1)
+        check_tiles(window(70, 90, left=50, right=10, order="shuffled"), 70, 90, False, 32, 64,
+                    pool_bytes=2000, config=config)
+
+
+FAST_CONFIG = dict(SPAN=16, CHUNK=16, num_warps=4, programs_per_sm=1, FAST=True, STAGES=2)
+
+
+@pytest.mark.parametrize("case,rescanned", [
+    ("ascending", False), ("descending", False), ("int64", False), ("short-last-tile", False),
+    ("shuffled", True), ("outside-span", True), ("random", True)])
+def test_fast_scan(case, rescanned):
+    """Widths that ``CHUNK`` divides take the fast scan; rows it cannot hold (more than two
+    words of a query in a chunk, words outside the span) are rescanned by the general one,
+    and the layout is the same either way."""
+    q_len, k_len, config = 96, 96, dict(FAST_CONFIG)
+    if case in ("ascending", "int64", "short-last-tile"):
+        q_len = 90 if case == "short-last-tile" else q_len
+        idx = window(q_len, k_len, left=40, right=3, pad_to=48)
+    elif case == "descending":
+        idx = window(q_len, k_len, left=40, right=3, order="descending", pad_to=48)
+    elif case == "shuffled":
+        idx = window(q_len, k_len, left=40, right=3, order="shuffled", pad_to=48)
+    elif case == "outside-span":  # a row's 75 keys cover 3 or 4 words, the span 2
+        config["SPAN"] = 2
+        idx = window(q_len, k_len, left=40, right=3, pad_to=48)
+    else:
+        idx = random_indices((1, 2, q_len, 32), k_len, seed=5)
+    if case == "int64":
+        idx = idx.long()
+    for is_causal in (False, True):
+        check_all(idx, q_len, k_len, is_causal, 32, 32, config=config)
+        assert (indices_triton.LAST_BUILD["rescanned_rows"] > 0) == rescanned, \
+            indices_triton.LAST_BUILD
+    check_all(idx, q_len, k_len, True, 32, 32, config=dict(config, FAST=False))
+
+
+def test_fast_scan_finds_out_of_range_indices():
+    idx = window(96, 96, left=40, right=3, pad_to=48).int()
+    idx[0, 0, 50, 47] = 96
+    with pytest.raises(ValueError, match=r"found 96 at position \(0, 0, 50, 47\)"):
+        layout_tensors_triton(idx.to(DEVICE), 96, 96, True, 32, 32, config=FAST_CONFIG)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.int16, torch.uint8],
