@@ -233,7 +233,7 @@ def _fast_scan(j_a, j_b, row_ptr, bound, base, k_len, width, n_chunks, stride_id
         miss, j_max, out = _fast_chunk(j, bound, base, bitmap_rows, miss, j_max, out, LOG_WB,
                                        SPAN, BY_BITS)
     return ((tl.min(tl.min(miss, 1), 0) >= 2**28)
-            & (tl.max(tl.max(j_max, 1), 0) <= k_len.to(j_max.dtype))
+            & (tl.max(tl.max(j_max, 1), 0) <= tl.cast(k_len, j_max.dtype))
             & (tl.max(out.to(tl.int32), 0) == 0))
 
 
@@ -500,7 +500,7 @@ def indices_to_tiles_write_kernel(
         slot_f = tl.load(pool_at_ptr + row)
         slot_p = tl.load(pool_at_ptr + n_rows + row)
         key_f = (row // n_qt).to(tl.int64) * n_kt * n_qt + row % n_qt  # + kt * n_qt
-        key_p = key_f + n_rows.to(tl.int64) * n_kt  # partial tiles sort after all full ones
+        key_p = key_f + tl.cast(n_rows, tl.int64) * n_kt  # partial: after all full tiles
         if slot_f >= 0:
             kt_f = tl.load(pool_full_ptr + slot_f + t, mask=t < n_f)
             kt_p = tl.load(pool_part_ptr + slot_p + t, mask=t < n_p)

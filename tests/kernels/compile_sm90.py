@@ -44,23 +44,30 @@ def _type_of(value) -> str:
 
 def compile_offline(self, *args, grid, warmup, **kwargs):
     """Stand-in for ``JITFunction.run``: compile this launch for sm_90, launch nothing."""
-    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages", "maxnreg")
+               if name in kwargs}
     bound = dict(zip(self.arg_names, args), **kwargs)
-    signature, constexprs = {}, {}
-    for param in self.params:
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(self.params):
         value = bound.get(param.name, param.default)
-        if param.is_constexpr:
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if param.is_constexpr or (is_int and value == 1 and not param.do_not_specialize):
+            # as a launch does: an int argument equal to 1 becomes a constant
             signature[param.name] = "constexpr"
-            constexprs[param.name] = value
+            constexprs[(i,)] = value
         else:
             signature[param.name] = _type_of(value)
+            if (is_int and value % 16 == 0) or isinstance(value, torch.Tensor):
+                attrs[(i,)] = [["tt.divisibility", 16]]  # (CPU tensors: assumed aligned)
     key = (self.fn.__name__, tuple(sorted(signature.items())),
-           tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(options.items()))
+           tuple(sorted((str(k), str(v)) for k, v in constexprs.items())),
+           tuple(sorted(attrs)), tuple(options.items()))
     if key not in _seen:
         _seen.add(key)
-        triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs),
-                       target=TARGET, options=options)
-        flags = {k: v for k, v in constexprs.items() if isinstance(v, bool) and v}
+        triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs,
+                                 attrs=attrs), target=TARGET, options=options)
+        flags = {self.params[k[0]].name for k, v in constexprs.items()
+                 if isinstance(v, bool) and v}
         print(f"ok {self.fn.__name__} {options} {sorted(flags)}", flush=True)
 
 
@@ -99,6 +106,10 @@ def layout_builds():
         print(f"-- layout build, {dtype}, {bm}x{bn}", flush=True)
         idx = torch.randint(-1, 200, (1, 2, 200, 16), generator=g, dtype=dtype)
         bsa.build_layout(idx, 200, is_causal=True, block_m=bm, block_n=bn, method="triton")
+        # the fast scan (a width its chunk divides); one row and k_len 1: arguments equal to
+        # 1 become constants
+        idx = torch.zeros(1, 1, 33, 128, dtype=dtype)
+        bsa.build_layout(idx, 1, is_causal=True, block_m=bm, block_n=bn, method="triton")
 
 
 def main():
