@@ -1,7 +1,7 @@
 """Per-query key indices -> tile metadata in Triton, on the indices' GPU.
 
 The same layout as the numba path (``indices.py``) and the PyTorch path (``device.py``), tensor
-for tensor, from two kernels with one host sync between them. A *row* is one (layout batch,
+for tensor, from three kernels and a sort, with one host sync after the first kernel. A *row* is one (layout batch,
 layout head, query tile) with ``block_m`` queries of ``width`` index slots each; persistent
 programs take rows in turn. A program reads its row's indices in ``[block_m, CHUNK]`` chunks
 and ORs their bits into a bitmap of ``[block_m, SPAN]`` 32-bit key words starting at a
@@ -14,10 +14,17 @@ consecutive keys (a sliding window, in either order) take one step.
 * ``indices_to_tiles_count_kernel``: centres the first span on the words of the row's first
   and last chunk, scans, and opens further spans below or above the covered words for indices
   outside; per row it writes the numbers of full and partial tiles and where pass 2 starts,
-  and adds the active pairs and the out-of-range indices to global counters. A row that one
-  span held keeps its tiles, sorted, in a pool (slots from an atomic counter, up to a budget).
-* ``indices_to_tiles_write_kernel``: after a cumsum of the counts, copies pooled rows to their
-  CSR offsets and rescans the others in ascending spans from their first word.
+  and adds the active pairs, the tiles and the out-of-range indices to global counters. A row
+  that one span held keeps its tiles, sorted, in a pool (slots from an atomic counter, up to
+  a budget). Where ``CHUNK`` divides the width it first tries the *fast scan*: one step per
+  chunk, assuming every query's active words there are two consecutive ones in the span,
+  with vectorized loads through a ``cp.async`` pipeline and the atomics issued in the
+  reduction's layout (``_or_into``); a row that breaks the assumption is cleared and scanned
+  the general way.
+* ``indices_to_tiles_write_kernel``: after a cumsum of the counts and the host's one sync,
+  copies pooled rows to their CSR offsets and rescans the others in ascending spans from
+  their first word, writing each tile's sort key for the transposed lists.
+* ``transposed_lists_kernel``: after one sort of those keys, the key-tile lists.
 
 Memory: O(rows) counters, the programs' scratch (programs x block_m x SPAN words) and the pool
 (at most ``POOL_BYTES``): nothing of size Lq x Lk or (query tiles x key tiles).
@@ -698,18 +705,17 @@ def layout_tensors_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: 
     """Every tensor of the ``SparseLayout`` of ``idx`` (int32, on its device) and ``nnz``:
     ``indices_to_tiles_triton``'s tiles with the key-tile lists of ``device.transpose_tiles``
     (one sort of the tiles' keys and ``transposed_lists_kernel``). After pass 1's sync: one
-    allocation (views of one int32 buffer), pass 2, the sort and one more launch."""
+    allocation for the layout (views of one int32 buffer) and one for the keys, pass 2, the
+    sort and one more launch."""
     c = _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config)
     n = c.n_full + c.n_part
     n_cols = c.n_groups * c.n_kt
     sizes = dict(full_col=c.n_full, part_col=c.n_part, masks=c.n_part * block_m * c.n_words,
                  row_t=n, part_mask_t=c.n_part, full_ptr_t=n_cols + 1, part_ptr_t=n_cols + 1)
-    if c.key_dtype == torch.int32:
-        sizes["keys"] = n
     out = dict(zip(sizes, _new_int(sum(sizes.values()), torch.int32, c.device).split(
         list(sizes.values()))))
-    keys = out.pop("keys") if "keys" in out else _new_int(n, c.key_dtype, c.device)
     out["masks"] = out["masks"].view(c.n_part, block_m, c.n_words)
+    keys = _new_int(n, c.key_dtype, c.device)  # not in the layout's buffer: freed after
     _write_pass(idx, c, out["full_col"], out["part_col"], out["masks"], keys)
     values, order = torch.sort(keys)
     block = 1024
