@@ -1,11 +1,12 @@
 """Per-query key indices -> tile metadata in Triton, on the indices' GPU.
 
 The same layout as the numba path (``indices.py``) and the PyTorch path (``device.py``), tensor
-for tensor, from three kernels and a sort, with one host sync after the first kernel. A *row* is one (layout batch,
-layout head, query tile) with ``block_m`` queries of ``width`` index slots each; persistent
-programs take rows in turn. A program reads its row's indices in ``[block_m, CHUNK]`` chunks
-and ORs their bits into a bitmap of ``[block_m, SPAN]`` 32-bit key words starting at a
-tile-aligned word ``base`` (a *span*), kept in the program's own scratch in global memory (L2).
+for tensor, from three kernels and a sort, with one host sync after the first kernel. A *row*
+is one (layout batch, layout head, query tile) with ``block_m`` queries of ``width`` index
+slots each; persistent programs take rows in turn. A program reads its row's indices in
+``[block_m, CHUNK]`` chunks and ORs their bits into a bitmap of ``[block_m, SPAN]`` 32-bit key
+words starting at a tile-aligned word ``base`` (a *span*), kept in the program's own scratch
+in global memory (L2).
 Triton has no register scatter, so a chunk goes in by *steps*: each step takes every query's
 smallest word ``m`` not merged yet, ORs the bits of its words ``m`` and ``m + 1`` (reductions
 over the chunk) and adds them to the scratch with one relaxed atomic OR each. A query's 32
