@@ -8,7 +8,7 @@ The indices come from ``blocksparse_fsa.bench`` (``(1, Hkv, L, W)`` on the GPU, 
 ``--dtype int64`` converts them). Every build is first compared with the PyTorch build, tensor
 for tensor: a mismatch is reported and not timed. GPU times are medians of
 ``triton.testing.do_bench``; ``build_layout`` rows include the host sync and the transposed
-lists (``_finish``), ``tiles only`` rows are the builders alone. numba is timed with
+lists, ``tiles only`` rows are the builders' tile lists alone. numba is timed with
 ``time.perf_counter`` (median of 3 after a warm-up) and includes copying the indices to the
 host; ``(host)`` rows time a synced call with ``perf_counter`` (median of 20). ``--flex`` adds
 flex's compiled ``create_block_mask`` on the pattern's ``mask_mod`` on both timers.

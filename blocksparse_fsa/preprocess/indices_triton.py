@@ -587,6 +587,12 @@ def _new_int(shape, dtype, device):
     return t.fill_(-0x7A5A5A5A) if common.POISON_OUTPUTS else t
 
 
+def _int32_views(sizes: dict, device) -> dict:
+    """One int32 allocation (``_new_int``) split into 1-D views of the given sizes, by name."""
+    buffer = _new_int(sum(sizes.values()), torch.int32, device)
+    return dict(zip(sizes, buffer.split(list(sizes.values()))))
+
+
 class _Counted:
     """Pass 1 launched (and synced): what pass 2 and the transposition need."""
 
@@ -614,7 +620,8 @@ def _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, conf
     if cfg.get("maxnreg") is None or device.type != "cuda":
         cfg.pop("maxnreg", None)
     if device.type == "cuda":
-        n_programs = min(n_rows, per_sm * _sm_count(device))
+        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+        n_programs = min(n_rows, per_sm * n_sm)
     else:  # the CPU interpreter runs programs one after the other
         n_programs = min(n_rows, 3)
     c.n_programs = n_programs
@@ -624,8 +631,7 @@ def _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, conf
     sizes = dict(counts=2 * n_rows, start=n_rows, pool_at=2 * n_rows,
                  scratch=n_programs * block_m * span, pool_full=max(full_cap, 1),
                  pool_part=max(part_cap, 1), pool_mask=max(part_cap, 1) * block_m * n_words)
-    work = _new_int(sum(sizes.values()), torch.int32, device)  # freed after the build
-    views = dict(zip(sizes, work.split(list(sizes.values()))))
+    views = _int32_views(sizes, device)  # freed after the build
     c.ptrs = _new_int((2, n_rows + 1), torch.int32, device)  # the layout keeps these
     counts = views["counts"].view(2, n_rows)
     c.start, c.pool_at = views["start"], views["pool_at"]
@@ -666,16 +672,6 @@ def _write_pass(idx, c, full_col, part_col, masks, keys):
             c.pool_mask, full_col, part_col, masks, keys, keys[c.n_full:], c.n_kt, **c.args)
 
 
-_SM_COUNT = {}
-
-
-def _sm_count(device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: bool,
                             block_m: int, block_n: int, *, pool_bytes: int = POOL_BYTES,
                             config: dict | None = None, with_keys: bool = False):
@@ -713,8 +709,7 @@ def layout_tensors_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: 
     n_cols = c.n_groups * c.n_kt
     sizes = dict(full_col=c.n_full, part_col=c.n_part, masks=c.n_part * block_m * c.n_words,
                  row_t=n, part_mask_t=c.n_part, full_ptr_t=n_cols + 1, part_ptr_t=n_cols + 1)
-    out = dict(zip(sizes, _new_int(sum(sizes.values()), torch.int32, c.device).split(
-        list(sizes.values()))))
+    out = _int32_views(sizes, c.device)
     out["masks"] = out["masks"].view(c.n_part, block_m, c.n_words)
     keys = _new_int(n, c.key_dtype, c.device)  # not in the layout's buffer: freed after
     _write_pass(idx, c, out["full_col"], out["part_col"], out["masks"], keys)
