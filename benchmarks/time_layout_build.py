@@ -8,7 +8,10 @@ The indices come from ``blocksparse_fsa.bench`` (``(1, Hkv, L, W)`` on the GPU, 
 ``--dtype int64`` converts them). Every build is first compared with the PyTorch build, tensor
 for tensor: a mismatch is reported and not timed. GPU times are medians of
 ``triton.testing.do_bench``; ``build_layout`` rows include the host sync and the transposed
-lists, ``tiles only`` rows are the builders' tile lists alone. numba is timed with
+lists (repeated builds of one shape reuse the last one's tile counts and sync once, at the end;
+``first`` forgets them each call: a sync after pass 1 and exact allocations), ``tiles only``
+rows are the builders' tile lists alone (``no window scan``: without the sliding-window
+shortcut of pass 1). numba is timed with
 ``time.perf_counter`` (median of 3 after a warm-up) and includes copying the indices to the
 host; ``(host)`` rows time a synced call with ``perf_counter`` (median of 20). ``--flex`` adds
 flex's compiled ``create_block_mask`` on the pattern's ``mask_mod`` on both timers.
@@ -29,7 +32,7 @@ import blocksparse_fsa as bsa
 from blocksparse_fsa import bench, bench_patterns
 from blocksparse_fsa.kernels import config as launch_config
 from blocksparse_fsa.preprocess.device import indices_to_tiles_torch
-from blocksparse_fsa.preprocess.indices_triton import indices_to_tiles_triton
+from blocksparse_fsa.preprocess.indices_triton import forget_capacities, indices_to_tiles_triton
 
 LAYOUT_TENSORS = ["full_ptr", "full_col", "part_ptr", "part_col", "masks", "full_ptr_t",
                   "full_row_t", "part_ptr_t", "part_row_t", "part_mask_t", "nnz"]
@@ -165,7 +168,12 @@ def main():
     run("triton build_layout", lambda: build("triton"), want, on_gpu)
     run("triton build_layout (host)", lambda: build("triton"), want,
         lambda fn: host_ms(fn, device, runs=20))
+    run("triton build_layout, first", lambda: (forget_capacities(), build("triton"))[1], want,
+        on_gpu)
     run("triton tiles only", tiles, want_tiles, on_gpu)
+    default = launch_config.get_tiles_config(block_m, block_n, idx.shape[-1], idx.element_size())
+    run("triton tiles, no window scan", lambda: tiles(dict(default, WINDOW=False)), want_tiles,
+        on_gpu)
     if "torch" not in args.skip:
         run("torch build_layout", lambda: build("torch"), want, on_gpu)
         run("torch tiles only",
@@ -180,8 +188,6 @@ def main():
     if args.profile:
         profile(lambda: build("triton"), device)
     if args.sweep:
-        default = launch_config.get_tiles_config(block_m, block_n, idx.shape[-1],
-                                                 idx.element_size())
         print(f"default Triton config: {default}")
         timed = []
         for values in itertools.product(*SWEEP.values()):

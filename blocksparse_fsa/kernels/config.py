@@ -95,7 +95,7 @@ def get_tiles_config(block_m: int, block_n: int, window: int, index_bytes: int =
     num_warps = max(4, min(16, max(block_m // 16, block_m * span // 1024)))
     maxnreg = (128 if index_bytes == 4 else 168) if num_warps == 4 else None
     return dict(SPAN=span, CHUNK=chunk, num_warps=num_warps, maxnreg=maxnreg,
-                programs_per_sm=4, FAST=True, STAGES=3)
+                programs_per_sm=4, FAST=True, WINDOW=True, STAGES=3)
 
 
 # TMA: the kernels read K/V (forward, dQ) and Q/dO (dK/dV) tiles through TMA descriptors where

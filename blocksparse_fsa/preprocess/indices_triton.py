@@ -31,6 +31,8 @@ Memory: O(rows) counters, the programs' scratch (programs x block_m x SPAN words
 (at most ``POOL_BYTES``): nothing of size Lq x Lk or (query tiles x key tiles).
 """
 
+import collections
+import functools
 import os
 
 import torch
@@ -39,6 +41,7 @@ import triton.language as tl
 
 from ..kernels import common
 from ..kernels import config as launch_config
+from ..kernels.launch import Launcher
 from .device import transpose_key_dtype
 
 BIG = tl.constexpr(1 << 30)  # no word: above every real word (< 2**27)
@@ -246,6 +249,67 @@ def _fast_scan(j_a, j_b, row_ptr, bound, base, k_len, width, n_chunks, stride_id
 
 
 @triton.jit
+def _window_misses(j, d, c0, k_len, CHUNK: tl.constexpr):
+    """Bits where chunk ``j`` (slots ``c0...``) differs from the window of offset ``d``
+    (``[BLOCK_M]``, per query): slot s holds key ``d + s`` where that lies in ``[0, k_len)``,
+    -1 elsewhere. Nonzero wherever it differs."""
+    e = d[:, None] + (c0 + tl.arange(0, CHUNK))[None, :].to(d.dtype)
+    if d.dtype == tl.int64:
+        inside = (e >= 0) & (e < k_len)
+    else:  # one unsigned compare
+        inside = e.to(tl.uint32, bitcast=True) < tl.cast(k_len, tl.uint32)
+    return j ^ tl.where(inside, e, -1)
+
+
+@triton.jit
+def _window_scan(j_a, j_b, row_ptr, bound, k_len, width, n_chunks, stride_idx_w,
+                 LOG_WB: tl.constexpr, LOG_NW: tl.constexpr, SPAN: tl.constexpr,
+                 CHUNK: tl.constexpr, STAGES: tl.constexpr):
+    """The window scan of a row whose width ``CHUNK`` divides: whether every query's slots hold
+    one contiguous ascending run of keys, ``d + s`` in slot ``s`` where that lies in ``[0,
+    k_len)`` and -1 elsewhere (``i - W + 1 + arange(W)`` clipped to -1: the usual way to
+    write a sliding window), with ``d`` the largest ``index - slot`` of the first and last
+    chunks (``j_a``, ``j_b``). Other chunks are read only when those two agree; a chunk costs
+    an add, a compare, a select and an OR per index, and no reduction. Returns ``(held, lo,
+    hi, base)``: each query's active keys ``[lo, hi]`` (causal bound applied; empty when hi <
+    lo) and the tile-aligned first word of a span that holds them all (held is False when
+    none does)."""
+    cols = tl.arange(0, CHUNK)
+    c_b = (n_chunks - 1) * CHUNK
+    none = tl.full(j_a.shape, 0, j_a.dtype) - width  # a query with no key: all -1
+    d = tl.maximum(tl.max(tl.where(j_a >= 0, j_a - cols[None, :], none), 1),
+                   tl.max(tl.where(j_b >= 0, j_b - (c_b + cols)[None, :], none), 1))
+    miss = _window_misses(j_a, d, 0, k_len, CHUNK) | _window_misses(j_b, d, c_b, k_len, CHUNK)
+    if tl.max(tl.max((miss != 0).to(tl.int32), 1), 0) == 0:  # worth reading the rest
+        for c in tl.range(1, n_chunks - 1, num_stages=STAGES):
+            j = _load_even(row_ptr, c, width, stride_idx_w, CHUNK)
+            miss = miss | _window_misses(j, d, c * CHUNK, k_len, CHUNK)
+    held = tl.max(tl.max((miss != 0).to(tl.int32), 1), 0) == 0
+    lo = tl.maximum(d, 0)
+    hi = tl.minimum(d + (width - 1), (bound - 1).to(d.dtype))  # bound: 0 past q_len
+    lo = lo.to(tl.int32)
+    hi = hi.to(tl.int32)
+    has = hi >= lo
+    lo_w = tl.min(tl.where(has, lo >> LOG_WB, BIG), 0)
+    hi_w = tl.max(tl.where(has, hi >> LOG_WB, -1), 0)
+    base = tl.where(hi_w >= 0, (lo_w >> LOG_NW) << LOG_NW, 0)
+    return held & (hi_w < base + SPAN), lo, hi, base
+
+
+@triton.jit
+def _window_bitmap(lo, hi, base, LOG_WB: tl.constexpr, SPAN: tl.constexpr):
+    """The span bitmap ``[BLOCK_M, SPAN]`` (uint32) of each query's keys ``[lo, hi]`` from word
+    ``base``, built in registers."""
+    WB: tl.constexpr = 1 << LOG_WB
+    k0 = (base + tl.arange(0, SPAN)) * WB  # each word's first key
+    a = tl.minimum(tl.maximum(lo[:, None] - k0[None, :], 0), WB).to(tl.uint64)
+    b = tl.minimum(tl.maximum(hi[:, None] + 1 - k0[None, :], 0), WB).to(tl.uint64)
+    one = tl.full(a.shape, 1, tl.uint64)
+    bits = ((one << b) - (one << a)).to(tl.uint32)
+    return tl.where(b > a, bits, 0)
+
+
+@triton.jit
 def _clear_bitmap(scratch, BLOCK_M: tl.constexpr, SPAN: tl.constexpr):
     """Zero the program's bitmap once its atomics are done."""
     offs = tl.arange(0, BLOCK_M)[:, None] * SPAN + tl.arange(0, SPAN)[None, :]
@@ -299,31 +363,34 @@ def _popcount(x):
 
 
 @triton.jit
-def _store_tiles(acc, touched, full, kt0, full_col_ptr, f0, part_col_ptr, masks_ptr, p0,
-                 keys_full_ptr, key_f, keys_part_ptr, key_p, n_qt,
+def _store_tiles(acc, touched, full, kt0, full_col_ptr, f0, cap_f, part_col_ptr, masks_ptr, p0,
+                 cap_p, keys_full_ptr, key_f, keys_part_ptr, key_p, n_qt,
                  BLOCK_M: tl.constexpr, SPAN: tl.constexpr, N_WORDS: tl.constexpr,
                  WITH_KEYS: tl.constexpr):
     """Write the span's full tiles at ``full_col[f0:]`` and its partial tiles at
     ``part_col[p0:]`` / ``masks[p0:]``, in key-tile order (the span's first tile is ``kt0``),
     and with ``WITH_KEYS`` their sort keys (``key_f`` / ``key_p`` + kt * n_qt) at the same
-    positions of ``keys_full`` / ``keys_part``. Returns the advanced ``(f0, p0)``."""
+    positions of ``keys_full`` / ``keys_part``; nothing at or past the capacities ``cap_f`` /
+    ``cap_p``. Returns the advanced ``(f0, p0)``."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     TILE_WORDS: tl.constexpr = BLOCK_M * N_WORDS
     is_full = touched * full
     is_part = touched - is_full
     f_pos = f0 + tl.cumsum(is_full, 0) - is_full  # [SPAN_TILES]
     p_pos = p0 + tl.cumsum(is_part, 0) - is_part
+    put_f = (is_full != 0) & (f_pos >= 0) & (f_pos < cap_f)
+    put_p = (is_part != 0) & (p_pos >= 0) & (p_pos < cap_p)
     kt = kt0 + tl.arange(0, SPAN_TILES)
-    tl.store(full_col_ptr + f_pos, kt, mask=is_full != 0)
-    tl.store(part_col_ptr + p_pos, kt, mask=is_part != 0)
+    tl.store(full_col_ptr + f_pos, kt, mask=put_f)
+    tl.store(part_col_ptr + p_pos, kt, mask=put_p)
     if WITH_KEYS:
         kt_key = kt.to(tl.int64) * n_qt
-        tl.store(keys_full_ptr + f_pos, key_f + kt_key, mask=is_full != 0)
-        tl.store(keys_part_ptr + p_pos, key_p + kt_key, mask=is_part != 0)
+        tl.store(keys_full_ptr + f_pos, key_f + kt_key, mask=put_f)
+        tl.store(keys_part_ptr + p_pos, key_p + kt_key, mask=put_p)
     tiles = tl.permute(tl.reshape(acc, [BLOCK_M, SPAN_TILES, N_WORDS]), (1, 0, 2))
     tiles = tl.reshape(tiles, [SPAN_TILES, TILE_WORDS])  # tile t's words, row-major
     offs = p_pos[:, None].to(tl.int64) * TILE_WORDS + tl.arange(0, TILE_WORDS)[None, :]
-    tl.store(masks_ptr + offs, tiles.to(tl.int32, bitcast=True), mask=(is_part != 0)[:, None])
+    tl.store(masks_ptr + offs, tiles.to(tl.int32, bitcast=True), mask=put_p[:, None])
     return f0 + tl.sum(is_full, 0), p0 + tl.sum(is_part, 0)
 
 
@@ -346,21 +413,73 @@ def _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len, causal_offset, stride_id
 
 
 @triton.jit
+def _first_span(j_a, j_b, row_ptr, row_ok, bound, k_len, width, n_chunks, c_b, stride_idx_w,
+                scratch, bitmap_rows, n_bad, n_rescanned, BLOCK_M: tl.constexpr,
+                LOG_NW: tl.constexpr, LOG_WB: tl.constexpr, SPAN: tl.constexpr,
+                CHUNK: tl.constexpr, BY_BITS: tl.constexpr, FAST: tl.constexpr,
+                STAGES: tl.constexpr):
+    """Pass 1's first span of a row (chunks ``j_a``, ``j_b``: the first and the last), centred
+    on their active words: the fast scan where it holds, else the general one. Returns its
+    bitmap ``[BLOCK_M, SPAN]``, its first word, the words covered, the largest active word
+    below and the smallest above them, and the updated counts of bad indices and rescanned
+    rows."""
+    below = tl.full([], -1, tl.int32)
+    above = tl.full([], BIG, tl.int32)
+    word_a, bad_a = _words(j_a, bound, k_len, LOG_WB)
+    word_b, bad_b = _words(j_b, bound, k_len, LOG_WB)
+    lo = tl.minimum(tl.min(tl.min(word_a, 1), 0), tl.min(tl.min(word_b, 1), 0))
+    hi = tl.maximum(tl.max(tl.max(tl.where(word_a < BIG, word_a, -1), 1), 0),
+                    tl.max(tl.max(tl.where(word_b < BIG, word_b, -1), 1), 0))
+    base = tl.maximum(tl.minimum(lo, (lo + hi + 1) // 2 - SPAN // 2), 0)
+    base = tl.where(lo < BIG, (base >> LOG_NW) << LOG_NW, 0)
+    cov_lo = base
+    cov_hi = base + SPAN
+    tl.debug_barrier()  # the bitmap is zero
+    fast = False
+    if FAST:
+        fast = _fast_scan(j_a, j_b, row_ptr, bound, base, k_len, width, n_chunks,
+                          stride_idx_w, scratch, LOG_WB, SPAN, CHUNK, BY_BITS, STAGES)
+        if not fast:
+            _clear_bitmap(scratch, BLOCK_M, SPAN)
+            n_rescanned += 1
+    if not fast:
+        if FAST:  # the fast scan took them (and its j_b is chunk 0 for a single chunk)
+            j_a = _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK)
+            j_b = _load_chunk(row_ptr, row_ok, c_b, width, stride_idx_w, CHUNK)
+        j_1 = _load_chunk(row_ptr, row_ok, CHUNK, (n_chunks - 1) * CHUNK, stride_idx_w,
+                          CHUNK)
+        below, above, n_bad = _scan_chunk(j_a, 0, width, row_ptr, row_ok, bound, k_len,
+                                          stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
+                                          below, above, n_bad, LOG_WB, SPAN, CHUNK,
+                                          BY_BITS)
+        below, above, n_bad = _scan_chunk(j_b, c_b, width, row_ptr, row_ok, bound, k_len,
+                                          stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
+                                          below, above, n_bad, LOG_WB, SPAN, CHUNK,
+                                          BY_BITS)
+        below, above, n_bad = _scan_chunks(j_1, below, above, n_bad, bitmap_rows, row_ptr,
+                                           row_ok, bound, base, cov_lo, cov_hi, 1,
+                                           n_chunks - 1, width, k_len, stride_idx_w, LOG_WB,
+                                           SPAN, CHUNK, BY_BITS)
+    acc = _read_bitmap(scratch, BLOCK_M, SPAN)
+    return acc, base, cov_lo, cov_hi, below, above, n_bad, n_rescanned
+
+
+@triton.jit
 def indices_to_tiles_count_kernel(
-        idx_ptr, counts_ptr, ptrs_ptr, start_ptr, pool_at_ptr, stats_ptr, scratch_ptr,
+        idx_ptr, counts_ptr, start_ptr, pool_at_ptr, stats_ptr, scratch_ptr,
         pool_full_ptr, pool_part_ptr, pool_mask_ptr, pool_full_cap, pool_part_cap,
         n_rows, heads, n_qt, q_len, k_len, width, causal_offset,
         stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_w,
         BLOCK_M: tl.constexpr, N_WORDS: tl.constexpr, LOG_NW: tl.constexpr, LOG_WB: tl.constexpr,
         FULL_WORD: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
         IS_CAUSAL: tl.constexpr, BY_BITS: tl.constexpr, FAST: tl.constexpr = False,
-        STAGES: tl.constexpr = 3):
+        WINDOW: tl.constexpr = False, STAGES: tl.constexpr = 3):
     """Pass 1. Persistent grid ``[programs]``, rows ``pid, pid + programs, ...``; indices
     ``(Bl, Hl, Lq, W)``, any strides. Per row: ``counts[0 / 1, row]`` = full / partial tiles,
     ``start[row]`` = the word pass 2 starts at; ``stats`` += (active pairs, out-of-range
     indices, pool slots taken: full, partial, rows the fast scan left to the general one, full
-    tiles, partial tiles); ``ptrs[0 / 1, 0]`` = 0. A row that one span held goes to the pool if
-    it fits: ``pool_at[0 / 1, row]`` = its first full / partial slot, else -1."""
+    tiles, partial tiles, rows the window scan held). A row that one span held goes to the pool
+    if it fits: ``pool_at[0 / 1, row]`` = its first full / partial slot, else -1."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     pid = tl.program_id(0)
     scratch, bitmap_rows = _program_bitmap(scratch_ptr, pid, BLOCK_M, SPAN)
@@ -371,56 +490,39 @@ def indices_to_tiles_count_kernel(
     n_rescanned = tl.zeros([], tl.int32)
     total_full = tl.zeros([], tl.int64)
     total_part = tl.zeros([], tl.int64)
+    n_window = tl.zeros([], tl.int32)
     for row in range(pid, n_rows, tl.num_programs(0)):
         row_ptr, row_ok, bound = _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len,
                                             causal_offset, stride_idx_b, stride_idx_h,
                                             stride_idx_q, BLOCK_M, IS_CAUSAL)
-        # First span: centred on the active words of the first and last chunks.
         c_b = tl.maximum(n_chunks - 1, 1) * CHUNK  # nothing there when chunk 0 is the last one
+        window = False
+        w_lo = tl.zeros([BLOCK_M], tl.int32)
+        w_hi = w_lo
+        w_base = tl.zeros([], tl.int32)
         if FAST:  # CHUNK divides the width: vectorized loads (no rows past q_len: bound 0)
             j_a = _load_even(row_ptr, 0, width, stride_idx_w, CHUNK)
             j_b = _load_even(row_ptr, n_chunks - 1, width, stride_idx_w, CHUNK)
+            if WINDOW:
+                window, w_lo, w_hi, w_base = _window_scan(
+                    j_a, j_b, row_ptr, bound, k_len, width, n_chunks, stride_idx_w, LOG_WB,
+                    LOG_NW, SPAN, CHUNK, STAGES)
         else:
             j_a = _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK)
             j_b = _load_chunk(row_ptr, row_ok, c_b, width, stride_idx_w, CHUNK)
-        word_a, bad_a = _words(j_a, bound, k_len, LOG_WB)
-        word_b, bad_b = _words(j_b, bound, k_len, LOG_WB)
-        lo = tl.minimum(tl.min(tl.min(word_a, 1), 0), tl.min(tl.min(word_b, 1), 0))
-        hi = tl.maximum(tl.max(tl.max(tl.where(word_a < BIG, word_a, -1), 1), 0),
-                        tl.max(tl.max(tl.where(word_b < BIG, word_b, -1), 1), 0))
-        base = tl.maximum(tl.minimum(lo, (lo + hi + 1) // 2 - SPAN // 2), 0)
-        base = tl.where(lo < BIG, (base >> LOG_NW) << LOG_NW, 0)
-        cov_lo = base
-        cov_hi = base + SPAN
         below = tl.full([], -1, tl.int32)
         above = tl.full([], BIG, tl.int32)
-        tl.debug_barrier()  # the bitmap is zero
-        fast = False
-        if FAST:
-            fast = _fast_scan(j_a, j_b, row_ptr, bound, base, k_len, width, n_chunks,
-                              stride_idx_w, scratch, LOG_WB, SPAN, CHUNK, BY_BITS, STAGES)
-            if not fast:
-                _clear_bitmap(scratch, BLOCK_M, SPAN)
-                n_rescanned += 1
-        if not fast:
-            if FAST:  # the fast scan took them (and its j_b is chunk 0 for a single chunk)
-                j_a = _load_chunk(row_ptr, row_ok, 0, width, stride_idx_w, CHUNK)
-                j_b = _load_chunk(row_ptr, row_ok, c_b, width, stride_idx_w, CHUNK)
-            j_1 = _load_chunk(row_ptr, row_ok, CHUNK, (n_chunks - 1) * CHUNK, stride_idx_w,
-                              CHUNK)
-            below, above, n_bad = _scan_chunk(j_a, 0, width, row_ptr, row_ok, bound, k_len,
-                                              stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
-                                              below, above, n_bad, LOG_WB, SPAN, CHUNK,
-                                              BY_BITS)
-            below, above, n_bad = _scan_chunk(j_b, c_b, width, row_ptr, row_ok, bound, k_len,
-                                              stride_idx_w, bitmap_rows, base, cov_lo, cov_hi,
-                                              below, above, n_bad, LOG_WB, SPAN, CHUNK,
-                                              BY_BITS)
-            below, above, n_bad = _scan_chunks(j_1, below, above, n_bad, bitmap_rows, row_ptr,
-                                               row_ok, bound, base, cov_lo, cov_hi, 1,
-                                               n_chunks - 1, width, k_len, stride_idx_w, LOG_WB,
-                                               SPAN, CHUNK, BY_BITS)
-        acc = _read_bitmap(scratch, BLOCK_M, SPAN)
+        cov_lo = tl.zeros([], tl.int32)
+        cov_hi = tl.zeros([], tl.int32)
+        if window:  # one span holds the row: its bitmap in registers
+            base = w_base
+            acc = _window_bitmap(w_lo, w_hi, base, LOG_WB, SPAN)
+            n_window += 1
+        else:
+            acc, base, cov_lo, cov_hi, below, above, n_bad, n_rescanned = _first_span(
+                j_a, j_b, row_ptr, row_ok, bound, k_len, width, n_chunks, c_b, stride_idx_w,
+                scratch, bitmap_rows, n_bad, n_rescanned, BLOCK_M, LOG_NW, LOG_WB, SPAN, CHUNK,
+                BY_BITS, FAST, STAGES)
         touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
         n_full = tl.sum(touched * full, 0)
         n_part = tl.sum(touched, 0) - n_full
@@ -435,8 +537,9 @@ def indices_to_tiles_count_kernel(
             slot_p = tl.atomic_add(stats_ptr + 3, n_part.to(tl.int64), sem="relaxed")
             if (slot_f + n_full <= pool_full_cap) & (slot_p + n_part <= pool_part_cap):
                 _store_tiles(acc, touched, full, base >> LOG_NW, pool_full_ptr, slot_f,
-                             pool_part_ptr, pool_mask_ptr, slot_p, pool_full_ptr, 0,
-                             pool_full_ptr, 0, 0, BLOCK_M, SPAN, N_WORDS, False)
+                             pool_full_cap, pool_part_ptr, pool_mask_ptr, slot_p, pool_part_cap,
+                             pool_full_ptr, 0, pool_full_ptr, 0, 0, BLOCK_M, SPAN, N_WORDS,
+                             False)
             else:
                 slot_f = tl.full([], -1, tl.int64)
                 slot_p = tl.full([], -1, tl.int64)
@@ -473,26 +576,40 @@ def indices_to_tiles_count_kernel(
     tl.atomic_add(stats_ptr + 4, n_rescanned.to(tl.int64), sem="relaxed")
     tl.atomic_add(stats_ptr + 5, total_full, sem="relaxed")
     tl.atomic_add(stats_ptr + 6, total_part, sem="relaxed")
-    if pid == 0:  # the pointers' first entries (a cumsum of the counts writes the rest)
-        tl.store(ptrs_ptr, 0)
-        tl.store(ptrs_ptr + n_rows + 1, 0)
+    tl.atomic_add(stats_ptr + 7, n_window.to(tl.int64), sem="relaxed")
+
+
+@triton.jit
+def _sum_range(ptr, lo, hi):
+    """``ptr[lo:hi].sum()`` of int32 values."""
+    offs = tl.arange(0, 1024)
+    total = tl.zeros([], tl.int32)
+    for i in range(lo, hi, 1024):
+        total += tl.sum(tl.load(ptr + i + offs, mask=i + offs < hi, other=0), 0)
+    return total
 
 
 @triton.jit
 def indices_to_tiles_write_kernel(
-        idx_ptr, full_ptr_ptr, part_ptr_ptr, start_ptr, pool_at_ptr, scratch_ptr,
+        idx_ptr, counts_ptr, ptrs_ptr, start_ptr, pool_at_ptr, scratch_ptr,
         pool_full_ptr, pool_part_ptr, pool_mask_ptr, full_col_ptr, part_col_ptr, masks_ptr,
-        keys_full_ptr, keys_part_ptr, n_kt,
+        keys_ptr, key_max, cap_f, cap_p, n_kt,
         n_rows, heads, n_qt, q_len, k_len, width, causal_offset,
         stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_w,
         BLOCK_M: tl.constexpr, N_WORDS: tl.constexpr, LOG_NW: tl.constexpr, LOG_WB: tl.constexpr,
         FULL_WORD: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
         IS_CAUSAL: tl.constexpr, BY_BITS: tl.constexpr):
-    """Pass 2, persistent grid ``[programs]`` as pass 1: the row's full tiles go to
-    ``full_col[full_ptr[row]:]``, its partial ones to ``part_col`` / ``masks`` ``[Tp, BLOCK_M,
-    N_WORDS]`` from ``part_ptr[row]``, sorted by key tile: copied from the pool, or rescanned
+    """Pass 2, persistent grid ``[programs]`` as pass 1. From pass 1's ``counts`` each program
+    sums the rows before its own and writes their CSR pointers ``ptrs[0 / 1, row + 1]`` (full /
+    partial; ``ptrs`` zeroed before). The row's full tiles go to ``full_col[ptrs[0, row]:]``,
+    its partial ones to ``part_col`` / ``masks`` ``[Tp, BLOCK_M, N_WORDS]`` from ``ptrs[1,
+    row]``, sorted by key tile: copied from the pool, or rescanned
     in ascending spans from ``start[row]``. Each tile's sort key for the transposed lists
-    (``device.transpose_keys``) goes to ``keys_full`` / ``keys_part`` at the tile's position."""
+    (``device.transpose_keys``) goes to ``keys``: full tiles at their position, partial ones
+    after all full ones. The outputs have room for ``cap_f`` full and ``cap_p`` partial tiles
+    (``keys``: ``cap_f + cap_p``); nothing is written past that, and the keys past the
+    layout's tiles are set to ``key_max`` (the dtype's largest value: a sort leaves them
+    last)."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     TILE_WORDS: tl.constexpr = BLOCK_M * N_WORDS
     pid = tl.program_id(0)
@@ -500,26 +617,44 @@ def indices_to_tiles_write_kernel(
     t = tl.arange(0, SPAN_TILES)
     e = tl.arange(0, TILE_WORDS)
     n_chunks = tl.cdiv(width, CHUNK)
+    n_full = _sum_range(counts_ptr, 0, n_rows)
+    pre_f = _sum_range(counts_ptr, 0, pid)  # the tiles of the rows before this program's next
+    pre_p = _sum_range(counts_ptr + n_rows, 0, pid)
+    keys_part_ptr = keys_ptr + tl.minimum(n_full, cap_f)
+    cap_kp = cap_f + cap_p - tl.minimum(n_full, cap_f)  # room for partial keys
+    tail = tl.arange(0, 1024)
+    for i in range(tl.minimum(n_full, cap_f) + _sum_range(counts_ptr + n_rows, 0, n_rows)
+                   + pid * 1024,
+                   cap_f + cap_p, tl.num_programs(0) * 1024):
+        tl.store(keys_ptr + i + tail, tl.zeros([1024], keys_ptr.dtype.element_ty) + key_max,
+                 mask=i + tail < cap_f + cap_p)
     for row in range(pid, n_rows, tl.num_programs(0)):
-        f0 = tl.load(full_ptr_ptr + row)
-        n_f = tl.load(full_ptr_ptr + row + 1) - f0
-        p0 = tl.load(part_ptr_ptr + row)
-        n_p = tl.load(part_ptr_ptr + row + 1) - p0
+        f0 = pre_f
+        p0 = pre_p
+        n_f = tl.load(counts_ptr + row)
+        n_p = tl.load(counts_ptr + n_rows + row)
+        tl.store(ptrs_ptr + row + 1, f0 + n_f)
+        tl.store(ptrs_ptr + n_rows + 2 + row, p0 + n_p)
+        pre_f += _sum_range(counts_ptr, row, tl.minimum(row + tl.num_programs(0), n_rows))
+        pre_p += _sum_range(counts_ptr + n_rows, row,
+                            tl.minimum(row + tl.num_programs(0), n_rows))
         slot_f = tl.load(pool_at_ptr + row)
         slot_p = tl.load(pool_at_ptr + n_rows + row)
         key_f = (row // n_qt).to(tl.int64) * n_kt * n_qt + row % n_qt  # + kt * n_qt
         key_p = key_f + tl.cast(n_rows, tl.int64) * n_kt  # partial: after all full tiles
         if slot_f >= 0:
-            kt_f = tl.load(pool_full_ptr + slot_f + t, mask=t < n_f)
-            kt_p = tl.load(pool_part_ptr + slot_p + t, mask=t < n_p)
-            tl.store(full_col_ptr + f0 + t, kt_f, mask=t < n_f)
-            tl.store(part_col_ptr + p0 + t, kt_p, mask=t < n_p)
-            tl.store(keys_full_ptr + f0 + t, key_f + kt_f.to(tl.int64) * n_qt, mask=t < n_f)
-            tl.store(keys_part_ptr + p0 + t, key_p + kt_p.to(tl.int64) * n_qt, mask=t < n_p)
+            put_f = (t < n_f) & (f0 + t >= 0) & (f0 + t < cap_f)
+            put_p = (t < n_p) & (p0 + t >= 0) & (p0 + t < cap_p) & (p0 + t < cap_kp)
+            kt_f = tl.load(pool_full_ptr + slot_f + t, mask=put_f)
+            kt_p = tl.load(pool_part_ptr + slot_p + t, mask=put_p)
+            tl.store(full_col_ptr + f0 + t, kt_f, mask=put_f)
+            tl.store(part_col_ptr + p0 + t, kt_p, mask=put_p)
+            tl.store(keys_ptr + f0 + t, key_f + kt_f.to(tl.int64) * n_qt, mask=put_f)
+            tl.store(keys_part_ptr + p0 + t, key_p + kt_p.to(tl.int64) * n_qt, mask=put_p)
             src = pool_mask_ptr + (slot_p + t)[:, None] * TILE_WORDS + e[None, :]
-            words = tl.load(src, mask=(t < n_p)[:, None])  # [SPAN_TILES, TILE_WORDS]
-            dst = masks_ptr + (p0 + t)[:, None] * TILE_WORDS + e[None, :]
-            tl.store(dst, words, mask=(t < n_p)[:, None])
+            words = tl.load(src, mask=put_p[:, None])  # [SPAN_TILES, TILE_WORDS]
+            dst = masks_ptr + (p0 + t)[:, None].to(tl.int64) * TILE_WORDS + e[None, :]
+            tl.store(dst, words, mask=put_p[:, None])
         elif n_f + n_p > 0:
             row_ptr, row_ok, bound = _row_setup(row, idx_ptr, heads, n_qt, q_len, k_len,
                                                 causal_offset, stride_idx_b, stride_idx_h,
@@ -536,30 +671,35 @@ def indices_to_tiles_write_kernel(
                 acc = _read_bitmap(scratch, BLOCK_M, SPAN)
                 touched, full = _tile_flags(acc, BLOCK_M, SPAN, N_WORDS, FULL_WORD)
                 f0, p0 = _store_tiles(acc, touched, full, base >> LOG_NW, full_col_ptr, f0,
-                                      part_col_ptr, masks_ptr, p0, keys_full_ptr, key_f,
+                                      cap_f, part_col_ptr, masks_ptr, p0,
+                                      tl.minimum(cap_p, cap_kp), keys_ptr, key_f,
                                       keys_part_ptr, key_p, n_qt, BLOCK_M, SPAN, N_WORDS, True)
                 base = (above >> LOG_NW) << LOG_NW  # BIG when nothing is left
 
 
 @triton.jit
-def transposed_lists_kernel(values_ptr, order_ptr, row_t_ptr, mask_t_ptr, full_ptr_t_ptr,
-                            part_ptr_t_ptr, n, n_full, n_cols, n_qt, steps,
-                            BLOCK: tl.constexpr):
+def transposed_lists_kernel(values_ptr, order_ptr, ptrs_ptr, row_t_ptr, mask_t_ptr,
+                            full_ptr_t_ptr, part_ptr_t_ptr, n_rows, cap_f, cap_p, n_cols, n_qt,
+                            steps, BLOCK: tl.constexpr):
     """The key-tile lists from the sorted ``transpose_keys`` (``values``, ascending, and the
-    sort's ``order``), what ``device.transpose_tiles`` computes, in one launch: ``row_t[i]``
-    = the i-th entry's query tile, ``mask_t[i]`` = ``order[n_full + i] - n_full`` (a partial
-    entry's mask), and the pointers ``full_ptr_t[c]`` / ``part_ptr_t[c]`` over the
-    ``n_cols + 1`` column bounds (a binary search of ``steps`` steps for each ``c * n_qt``)."""
+    sort's ``order``), what ``device.transpose_tiles`` computes, in one launch. With ``n_full``
+    / ``n`` the layout's full / all tiles (``ptrs[0 / 1, n_rows]``, at most the capacities
+    ``cap_f`` / ``cap_f + cap_p`` of the outputs): ``row_t[i]`` = the i-th entry's query tile,
+    ``mask_t[i]`` = ``order[n_full + i] - n_full`` (a partial entry's mask), and the pointers
+    ``full_ptr_t[c]`` / ``part_ptr_t[c]`` over the ``n_cols + 1`` column bounds (a binary
+    search of ``steps`` steps for each ``c * n_qt``)."""
+    n_full = tl.minimum(tl.load(ptrs_ptr + n_rows), cap_f)
+    n = tl.minimum(n_full + tl.load(ptrs_ptr + 2 * n_rows + 1), cap_f + cap_p)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_n = offs < n
     values = tl.load(values_ptr + offs, mask=in_n, other=0)
     tl.store(row_t_ptr + offs, (values % n_qt).to(tl.int32), mask=in_n)
-    in_p = offs < n - n_full
+    in_p = (offs < n - n_full) & (offs < cap_p)
     order = tl.load(order_ptr + n_full + offs, mask=in_p, other=0)
     tl.store(mask_t_ptr + offs, (order - n_full).to(tl.int32), mask=in_p)
     target = offs.to(values.dtype) * n_qt  # bound c = offs of the 2 * n_cols + 1
     lo = tl.zeros([BLOCK], tl.int32)
-    hi = tl.full([BLOCK], 0, tl.int32) + n
+    hi = tl.zeros([BLOCK], tl.int32) + n
     for _ in range(steps):  # the first entry >= target
         searching = lo < hi
         mid = (lo + hi) // 2
@@ -594,13 +734,33 @@ def _int32_views(sizes: dict, device) -> dict:
 
 
 class _Counted:
-    """Pass 1 launched (and synced): what pass 2 and the transposition need."""
+    """Pass 1 launched: what the host sync, pass 2 and the transposition need."""
+
+
+_COUNT = Launcher(indices_to_tiles_count_kernel)
+_WRITE = Launcher(indices_to_tiles_write_kernel)
+_TRANSPOSE = Launcher(transposed_lists_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_per_device(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the persistent grids' unit)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_config(block_m, block_n, width, index_bytes, config_items):
+    """``get_tiles_config`` (or the given config) split into the pass arguments, cached: the
+    build is launched every step, and this host spends ~40 us on it otherwise."""
+    cfg = dict(config_items or launch_config.get_tiles_config(block_m, block_n, width,
+                                                              index_bytes).items())
+    return cfg
 
 
 def _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config):
-    """Launch pass 1 (and the cumsum of its counts), read its totals (the one host sync) and
-    raise for out-of-range indices. Few launches and allocations: one int32 workspace holds
-    the per-row arrays, the programs' scratch and the pool; the pointers have their own."""
+    """Launch pass 1; no sync (``_read_stats`` is the sync). Two allocations: a zeroed one for
+    the statistics and the CSR pointers (which the layout keeps), and one int32 workspace for
+    the per-row arrays, the programs' scratch and the pool."""
     if idx.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"indices must be int32 or int64, got {idx.dtype}")
     if k_len >= 2**31 - 2**15:
@@ -613,63 +773,70 @@ def _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, conf
     c.n_groups = n_b * n_h
     c.n_rows = n_rows = n_b * n_h * n_qt
     c.n_words = n_words = -(-block_n // 32)
-    cfg = dict(config or launch_config.get_tiles_config(block_m, block_n, width,
-                                                         idx.element_size()))
+    c.key_dtype = transpose_key_dtype(n_rows, c.n_kt)
+    cfg = dict(_launch_config(block_m, block_n, width, idx.element_size(),
+                              tuple(config.items()) if config else None))
     span, chunk, per_sm = cfg.pop("SPAN"), cfg.pop("CHUNK"), cfg.pop("programs_per_sm")
-    fast, stages = cfg.pop("FAST", True), cfg.pop("STAGES", 3)
+    fast, window = cfg.pop("FAST", True), cfg.pop("WINDOW", True)
+    stages = cfg.pop("STAGES", 3)
     if cfg.get("maxnreg") is None or device.type != "cuda":
         cfg.pop("maxnreg", None)
     if device.type == "cuda":
-        n_sm = torch.cuda.get_device_properties(device).multi_processor_count
-        n_programs = min(n_rows, per_sm * n_sm)
+        n_programs = min(n_rows, per_sm * _programs_per_device(device))
     else:  # the CPU interpreter runs programs one after the other
         n_programs = min(n_rows, 3)
     c.n_programs = n_programs
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     part_cap = min(n_rows * (span // n_words), pool_bytes // (4 * block_m * n_words))
     full_cap = min(n_rows * (span // n_words), pool_bytes // 4) if part_cap else 0
+    # pairs, out-of-range indices, pool slots full / partial, rows the fast scan left to the
+    # general one, full tiles, partial tiles, rows the window scan held (int64); the pointers
+    zeroed = torch.zeros(16 + 2 * (n_rows + 1), dtype=torch.int32, device=device)
+    c.stats, ptrs = zeroed.split([16, 2 * (n_rows + 1)])
+    c.stats, c.ptrs = c.stats.view(torch.int64), ptrs.view(2, n_rows + 1)
     sizes = dict(counts=2 * n_rows, start=n_rows, pool_at=2 * n_rows,
                  scratch=n_programs * block_m * span, pool_full=max(full_cap, 1),
                  pool_part=max(part_cap, 1), pool_mask=max(part_cap, 1) * block_m * n_words)
     views = _int32_views(sizes, device)  # freed after the build
-    c.ptrs = _new_int((2, n_rows + 1), torch.int32, device)  # the layout keeps these
-    counts = views["counts"].view(2, n_rows)
-    c.start, c.pool_at = views["start"], views["pool_at"]
+    c.counts, c.start, c.pool_at = views["counts"], views["start"], views["pool_at"]
     c.scratch, c.pool_full = views["scratch"], views["pool_full"]
     c.pool_part, c.pool_mask = views["pool_part"], views["pool_mask"]
-    # pairs, out-of-range indices, pool slots full / partial, rows the fast scan left to the
-    # general one, full tiles, partial tiles
-    stats = torch.zeros(7, dtype=torch.int64, device=device)
     c.args = dict(n_rows=n_rows, heads=n_h, n_qt=n_qt, q_len=q_len, k_len=k_len, width=width,
                   causal_offset=k_len - q_len, stride_idx_b=idx.stride(0),
                   stride_idx_h=idx.stride(1), stride_idx_q=idx.stride(2),
                   stride_idx_w=idx.stride(3), BLOCK_M=block_m, **word_args(block_n),
                   SPAN=span, CHUNK=chunk, IS_CAUSAL=bool(is_causal), BY_BITS=interpret, **cfg)
     if n_rows:
-        indices_to_tiles_count_kernel[(n_programs,)](
-            idx, counts, c.ptrs, c.start, c.pool_at, stats, c.scratch, c.pool_full,
-            c.pool_part, c.pool_mask, pool_full_cap=full_cap, pool_part_cap=part_cap,
-            FAST=fast and width > 0 and width % chunk == 0, STAGES=stages, **c.args)
-        torch.cumsum(counts, 1, out=c.ptrs[:, 1:])  # int32: the totals are checked below
-    else:
-        c.ptrs.zero_()
-    c.nnz, n_bad, _, _, rescanned, c.n_full, c.n_part = stats.tolist()  # the one sync
-    LAST_BUILD.update(rows=n_rows, rescanned_rows=rescanned)
+        fast = fast and width > 0 and width % chunk == 0
+        _COUNT((n_programs,), idx_ptr=idx, counts_ptr=c.counts, start_ptr=c.start,
+               pool_at_ptr=c.pool_at, stats_ptr=c.stats, scratch_ptr=c.scratch,
+               pool_full_ptr=c.pool_full, pool_part_ptr=c.pool_part, pool_mask_ptr=c.pool_mask,
+               pool_full_cap=full_cap, pool_part_cap=part_cap, FAST=fast,
+               WINDOW=fast and window, STAGES=stages, **c.args)
+    return c
+
+
+def _read_stats(c, idx, k_len):
+    """The host sync: pass 1's totals (``c.nnz``, ``c.n_full``, ``c.n_part``); raises for
+    out-of-range indices and for layouts too large for int32 positions."""
+    c.nnz, n_bad, _, _, rescanned, c.n_full, c.n_part, window = c.stats.tolist()
+    LAST_BUILD.update(rows=c.n_rows, rescanned_rows=rescanned, window_rows=window)
     if n_bad:
         from .device import index_range_error
         raise index_range_error(idx, k_len)
     if max(c.n_full, c.n_part) >= 2**31:
         raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
-    c.key_dtype = transpose_key_dtype(n_rows, c.n_kt)
-    return c
 
 
 def _write_pass(idx, c, full_col, part_col, masks, keys):
-    """Launch pass 2 into the given outputs."""
+    """Launch pass 2 into the given outputs (their lengths: the capacities)."""
     if c.n_rows:
-        indices_to_tiles_write_kernel[(c.n_programs,)](
-            idx, c.ptrs[0], c.ptrs[1], c.start, c.pool_at, c.scratch, c.pool_full, c.pool_part,
-            c.pool_mask, full_col, part_col, masks, keys, keys[c.n_full:], c.n_kt, **c.args)
+        _WRITE((c.n_programs,), idx_ptr=idx, counts_ptr=c.counts, ptrs_ptr=c.ptrs,
+               start_ptr=c.start, pool_at_ptr=c.pool_at, scratch_ptr=c.scratch,
+               pool_full_ptr=c.pool_full, pool_part_ptr=c.pool_part, pool_mask_ptr=c.pool_mask,
+               full_col_ptr=full_col, part_col_ptr=part_col, masks_ptr=masks, keys_ptr=keys,
+               key_max=torch.iinfo(keys.dtype).max, cap_f=full_col.numel(),
+               cap_p=part_col.numel(), n_kt=c.n_kt, **c.args)
 
 
 def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: bool,
@@ -686,6 +853,7 @@ def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal
     tiles' ``device.transpose_keys``, which pass 2 writes next to the tiles.
     """
     c = _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config)
+    _read_stats(c, idx, k_len)
     full_col = _new_int(c.n_full, torch.int32, c.device)
     part_col = _new_int(c.n_part, torch.int32, c.device)
     masks = _new_int((c.n_part, block_m, c.n_words), torch.int32, c.device)
@@ -696,29 +864,89 @@ def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal
     return (arrays, keys) if with_keys else arrays
 
 
+# Tile counts to allocate for the next build of the same shape: (device, shape, dtype, q_len,
+# k_len, is_causal, block_m, block_n) -> (full, partial), the last build's plus 1/16.
+_CAPACITY = collections.OrderedDict()
+CAPACITY_ENTRIES = 64
+
+
+def forget_capacities():
+    """Drop the remembered tile counts: the next build of every shape syncs after pass 1."""
+    _CAPACITY.clear()
+
+
 def layout_tensors_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: bool,
                           block_m: int, block_n: int, *, pool_bytes: int = POOL_BYTES,
-                          config: dict | None = None) -> tuple[dict, int]:
+                          config: dict | None = None,
+                          reuse_capacity: bool = True) -> tuple[dict, int]:
     """Every tensor of the ``SparseLayout`` of ``idx`` (int32, on its device) and ``nnz``:
     ``indices_to_tiles_triton``'s tiles with the key-tile lists of ``device.transpose_tiles``
-    (one sort of the tiles' keys and ``transposed_lists_kernel``). After pass 1's sync: one
-    allocation for the layout (views of one int32 buffer) and one for the keys, pass 2, the
-    sort and one more launch."""
+    (one sort of the tiles' keys and ``transposed_lists_kernel``).
+
+    The first build of a shape syncs after pass 1 for the tile counts and allocates exactly.
+    Later builds of the same shape (``reuse_capacity``) allocate the last build's counts plus
+    1/16 and launch everything without waiting; the one sync comes last (pass 1's totals and
+    its index check) and the tensors are views of their first entries. A build that needs
+    more room is redone the first way (twice the work, once); one that used less than half is
+    copied to tensors of its own size.
+    """
+    key = (idx.device, tuple(idx.shape), idx.dtype, q_len, k_len, is_causal, block_m, block_n)
+    cap = _CAPACITY.get(key) if reuse_capacity else None
+    args = (idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config)
+    built = _build(*args, cap)
+    if built is None:  # more tiles than the capacity
+        cap = None
+        built = _build(*args, cap)
+    tensors, nnz, n_full, n_part, cap_n = built
+    if 2 * (n_full + n_part) < cap_n:  # mostly unused: give the tensors their own storage
+        tensors = {name: t.clone() for name, t in tensors.items()}
+    if reuse_capacity:
+        if cap is None or 2 * (n_full + n_part) < cap_n:
+            _CAPACITY[key] = (n_full + n_full // 16 + 16, n_part + n_part // 16 + 16)
+        _CAPACITY.move_to_end(key)
+        while len(_CAPACITY) > CAPACITY_ENTRIES:
+            _CAPACITY.popitem(last=False)
+    return tensors, nnz
+
+
+def _build(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config, cap):
+    """``layout_tensors_triton`` with room for ``cap`` = (full, partial) tiles, or exactly as
+    many as pass 1 counts (``None``: a sync after it). Returns ``(tensors, nnz, n_full,
+    n_part, capacity)``, or None when the layout does not fit ``cap``. The outputs are views of
+    one int32 allocation, in this order."""
     c = _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config)
-    n = c.n_full + c.n_part
+    exact = cap is None
+    if exact:
+        _read_stats(c, idx, k_len)
+        cap = c.n_full, c.n_part
+    cap_f, cap_p = cap
+    cap_n = cap_f + cap_p
     n_cols = c.n_groups * c.n_kt
-    sizes = dict(full_col=c.n_full, part_col=c.n_part, masks=c.n_part * block_m * c.n_words,
-                 row_t=n, part_mask_t=c.n_part, full_ptr_t=n_cols + 1, part_ptr_t=n_cols + 1)
-    out = _int32_views(sizes, c.device)
-    out["masks"] = out["masks"].view(c.n_part, block_m, c.n_words)
-    keys = _new_int(n, c.key_dtype, c.device)  # not in the layout's buffer: freed after
-    _write_pass(idx, c, out["full_col"], out["part_col"], out["masks"], keys)
+    tile_words = block_m * c.n_words
+    sizes = [cap_f, cap_p, cap_p * tile_words, cap_n, cap_p, n_cols + 1, n_cols + 1]
+    buffer = _new_int(sum(sizes), torch.int32, c.device)
+    full_col, part_col, masks, row_t, part_mask_t, full_ptr_t, part_ptr_t = buffer.split(sizes)
+    keys = _new_int(cap_n, c.key_dtype, c.device)  # not in the layout's buffer: freed after
+    _write_pass(idx, c, full_col, part_col, masks, keys)
     values, order = torch.sort(keys)
     block = 1024
-    transposed_lists_kernel[(triton.cdiv(max(n, 2 * n_cols + 1), block),)](
-        values, order, out["row_t"], out["part_mask_t"], out["full_ptr_t"], out["part_ptr_t"],
-        n, c.n_full, n_cols, max(c.n_qt, 1), n.bit_length() + 1, BLOCK=block)
-    row_t = out.pop("row_t")
-    tensors = dict(full_ptr=c.ptrs[0], part_ptr=c.ptrs[1], full_row_t=row_t[:c.n_full],
-                   part_row_t=row_t[c.n_full:], **out)
-    return tensors, c.nnz
+    _TRANSPOSE((triton.cdiv(max(cap_n, 2 * n_cols + 1), block),), values_ptr=values,
+               order_ptr=order, ptrs_ptr=c.ptrs, row_t_ptr=row_t, mask_t_ptr=part_mask_t,
+               full_ptr_t_ptr=full_ptr_t, part_ptr_t_ptr=part_ptr_t, n_rows=c.n_rows,
+               cap_f=cap_f, cap_p=cap_p, n_cols=n_cols, n_qt=max(c.n_qt, 1),
+               steps=cap_n.bit_length() + 1, BLOCK=block)
+    if not exact:
+        _read_stats(c, idx, k_len)  # the one sync, after every launch
+        if c.n_full > cap_f or c.n_part > cap_p:
+            return None
+    n_full, n_part = c.n_full, c.n_part
+    # the layout's tensors: the first entries of each output, in one split
+    parts = buffer.split([n_full, cap_f - n_full, n_part, cap_p - n_part, n_part * tile_words,
+                          (cap_p - n_part) * tile_words, n_full, n_part,
+                          cap_n - n_full - n_part, n_part, cap_p - n_part, n_cols + 1,
+                          n_cols + 1])
+    tensors = dict(full_ptr=c.ptrs[0], part_ptr=c.ptrs[1], full_col=parts[0],
+                   part_col=parts[2], masks=parts[4].view(n_part, block_m, c.n_words),
+                   full_row_t=parts[6], part_row_t=parts[7], part_mask_t=parts[9],
+                   full_ptr_t=parts[11], part_ptr_t=parts[12])
+    return tensors, c.nnz, n_full, n_part, cap_n

@@ -198,6 +198,83 @@ def test_fast_scan_finds_out_of_range_indices():
         layout_tensors_triton(idx.to(DEVICE), 96, 96, True, 32, 32, config=FAST_CONFIG)
 
 
+@pytest.mark.parametrize("case,held", [
+    ("causal-window", True), ("two-sided", True), ("Lq<Lk", True), ("Lq>Lk", True),
+    ("int64", True), ("short-last-tile", True), ("empty-rows", True), ("trailing-pad", False),
+    ("descending", False), ("hole", False), ("outside-span", False), ("out-of-range", False)])
+def test_window_scan(case, held):
+    """Rows whose slots hold ``i - W + 1 + arange(W)`` style windows (keys clipped to -1 at
+    either end) are held by pass 1's window scan; anything else (a window padded at the end,
+    reversed, a key missing, wider than the span) goes to the other scans. Same layout."""
+    q_len, k_len, config = 96, 96, dict(FAST_CONFIG)
+    idx = window(q_len, k_len, left=47)
+    if case == "two-sided":
+        idx = window(q_len, k_len, left=40, right=7)
+    elif case == "Lq<Lk":
+        q_len, k_len, idx = 90, 130, window(90, 130, left=47)
+    elif case == "Lq>Lk":
+        q_len, k_len, idx = 100, 60, window(100, 60, left=31)
+    elif case == "int64":
+        idx = idx.long()
+    elif case == "short-last-tile":
+        q_len, idx = 90, window(90, k_len, left=47)
+    elif case == "empty-rows":
+        idx[:, :, 40:70] = -1
+    elif case == "trailing-pad":
+        idx = window(q_len, k_len, left=40, right=3, pad_to=48)
+    elif case == "descending":
+        idx = window(q_len, k_len, left=47, order="descending")
+    elif case == "hole":
+        idx[0, 0, 70, 20] = -1
+    elif case == "outside-span":
+        config["SPAN"] = 2
+    for is_causal in (False, True):
+        if case == "out-of-range":
+            bad = idx.clone()
+            bad[0, 0, 70, 20] = k_len
+            with pytest.raises(ValueError, match=rf"found {k_len} at position \(0, 0, 70, 20\)"):
+                layout_tensors_triton(bad.to(DEVICE), q_len, k_len, is_causal, 32, 32,
+                                      config=config)
+            assert indices_triton.LAST_BUILD["window_rows"] < indices_triton.LAST_BUILD["rows"]
+            continue
+        check_all(idx, q_len, k_len, is_causal, 32, 32, config=config)
+        build = indices_triton.LAST_BUILD
+        assert (build["window_rows"] == build["rows"]) == held, build
+        assert build["rescanned_rows"] == 0 or not held, build
+    check_all(idx, q_len, k_len, True, 32, 32, config=dict(config, WINDOW=False))
+    assert indices_triton.LAST_BUILD["window_rows"] == 0
+
+
+def test_capacity_reuse():
+    """A second build of a shape allocates the first one's tile counts (plus 1/16) and syncs
+    once, at the end: right when the new layout fits, redone when it needs more room, copied
+    to its own storage when it used less than half, and index errors still raise."""
+    indices_triton.forget_capacities()
+    shape = (1, 2, 100, 24)
+    sparse = window(100, 100, left=2, pad_to=24).expand(shape).contiguous()  # the diagonal
+    dense = random_indices(shape, 100, seed=2)
+    steps = [("first", sparse), ("same", sparse), ("more tiles", dense), ("fewer tiles", sparse)]
+    for name, idx in steps:
+        tensors = check_all(idx, 100, 100, True, 16, 16)
+        key = next(reversed(indices_triton._CAPACITY))
+        cap_f, cap_p = indices_triton._CAPACITY[key]
+        n_full, n_part = tensors["full_col"].numel(), tensors["part_col"].numel()
+        assert n_full <= cap_f <= n_full + n_full // 16 + 16, name
+        assert n_part <= cap_p <= n_part + n_part // 16 + 16, name
+        storage = tensors["masks"].untyped_storage().nbytes()
+        if name == "fewer tiles":  # copied out of the dense layout's room
+            assert storage == tensors["masks"].numel() * 4
+    bad = sparse.clone()
+    bad[0, 1, 50, 2] = 100
+    with pytest.raises(ValueError, match=r"found 100 at position \(0, 1, 50, 2\)"):
+        layout_tensors_triton(bad.to(DEVICE), 100, 100, True, 16, 16)
+    tensors, _ = layout_tensors_triton(sparse.to(DEVICE), 100, 100, True, 16, 16,
+                                       reuse_capacity=False)  # exact: no room to spare
+    in_buffer = sum(t.numel() for name, t in tensors.items() if not name.endswith("part_ptr")
+                    and name != "full_ptr")
+    assert tensors["masks"].untyped_storage().nbytes() == in_buffer * 4
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.int16, torch.uint8],
                          ids=str)
 def test_dtypes_strides_and_layout(dtype):
@@ -263,3 +340,25 @@ def test_gpu_larger_patterns_match_torch(dtype, block_m, block_n):
                         method="torch")
     for name in LAYOUT_TENSORS:
         assert torch.equal(getattr(ours, name), getattr(want, name)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_repeated_builds_take_the_fast_launch():
+    """Repeated builds of a shape launch the compiled kernels directly (``kernels.launch``)
+    and reuse the capacity: the same layout every time; an int64 copy and a view that is not
+    16-byte aligned (other specializations) are compiled and launched the normal way first."""
+    from blocksparse_fsa.kernels import launch
+    length = 4096
+    i = torch.arange(length, device="cuda")[:, None]
+    wide = i - 512 + torch.arange(513, device="cuda")
+    wide = torch.where(wide >= 0, wide, -1).int()[None, None].expand(1, 2, -1, -1).contiguous()
+    for idx in (wide[..., 1:], wide[..., 1:].contiguous(), wide[..., 1:].long()):
+        want = build_layout(idx, length, is_causal=True, block_m=64, block_n=64,
+                            method="torch")
+        for _ in range(3):
+            got = build_layout(idx, length, is_causal=True, block_m=64, block_n=64)
+            for name in LAYOUT_TENSORS:
+                assert torch.equal(getattr(got, name), getattr(want, name)), name
+    if launch._enabled():
+        assert indices_triton._COUNT.compiled and indices_triton._WRITE.compiled
