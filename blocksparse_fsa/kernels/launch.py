@@ -31,6 +31,12 @@ def _enabled() -> bool:
             and os.environ.get("BSA_FAST_LAUNCH", "1") != "0")
 
 
+def _hooked() -> bool:
+    """Whether a launch hook (a profiler's) is installed: Triton 3.6 keeps them in a chain."""
+    hook = triton.knobs.runtime.launch_enter_hook
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 def _spec(value):
     """What Triton's specialization can depend on for one argument value."""
     if isinstance(value, torch.Tensor):
@@ -59,7 +65,7 @@ class Launcher:
                              if p.default is not inspect.Parameter.empty}
 
     def __call__(self, grid, **kwargs):
-        if not self.enabled or triton.knobs.runtime.launch_enter_hook is not None:
+        if not self.enabled or _hooked():
             return self.kernel[grid](**kwargs)
         args = [kwargs[n] if n in kwargs else self.defaults[n] for n in self.names]
         options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in self.names_set))
