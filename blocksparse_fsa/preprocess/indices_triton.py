@@ -1,12 +1,12 @@
 """Per-query key indices -> tile metadata in Triton, on the indices' GPU.
 
 The same layout as the numba path (``indices.py``) and the PyTorch path (``device.py``), tensor
-for tensor, from three kernels and a sort, with one host sync after the first kernel. A *row*
-is one (layout batch, layout head, query tile) with ``block_m`` queries of ``width`` index
-slots each; persistent programs take rows in turn. A program reads its row's indices in
-``[block_m, CHUNK]`` chunks and ORs their bits into a bitmap of ``[block_m, SPAN]`` 32-bit key
-words starting at a tile-aligned word ``base`` (a *span*), kept in the program's own scratch
-in global memory (L2).
+for tensor, from three kernels and a sort, with one host sync (``layout_tensors_triton`` says
+where). A *row* is one (layout batch, layout head, query tile) with ``block_m`` queries of
+``width`` index slots each; persistent programs take rows in turn. A program reads its row's
+indices in ``[block_m, CHUNK]`` chunks and ORs their bits into a bitmap of ``[block_m, SPAN]``
+32-bit key words starting at a tile-aligned word ``base`` (a *span*), kept in the program's
+own scratch in global memory (L2).
 Triton has no register scatter, so a chunk goes in by *steps*: each step takes every query's
 smallest word ``m`` not merged yet, ORs the bits of its words ``m`` and ``m + 1`` (reductions
 over the chunk) and adds them to the scratch with one relaxed atomic OR each. A query's 32
@@ -21,10 +21,14 @@ consecutive keys (a sliding window, in either order) take one step.
   chunk, assuming every query's active words there are two consecutive ones in the span,
   with vectorized loads through a ``cp.async`` pipeline and the atomics issued in the
   reduction's layout (``_or_into``); a row that breaks the assumption is cleared and scanned
-  the general way.
-* ``indices_to_tiles_write_kernel``: after a cumsum of the counts and the host's one sync,
-  copies pooled rows to their CSR offsets and rescans the others in ascending spans from
-  their first word, writing each tile's sort key for the transposed lists.
+  the general way. Before that, the *window scan* (``_window_scan``) checks whether every
+  query's slots hold one ascending run of keys (a sliding window written as ``i - W + 1 +
+  arange(W)``, -1 outside ``[0, k_len)``) at a few operations per index, and builds such a
+  row's bitmap in registers.
+* ``indices_to_tiles_write_kernel``: writes the CSR pointers (each program sums the counts
+  of the rows before its own), copies pooled rows to their CSR offsets and rescans the others
+  in ascending spans from their first word, writing each tile's sort key for the transposed
+  lists.
 * ``transposed_lists_kernel``: after one sort of those keys, the key-tile lists.
 
 Memory: O(rows) counters, the programs' scratch (programs x block_m x SPAN words) and the pool
@@ -750,8 +754,8 @@ def _programs_per_device(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _launch_config(block_m, block_n, width, index_bytes, config_items):
-    """``get_tiles_config`` (or the given config) split into the pass arguments, cached: the
-    build is launched every step, and this host spends ~40 us on it otherwise."""
+    """``get_tiles_config`` (or the given config's items), cached: the build runs every step,
+    and the H200's host spends ~40 us on the config otherwise. Callers copy the dict."""
     cfg = dict(config_items or launch_config.get_tiles_config(block_m, block_n, width,
                                                               index_bytes).items())
     return cfg
