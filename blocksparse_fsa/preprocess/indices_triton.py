@@ -756,9 +756,9 @@ def _programs_per_device(device: torch.device) -> int:
 def _launch_config(block_m, block_n, width, index_bytes, config_items):
     """``get_tiles_config`` (or the given config's items), cached: the build runs every step,
     and the H200's host spends ~40 us on the config otherwise. Callers copy the dict."""
-    cfg = dict(config_items or launch_config.get_tiles_config(block_m, block_n, width,
-                                                              index_bytes).items())
-    return cfg
+    if config_items:
+        return dict(config_items)
+    return launch_config.get_tiles_config(block_m, block_n, width, index_bytes)
 
 
 def _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config):
