@@ -75,7 +75,7 @@ def gpu_ms(fn, device, rep=200):
     if device != "cuda":
         return host_ms(fn, device)
     from triton.testing import do_bench
-    return do_bench(fn, warmup=25, rep=rep)
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
 def profile(fn, device, runs=5):

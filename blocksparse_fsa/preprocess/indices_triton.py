@@ -368,14 +368,15 @@ def _popcount(x):
 
 @triton.jit
 def _store_tiles(acc, touched, full, kt0, full_col_ptr, f0, cap_f, part_col_ptr, masks_ptr, p0,
-                 cap_p, keys_full_ptr, key_f, keys_part_ptr, key_p, n_qt,
-                 BLOCK_M: tl.constexpr, SPAN: tl.constexpr, N_WORDS: tl.constexpr,
+                 cap_p, keys_full_ptr, key_f, keys_part_ptr, key_p, n_qt, count_f_ptr,
+                 count_p_ptr, BLOCK_M: tl.constexpr, SPAN: tl.constexpr, N_WORDS: tl.constexpr,
                  WITH_KEYS: tl.constexpr):
     """Write the span's full tiles at ``full_col[f0:]`` and its partial tiles at
     ``part_col[p0:]`` / ``masks[p0:]``, in key-tile order (the span's first tile is ``kt0``),
     and with ``WITH_KEYS`` their sort keys (``key_f`` / ``key_p`` + kt * n_qt) at the same
-    positions of ``keys_full`` / ``keys_part``; nothing at or past the capacities ``cap_f`` /
-    ``cap_p``. Returns the advanced ``(f0, p0)``."""
+    positions of ``keys_full`` / ``keys_part``, counting them per key tile in ``count_f[kt]``
+    / ``count_p[kt]``; nothing at or past the capacities ``cap_f`` / ``cap_p``. Returns the
+    advanced ``(f0, p0)``."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     TILE_WORDS: tl.constexpr = BLOCK_M * N_WORDS
     is_full = touched * full
@@ -391,6 +392,8 @@ def _store_tiles(acc, touched, full, kt0, full_col_ptr, f0, cap_f, part_col_ptr,
         kt_key = kt.to(tl.int64) * n_qt
         tl.store(keys_full_ptr + f_pos, key_f + kt_key, mask=put_f)
         tl.store(keys_part_ptr + p_pos, key_p + kt_key, mask=put_p)
+        tl.atomic_add(count_f_ptr + kt, 1, mask=put_f, sem="relaxed")
+        tl.atomic_add(count_p_ptr + kt, 1, mask=put_p, sem="relaxed")
     tiles = tl.permute(tl.reshape(acc, [BLOCK_M, SPAN_TILES, N_WORDS]), (1, 0, 2))
     tiles = tl.reshape(tiles, [SPAN_TILES, TILE_WORDS])  # tile t's words, row-major
     offs = p_pos[:, None].to(tl.int64) * TILE_WORDS + tl.arange(0, TILE_WORDS)[None, :]
@@ -471,8 +474,8 @@ def _first_span(j_a, j_b, row_ptr, row_ok, bound, k_len, width, n_chunks, c_b, s
 @triton.jit
 def indices_to_tiles_count_kernel(
         idx_ptr, counts_ptr, start_ptr, pool_at_ptr, stats_ptr, scratch_ptr,
-        pool_full_ptr, pool_part_ptr, pool_mask_ptr, pool_full_cap, pool_part_cap,
-        n_rows, heads, n_qt, q_len, k_len, width, causal_offset,
+        pool_full_ptr, pool_part_ptr, pool_mask_ptr, pool_full_cap, pool_part_cap, zero_ptr,
+        n_zero, n_rows, heads, n_qt, q_len, k_len, width, causal_offset,
         stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_w,
         BLOCK_M: tl.constexpr, N_WORDS: tl.constexpr, LOG_NW: tl.constexpr, LOG_WB: tl.constexpr,
         FULL_WORD: tl.constexpr, SPAN: tl.constexpr, CHUNK: tl.constexpr,
@@ -483,9 +486,13 @@ def indices_to_tiles_count_kernel(
     ``start[row]`` = the word pass 2 starts at; ``stats`` += (active pairs, out-of-range
     indices, pool slots taken: full, partial, rows the fast scan left to the general one, full
     tiles, partial tiles, rows the window scan held). A row that one span held goes to the pool
-    if it fits: ``pool_at[0 / 1, row]`` = its first full / partial slot, else -1."""
+    if it fits: ``pool_at[0 / 1, row]`` = its first full / partial slot, else -1. The
+    programs also clear ``zero[:n_zero]`` (the later kernels' per-key-tile counters)."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     pid = tl.program_id(0)
+    offs_z = tl.arange(0, 1024)
+    for z in range(pid * 1024, n_zero, tl.num_programs(0) * 1024):
+        tl.store(zero_ptr + z + offs_z, tl.zeros([1024], tl.int32), mask=z + offs_z < n_zero)
     scratch, bitmap_rows = _program_bitmap(scratch_ptr, pid, BLOCK_M, SPAN)
     tiles_t = tl.arange(0, SPAN_TILES)
     n_chunks = tl.cdiv(width, CHUNK)
@@ -542,8 +549,8 @@ def indices_to_tiles_count_kernel(
             if (slot_f + n_full <= pool_full_cap) & (slot_p + n_part <= pool_part_cap):
                 _store_tiles(acc, touched, full, base >> LOG_NW, pool_full_ptr, slot_f,
                              pool_full_cap, pool_part_ptr, pool_mask_ptr, slot_p, pool_part_cap,
-                             pool_full_ptr, 0, pool_full_ptr, 0, 0, BLOCK_M, SPAN, N_WORDS,
-                             False)
+                             pool_full_ptr, 0, pool_full_ptr, 0, 0, pool_full_ptr,
+                             pool_full_ptr, BLOCK_M, SPAN, N_WORDS, False)
             else:
                 slot_f = tl.full([], -1, tl.int64)
                 slot_p = tl.full([], -1, tl.int64)
@@ -597,7 +604,7 @@ def _sum_range(ptr, lo, hi):
 def indices_to_tiles_write_kernel(
         idx_ptr, counts_ptr, ptrs_ptr, start_ptr, pool_at_ptr, scratch_ptr,
         pool_full_ptr, pool_part_ptr, pool_mask_ptr, full_col_ptr, part_col_ptr, masks_ptr,
-        keys_ptr, key_max, cap_f, cap_p, n_kt,
+        keys_ptr, col_count_ptr, cap_f, cap_p, n_kt,
         n_rows, heads, n_qt, q_len, k_len, width, causal_offset,
         stride_idx_b, stride_idx_h, stride_idx_q, stride_idx_w,
         BLOCK_M: tl.constexpr, N_WORDS: tl.constexpr, LOG_NW: tl.constexpr, LOG_WB: tl.constexpr,
@@ -608,12 +615,11 @@ def indices_to_tiles_write_kernel(
     partial; ``ptrs`` zeroed before). The row's full tiles go to ``full_col[ptrs[0, row]:]``,
     its partial ones to ``part_col`` / ``masks`` ``[Tp, BLOCK_M, N_WORDS]`` from ``ptrs[1,
     row]``, sorted by key tile: copied from the pool, or rescanned
-    in ascending spans from ``start[row]``. Each tile's sort key for the transposed lists
-    (``device.transpose_keys``) goes to ``keys``: full tiles at their position, partial ones
-    after all full ones. The outputs have room for ``cap_f`` full and ``cap_p`` partial tiles
-    (``keys``: ``cap_f + cap_p``); nothing is written past that, and the keys past the
-    layout's tiles are set to ``key_max`` (the dtype's largest value: a sort leaves them
-    last)."""
+    in ascending spans from ``start[row]``. Each tile's ``device.transpose_keys`` value goes to
+    ``keys`` (full tiles at their position, partial ones after all full ones) and is counted
+    per key tile in ``col_count[0 / 1, group * n_kt + kt]`` (zeroed by pass 1). The outputs
+    have room for ``cap_f`` full and ``cap_p`` partial tiles (``keys``: ``cap_f + cap_p``);
+    nothing is written past that."""
     SPAN_TILES: tl.constexpr = SPAN // N_WORDS
     TILE_WORDS: tl.constexpr = BLOCK_M * N_WORDS
     pid = tl.program_id(0)
@@ -626,12 +632,7 @@ def indices_to_tiles_write_kernel(
     pre_p = _sum_range(counts_ptr + n_rows, 0, pid)
     keys_part_ptr = keys_ptr + tl.minimum(n_full, cap_f)
     cap_kp = cap_f + cap_p - tl.minimum(n_full, cap_f)  # room for partial keys
-    tail = tl.arange(0, 1024)
-    for i in range(tl.minimum(n_full, cap_f) + _sum_range(counts_ptr + n_rows, 0, n_rows)
-                   + pid * 1024,
-                   cap_f + cap_p, tl.num_programs(0) * 1024):
-        tl.store(keys_ptr + i + tail, tl.zeros([1024], keys_ptr.dtype.element_ty) + key_max,
-                 mask=i + tail < cap_f + cap_p)
+    n_cols = (n_rows // n_qt) * n_kt
     for row in range(pid, n_rows, tl.num_programs(0)):
         f0 = pre_f
         p0 = pre_p
@@ -646,6 +647,8 @@ def indices_to_tiles_write_kernel(
         slot_p = tl.load(pool_at_ptr + n_rows + row)
         key_f = (row // n_qt).to(tl.int64) * n_kt * n_qt + row % n_qt  # + kt * n_qt
         key_p = key_f + tl.cast(n_rows, tl.int64) * n_kt  # partial: after all full tiles
+        count_f_ptr = col_count_ptr + (row // n_qt) * n_kt
+        count_p_ptr = count_f_ptr + n_cols
         if slot_f >= 0:
             put_f = (t < n_f) & (f0 + t >= 0) & (f0 + t < cap_f)
             put_p = (t < n_p) & (p0 + t >= 0) & (p0 + t < cap_p) & (p0 + t < cap_kp)
@@ -655,6 +658,8 @@ def indices_to_tiles_write_kernel(
             tl.store(part_col_ptr + p0 + t, kt_p, mask=put_p)
             tl.store(keys_ptr + f0 + t, key_f + kt_f.to(tl.int64) * n_qt, mask=put_f)
             tl.store(keys_part_ptr + p0 + t, key_p + kt_p.to(tl.int64) * n_qt, mask=put_p)
+            tl.atomic_add(count_f_ptr + kt_f, 1, mask=put_f, sem="relaxed")
+            tl.atomic_add(count_p_ptr + kt_p, 1, mask=put_p, sem="relaxed")
             src = pool_mask_ptr + (slot_p + t)[:, None] * TILE_WORDS + e[None, :]
             words = tl.load(src, mask=put_p[:, None])  # [SPAN_TILES, TILE_WORDS]
             dst = masks_ptr + (p0 + t)[:, None].to(tl.int64) * TILE_WORDS + e[None, :]
@@ -677,42 +682,100 @@ def indices_to_tiles_write_kernel(
                 f0, p0 = _store_tiles(acc, touched, full, base >> LOG_NW, full_col_ptr, f0,
                                       cap_f, part_col_ptr, masks_ptr, p0,
                                       tl.minimum(cap_p, cap_kp), keys_ptr, key_f,
-                                      keys_part_ptr, key_p, n_qt, BLOCK_M, SPAN, N_WORDS, True)
+                                      keys_part_ptr, key_p, n_qt, count_f_ptr, count_p_ptr,
+                                      BLOCK_M, SPAN, N_WORDS, True)
                 base = (above >> LOG_NW) << LOG_NW  # BIG when nothing is left
 
 
 @triton.jit
-def transposed_lists_kernel(values_ptr, order_ptr, ptrs_ptr, row_t_ptr, mask_t_ptr,
-                            full_ptr_t_ptr, part_ptr_t_ptr, n_rows, cap_f, cap_p, n_cols, n_qt,
-                            steps, BLOCK: tl.constexpr):
-    """The key-tile lists from the sorted ``transpose_keys`` (``values``, ascending, and the
-    sort's ``order``), what ``device.transpose_tiles`` computes, in one launch. With ``n_full``
-    / ``n`` the layout's full / all tiles (``ptrs[0 / 1, n_rows]``, at most the capacities
-    ``cap_f`` / ``cap_f + cap_p`` of the outputs): ``row_t[i]`` = the i-th entry's query tile,
-    ``mask_t[i]`` = ``order[n_full + i] - n_full`` (a partial entry's mask), and the pointers
-    ``full_ptr_t[c]`` / ``part_ptr_t[c]`` over the ``n_cols + 1`` column bounds (a binary
-    search of ``steps`` steps for each ``c * n_qt``)."""
+def column_pointers_kernel(col_count_ptr, full_ptr_t_ptr, part_ptr_t_ptr, n_cols,
+                           BLOCK: tl.constexpr):
+    """Grid ``[2]``: program 0 / 1 turns the full / partial tiles counted per key tile
+    (``col_count[0 / 1, c]``, pass 2's) into the key-tile pointers ``full_ptr_t`` /
+    ``part_ptr_t`` ``[n_cols + 1]``."""
+    kind = tl.program_id(0)
+    counts = col_count_ptr + kind * n_cols
+    out = full_ptr_t_ptr
+    if kind == 1:
+        out = part_ptr_t_ptr
+    offs = tl.arange(0, BLOCK)
+    carry = tl.zeros([], tl.int32)
+    tl.store(out, carry)
+    for c0 in range(0, n_cols, BLOCK):
+        x = tl.load(counts + c0 + offs, mask=c0 + offs < n_cols, other=0)
+        tl.store(out + c0 + 1 + offs, carry + tl.cumsum(x, 0), mask=c0 + offs < n_cols)
+        carry += tl.sum(x, 0)
+
+
+@triton.jit
+def place_tiles_kernel(keys_ptr, ptrs_ptr, full_ptr_t_ptr, part_ptr_t_ptr, col_count_ptr,
+                       tmp_full_ptr, tmp_part_ptr, tmp_mask_ptr, n_rows, n_cols, n_qt, cap_f,
+                       cap_p, BLOCK: tl.constexpr):
+    """Each tile (its ``transpose_keys`` value, from pass 2) to a slot of its key tile's list
+    in ``tmp_full`` / ``tmp_part`` (the query tile; for partial tiles ``tmp_mask`` = the tile's
+    position among the partial ones, i.e. its mask): the list's start plus a relaxed atomic
+    counter (``col_count[2:4, c]``, zeroed by pass 1), so each list comes out in no
+    particular order (``rank_tiles_kernel`` sorts it).
+    Nothing goes past the capacities ``cap_f`` / ``cap_p``."""
     n_full = tl.minimum(tl.load(ptrs_ptr + n_rows), cap_f)
     n = tl.minimum(n_full + tl.load(ptrs_ptr + 2 * n_rows + 1), cap_f + cap_p)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    in_n = offs < n
-    values = tl.load(values_ptr + offs, mask=in_n, other=0)
-    tl.store(row_t_ptr + offs, (values % n_qt).to(tl.int32), mask=in_n)
-    in_p = (offs < n - n_full) & (offs < cap_p)
-    order = tl.load(order_ptr + n_full + offs, mask=in_p, other=0)
-    tl.store(mask_t_ptr + offs, (order - n_full).to(tl.int32), mask=in_p)
-    target = offs.to(values.dtype) * n_qt  # bound c = offs of the 2 * n_cols + 1
-    lo = tl.zeros([BLOCK], tl.int32)
-    hi = tl.zeros([BLOCK], tl.int32) + n
-    for _ in range(steps):  # the first entry >= target
-        searching = lo < hi
-        mid = (lo + hi) // 2
-        below = searching & (tl.load(values_ptr + mid, mask=searching, other=0) < target)
-        lo = tl.where(below, mid + 1, lo)
-        hi = tl.where(searching & (below == 0), mid, hi)
-    tl.store(full_ptr_t_ptr + offs, lo, mask=offs <= n_cols)
-    tl.store(part_ptr_t_ptr + offs - n_cols, lo - n_full,
-             mask=(offs >= n_cols) & (offs <= 2 * n_cols))
+    ok = offs < n
+    key = tl.load(keys_ptr + offs, mask=ok, other=0)
+    col2 = (key // n_qt).to(tl.int32)  # kind * n_cols + key tile column
+    q_tile = (key % n_qt).to(tl.int32)
+    is_part = offs >= n_full
+    # a build past its capacities leaves keys unwritten: never follow one out of its list
+    ok = ok & tl.where(is_part, (col2 >= n_cols) & (col2 < 2 * n_cols),
+                       (col2 >= 0) & (col2 < n_cols))
+    col = tl.where(is_part, col2 - n_cols, col2)
+    start_f = tl.load(full_ptr_t_ptr + col, mask=ok & (is_part == 0), other=0)
+    start_p = tl.load(part_ptr_t_ptr + col, mask=ok & is_part, other=0)
+    slot = tl.atomic_add(col_count_ptr + 2 * n_cols + col2, 1, mask=ok, sem="relaxed")
+    pos = tl.where(is_part, start_p, start_f) + slot
+    tl.store(tmp_full_ptr + pos, q_tile, mask=ok & (is_part == 0) & (pos < cap_f))
+    put_p = ok & is_part & (pos < cap_p)
+    tl.store(tmp_part_ptr + pos, q_tile, mask=put_p)
+    tl.store(tmp_mask_ptr + pos, offs - n_full, mask=put_p)
+
+
+@triton.jit
+def _rank_list(src_ptr, src_mask_ptr, dst_ptr, dst_mask_ptr, lo, hi,
+               WITH_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """Sort one key tile's list ``src[lo:hi]`` (distinct query tiles) into ``dst[lo:hi]`` by
+    rank (how many entries are smaller), its masks along."""
+    offs = tl.arange(0, BLOCK)
+    for i0 in range(lo, hi, BLOCK):
+        ok_i = i0 + offs < hi
+        q_i = tl.load(src_ptr + i0 + offs, mask=ok_i, other=0)
+        rank = tl.zeros([BLOCK], tl.int32)
+        for j0 in range(lo, hi, BLOCK):
+            q_j = tl.load(src_ptr + j0 + offs, mask=j0 + offs < hi, other=BIG)
+            rank += tl.sum((q_j[None, :] < q_i[:, None]).to(tl.int32), 1)
+        tl.store(dst_ptr + lo + rank, q_i, mask=ok_i)
+        if WITH_MASK:
+            m_i = tl.load(src_mask_ptr + i0 + offs, mask=ok_i)
+            tl.store(dst_mask_ptr + lo + rank, m_i, mask=ok_i)
+
+
+@triton.jit
+def rank_tiles_kernel(tmp_full_ptr, tmp_part_ptr, tmp_mask_ptr, ptrs_ptr, full_ptr_t_ptr,
+                      part_ptr_t_ptr, row_t_ptr, mask_t_ptr, n_rows, cap_f, cap_p,
+                      BLOCK: tl.constexpr):
+    """Grid ``[n_cols, 2]``: key tile ``c``'s full (axis 1 = 0) or partial list, sorted by
+    query tile, to ``row_t`` (full entries first, then partial ones from ``n_full``) and the
+    partial ones' masks to ``mask_t``: what ``device.transpose_tiles`` gives."""
+    c = tl.program_id(0)
+    if tl.program_id(1) == 0:
+        lo = tl.minimum(tl.load(full_ptr_t_ptr + c), cap_f)
+        hi = tl.minimum(tl.load(full_ptr_t_ptr + c + 1), cap_f)
+        _rank_list(tmp_full_ptr, tmp_full_ptr, row_t_ptr, row_t_ptr, lo, hi, False, BLOCK)
+    else:
+        n_full = tl.minimum(tl.load(ptrs_ptr + n_rows), cap_f)
+        lo = tl.minimum(tl.load(part_ptr_t_ptr + c), cap_p)
+        hi = tl.minimum(tl.load(part_ptr_t_ptr + c + 1), cap_p)
+        _rank_list(tmp_part_ptr, tmp_mask_ptr, row_t_ptr + n_full, mask_t_ptr, lo, hi, True,
+                   BLOCK)
 
 
 def word_args(block_n: int) -> dict:
@@ -737,86 +800,99 @@ def _int32_views(sizes: dict, device) -> dict:
     return dict(zip(sizes, buffer.split(list(sizes.values()))))
 
 
+class _Plan:
+    """What the builds of one problem shape share (``_plan``): sizes, and the kernels bound to
+    their scalar arguments."""
+
+
 class _Counted:
-    """Pass 1 launched: what the host sync, pass 2 and the transposition need."""
+    """Pass 1 launched: its plan and buffers, what the host sync, pass 2 and the transposition
+    need."""
 
 
 _COUNT = Launcher(indices_to_tiles_count_kernel)
 _WRITE = Launcher(indices_to_tiles_write_kernel)
-_TRANSPOSE = Launcher(transposed_lists_kernel)
+_COLUMNS = Launcher(column_pointers_kernel)
+_PLACE = Launcher(place_tiles_kernel)
+_RANK = Launcher(rank_tiles_kernel)
 
 
-@functools.lru_cache(maxsize=None)
-def _programs_per_device(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (the persistent grids' unit)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.lru_cache(maxsize=256)
-def _launch_config(block_m, block_n, width, index_bytes, config_items):
-    """``get_tiles_config`` (or the given config's items), cached: the build runs every step,
-    and the H200's host spends ~40 us on the config otherwise. Callers copy the dict."""
-    if config_items:
-        return dict(config_items)
-    return launch_config.get_tiles_config(block_m, block_n, width, index_bytes)
-
-
-def _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config):
-    """Launch pass 1; no sync (``_read_stats`` is the sync). Two allocations: a zeroed one for
-    the statistics and the CSR pointers (which the layout keeps), and one int32 workspace for
-    the per-row arrays, the programs' scratch and the pool."""
-    if idx.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"indices must be int32 or int64, got {idx.dtype}")
-    if k_len >= 2**31 - 2**15:
-        raise ValueError(f"k_len={k_len} is too large for the Triton layout build")
-    c = _Counted()
-    device = c.device = idx.device
-    n_b, n_h, _, width = idx.shape
-    c.n_qt = n_qt = -(-q_len // block_m)
-    c.n_kt = -(-k_len // block_n)
-    c.n_groups = n_b * n_h
-    c.n_rows = n_rows = n_b * n_h * n_qt
-    c.n_words = n_words = -(-block_n // 32)
-    c.key_dtype = transpose_key_dtype(n_rows, c.n_kt)
-    cfg = dict(_launch_config(block_m, block_n, width, idx.element_size(),
-                              tuple(config.items()) if config else None))
+@functools.lru_cache(maxsize=64)
+def _plan(device, shape, strides, dtype, q_len, k_len, is_causal, block_m, block_n, pool_bytes,
+          config_items, interpret) -> _Plan:
+    """The plan of a build, cached: the build runs every step, and the H200's host spends
+    ~0.1 ms working this out (``benchmarks/NOTES.md``, session 7)."""
+    p = _Plan()
+    n_b, n_h, _, width = shape
+    p.n_qt = n_qt = -(-q_len // block_m)
+    p.n_kt = n_kt = -(-k_len // block_n)
+    p.n_groups = n_b * n_h
+    p.n_cols = n_cols = p.n_groups * n_kt
+    p.n_rows = n_rows = p.n_groups * n_qt
+    p.n_words = n_words = -(-block_n // 32)
+    p.key_dtype = transpose_key_dtype(n_rows, n_kt)
+    cfg = (dict(config_items) if config_items else
+           launch_config.get_tiles_config(block_m, block_n, width, dtype.itemsize))
     span, chunk, per_sm = cfg.pop("SPAN"), cfg.pop("CHUNK"), cfg.pop("programs_per_sm")
     fast, window = cfg.pop("FAST", True), cfg.pop("WINDOW", True)
     stages = cfg.pop("STAGES", 3)
     if cfg.get("maxnreg") is None or device.type != "cuda":
         cfg.pop("maxnreg", None)
     if device.type == "cuda":
-        n_programs = min(n_rows, per_sm * _programs_per_device(device))
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        p.n_programs = n_programs = min(n_rows, per_sm * sms)
     else:  # the CPU interpreter runs programs one after the other
-        n_programs = min(n_rows, 3)
-    c.n_programs = n_programs
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        p.n_programs = n_programs = min(n_rows, 3)
     part_cap = min(n_rows * (span // n_words), pool_bytes // (4 * block_m * n_words))
     full_cap = min(n_rows * (span // n_words), pool_bytes // 4) if part_cap else 0
     # pairs, out-of-range indices, pool slots full / partial, rows the fast scan left to the
     # general one, full tiles, partial tiles, rows the window scan held (int64); the pointers
-    zeroed = torch.zeros(16 + 2 * (n_rows + 1), dtype=torch.int32, device=device)
-    c.stats, ptrs = zeroed.split([16, 2 * (n_rows + 1)])
-    c.stats, c.ptrs = c.stats.view(torch.int64), ptrs.view(2, n_rows + 1)
-    sizes = dict(counts=2 * n_rows, start=n_rows, pool_at=2 * n_rows,
-                 scratch=n_programs * block_m * span, pool_full=max(full_cap, 1),
-                 pool_part=max(part_cap, 1), pool_mask=max(part_cap, 1) * block_m * n_words)
-    views = _int32_views(sizes, device)  # freed after the build
-    c.counts, c.start, c.pool_at = views["counts"], views["start"], views["pool_at"]
-    c.scratch, c.pool_full = views["scratch"], views["pool_full"]
-    c.pool_part, c.pool_mask = views["pool_part"], views["pool_mask"]
-    c.args = dict(n_rows=n_rows, heads=n_h, n_qt=n_qt, q_len=q_len, k_len=k_len, width=width,
-                  causal_offset=k_len - q_len, stride_idx_b=idx.stride(0),
-                  stride_idx_h=idx.stride(1), stride_idx_q=idx.stride(2),
-                  stride_idx_w=idx.stride(3), BLOCK_M=block_m, **word_args(block_n),
-                  SPAN=span, CHUNK=chunk, IS_CAUSAL=bool(is_causal), BY_BITS=interpret, **cfg)
-    if n_rows:
-        fast = fast and width > 0 and width % chunk == 0
-        _COUNT((n_programs,), idx_ptr=idx, counts_ptr=c.counts, start_ptr=c.start,
-               pool_at_ptr=c.pool_at, stats_ptr=c.stats, scratch_ptr=c.scratch,
-               pool_full_ptr=c.pool_full, pool_part_ptr=c.pool_part, pool_mask_ptr=c.pool_mask,
-               pool_full_cap=full_cap, pool_part_cap=part_cap, FAST=fast,
-               WINDOW=fast and window, STAGES=stages, **c.args)
+    p.zeroed = [16, 2 * (n_rows + 1)]
+    # counts, start, pool_at, scratch, pool full / partial / masks, per key tile: full and
+    # partial tiles (pass 2's counts), then the place kernel's counters
+    p.work = [2 * n_rows, n_rows, 2 * n_rows, n_programs * block_m * span, max(full_cap, 1),
+              max(part_cap, 1), max(part_cap, 1) * block_m * n_words, 4 * n_cols]
+    shared = dict(n_rows=n_rows, heads=n_h, n_qt=n_qt, q_len=q_len, k_len=k_len, width=width,
+                  causal_offset=k_len - q_len, stride_idx_b=strides[0], stride_idx_h=strides[1],
+                  stride_idx_q=strides[2], stride_idx_w=strides[3], BLOCK_M=block_m,
+                  **word_args(block_n), SPAN=span, CHUNK=chunk, IS_CAUSAL=is_causal,
+                  BY_BITS=interpret, **cfg)
+    fast = fast and width > 0 and width % chunk == 0
+    p.count = _COUNT.bind(pool_full_cap=full_cap, pool_part_cap=part_cap, n_zero=4 * n_cols,
+                          FAST=fast, WINDOW=fast and window, STAGES=stages, **shared)
+    p.write = _WRITE.bind(n_kt=n_kt, **shared)
+    p.columns = _COLUMNS.bind(n_cols=n_cols, BLOCK=1024)
+    p.place = _PLACE.bind(n_rows=n_rows, n_cols=n_cols, n_qt=max(n_qt, 1), BLOCK=1024)
+    p.rank = _RANK.bind(n_rows=n_rows, BLOCK=32)
+    return p
+
+
+def _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config):
+    """Launch pass 1; no sync (``_read_stats`` is the sync). Two allocations: a zeroed one for
+    the statistics and the CSR pointers (which the layout keeps), and one int32 workspace for
+    the per-row arrays, the programs' scratch, the pool and the per-key-tile counters."""
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {idx.dtype}")
+    if k_len >= 2**31 - 2**15:
+        raise ValueError(f"k_len={k_len} is too large for the Triton layout build")
+    c = _Counted()
+    c.device = idx.device
+    c.plan = p = _plan(idx.device, tuple(idx.shape), idx.stride(), idx.dtype, q_len, k_len,
+                       bool(is_causal), block_m, block_n, pool_bytes,
+                       tuple(config.items()) if config else None,
+                       os.environ.get("TRITON_INTERPRET") == "1")
+    stats, c.ptrs = torch.zeros(sum(p.zeroed), dtype=torch.int32,
+                                device=c.device).split(p.zeroed)
+    c.stats = stats.view(torch.int64)
+    (c.counts, c.start, c.pool_at, c.scratch, c.pool_full, c.pool_part, c.pool_mask,
+     c.columns) = _new_int(sum(p.work), torch.int32, c.device).split(p.work)  # freed after
+    if p.n_rows:
+        p.count((p.n_programs,), idx_ptr=idx, counts_ptr=c.counts, start_ptr=c.start,
+                pool_at_ptr=c.pool_at, stats_ptr=c.stats, scratch_ptr=c.scratch,
+                pool_full_ptr=c.pool_full, pool_part_ptr=c.pool_part,
+                pool_mask_ptr=c.pool_mask, zero_ptr=c.columns)
+    else:  # no pass 1 to clear the counters
+        c.columns.zero_()
     return c
 
 
@@ -824,7 +900,7 @@ def _read_stats(c, idx, k_len):
     """The host sync: pass 1's totals (``c.nnz``, ``c.n_full``, ``c.n_part``); raises for
     out-of-range indices and for layouts too large for int32 positions."""
     c.nnz, n_bad, _, _, rescanned, c.n_full, c.n_part, window = c.stats.tolist()
-    LAST_BUILD.update(rows=c.n_rows, rescanned_rows=rescanned, window_rows=window)
+    LAST_BUILD.update(rows=c.plan.n_rows, rescanned_rows=rescanned, window_rows=window)
     if n_bad:
         from .device import index_range_error
         raise index_range_error(idx, k_len)
@@ -834,13 +910,32 @@ def _read_stats(c, idx, k_len):
 
 def _write_pass(idx, c, full_col, part_col, masks, keys):
     """Launch pass 2 into the given outputs (their lengths: the capacities)."""
-    if c.n_rows:
-        _WRITE((c.n_programs,), idx_ptr=idx, counts_ptr=c.counts, ptrs_ptr=c.ptrs,
-               start_ptr=c.start, pool_at_ptr=c.pool_at, scratch_ptr=c.scratch,
-               pool_full_ptr=c.pool_full, pool_part_ptr=c.pool_part, pool_mask_ptr=c.pool_mask,
-               full_col_ptr=full_col, part_col_ptr=part_col, masks_ptr=masks, keys_ptr=keys,
-               key_max=torch.iinfo(keys.dtype).max, cap_f=full_col.numel(),
-               cap_p=part_col.numel(), n_kt=c.n_kt, **c.args)
+    p = c.plan
+    if p.n_rows:
+        p.write((p.n_programs,), idx_ptr=idx, counts_ptr=c.counts, ptrs_ptr=c.ptrs,
+                start_ptr=c.start, pool_at_ptr=c.pool_at, scratch_ptr=c.scratch,
+                pool_full_ptr=c.pool_full, pool_part_ptr=c.pool_part,
+                pool_mask_ptr=c.pool_mask, full_col_ptr=full_col, part_col_ptr=part_col,
+                masks_ptr=masks, keys_ptr=keys, col_count_ptr=c.columns,
+                cap_f=full_col.numel(), cap_p=part_col.numel())
+
+
+def _transpose(c, keys, cap_f, cap_p, full_ptr_t, part_ptr_t, tmp_full, tmp_part, tmp_mask,
+               row_t, part_mask_t):
+    """The key-tile lists (``device.transpose_tiles``) from pass 2's keys and per-key-tile
+    counts: their pointers, each tile placed in its list, each list sorted."""
+    p = c.plan
+    p.columns((2,), col_count_ptr=c.columns, full_ptr_t_ptr=full_ptr_t,
+              part_ptr_t_ptr=part_ptr_t)
+    if not p.n_cols:
+        return
+    p.place((max(triton.cdiv(cap_f + cap_p, 1024), 1),), keys_ptr=keys, ptrs_ptr=c.ptrs,
+            full_ptr_t_ptr=full_ptr_t, part_ptr_t_ptr=part_ptr_t, col_count_ptr=c.columns,
+            tmp_full_ptr=tmp_full, tmp_part_ptr=tmp_part, tmp_mask_ptr=tmp_mask, cap_f=cap_f,
+            cap_p=cap_p)
+    p.rank((p.n_cols, 2), tmp_full_ptr=tmp_full, tmp_part_ptr=tmp_part, tmp_mask_ptr=tmp_mask,
+           ptrs_ptr=c.ptrs, full_ptr_t_ptr=full_ptr_t, part_ptr_t_ptr=part_ptr_t,
+           row_t_ptr=row_t, mask_t_ptr=part_mask_t, cap_f=cap_f, cap_p=cap_p)
 
 
 def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: bool,
@@ -860,10 +955,10 @@ def indices_to_tiles_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal
     _read_stats(c, idx, k_len)
     full_col = _new_int(c.n_full, torch.int32, c.device)
     part_col = _new_int(c.n_part, torch.int32, c.device)
-    masks = _new_int((c.n_part, block_m, c.n_words), torch.int32, c.device)
-    keys = _new_int(c.n_full + c.n_part, c.key_dtype, c.device)
+    masks = _new_int((c.n_part, block_m, c.plan.n_words), torch.int32, c.device)
+    keys = _new_int(c.n_full + c.n_part, c.plan.key_dtype, c.device)
     _write_pass(idx, c, full_col, part_col, masks, keys)
-    ptrs = c.ptrs.long()
+    ptrs = c.ptrs.long().view(2, -1)
     arrays = ptrs[0], full_col, ptrs[1], part_col, masks, c.nnz
     return (arrays, keys) if with_keys else arrays
 
@@ -919,38 +1014,34 @@ def _build(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config, c
     n_part, capacity)``, or None when the layout does not fit ``cap``. The outputs are views of
     one int32 allocation, in this order."""
     c = _count_pass(idx, q_len, k_len, is_causal, block_m, block_n, pool_bytes, config)
+    p = c.plan
     exact = cap is None
     if exact:
         _read_stats(c, idx, k_len)
         cap = c.n_full, c.n_part
     cap_f, cap_p = cap
     cap_n = cap_f + cap_p
-    n_cols = c.n_groups * c.n_kt
-    tile_words = block_m * c.n_words
-    sizes = [cap_f, cap_p, cap_p * tile_words, cap_n, cap_p, n_cols + 1, n_cols + 1]
+    tile_words = block_m * p.n_words
+    sizes = [cap_f, cap_p, cap_p * tile_words, cap_n, cap_p, p.n_cols + 1, p.n_cols + 1]
     buffer = _new_int(sum(sizes), torch.int32, c.device)
     full_col, part_col, masks, row_t, part_mask_t, full_ptr_t, part_ptr_t = buffer.split(sizes)
-    keys = _new_int(cap_n, c.key_dtype, c.device)  # not in the layout's buffer: freed after
+    # not in the layout's buffer (freed after): the tiles' keys, the unsorted key-tile lists
+    keys = _new_int(cap_n, p.key_dtype, c.device)
+    tmp_full, tmp_part, tmp_mask = _new_int(cap_n + cap_p, torch.int32, c.device).split(
+        [cap_f, cap_p, cap_p])
     _write_pass(idx, c, full_col, part_col, masks, keys)
-    values, order = torch.sort(keys)
-    block = 1024
-    _TRANSPOSE((triton.cdiv(max(cap_n, 2 * n_cols + 1), block),), values_ptr=values,
-               order_ptr=order, ptrs_ptr=c.ptrs, row_t_ptr=row_t, mask_t_ptr=part_mask_t,
-               full_ptr_t_ptr=full_ptr_t, part_ptr_t_ptr=part_ptr_t, n_rows=c.n_rows,
-               cap_f=cap_f, cap_p=cap_p, n_cols=n_cols, n_qt=max(c.n_qt, 1),
-               steps=cap_n.bit_length() + 1, BLOCK=block)
+    _transpose(c, keys, cap_f, cap_p, full_ptr_t, part_ptr_t, tmp_full, tmp_part, tmp_mask,
+               row_t, part_mask_t)
     if not exact:
         _read_stats(c, idx, k_len)  # the one sync, after every launch
         if c.n_full > cap_f or c.n_part > cap_p:
             return None
     n_full, n_part = c.n_full, c.n_part
-    # the layout's tensors: the first entries of each output, in one split
-    parts = buffer.split([n_full, cap_f - n_full, n_part, cap_p - n_part, n_part * tile_words,
-                          (cap_p - n_part) * tile_words, n_full, n_part,
-                          cap_n - n_full - n_part, n_part, cap_p - n_part, n_cols + 1,
-                          n_cols + 1])
-    tensors = dict(full_ptr=c.ptrs[0], part_ptr=c.ptrs[1], full_col=parts[0],
-                   part_col=parts[2], masks=parts[4].view(n_part, block_m, c.n_words),
-                   full_row_t=parts[6], part_row_t=parts[7], part_mask_t=parts[9],
-                   full_ptr_t=parts[11], part_ptr_t=parts[12])
+    full_ptr, part_ptr = c.ptrs.split(p.n_rows + 1)
+    tensors = dict(full_ptr=full_ptr, part_ptr=part_ptr, full_col=full_col[:n_full],
+                   part_col=part_col[:n_part],
+                   masks=masks[:n_part * tile_words].view(n_part, block_m, p.n_words),
+                   full_row_t=row_t[:n_full], part_row_t=row_t[n_full:n_full + n_part],
+                   part_mask_t=part_mask_t[:n_part], full_ptr_t=full_ptr_t,
+                   part_ptr_t=part_ptr_t)
     return tensors, c.nnz, n_full, n_part, cap_n
