@@ -306,6 +306,18 @@ def test_out_of_range_index_is_an_error(bad):
         build_layout(idx.to(DEVICE), 50, block_m=16, block_n=16, method="triton")
 
 
+def test_long_key_tile_lists():
+    """Key tiles with more full and more partial entries than ``rank_tiles_kernel`` sorts in
+    one block (32): 40 to 80 entries per list, in two batches."""
+    q_len, k_len = 16 * 80, 32
+    idx = torch.arange(k_len).repeat(q_len, 1)
+    odd = (torch.arange(q_len) // 16) % 2 == 1  # every other query tile drops a key
+    idx[odd, torch.arange(q_len)[odd] % k_len] = -1
+    idx = torch.stack([idx, idx.roll(16, 0)])[:, None]  # (2, 1, Lq, W)
+    tensors = check_all(idx, q_len, k_len, False, 16, 16)
+    assert tensors["full_ptr_t"].diff().max() > 32 and tensors["part_ptr_t"].diff().max() > 32
+
+
 def test_empty_inputs():
     for q_len, width, k_len in ((0, 4, 10), (40, 0, 10), (40, 3, 0)):
         idx = torch.full((1, 2, q_len, width), -1, dtype=torch.int64)
