@@ -1,7 +1,7 @@
 """Per-query key indices -> tile metadata in Triton, on the indices' GPU.
 
 The same layout as the numba path (``indices.py``) and the PyTorch path (``device.py``), tensor
-for tensor, from three kernels and a sort, with one host sync (``layout_tensors_triton`` says
+for tensor, from five kernels and no sort, with one host sync (``layout_tensors_triton`` says
 where). A *row* is one (layout batch, layout head, query tile) with ``block_m`` queries of
 ``width`` index slots each; persistent programs take rows in turn. A program reads its row's
 indices in ``[block_m, CHUNK]`` chunks and ORs their bits into a bitmap of ``[block_m, SPAN]``
@@ -27,12 +27,17 @@ consecutive keys (a sliding window, in either order) take one step.
   row's bitmap in registers.
 * ``indices_to_tiles_write_kernel``: writes the CSR pointers (each program sums the counts
   of the rows before its own), copies pooled rows to their CSR offsets and rescans the others
-  in ascending spans from their first word, writing each tile's sort key for the transposed
-  lists.
-* ``transposed_lists_kernel``: after one sort of those keys, the key-tile lists.
+  in ascending spans from their first word, writing each tile's key (``device.transpose_keys``:
+  its key tile and query tile) and counting the tiles of each key tile.
+* The key-tile lists: ``column_pointers_kernel`` turns those counts into the lists' pointers,
+  ``place_tiles_kernel`` puts each tile in its list at a slot from an atomic counter, and
+  ``rank_tiles_kernel`` orders each list by query tile (each entry's rank: how many entries of
+  its list are smaller; the query tiles of a list are distinct, so the result is the same
+  every time).
 
-Memory: O(rows) counters, the programs' scratch (programs x block_m x SPAN words) and the pool
-(at most ``POOL_BYTES``): nothing of size Lq x Lk or (query tiles x key tiles).
+Memory: O(rows + key tiles) counters, the programs' scratch (programs x block_m x SPAN words),
+the pool (at most ``POOL_BYTES``) and O(tiles) for the lists: nothing of size Lq x Lk or
+(query tiles x key tiles).
 """
 
 import collections
@@ -373,7 +378,7 @@ def _store_tiles(acc, touched, full, kt0, full_col_ptr, f0, cap_f, part_col_ptr,
                  WITH_KEYS: tl.constexpr):
     """Write the span's full tiles at ``full_col[f0:]`` and its partial tiles at
     ``part_col[p0:]`` / ``masks[p0:]``, in key-tile order (the span's first tile is ``kt0``),
-    and with ``WITH_KEYS`` their sort keys (``key_f`` / ``key_p`` + kt * n_qt) at the same
+    and with ``WITH_KEYS`` their keys (``key_f`` / ``key_p`` + kt * n_qt) at the same
     positions of ``keys_full`` / ``keys_part``, counting them per key tile in ``count_f[kt]``
     / ``count_p[kt]``; nothing at or past the capacities ``cap_f`` / ``cap_p``. Returns the
     advanced ``(f0, p0)``."""
@@ -980,7 +985,7 @@ def layout_tensors_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: 
                           reuse_capacity: bool = True) -> tuple[dict, int]:
     """Every tensor of the ``SparseLayout`` of ``idx`` (int32, on its device) and ``nnz``:
     ``indices_to_tiles_triton``'s tiles with the key-tile lists of ``device.transpose_tiles``
-    (one sort of the tiles' keys and ``transposed_lists_kernel``).
+    (``_transpose``: three small kernels, no sort).
 
     The first build of a shape syncs after pass 1 for the tile counts and allocates exactly.
     Later builds of the same shape (``reuse_capacity``) allocate the last build's counts plus

@@ -67,7 +67,7 @@ def check_tiles(idx, q_len, k_len, is_causal, block_m, block_n, **kwargs):
 
 def check_all(idx, q_len, k_len, is_causal, block_m, block_n, **kwargs):
     """Every tensor of the Triton build's layout (``layout_tensors_triton``: both passes, the
-    sort and the key-tile lists) == the numba build's."""
+    key-tile lists) == the numba build's."""
     tensors, nnz = layout_tensors_triton(idx.to(DEVICE), q_len, k_len, is_causal, block_m,
                                          block_n, **kwargs)
     want = build_layout(idx, k_len, is_causal=is_causal, block_m=block_m, block_n=block_n,
