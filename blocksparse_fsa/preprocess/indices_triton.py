@@ -799,12 +799,6 @@ def _new_int(shape, dtype, device):
     return t.fill_(-0x7A5A5A5A) if common.POISON_OUTPUTS else t
 
 
-def _int32_views(sizes: dict, device) -> dict:
-    """One int32 allocation (``_new_int``) split into 1-D views of the given sizes, by name."""
-    buffer = _new_int(sum(sizes.values()), torch.int32, device)
-    return dict(zip(sizes, buffer.split(list(sizes.values()))))
-
-
 class _Plan:
     """What the builds of one problem shape share (``_plan``): sizes, and the kernels bound to
     their scalar arguments."""
