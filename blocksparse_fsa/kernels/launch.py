@@ -5,7 +5,8 @@ compiled kernel and builds launch metadata: ~20 us plus ~2 us an argument on the
 (``benchmarks/NOTES.md``, session 6), 50-90 us for the layout build's kernels of ~30
 arguments. :class:`Launcher` keeps the compiled kernel of each specialization it has seen
 (the first launch of one goes through ``kernel[grid]``, which compiles and launches it) and
-launches it again through its launcher, ~10 us.
+launches it again through its launcher, ~10 us. ``Launcher(kernel).bind(**scalars)`` fixes
+the arguments of one problem shape once; the bound launcher takes the rest per launch.
 
 The key of a specialization holds at least what Triton specializes on (a tensor's dtype and
 16-byte alignment; an int's value 1, divisibility by 16 and width; every ``tl.constexpr``
@@ -54,8 +55,8 @@ def _spec(value):
 
 
 class Launcher:
-    """``Launcher(kernel)(grid, **args)``: launch ``kernel`` with every argument by name (and
-    launch options such as ``num_warps``), as ``kernel[grid](**args)`` would."""
+    """The compiled kernels of one Triton kernel by specialization; ``bind`` gives the
+    launcher of one problem shape."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -82,12 +83,6 @@ class Launcher:
         then passes only the others, and the cache key of the fixed ones is computed once."""
         return Bound(self, static)
 
-    def __call__(self, grid, **kwargs):
-        if not self.enabled or _hooked():
-            return self.kernel[grid](**kwargs)
-        args, key = self.key(kwargs)
-        return self.run(grid, args, key, kwargs)
-
     def run(self, grid, args, key, kwargs):
         """Launch with ``args`` in order whose specialization is ``key``: the compiled kernel
         directly, or the first time ``kernel[grid](**kwargs)``."""
@@ -104,8 +99,9 @@ class Launcher:
 
 
 class Bound:
-    """``Launcher.bind``'s result: ``bound(grid, **other_args)``, the launch options among the
-    fixed arguments."""
+    """``Launcher.bind``'s result: ``bound(grid, **other_args)`` launches the kernel with
+    every argument by name, as ``kernel[grid](**args)`` would; the launch options (such as
+    ``num_warps``) are among the fixed arguments."""
 
     def __init__(self, launcher, static):
         self.launcher = launcher
