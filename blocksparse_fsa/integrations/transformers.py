@@ -26,7 +26,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-from ..attention import _cached, sparse_attn_func
+from ..api import cached_layout, sparse_attn_func
 from ..layout import SparseLayout
 from ..patterns import intersection
 
@@ -89,7 +89,7 @@ def _with_model_mask(layout: SparseLayout, mask: torch.Tensor) -> SparseLayout:
         raise ValueError("the model passes a mask (padding, a sliding window or packed "
                          "sequences) to intersect with sparse_layout, which needs a layout "
                          "without a token permutation")
-    return _cached(mask, (layout,), lambda: intersection(layout, SparseLayout.from_dense_mask(
+    return cached_layout(mask, (layout,), lambda: intersection(layout, SparseLayout.from_dense_mask(
         mask, block_m=layout.block_m, block_n=layout.block_n, q_len=layout.q_len,
         k_len=layout.k_len)))
 
