@@ -193,20 +193,30 @@ def check_layout_tensors(layout: SparseLayout) -> None:
     for when their values are checked too). Skipped while ``torch.compile`` traces."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
         return
-    _check_shapes(layout)
     if layout.device.type == "cpu" or _DEBUG:
+        _check_shapes(layout)
         _check_values(layout)
         return
     stamp = _stamp(layout)
     if _CHECKED.get(layout) != stamp:
+        _check_shapes(layout)
         _check_values(layout)
         _CHECKED[layout] = stamp
 
 
 def _stamp(layout):
-    """Each tensor's address and version counter (inference tensors have none)."""
-    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
-                 for t in layout._tensors())
+    """Each tensor's address and version counter: one of them changes when a tensor is
+    written in place, resized or given new data (inference tensors have no version)."""
+    tensors = [getattr(layout, name) for name in _TILE_FIELDS]
+    if layout.is_reordered:
+        tensors += [layout.q_perm, layout.k_perm]
+    if layout.gather_index is not None:
+        tensors += [layout.gather_index.row_ptr, layout.gather_index.col]
+    try:
+        versions = [t._version for t in tensors]
+    except RuntimeError:  # an inference tensor
+        versions = None
+    return [t.data_ptr() for t in tensors], versions
 
 
 def _check_shapes(layout: SparseLayout) -> None:
