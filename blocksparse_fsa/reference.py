@@ -31,7 +31,7 @@ def layout_pairs(layout: SparseLayout):
     # a partial tile's mask as bytes: byte c // 8 of a row holds key column c's bit c % 8
     # (int32 words in little-endian order)
     n_bytes = layout.masks.shape[-1] * 4
-    mask_bytes = layout.masks.contiguous().view(torch.uint8).view(-1, bm, n_bytes)
+    mask_bytes = layout.masks.contiguous().reshape(-1).view(torch.uint8).view(-1, bm, n_bytes)
     t, i, byte = (mask_bytes != 0).nonzero(as_tuple=True)  # one entry per nonzero byte
     shifts = torch.arange(8, dtype=torch.uint8, device=dev)
     bits = (mask_bytes[t, i, byte][:, None] >> shifts) & 1  # [nonzero bytes, 8]
