@@ -13,9 +13,8 @@ import weakref
 
 import torch
 
-from .gather_index import GatherIndex
 from .kernels import gather_attn_fwd, sparse_attn_bwd, sparse_attn_fwd
-from .layout import SparseLayout
+from .layout.core import GatherIndex, SparseLayout
 
 # the tensors and sizes of a SparseLayout that the kernels read: the tiles, then the token
 # permutation or the gather lists if the layout has them; not causality (already in the tiles)
