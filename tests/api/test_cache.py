@@ -7,7 +7,7 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa.api import attention
 
-from ..conftest import needs_kernels
+from ..helpers import needs_kernels
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_kernels)]
 

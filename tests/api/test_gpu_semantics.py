@@ -8,7 +8,7 @@ import torch
 
 import blocksparse_fsa as bsa
 
-from ..conftest import HAS_CUDA
+from ..helpers import HAS_CUDA
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 

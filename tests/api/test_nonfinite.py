@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import blocksparse_fsa as bsa
 from blocksparse_fsa.reference import dense_attention
 
-from ..conftest import ATOL, assert_rule
+from ..helpers import ATOL, assert_rule
 
 # the Triton path's fix for these cases belongs to the kernels (issue 21 items 1, 2 and 4)
 BACKENDS = ["torch"]

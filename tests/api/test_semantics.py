@@ -8,7 +8,7 @@ import torch
 
 import blocksparse_fsa as bsa
 
-from ..conftest import needs_kernels
+from ..helpers import needs_kernels
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_kernels)]
 
