@@ -15,7 +15,7 @@ from .layout.core import SparseLayout, tile_rows
 def layout_pairs(layout: SparseLayout):
     """Active pairs of a layout as ``(group, query, key)`` int64 tensors, group = b * heads + h.
 
-    Memory O(nnz) plus one bool per mask byte (an eighth of the layout's own mask bytes):
+    Memory O(nnz) plus one bool per mask byte (as many bytes as the layout's masks hold):
     full tiles are enumerated arithmetically and partial tiles expand only their nonzero mask
     bytes to bits, never a ``[tiles, block_m, block_n]`` array.
     """
@@ -74,7 +74,7 @@ def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float, softca
             m = torch.full((q_len,), float("-inf"), dtype=ct, device=q.device)
             m = m.scatter_reduce(0, i, s.detach(), "amax")  # only for stability: no gradient
             # a row whose every score is -inf is empty: shift it by 0 so that exp gives 0
-            m = torch.where(torch.isfinite(m), m, 0.0)
+            m = torch.where(m == float("-inf"), 0.0, m)
             p = torch.exp(s - m[i])
             denom = torch.zeros(q_len, dtype=ct, device=q.device).index_add(0, i, p)
             o = torch.zeros(q_len, head_dim, dtype=ct, device=q.device)
