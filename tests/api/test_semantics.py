@@ -8,9 +8,11 @@ import torch
 
 import blocksparse_fsa as bsa
 
-from ..helpers import needs_kernels
+from ..helpers import INTERPRET
 
-BACKENDS = ["torch", pytest.param("triton", marks=needs_kernels)]
+# the kernels on CPU tensors under the interpreter; test_gpu_semantics.py is the GPU tier
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="needs TRITON_INTERPRET=1"))]
 
 
 def tensors(batch, q_len, k_len, hq=4, hkv=2, dim=16):
