@@ -241,7 +241,7 @@ def _check_shapes(layout: SparseLayout) -> None:
                                 f"k_len={layout.k_len}, block {layout.block_m}x{layout.block_n}")
         if t.device != layout.device:
             raise _layout_error(f"{name} is on {t.device}, the layout on {layout.device}")
-        if t.dtype != (torch.int64 if name in _PERM_FIELDS else torch.int32):
+        if t.dtype not in ((torch.int32,) if name == "masks" else (torch.int32, torch.int64)):
             raise _layout_error(f"{name} has dtype {t.dtype}")
     gi = layout.gather_index
     if gi is not None:
