@@ -11,7 +11,8 @@ import numbers
 
 import torch
 
-from ..attention import sparse_attn_func
+from .attention import sparse_attn_func
+from .cache import cached_layout
 from ..layout import SparseLayout, build_layout
 from .window import check_window, packed_layout
 
@@ -143,7 +144,9 @@ def _indices_layout(attn_indices, cu_q, cu_k, is_causal, q):
     if attn_indices.dim() != 3 or attn_indices.shape[1] != q.shape[0]:
         raise ValueError(f"attn_indices must have shape (Hkv|1, total_q={q.shape[0]}, W), got "
                          f"{tuple(attn_indices.shape)}")
-    return _build_indices_layout(attn_indices.to(q.device), cu_q, cu_k, is_causal, None, None)
+    return cached_layout(attn_indices, ("varlen", tuple(cu_q), tuple(cu_k), is_causal,
+                                        str(q.device)), lambda: _build_indices_layout(
+        attn_indices.to(q.device), cu_q, cu_k, is_causal, None, None))
 
 
 def _build_indices_layout(attn_indices, cu_q, cu_k, is_causal, block_m, block_n):

@@ -110,7 +110,8 @@ def _cached(key, build) -> SparseLayout:
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    layout = build()
+    with torch.inference_mode(False):  # a layout built while serving also serves training
+        layout = build()
     _CACHE[key] = layout
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)

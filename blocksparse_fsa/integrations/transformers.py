@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
-from ..attention import _cached, sparse_attn_func
+from ..api import cached_layout, sparse_attn_func
 from ..layout import SparseLayout
 from ..patterns import intersection, layout_from_predicate
 
@@ -178,13 +178,13 @@ def _with_model_mask(layout, mask: torch.Tensor, q_len: int, k_len: int) -> Spar
                         f"{getattr(mask, 'dtype', type(mask).__name__)}: pass a 2-D padding "
                         "mask or a bool 4-D mask (True = attend)")
     if layout is None:
-        return _cached(mask, (q_len, k_len), lambda: SparseLayout.from_dense_mask(
+        return cached_layout(mask, (q_len, k_len), lambda: SparseLayout.from_dense_mask(
             mask, q_len=q_len, k_len=k_len))
     if layout.is_reordered:
         raise ValueError("the model passes a mask (padding, a sliding window or packed "
                          "sequences) to intersect with sparse_layout, which needs a layout "
                          "without a token permutation")
-    return _cached(mask, (layout,), lambda: intersection(layout, SparseLayout.from_dense_mask(
+    return cached_layout(mask, (layout,), lambda: intersection(layout, SparseLayout.from_dense_mask(
         mask, block_m=layout.block_m, block_n=layout.block_n, q_len=layout.q_len,
         k_len=layout.k_len)))
 
