@@ -118,6 +118,14 @@ def _cached(key, build) -> SparseLayout:
     return layout
 
 
+def _device(device) -> torch.device:
+    """``device`` with its index filled in, so that "cuda" and "cuda:0" share cache entries."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def clear_cache() -> None:
     """Forget the cached window and packed-sequence layouts."""
     _CACHE.clear()
@@ -128,7 +136,7 @@ def window_layout(q_len: int, k_len: int, window: tuple[int, int, int], is_causa
                   device, block_m: int | None = None, block_n: int | None = None) -> SparseLayout:
     """The layout of ``window = (left, right, sinks)`` (from :func:`check_window`) for one
     ``q_len x k_len`` sequence, bottom-right aligned, cached."""
-    device = torch.device(device)
+    device = _device(device)
     key = ("window", q_len, k_len, window, bool(is_causal), block_m, block_n, str(device))
 
     def build():
@@ -147,7 +155,7 @@ def packed_layout(cu_q: list[int], cu_k: list[int], window: tuple[int, int, int]
     """The layout of packed sequences (host offsets ``cu_q`` / ``cu_k``, already checked) with
     per-sequence bottom-right causality, window and sinks; batch 1, ``q_len = cu_q[-1]``,
     ``k_len = cu_k[-1]``; cached on the offsets' values."""
-    device = torch.device(device)
+    device = _device(device)
     window = (-1, -1, 0) if window is None else window
     key = ("packed", tuple(cu_q), tuple(cu_k), window, bool(is_causal), block_m, block_n,
            str(device))
