@@ -11,9 +11,9 @@ import numbers
 
 import torch
 
+from ..layout import SparseLayout, build_layout
 from .attention import sparse_attn_func
 from .cache import cached_layout
-from ..layout import SparseLayout, build_layout
 from .window import check_window, packed_layout
 
 _INDEX_DTYPES = (torch.int32, torch.int64)

@@ -16,8 +16,7 @@ import numbers
 
 import torch
 
-from ..layout import DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, SparseLayout
-from ..patterns import layout_from_predicate
+from ..layout import DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, SparseLayout, layout_from_predicate
 
 CACHE_SIZE = 32
 _CACHE: collections.OrderedDict = collections.OrderedDict()
