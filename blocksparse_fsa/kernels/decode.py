@@ -120,9 +120,10 @@ def decode_fwd_kernel(
             prev = tl.load(idx_base + (t - 1) * stride_iw, mask=in_range & (t > 0),
                            other=-1).to(tl.int64)
             in_range = in_range & (pos >= 0) & (pos != prev)
-            hit = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int1) == 0
             if IS_CAUSAL:
                 hit = pos[None, :] <= pos_q[:, None]
+            else:
+                hit = row_ok[:, None] & (pos[None, :] >= 0)
         in_range = in_range & (pos < seqlen)
         hit = hit & in_range[None, :] & row_ok[:, None]  # [BLOCK_M, BLOCK_N]
         # keys no row of the block attends are never read: garbage there cannot leak
@@ -179,14 +180,14 @@ def decode_merge_kernel(
     h_ok = offs_h < num_q_heads
     ok = h_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
+    for s in range(NUM_SPLITS):
         part = tl.load(LsePart + s * stride_qs + b * stride_qb + offs_h * stride_qh + qi,
                        mask=h_ok, other=float("-inf"))
         m = tl.maximum(m, part)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     denom = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
+    for s in range(NUM_SPLITS):
         part = tl.load(LsePart + s * stride_qs + b * stride_qb + offs_h * stride_qh + qi,
                        mask=h_ok, other=float("-inf"))
         w = tl.math.exp2(part - m_safe)  # [BLOCK_H]; 0 for an empty split
