@@ -14,6 +14,7 @@ from .layout import SparseLayout, build_layout
 from .ops import sparse_attn_op
 from .reference import sparse_attention
 from .reorder import inverse
+from .api.window import check_window, window_layout
 
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -22,7 +23,7 @@ _BACKENDS = ("auto", "triton", "torch")
 
 def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causal=None,
                      softmax_scale=None, *, attn_indices=None, layout=None, return_lse=False,
-                     softcap=0.0, backend="auto"):
+                     softcap=0.0, backend="auto", window_size=(-1, -1), sinks=0):
     """Exact softmax attention restricted to a sparse pattern.
 
     Args:
@@ -46,8 +47,14 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
             (Gemma-2, FSA's CUDA path), forward and backward; 0 = off.
         backend: ``"auto"`` (Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, else the
             pure-PyTorch path), ``"triton"`` or ``"torch"``.
+        window_size: ``(left, right)`` as in FlashAttention: query ``i`` sees keys ``[p - left,
+            p + right]``, ``p = i + Lk - Lq``, -1 = unbounded; combinable with ``is_causal``.
+            The layout is computed on the query's device and cached, never from indices.
+        sinks: the first ``sinks`` keys are visible to every query (with ``is_causal``, to
+            queries at or after them); only together with a bounded ``window_size``.
 
-    At most one of ``attn_mask``, ``attn_indices``, ``layout``; with none, dense attention.
+    At most one of ``attn_mask``, ``attn_indices``, ``layout``, ``window_size``; with none,
+    dense attention.
     Returns ``out`` ``(B, Lq, Hq, D)`` in the input dtype, and ``lse`` if asked.
     """
     batch, q_len, num_q_heads, head_dim = _check_qkv(query, key, value)
@@ -56,6 +63,10 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
                                   ("layout", layout)) if x is not None]
     if len(given) > 1:
         raise ValueError(f"pass at most one of attn_mask, attn_indices, layout; got {given}")
+    window = check_window(window_size, sinks)
+    if window is not None and given:
+        raise ValueError(f"window_size/sinks and {given[0]} cannot be combined: build the "
+                         "window into the pattern instead (patterns.sliding_window)")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap < 0:
@@ -66,6 +77,8 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
     if attn_bias is not None:
         _check_bias(attn_bias, query, batch, q_len, k_len, heads_ok)
 
+    if window is not None:
+        layout = window_layout(q_len, k_len, window, bool(is_causal), query.device)
     if layout is not None:
         _check_layout(layout, is_causal, batch, q_len, k_len, heads_ok, query.device)
     else:

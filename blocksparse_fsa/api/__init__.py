@@ -1,5 +1,1 @@
-"""The public functions (floor 5)."""
-
-from .kvcache import sparse_attn_with_kvcache
-
-__all__ = ["sparse_attn_with_kvcache"]
+"""The public API, floor 5: argument checks, pattern -> layout, dispatch to the kernels."""

@@ -22,14 +22,12 @@ window and sinks evaluated in the kernel, or the per-step indices.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import torch
 from transformers import AttentionInterface
 
 from .. import sparse_attn_func, sparse_attn_with_kvcache
-from ..patterns import sliding_window
 from .transformers import ATTN_IMPLEMENTATION, sparse_attention_forward
 
 
@@ -126,34 +124,24 @@ def pattern_attention_forward(module, query, key, value, attention_mask, scaling
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     softcap = softcap or 0.0
     indices = None if pattern.indices is None else pattern.indices(module, query, key)
-    if q_len == k_len:  # no earlier keys: the layout path (differentiable)
+    window = (-1, -1) if pattern.left is None else (pattern.left, 0)
+    if q_len == k_len:  # no earlier keys: the layout path (differentiable); a window's layout
+        # is analytic and cached by value, so every layer shares it
         if indices is not None:
             out = sparse_attn_func(q, k, v, attn_indices=indices, is_causal=True,
                                    softmax_scale=scaling, softcap=softcap)
-        elif pattern.left is None and not pattern.sinks:
-            out = sparse_attn_func(q, k, v, is_causal=True, softmax_scale=scaling,
-                                   softcap=softcap)
         else:
-            layout = _window_layout(k_len, pattern.left, pattern.sinks, q.device)
-            out = sparse_attn_func(q, k, v, layout=layout, softmax_scale=scaling,
-                                   softcap=softcap)
+            out = sparse_attn_func(q, k, v, window_size=window, sinks=pattern.sinks,
+                                   is_causal=True, softmax_scale=scaling, softcap=softcap)
         return out, None
     if q_len > k_len:
         raise ValueError(f"the layer got {q_len} queries but only {k_len} keys")
-    window = (-1, -1) if pattern.left is None else (pattern.left, 0)
     out = sparse_attn_with_kvcache(
         q, k, v, cache_seqlens=k_len, attn_indices=indices,
         window_size=window if indices is None else (-1, -1),
         sinks=pattern.sinks, is_causal=True, softmax_scale=scaling, softcap=softcap,
         check=indices is not None)  # a window needs no check: lengths come from shapes
     return out, None
-
-
-@functools.lru_cache(maxsize=32)
-def _window_layout(length, left, sinks, device):
-    """The prefill layout of a window + sinks, built once per length (every layer shares it)."""
-    return sliding_window(length, left=length if left is None else left, sinks=min(sinks, length),
-                          is_causal=True, device=device)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)

@@ -146,6 +146,14 @@ def test_errors():
         SparsePattern(left=-1)
     with pytest.raises(TypeError, match="callable"):
         SparsePattern(indices=3)
-    set_sparse_pattern(ours, None)  # detached: the training path asks for sparse_layout again
-    with pytest.raises(ValueError, match="needs the pattern"):
-        ours(ids)
+
+
+def test_detach():
+    """Without a pattern the layer attends as the model's own mask says (plain causal here)."""
+    ours, _ = twins(SparsePattern())
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 9)).to(DEVICE)
+    causal = ours(ids).logits
+    set_sparse_pattern(ours, SparsePattern(left=1))
+    assert not torch.allclose(ours(ids).logits, causal)
+    set_sparse_pattern(ours, None)
+    torch.testing.assert_close(ours(ids).logits, causal)
