@@ -204,6 +204,15 @@ def decode_merge_kernel(
     tl.store(Lse + b * stride_lb + offs_h * stride_lh + qi, lse, mask=h_ok)
 
 
+def get_decode_config(head_dim: int, indices: bool) -> dict:
+    """Keys per step (``BLOCK_N``), warps and stages of ``decode_fwd_kernel``; replace this
+    function (``kernels.decode.get_decode_config = mine``) to tune for another GPU. One query
+    row's K/V tiles stream through a small matmul: 64 keys keep a D=128 bf16 tile pair at 32 KB."""
+    if head_dim <= 128:
+        return dict(BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=32, num_warps=8, num_stages=2)
+
+
 def decode_blocks(q_len: int, group_size: int, indices: bool) -> tuple[int, int]:
     """``(BLOCK_M, GROUP_PAD)``: the rows one program stacks (query rows x the padded head
     group, at least 16 for the matmul) and the padded group. Index lists differ per query
@@ -245,7 +254,8 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     block_m, group_pad = decode_blocks(q_len, group, attn_indices is not None)
     block_q = block_m // group_pad
-    block_n = 64 if head_dim <= 128 else 32
+    config = get_decode_config(head_dim, attn_indices is not None)
+    block_n = config["BLOCK_N"]
     if attn_indices is not None:
         n_idx = attn_indices.shape[-1]
         max_keys = n_idx
@@ -285,11 +295,10 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
         **{f"stride_o{a}": s for a, s in zip("sblh", o_strides)},
         **{f"stride_l{a}": s for a, s in zip("sbh", l_strides)},
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
-        GROUP_PAD=group_pad, BLOCK_N=block_n, NUM_SPLITS=splits,
+        GROUP_PAD=group_pad, NUM_SPLITS=splits,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
         MODE=1 if attn_indices is not None else 0, IS_CAUSAL=bool(is_causal),
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4 if head_dim <= 128 else 8, num_stages=2,
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **config,
     )
     if splits > 1:
         block_h = min(16, triton.next_power_of_2(num_q_heads))
