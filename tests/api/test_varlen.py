@@ -276,6 +276,9 @@ def varlen_call(**overrides):
     (dict(window_size=(-2, 0)), ValueError, "window_size entries"),
     (dict(window_size=(3, 0), sinks=-1), ValueError, "sinks must be"),
     (dict(is_causal=1), TypeError, "is_causal must be a bool"),
+    (dict(dropout_p=0.1), ValueError, "dropout_p must be 0"),
+    (dict(alibi_slopes=torch.ones(2)), ValueError, "alibi_slopes is not supported"),
+    (dict(causal=True, is_causal=True), ValueError, "causal .* or is_causal, not both"),
 ])
 def test_bad_varlen_input_gets_a_clear_error(overrides, error, match):
     with pytest.raises(error, match=match):
@@ -292,11 +295,28 @@ def test_window_with_another_pattern_is_an_error_naming_both(other):
         bsa.sparse_attn_func(q, q, q, window_size=(3, 0), **{other: pattern})
 
 
+def test_flash_attention_calls_run_unchanged():
+    """A flash_attn_varlen_func call, argument for argument (FlashAttention's names)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(30, h, 16, generator=g) for h in (4, 2, 2))
+    offsets = cu([10, 20])
+    out, lse, probs = bsa.sparse_attn_varlen_func(
+        q, k, v, offsets, offsets, 20, 20, 0.0, softmax_scale=0.3, causal=True,
+        window_size=(5, 0), softcap=0.0, alibi_slopes=None, deterministic=False,
+        return_attn_probs=True, backend="torch")
+    want, want_lse = bsa.sparse_attn_varlen_func(
+        q, k, v, offsets, offsets, 20, 20, softmax_scale=0.3, is_causal=True,
+        window_size=(5, 0), return_lse=True, backend="torch")
+    assert probs is None and torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
 def test_empty_packed_batch():
     x = torch.randn(0, 2, 16)
     out, lse = bsa.sparse_attn_varlen_func(x, x, x, cu([0, 0]), cu([0, 0]), 0, 0,
                                            return_lse=True)
     assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
-    q = torch.randn(5, 2, 16)
+    q = torch.randn(5, 2, 16, requires_grad=True)
     out, lse = bsa.sparse_attn_varlen_func(q, x, x, cu([5]), cu([0]), 5, 0, return_lse=True)
     assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
