@@ -2,28 +2,17 @@
 checked against ours and timed, and the CSV / markdown land in --out."""
 
 import csv
-import importlib.util
-import pathlib
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_varlen.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_varlen", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import bench_varlen as bench  # benchmarks/ is on the path (conftest)
 
 
 def test_doc_lengths_are_nine_uneven_documents():
-    bench = load()
     assert bench.doc_lengths(32768) == list(bench.DOC_LENGTHS)
     small = bench.doc_lengths(200)
     assert len(small) == 9 and sum(small) == 200 and min(small) >= 1
 
 
 def test_smoke_run_writes_checked_rows(tmp_path):
-    bench = load()
     results = bench.main(["--out", str(tmp_path), "--device", "cpu", "--total", "160",
                           "--hq", "4", "--hkv", "2", "--dim", "16", "--dtype", "float32",
                           "--window", "20", "--backend", "torch", "--systems", "",
