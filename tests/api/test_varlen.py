@@ -2,6 +2,11 @@
 reference built from a per-pair oracle of FlashAttention's varlen and window semantics."""
 
 import dataclasses
+import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -10,7 +15,7 @@ import blocksparse_fsa as bsa
 from blocksparse_fsa.api import window as window_mod
 from blocksparse_fsa.reference import dense_attention
 
-from ..conftest import ATOL, DEVICE, HAS_CUDA, assert_rule, needs_kernels
+from ..helpers import ATOL, DEVICE, HAS_CUDA, REPO, assert_rule, needs_kernels
 
 
 def oracle_mask(lens_q, lens_k, left=-1, right=-1, sinks=0, causal=False, local=None):
@@ -320,3 +325,27 @@ def test_empty_packed_batch():
     assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all()
     out.sum().backward()
     assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_readme_varlen_snippet_runs_as_pasted(tmp_path):
+    """The README's "Packed and padded batches" code, in a fresh interpreter (CPU: torch path),
+    against the per-sequence oracle."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Packed and padded batches"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    check = textwrap.dedent("""
+        from blocksparse_fsa.reference import dense_attention
+        from tests.api.test_varlen import oracle_mask
+        lens = [300, 1, 723]
+        mask = oracle_mask(lens, lens, 255, 0, 0, True)
+        want = dense_attention(q[None].double(), k[None].double(), v[None].double(),
+                               mask[None])[0][0]
+        assert out.shape == q.shape and (out.double() - want).abs().max() < 1e-4
+        """)
+    script = tmp_path / "varlen_snippet.py"
+    script.write_text(code + check)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -18,7 +18,7 @@ import blocksparse_fsa as bsa  # noqa: E402
 from blocksparse_fsa.integrations.transformers import (ATTN_IMPLEMENTATION,  # noqa: E402
                                                        ModelMask, layout_mask)
 
-from ..conftest import DEVICE, needs_kernels  # noqa: E402
+from ..helpers import DEVICE, needs_kernels  # noqa: E402
 
 LENGTH, VOCAB = 2048, 64
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
