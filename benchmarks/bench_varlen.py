@@ -219,9 +219,9 @@ def run_row(row, systems, nnz, args, device, time_ms):
             continue
         ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
 
-        def fwd(ins=ins, attend=attend, state=state):
+        def fwd(attend=attend, state=state):
             with torch.no_grad():
-                return attend(state, *ins)
+                return attend(state, q, k, v)
 
         def fwdbwd(ins=ins, attend=attend, state=state):
             attend(state, *ins).backward(dout)
@@ -237,8 +237,8 @@ def run_row(row, systems, nnz, args, device, time_ms):
                 result["status"] = f"{key} failed: {type(err).__name__}: {str(err)[:200]}"
                 break
         results.append(result)
-        print(row, name, {key: result[key] for key in ("build_first_ms", "build_ms", "fwd_ms",
-                                                     "fwdbwd_ms", "check_max_abs")})
+        shown = ("build_first_ms", "build_ms", "fwd_ms", "fwdbwd_ms", "check_max_abs")
+        print(row, name, result["status"], {key: result.get(key) for key in shown})
     return results
 
 
