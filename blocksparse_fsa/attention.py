@@ -13,7 +13,7 @@ import torch
 from .layout import SparseLayout, build_layout
 from .ops import sparse_attn_op
 from .reference import sparse_attention
-from .reorder import inverse
+from .layout.reorder import inverse
 from .api.window import check_window, window_layout
 
 MAX_HEAD_DIM = 256

@@ -5,7 +5,7 @@ import torch
 
 import blocksparse_fsa as bsa
 from blocksparse_fsa import patterns
-from blocksparse_fsa.gather_index import GatherIndex, build_gather_index, gather_stats
+from blocksparse_fsa.layout.gather_index import GatherIndex, build_gather_index, gather_stats
 from blocksparse_fsa.layout import SparseLayout
 
 from .test_interop import CASES, case_id, random_layout

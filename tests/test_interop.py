@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 import blocksparse_fsa as bsa
-from blocksparse_fsa import interop
+from blocksparse_fsa.layout import convert as interop
 from blocksparse_fsa.layout import SparseLayout
 from blocksparse_fsa.reference import dense_attention
 
@@ -418,7 +418,7 @@ def test_plot_into_axes_and_large_map(tmp_path):
 
 def checked_density_map(layout, batch, head):
     """viz's per-tile density map, checked against tile sums of the dense mask."""
-    from blocksparse_fsa.viz import tile_density_map
+    from blocksparse_fsa.layout.viz import tile_density_map
 
     density, full = tile_density_map(layout, batch, head)
     dense = layout.to_dense_mask()[batch, head].float()

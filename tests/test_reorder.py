@@ -146,7 +146,7 @@ def test_bias_follows_the_permutation():
 
 
 def test_dilation_of_recognises_only_dilation_orders():
-    from blocksparse_fsa.reorder import dilation_of, dilation_order
+    from blocksparse_fsa.layout.reorder import dilation_of, dilation_order
     assert dilation_of(dilation_order(64, 4, offset=32), dilation_order(96, 4), 16, 8) == 4
     assert dilation_of(dilation_order(128, 8), dilation_order(128, 8), 16, 16) == 8
     assert dilation_of(dilation_order(96, 4), dilation_order(96, 4), 16, 16) == 0  # 24 % 16

@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 from transformers import AttentionInterface
 
-from .. import sparse_attn_func, sparse_attn_with_kvcache
+from ..api.kvcache import sparse_attn_with_kvcache
+from ..attention import sparse_attn_func
 from .transformers import ATTN_IMPLEMENTATION, sparse_attention_forward
 
 

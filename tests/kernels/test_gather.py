@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import blocksparse_fsa as bsa
-from blocksparse_fsa.gather_index import build_gather_index
+from blocksparse_fsa.layout.gather_index import build_gather_index
 from blocksparse_fsa.kernels import config
 from blocksparse_fsa.kernels.gather import gather_attn_bwd, gather_attn_fwd
 from blocksparse_fsa.reference import dense_attention

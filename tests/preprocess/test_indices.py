@@ -151,8 +151,8 @@ def test_all_inactive_and_empty_shapes(method):
 
 
 def test_torch_build_in_small_chunks_and_bad_method():
-    from blocksparse_fsa.preprocess.device import indices_to_tiles_torch
-    from blocksparse_fsa.preprocess.indices import indices_to_tiles
+    from blocksparse_fsa.preprocess.torch import indices_to_tiles_torch
+    from blocksparse_fsa.preprocess.numba import indices_to_tiles
 
     idx = random_indices((2, 2, 70, 6), 90, seed=3)
     a = indices_to_tiles(idx.numpy(), 70, 90, True, 16, 32)

@@ -1,4 +1,4 @@
-"""The Triton layout build (``preprocess/indices_triton.py``) against the numba and PyTorch
+"""The Triton layout build (``preprocess/triton/``) against the numba and PyTorch
 builds: the same tensors, exactly. CPU tests run the kernels under the Triton interpreter."""
 
 import numpy as np
@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from blocksparse_fsa import build_layout
-from blocksparse_fsa.preprocess.device import indices_to_tiles_torch, transpose_keys
-from blocksparse_fsa.preprocess.indices import indices_to_tiles
-from blocksparse_fsa.preprocess import indices_triton
-from blocksparse_fsa.preprocess.indices_triton import (indices_to_tiles_triton,
-                                                     layout_tensors_triton)
+from blocksparse_fsa.preprocess.torch import indices_to_tiles_torch, transpose_keys
+from blocksparse_fsa.preprocess.numba import indices_to_tiles
+from blocksparse_fsa.preprocess.triton import build as indices_triton
+from blocksparse_fsa.preprocess.triton import indices_to_tiles_triton, layout_tensors_triton
 
 from ..conftest import HAS_CUDA, INTERPRET
 from .test_indices import LAYOUT_TENSORS, check_layout_invariants, random_indices
@@ -356,11 +355,10 @@ def test_gpu_larger_patterns_match_torch(dtype, block_m, block_n):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_gpu_repeated_builds_take_the_fast_launch():
-    """Repeated builds of a shape launch the compiled kernels directly (``kernels.launch``)
-    and reuse the capacity: the same layout every time; an int64 copy and a view that is not
-    16-byte aligned (other specializations) are compiled and launched the normal way first."""
-    from blocksparse_fsa.kernels import launch
+def test_gpu_repeated_builds_reuse_the_capacity():
+    """Repeated builds of a shape reuse the capacity and the cached plan: the same layout
+    every time, also for an int64 copy and a view that is not 16-byte aligned (other
+    specializations of the kernels)."""
     length = 4096
     i = torch.arange(length, device="cuda")[:, None]
     wide = i - 512 + torch.arange(513, device="cuda")
@@ -372,5 +370,3 @@ def test_gpu_repeated_builds_take_the_fast_launch():
             got = build_layout(idx, length, is_causal=True, block_m=64, block_n=64)
             for name in LAYOUT_TENSORS:
                 assert torch.equal(getattr(got, name), getattr(want, name)), name
-    if launch._enabled():
-        assert indices_triton._COUNT.compiled and indices_triton._WRITE.compiled

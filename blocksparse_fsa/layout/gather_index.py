@@ -9,79 +9,25 @@ the numbers that decide between the two paths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 
 import torch
 
-from .layout import SparseLayout
-from .preprocess.device import transpose_csr_torch
+from ..preprocess.torch import transpose_csr_torch
+from .convert import layout_csr
+from .core import GatherIndex, SparseLayout
 
-
-@dataclass(frozen=True, eq=False)
-class GatherIndex:
-    """The exact pairs of a :class:`SparseLayout`, as a CSR over query rows and (optionally) its
-    transpose.
-
-    A *group* is one (layout batch ``b``, layout head ``h``), numbered ``b * heads + h``, with
-    the layout's broadcasting: ``batch`` is 1 or the batch size, ``heads`` 1, the number of KV
-    heads or of query heads. Row ``g * q_len + i`` lists the keys of query ``i`` in group ``g``
-    (ascending, unique, causality already applied); transposed row ``g * k_len + j`` lists the
-    queries that attend key ``j`` (ascending; only ``gather_attn_bwd`` reads it). Tokens are in
-    the layout's kernel order (a reordered layout's permuted order). Pointers are int64 (nnz may
-    pass 2**31), entries int32. Memory: 4 bytes per pair plus 8 per query row, twice that with
-    the transpose.
-    """
-
-    q_len: int
-    k_len: int
-    batch: int
-    heads: int
-    is_causal: bool
-    row_ptr: torch.Tensor  # [batch * heads * q_len + 1] int64 -> col
-    col: torch.Tensor  # [nnz] int32 key of each pair, by query row
-    row_ptr_t: torch.Tensor | None = None  # [batch * heads * k_len + 1] int64 -> row_t
-    row_t: torch.Tensor | None = None  # [nnz] int32 query of each pair, by key row
-    # (the transpose is for ``gather_attn_bwd``; a layout's index, forward only, has none)
-
-    @property
-    def nnz(self) -> int:
-        """Active pairs summed over the index's batch and heads."""
-        return self.col.numel()
-
-    @property
-    def device(self) -> torch.device:
-        return self.col.device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors().values())
-
-    def _tensors(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)}
-
-    def to(self, device) -> GatherIndex:
-        """A copy on ``device`` (the same object if it already lives there)."""
-        device = torch.device(device)
-        if self.device == device:
-            return self
-        return replace(self, **{name: t.to(device) for name, t in self._tensors().items()})
-
-    def __repr__(self) -> str:
-        return (f"GatherIndex(q_len={self.q_len}, k_len={self.k_len}, batch={self.batch}, "
-                f"heads={self.heads}, nnz={self.nnz}, causal={self.is_causal}, "
-                f"nbytes={self.nbytes}, device={self.device})")
+__all__ = ["GatherIndex", "build_gather_index", "gather_stats"]
 
 
 def build_gather_index(layout: SparseLayout, transposed: bool = True) -> GatherIndex:
     """The :class:`GatherIndex` of ``layout``'s exact pattern, on the layout's device.
 
-    PyTorch only: ``interop.layout_csr`` decodes the tiles into the query-row CSR
+    PyTorch only: ``convert.layout_csr`` decodes the tiles into the query-row CSR
     (O(nnz + tiles * block_m) memory), then, if ``transposed`` (needed by ``gather_attn_bwd``
     only), each group's pairs are transposed with one stable sort (temporaries O(nnz of one
     group)). Build it once per batch, next to the layout.
     """
-    from .interop import layout_csr
 
     if not isinstance(layout, SparseLayout):
         raise TypeError(f"layout must be a SparseLayout, got {type(layout).__name__}")

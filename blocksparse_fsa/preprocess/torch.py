@@ -1,6 +1,6 @@
 """Per-query key indices -> tile metadata in PyTorch, on the indices' device.
 
-The same layout as the numba path (``indices.py``), tensor for tensor, without a host round
+The same layout as the numba path (``numba.py``), tensor for tensor, without a host round
 trip: for indices a router or top-k selector just produced on the GPU. Works through the query
 tiles in chunks; each chunk scatters its (query, key) pairs into a boolean tile buffer, so
 memory is bounded by ``chunk_pairs`` indices and the chunk's touched tiles, never Lq x Lk.

@@ -17,6 +17,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .core import inverse
+
+__all__ = ["check_permutation", "dilation_of", "dilation_order", "inverse", "permute_indices",
+           "rcm_order"]
+
 
 def dilation_order(length: int, dilation: int, offset: int = 0, device="cpu") -> torch.Tensor:
     """Positions sorted by ``(position + offset) % dilation`` (stable): residue 0 first, ...
@@ -50,7 +55,7 @@ def rcm_order(layout) -> torch.Tensor:
     import scipy.sparse as sp
     from scipy.sparse.csgraph import reverse_cuthill_mckee
 
-    from .reference import layout_pairs
+    from ..reference import layout_pairs  # (reference imports layout.core: not at the top)
 
     if layout.q_len != layout.k_len:
         raise ValueError(f"reorder='rcm' needs q_len == k_len, got {layout.q_len} and "
@@ -60,13 +65,6 @@ def rcm_order(layout) -> torch.Tensor:
     graph = sp.coo_matrix((np.ones(i.size, dtype=np.int8), (i, j)), shape=(n, n)).tocsr()
     graph = ((graph + graph.T) > 0).astype(np.int8).tocsr()
     return torch.from_numpy(reverse_cuthill_mckee(graph, symmetric_mode=True).astype(np.int64))
-
-
-def inverse(perm: torch.Tensor) -> torch.Tensor:
-    """``inv[perm[i]] = i``."""
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv
 
 
 def check_permutation(name: str, perm, length: int) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 Run on one CUDA GPU from the repository root::
 
-    python -m blocksparse_fsa.bench                          # default sweep (budget: < 8 min, H200)
-    python -m blocksparse_fsa.bench --quick --seq-len 8192 --pattern bigbird
-    python -m blocksparse_fsa.bench --out /tmp/results --no-plot
-    python -m blocksparse_fsa.bench --pattern examples/bench_my_pattern.py:window_and_globals
+    python -m blocksparse_fsa_bench                          # default sweep (budget: < 8 min, H200)
+    python -m blocksparse_fsa_bench --quick --seq-len 8192 --pattern bigbird
+    python -m blocksparse_fsa_bench --out /tmp/results --no-plot
+    python -m blocksparse_fsa_bench --pattern examples/bench_my_pattern.py:window_and_globals
 
 It prints one row per (pattern, L, system, pass) and writes ``<out>/bench_<gpu>.json``,
 ``.csv`` and ``.png`` (the plot needs matplotlib; without it a warning is printed).
@@ -24,7 +24,7 @@ called as ``function(seq_len, heads_kv, device)`` once per length; it returns ``
 ``(B|1, Hkv|1, L, W)`` (made causal like the patterns above), a ``SparseLayout`` (used as it
 is), or either with a flex ``mask_mod`` as a pair (``h`` = KV head). Without a mask_mod, flex
 gets the pattern's exact BlockMask (``SparseLayout.to_flex_block_mask`` at 128x128 tiles).
-See ``examples/bench_my_pattern.py`` and ``bench_patterns.user_pattern``.
+See ``examples/bench_my_pattern.py`` and ``blocksparse_fsa_bench.patterns.user_pattern``.
 
 Systems, all on the same q, k, v
     ours         ``sparse_attn_func(q, k, v, layout=build_layout(indices, is_causal=True))``:
@@ -104,7 +104,7 @@ from typing import Callable
 
 import torch
 
-from .bench_patterns import PATTERNS, MaskMod, Pattern, PatternBuilder, load_pattern
+from .patterns import PATTERNS, MaskMod, Pattern, PatternBuilder, load_pattern
 
 SYSTEMS = ("ours", "ours_indices", "ours_bias", "flex", "sdpa_causal", "sdpa_mask")
 PASSES = ("fwd", "fwdbwd")
@@ -1014,7 +1014,7 @@ def plot_results(rows: list[Row], meta: dict, path: Path) -> Path | None:
 # ==== CLI ========================================================================================
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m blocksparse_fsa.bench",
+        prog="python -m blocksparse_fsa_bench",
         description="Time sparse_attn_func against FlexAttention and SDPA on sparse patterns "
                     "(one CUDA GPU). FLOPs are counted on the pattern's non-zeros: "
                     "fwd = 4*nnz*D*Hq*B, fwdbwd = 3.5x.")
@@ -1025,7 +1025,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "own as module:function or path/to/file.py:function, called as "
                          "function(seq_len, heads_kv, device) and returning attn_indices "
                          "(B|1, Hkv|1, L, W), a SparseLayout, or either with a flex mask_mod "
-                         "as a pair (see blocksparse_fsa.bench_patterns.user_pattern)")
+                         "as a pair (see blocksparse_fsa_bench.patterns.user_pattern)")
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
                     metavar="NAME", help=f"systems (default: all of {', '.join(SYSTEMS)})")
     ap.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES),

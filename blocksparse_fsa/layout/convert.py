@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .layout import SparseLayout, _check_blocks, _finish, popcount32, tile_rows
+from .core import SparseLayout, check_blocks, inverse, layout_from_tiles, popcount32, tile_rows
 
 # pairs of full tiles / bytes plus set bits of partial tiles decoded at a time: bounds the
 # temporaries of layout_csr
@@ -146,12 +146,24 @@ def layout_csr(layout: SparseLayout) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def layout_to_indices(layout: SparseLayout) -> torch.Tensor:
-    """``(batch, heads, q_len, W)`` int64 active keys per query, ascending, padded with -1.
+    """``(batch, heads, q_len, W)`` int64 active keys per query, ascending, padded with -1, in
+    the callers' token order (a reordered layout's permutation undone).
 
     ``W`` is the largest number of keys of a query row (at least 1). The inverse of
     ``build_layout``: ``build_layout(layout.to_indices(), layout.k_len, block_m=...,
     block_n=...)`` rebuilds the same tiles (causality is already applied to them).
     """
+    if not layout.is_reordered:
+        return _kernel_order_indices(layout)
+    idx = _kernel_order_indices(layout.unordered())
+    idx = torch.where(idx >= 0, layout.k_perm[idx.clamp(min=0)], -1)  # original keys
+    idx = idx[:, :, inverse(layout.q_perm)]  # original queries
+    big = torch.iinfo(idx.dtype).max  # keys ascending, the -1 padding last
+    idx = torch.sort(torch.where(idx < 0, big, idx), dim=-1).values
+    return idx.masked_fill_(idx == big, -1)
+
+
+def _kernel_order_indices(layout: SparseLayout) -> torch.Tensor:
     indptr, keys = layout_csr(layout)
     counts = indptr[1:] - indptr[:-1]
     width = max(int(counts.max()) if counts.numel() else 0, 1)
@@ -165,9 +177,14 @@ def layout_to_indices(layout: SparseLayout) -> torch.Tensor:
 def layout_to_scipy(layout: SparseLayout) -> list[list]:
     """``[batch][heads]`` nested list of ``scipy.sparse.csr_array`` ``(q_len, k_len)``, bool.
 
-    ``True`` at every active pair, column indices sorted, no duplicates (canonical CSR). The
-    layout's ``batch`` and ``heads`` (1 when it broadcasts) set the nesting.
+    ``True`` at every active pair, column indices sorted, no duplicates (canonical CSR), in the
+    callers' token order; built without a dense array. The layout's ``batch`` and ``heads`` (1
+    when it broadcasts) set the nesting.
     """
+    if layout.is_reordered:
+        q_inv, k_inv = (inverse(p).cpu().numpy() for p in (layout.q_perm, layout.k_perm))
+        return [[m[q_inv][:, k_inv].tocsr() for m in row]
+                for row in layout_to_scipy(layout.unordered())]
     import scipy.sparse as sp
 
     indptr, keys = (t.cpu().numpy() for t in layout_csr(layout))
@@ -266,7 +283,7 @@ def layout_from_csr(indptr, indices, batch, heads, q_len, k_len, *, is_causal=Fa
     ``indptr`` ``[batch * heads * q_len + 1]``, ``indices`` the keys of each flat query row
     ``(b * heads + h) * q_len + i``, each in ``[0, k_len)`` and at most once per row (any order).
     """
-    block_m, block_n = _check_blocks(block_m, block_n)
+    block_m, block_n = check_blocks(block_m, block_n)
     indptr, indices = torch.as_tensor(indptr).long(), torch.as_tensor(indices).long()
     if indptr.shape != (batch * heads * q_len + 1,) or int(indptr[-1]) != indices.numel():
         raise ValueError(f"indptr must have batch * heads * q_len + 1 = "
@@ -276,13 +293,19 @@ def layout_from_csr(indptr, indices, batch, heads, q_len, k_len, *, is_causal=Fa
         raise ValueError(f"indices must lie in [0, k_len={k_len})")
     arrays = tiles_from_csr(indptr.to(indices.device), indices, batch * heads, q_len, k_len,
                             bool(is_causal), block_m, block_n)
-    layout = _finish(q_len, k_len, block_m, block_n, batch, heads, bool(is_causal), *arrays)
+    layout = layout_from_tiles(q_len, k_len, block_m, block_n, batch, heads, bool(is_causal), *arrays)
     return layout.to(indices.device)
 
 
 def layout_from_scipy(matrices, *, is_causal=False, block_m=None, block_n=None,
                       device="cpu") -> SparseLayout:
-    """See :meth:`SparseLayout.from_scipy`."""
+    """Layout of SciPy sparse matrices: one ``(Lq, Lk)``, or a nested ``[batch][heads]``.
+
+    Any sparse format (``csr_array``, ``coo_matrix``, ...). A pair is active iff its value
+    in ``matrix.toarray()`` is nonzero: duplicates are summed, explicit zeros dropped (NaN
+    counts as nonzero). Built from the nonzeros in O(nnz) memory, never a dense array; the
+    caller's matrices are not modified.
+    """
     import scipy.sparse as sp
 
     grid = _scipy_grid(matrices)
@@ -324,9 +347,23 @@ def _ordered(dense: torch.Tensor):
 
 
 def layout_to_flex_block_mask(layout: SparseLayout, num_q_heads: int | None = None):
-    """See :meth:`SparseLayout.to_flex_block_mask`."""
+    """A FlexAttention ``BlockMask`` (with its ``mask_mod``) of exactly this pattern.
+
+    ``flex_attention(q, k, v, block_mask=layout.to_flex_block_mask(Hq), enable_gqa=True)``
+    with q ``(B, Hq, Lq, D)`` equals this layout's attention. Partial tiles become
+    ``kv_indices``, full tiles ``full_kv_indices``, ``BLOCK_SIZE = (block_m, block_n)``.
+    ``num_q_heads`` (default: ``heads``) must be a multiple of ``heads``; a per-KV-head
+    layout is expanded to one BlockMask head per query head; a batch of 1 broadcasts. The
+    ``mask_mod`` is exact on every pair (eager flex ignores the block lists and evaluates it
+    everywhere); the BlockMask holds ``[B, H, QT, KT]`` tables. A compiled flex needs its kernel
+    tile to divide ours: pass ``kernel_options={"BLOCK_M": block_m, "BLOCK_N": block_n}``
+    (or smaller) when its default is larger.
+    """
     from torch.nn.attention.flex_attention import BlockMask
 
+    if layout.is_reordered:
+        raise ValueError("to_flex_block_mask needs a layout without a token permutation: "
+                         "export the layout you built before reordering")
     heads = layout.heads
     num_q_heads = heads if num_q_heads is None else int(num_q_heads)
     if num_q_heads < 1 or num_q_heads % heads:

@@ -1,9 +1,10 @@
 """CPU tests of the benchmark harness: the flex BlockMasks against the patterns' indices, FLOP
 counting, the correctness gate, output files, the CLI and a whole sweep on CPU (the patterns
-themselves: tests/test_bench_patterns.py)."""
+themselves: tests/benchmarks/test_patterns.py)."""
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from blocksparse_fsa import attention, bench
-from blocksparse_fsa import bench_patterns as bp
+from blocksparse_fsa import attention
+from blocksparse_fsa_bench import cli as bench
+from blocksparse_fsa_bench import patterns as bp
 
-from .test_bench_patterns import EXAMPLE, USER_MODULE, brute_mask, small_patterns
+from .test_patterns import EXAMPLE, USER_MODULE, brute_mask, small_patterns
 
 L, HKV = 256, 2
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+PYTHONPATH = os.pathsep.join([str(REPO), str(REPO / "benchmarks")])
 
 
 @pytest.mark.parametrize("pattern", small_patterns(), ids=lambda p: p.name)
@@ -220,8 +223,8 @@ def test_git_commit_never_raises(tmp_path):
 
 
 def test_cli_help():
-    res = subprocess.run([sys.executable, "-m", "blocksparse_fsa.bench", "--help"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-m", "blocksparse_fsa_bench", "--help"], cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=PYTHONPATH), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     for flag in ("--seq-len", "--pattern", "--systems", "--passes", "--heads-q", "--heads-kv",
                  "--head-dim", "--dtype", "--out", "--quick", "--no-plot"):
@@ -347,8 +350,7 @@ def test_runner_user_patterns_cpu(tmp_path, monkeypatch):
 def test_layout_build_timer_smoke(tmp_path):
     """``benchmarks/time_layout_build.py`` end to end on the CPU (Triton interpreter): every
     build agrees with the PyTorch one and a CSV comes out."""
-    import os
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=PYTHONPATH)
     res = subprocess.run([sys.executable, "benchmarks/time_layout_build.py", "--device", "cpu",
                           "--seq-len", "96", "--heads-kv", "1", "--block", "32x32", "--skip",
                           "torch", "--out", str(tmp_path)], cwd=REPO, env=env,
@@ -363,8 +365,7 @@ def test_layout_build_timer_smoke(tmp_path):
 def test_profile_kernels_smoke():
     """``benchmarks/profile_kernels.py`` on the CPU (interpreter, which emulates TMA): both load
     paths run and agree, on a plain and on a computed-dilation-order pattern."""
-    import os
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=PYTHONPATH)
     res = subprocess.run([sys.executable, "benchmarks/profile_kernels.py", "--device", "cpu",
                           "--seq-len", "256", "--heads-q", "2", "--heads-kv", "1",
                           "--head-dim", "16", "--pattern", "sliding_window",

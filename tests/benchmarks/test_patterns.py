@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from blocksparse_fsa import bench_patterns as bp
+from blocksparse_fsa_bench import patterns as bp
 
 L, HKV = 256, 2
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "bench_my_pattern.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bench_my_pattern.py"
 
 
 def row_sets(pattern, head=0):

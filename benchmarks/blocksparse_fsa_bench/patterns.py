@@ -1,4 +1,4 @@
-"""The benchmark's sparse patterns (see :mod:`blocksparse_fsa.bench`), each in the forms the
+"""The benchmark's sparse patterns (see :mod:`blocksparse_fsa_bench.cli`), each in the forms the
 systems consume: key indices or a layout for ours, a FlexAttention ``mask_mod``, a dense mask.
 
 The built-in patterns are causal and built on the benchmark's device as ``(1, Hkv, L, W)``
@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .layout import SparseLayout, build_layout
+from blocksparse_fsa import SparseLayout, build_layout
 
 PATTERNS = ("sliding_window", "bigbird", "nsa_blocks", "dilated", "dilated_reordered",
             "topk_random")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .interop import popcount_rows
-from .layout import SparseLayout
+from .convert import popcount_rows
+from .core import SparseLayout
 
 _FULL_COLOR = (0.84, 0.15, 0.16, 1.0)  # red: outside the density colormap (viridis)
 _EMPTY_COLOR = (1.0, 1.0, 1.0, 1.0)

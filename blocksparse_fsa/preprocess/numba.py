@@ -8,10 +8,20 @@ tile active: the kernels skip the mask) and *partial* ones (a bitmask of ``block
 Two passes over the indices, both parallel over chunks of rows: the first counts tiles, the
 second writes them at offsets given by a prefix sum. Each chunk owns a scratch bitmap of one
 row's key tiles, cleared tile by tile after use. Within a row, tiles are sorted by key tile.
+
+Importing this module imports numba (about a second), so the package imports it on the first
+CPU build only. numba compiles these functions on their first call on a machine and caches
+the result next to this file; that first build logs one line on the ``blocksparse_fsa``
+logger (a warning, so it shows without logging set up) saying that it is compiling.
 """
+
+import logging
+import os
 
 import numpy as np
 from numba import njit, prange
+
+logger = logging.getLogger("blocksparse_fsa")
 
 
 @njit(cache=True, inline="always")
@@ -137,6 +147,7 @@ def indices_to_tiles(idx, q_len, k_len, is_causal, block_m, block_n):
     int64, columns int32, masks ``[Tp, block_m, n_words]`` uint32, ``nnz`` the number of active
     pairs summed over rows). ``block_n`` must be a power of two.
     """
+    _announce_compilation()
     n_words = (block_n + 31) // 32
     shift_n = block_n.bit_length() - 1
     assert 1 << shift_n == block_n, "block_n must be a power of two"
@@ -157,3 +168,23 @@ def indices_to_tiles(idx, q_len, k_len, is_causal, block_m, block_n):
     masks = np.empty((part_ptr[-1], block_m, n_words), dtype=np.uint32)
     _tile_pass(*common, True, *counts, full_ptr, part_ptr, full_col, part_col, masks)
     return full_ptr, full_col, part_ptr, part_col, masks, int(nnz.sum())
+
+
+_announced = False
+
+
+def _announce_compilation():
+    """Log once per process when numba has no cached machine code for the build yet (its
+    cache index is missing): the build about to run compiles first, which takes seconds."""
+    global _announced
+    if _announced or _tile_pass.signatures:
+        return
+    _announced = True
+    try:
+        cached = os.path.exists(_tile_pass._cache._cache_file._index_path)
+    except AttributeError:  # another numba's cache layout: say nothing rather than guess
+        return
+    if not cached:
+        logger.warning("blocksparse_fsa: compiling the CPU layout builder with numba (once "
+                       "per machine and numba version, 10-60 s; cached in %s)",
+                       os.path.dirname(_tile_pass._cache._cache_file._index_path))
