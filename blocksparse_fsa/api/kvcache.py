@@ -51,6 +51,15 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
 
     Rows without any visible key give 0 and lse = -inf. Inference only: there is no backward.
     Returns ``out`` ``(B, Lq_new, Hq, D)`` (and ``lse``).
+
+    CUDA graphs: the Triton path allocates by shape only and never reads values back, so a
+    decode step captures (advance ``cache_seqlens`` in place between replays). The data checks
+    cannot run inside a capture: ``check=None`` skips them there (``check=True`` fails with
+    torch's capture error). Unchecked, index entries below 0 or at/after a row's length are
+    ignored by the kernel, but an append past the cache's capacity or a ``block_table`` entry
+    outside the page pool writes or reads out of bounds: check the first step eagerly, or size
+    the cache for the longest generation. The PyTorch path reads lengths on the host and does
+    not capture.
     """
     batch, q_len, num_q_heads, head_dim = _check_tensors(q, k_cache, v_cache, k, v, block_table)
     num_kv_heads = k_cache.shape[2]

@@ -283,3 +283,35 @@ def test_inference_only():
         sparse_attn_with_kvcache(q.requires_grad_(), kc, vc, cache_seqlens=3)
     with torch.inference_mode():
         assert torch.isfinite(sparse_attn_with_kvcache(q, kc, vc, cache_seqlens=3)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["window", "indices"])
+def test_garbage_in_unattended_keys(backend, mode):
+    """NaN/Inf in keys inside each row's length that no query attends (between the sinks and
+    the window, or outside every index list) changes nothing, bit for bit."""
+    batch, q_len, hq, hkv, d, l_max = 2, 5, 4, 2, 16, 96
+    seqlens = [96, 70]
+    clean, clean_v, table = make_cache(batch, l_max, hkv, d, seqlens, torch.float32, page=16)
+    q = torch.randn(batch, q_len, hq, d).to(DEVICE)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    if mode == "window":
+        kw = dict(window_size=(9, 0), sinks=3)
+        mask = oracle_mask(seqlens, q_len, l_max, (9, 0), 3)
+    else:
+        idx = torch.stack([torch.randint(-1, n, (hkv, q_len, 12)) for n in seqlens])
+        kw = dict(attn_indices=idx.to(DEVICE))
+        mask = oracle_mask(seqlens, q_len, l_max, indices=idx, num_kv_heads=hkv)
+    dirty, dirty_v = clean.clone(), clean_v.clone()
+    unattended = ~mask.any(2).any(1)  # (B, L_max): keys no query of the row sees
+    for b in range(batch):
+        for j in unattended[b].nonzero().flatten().tolist():
+            page, off = table[b, j // 16].item(), j % 16
+            dirty[page, off] = float("nan")
+            dirty_v[page, off] = float("inf")
+    ref = sparse_attn_with_kvcache(q, clean, clean_v, cache_seqlens=lens, block_table=table,
+                                   return_lse=True, backend=backend, **kw)
+    out = sparse_attn_with_kvcache(q, dirty, dirty_v, cache_seqlens=lens, block_table=table,
+                                   return_lse=True, backend=backend, **kw)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    check(q, out[0], out[1], *reference(q, clean, clean_v, table, seqlens, mask))
