@@ -104,8 +104,6 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
         if backend == "triton" and not _triton_available(q):
             raise RuntimeError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 set "
                                "before triton is imported; use backend='torch' on the CPU")
-        if attn_indices is not None:  # sorted, so that the kernel sees each duplicate's twin
-            attn_indices = torch.sort(attn_indices.to(torch.int32), dim=-1).values
         out, lse = decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table=block_table,
                               attn_indices=attn_indices, num_new=num_new,
                               window_size=(left, right), sinks=sinks, is_causal=is_causal,
