@@ -8,8 +8,9 @@ is full and one query per row attends. Patterns: a window of 1024 keys + 4 sinks
 (``window_size=(1023, 0), sinks=4``) and 2048 indices per (row, KV head) (a top-k selector's
 output, unsorted, unique). Rows:
 
-- ``ours``: the split-KV kernel, contiguous cache; ``ours-paged``: the same cache as 256-token
-  pages through a block table; ``ours-graph``: ``ours`` captured in a CUDA graph and replayed
+- ``ours``: the split-KV kernel on the cache stored (B, Hkv, L, D) as HF keeps it, read through
+  its (B, L, Hkv, D) view; ``ours-paged``: a copy in 256-token pages through a block table
+  (where it fits in 4 GiB); ``ours-graph``: ``ours`` captured in a CUDA graph and replayed
   (the kernel time without Python's launch cost).
 - ``flex``: ``torch.compile(flex_attention)`` on the same pattern (its decoding path at one
   query), the BlockMask built outside the timing.
@@ -91,19 +92,27 @@ def pattern_keys(name, batch, length, device, gen):
     return allowed, idx.int(), top
 
 
-def flex_call(q, k, v, allowed, compiled):
-    """FlexAttention on the pattern (a per-key table), BlockMask built here, once."""
+_FLEX_MASKS = {}
+
+
+def flex(q, k, v, allowed, compiled):
+    """FlexAttention on the pattern (a per-key table); its BlockMask is built on the first call
+    of a (pattern, shape), outside the timing of the later ones. ``k``, ``v``: (B, Hkv, L, D)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    batch, length = allowed.shape[0], allowed.shape[2]
-    group = HQ // HKV
+    key = id(allowed)
+    if key not in _FLEX_MASKS or _FLEX_MASKS[key][0] is not allowed:
+        batch, length = allowed.shape[0], allowed.shape[2]
+        group = HQ // HKV
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return allowed[b, h // group, kv_idx]
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed[b, h // group, kv_idx]
 
-    mask = create_block_mask(mask_mod, batch, HQ, 1, length, device=q.device)
+        _FLEX_MASKS.clear()
+        _FLEX_MASKS[key] = (allowed, create_block_mask(mask_mod, batch, HQ, 1, length,
+                                                       device=q.device))
     fn = compiled if compiled is not None else flex_attention
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    return lambda: fn(qt, kt, vt, block_mask=mask, enable_gqa=True).transpose(1, 2)
+    return fn(q.transpose(1, 2), k, v, block_mask=_FLEX_MASKS[key][1],
+              enable_gqa=True).transpose(1, 2)
 
 
 def fa_kvcache():
@@ -168,18 +177,23 @@ def main(argv=None):
 
     for length in args.lengths:
         for batch in args.batches:
-            try:
-                k_cache = torch.randn(batch, length, HKV, D, device=device, dtype=dtype,
+            try:  # stored (B, Hkv, L, D) like HF's caches (what flex and SDPA read); ours
+                # and FlashAttention read the (B, L, Hkv, D) view of it
+                k_store = torch.randn(batch, HKV, length, D, device=device, dtype=dtype,
                                       generator=gen)
-                v_cache = torch.randn_like(k_cache)
+                v_store = torch.randn_like(k_store)
             except torch.OutOfMemoryError:
                 print(f"L={length} B={batch}: the cache does not fit, skipped", flush=True)
                 continue
+            k_cache, v_cache = k_store.transpose(1, 2), v_store.transpose(1, 2)
             q = torch.randn(batch, 1, HQ, D, device=device, dtype=dtype, generator=gen)
             lens = torch.full((batch,), length, dtype=torch.int32, device=device)
-            pages = k_cache.view(batch * length // PAGE, PAGE, HKV, D)
-            table = torch.arange(batch * length // PAGE, device=device,
-                                 dtype=torch.int32).view(batch, -1)
+            paged = None  # a copy in 256-token pages, where two more caches fit easily
+            if k_store.numel() * k_store.element_size() <= 4 << 30:
+                paged = [c.reshape(batch * length // PAGE, PAGE, HKV, D)
+                         for c in (k_cache, v_cache)]
+                paged.append(torch.arange(batch * length // PAGE, device=device,
+                                          dtype=torch.int32).view(batch, -1))
             for pattern in args.patterns:
                 allowed, idx, keys = pattern_keys(pattern, batch, length, device, gen)
                 kw = dict(attn_indices=idx) if idx is not None else dict(
@@ -190,22 +204,22 @@ def main(argv=None):
                                                     block_table=bt, check=False, **kw)
                 ref = ours()
                 add(pattern, batch, length, "ours", ours, keys, None)
-                add(pattern, batch, length, "ours-paged",
-                    lambda: ours(pages, v_cache.view_as(pages), table), keys, ref)
+                if paged is not None:
+                    add(pattern, batch, length, "ours-paged", lambda: ours(*paged), keys, ref)
                 if device.type == "cuda":
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
                         static = ours()
                     add(pattern, batch, length, "ours-graph",
                         lambda: (graph.replay(), static)[1], keys, ref)
-                add(pattern, batch, length, "flex", flex_call(q, k_cache, v_cache, allowed,
-                                                              compiled), keys, ref)
+                add(pattern, batch, length, "flex", lambda: flex(q, k_store, v_store, allowed,
+                                                                 compiled), keys, ref)
                 del allowed
             dense = sparse_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
                                              check=False)
             add("dense", batch, length, "sdpa-dense", lambda: torch.nn.functional.
-                scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2),
-                                             v_cache.transpose(1, 2), enable_gqa=True)
+                scaled_dot_product_attention(q.transpose(1, 2), k_store, v_store,
+                                             enable_gqa=True)
                 .transpose(1, 2), length, dense)
             if fa is not None:
                 no_sinks = sparse_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
@@ -214,7 +228,7 @@ def main(argv=None):
                     q, k_cache, v_cache, cache_seqlens=lens, causal=True,
                     window_size=(WINDOW - 1, 0)), min(WINDOW, length), no_sinks,
                     note=fa_where)
-            del k_cache, v_cache, pages
+            del k_store, v_store, k_cache, v_cache, paged
             print(f"-- L={length} B={batch} done at {time.time() - start:.0f} s", flush=True)
 
     prefill(rows, bench, device, dtype, gen, copy_gbs)
