@@ -25,7 +25,9 @@ Times are ``triton.testing.do_bench`` medians. ``GB/s`` counts the K/V bytes the
 (keys x Hkv x D x 2 tensors x 2 bytes per row); ``of copy`` divides it by the bandwidth of a
 1 GiB device-to-device copy measured in the same run. A chunked-prefill pair (2048 new queries
 against 32k, window + sinks) compares this kernel with the tile walker on the analytic window
-layout. Writes ``bench_decode_<gpu>.csv`` and ``.md`` to ``--out``.
+layout. ``--sweep`` adds ``ours`` under a grid of launch configs (``BLOCK_N``, warps, stages,
+split waves) to tune ``kernels.decode.get_decode_config`` / ``SPLIT_WAVES``. Writes
+``bench_decode_<gpu>.csv`` and ``.md`` to ``--out``.
 """
 
 import argparse
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 
 from blocksparse_fsa import sparse_attn_func, sparse_attn_with_kvcache
+from blocksparse_fsa.kernels import decode
 
 HQ, HKV, D, WINDOW, SINKS, TOPK, PAGE = 32, 8, 128, 1024, 4, 2048, 256
 
@@ -48,6 +51,8 @@ def parse_args(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--patterns", nargs="+", choices=["window", "topk"],
                     default=["window", "topk"])
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time ours (graph-captured) over a grid of launch configs")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # CPU, tiny shapes
     return ap.parse_args(argv)
 
@@ -212,6 +217,8 @@ def main(argv=None):
                         static = ours()
                     add(pattern, batch, length, "ours-graph",
                         lambda: (graph.replay(), static)[1], keys, ref)
+                if args.sweep:
+                    sweep(add, pattern, batch, length, ours, keys, ref, device)
                 add(pattern, batch, length, "flex", lambda: flex(q, k_store, v_store, allowed,
                                                                  compiled), keys, ref)
                 del allowed
@@ -233,6 +240,34 @@ def main(argv=None):
 
     prefill(rows, bench, device, dtype, gen, copy_gbs)
     write(args.out, gpu, copy_gbs, rows)
+
+
+SWEEP = [dict(BLOCK_N=n, num_warps=w, num_stages=st, waves=wv) for n in (32, 64, 128)
+         for w in (4, 8) for st in (2, 3, 4) for wv in (1, 2, 4)
+         if not (n == 128 and w == 4)]
+
+
+def sweep(add, pattern, batch, length, ours, keys, ref, device):
+    """``ours`` under each launch config of SWEEP (``get_decode_config`` and ``SPLIT_WAVES``
+    overridden), graph-captured where there is a GPU."""
+    default_config, default_waves = decode.get_decode_config, decode.SPLIT_WAVES
+    try:
+        for cfg in SWEEP:
+            cfg = dict(cfg)
+            decode.SPLIT_WAVES = cfg.pop("waves")
+            decode.get_decode_config = lambda head_dim, indices, cfg=cfg: dict(cfg)
+            fn = ours
+            if device.type == "cuda":
+                ours()  # compile outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static = ours()
+                fn = lambda graph=graph, static=static: (graph.replay(), static)[1]  # noqa
+            add(pattern, batch, length, "sweep " + " ".join(
+                f"{k}={v}" for k, v in cfg.items()) + f" waves={decode.SPLIT_WAVES}", fn,
+                keys, ref)
+    finally:
+        decode.get_decode_config, decode.SPLIT_WAVES = default_config, default_waves
 
 
 def prefill(rows, bench, device, dtype, gen, copy_gbs):

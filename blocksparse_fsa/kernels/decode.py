@@ -220,11 +220,16 @@ def decode_blocks(q_len: int, group_size: int, indices: bool) -> tuple[int, int]
     return max(16, rows * group_pad), group_pad
 
 
+# programs per SM that the split count aims at (override to tune; see bench_decode --sweep)
+SPLIT_WAVES = 2
+
+
 def num_splits_for(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
     """How many slices the keys of one program are cut into: enough programs to fill the GPU
-    about twice, never a slice under two key blocks. From shapes only (graph capture)."""
+    ``SPLIT_WAVES`` times, never a slice under two key blocks. From shapes only (graph
+    capture)."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = SPLIT_WAVES * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4  # the interpreter: a few slices, so that the merge is exercised
     by_keys = max(1, -(-max_keys // (2 * block_n)))
