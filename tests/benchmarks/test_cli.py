@@ -16,7 +16,7 @@ from blocksparse_fsa import attention
 from blocksparse_fsa_bench import cli as bench
 from blocksparse_fsa_bench import patterns as bp
 
-from .test_patterns import EXAMPLE, USER_MODULE, brute_mask, small_patterns
+from ..helpers import EXAMPLE, USER_MODULE, brute_mask, small_patterns
 
 L, HKV = 256, 2
 REPO = Path(__file__).resolve().parents[2]

@@ -5,81 +5,12 @@ import pytest
 import torch
 
 from blocksparse_fsa import SparseLayout, build_layout
-from blocksparse_fsa.layout import unpack_bits
 from blocksparse_fsa.preprocess import causal_mask
 
+from ..helpers import (LAYOUT_TENSORS, brute_force_mask, check_layout_invariants, random_indices,
+                       window_indices)
+
 BLOCKS = [(16, 16), (16, 32), (32, 16), (64, 64), (16, 128), (128, 32)]
-LAYOUT_TENSORS = ["full_ptr", "full_col", "part_ptr", "part_col", "masks", "full_ptr_t",
-                  "full_row_t", "part_ptr_t", "part_row_t", "part_mask_t"]
-
-
-def brute_force_mask(idx, q_len, k_len, is_causal):
-    """The pattern by definition: a Python loop over every index."""
-    n_b, n_h, _, _ = idx.shape
-    mask = np.zeros((n_b, n_h, q_len, k_len), dtype=bool)
-    for b, h, i, w in np.ndindex(*idx.shape):
-        j = int(idx[b, h, i, w])
-        if j >= 0 and (not is_causal or j <= i + k_len - q_len):
-            mask[b, h, i, j] = True
-    return torch.from_numpy(mask)
-
-
-def random_indices(shape, k_len, seed, p_empty=0.2):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, max(k_len, 1), shape, generator=g)
-    idx[torch.rand(shape, generator=g) < p_empty] = -1
-    return idx
-
-
-def window_indices(q_len, window, shuffle_seed=None, dup=False):
-    """Sliding window i-window+1..i (clipped to -1), optionally shuffled and duplicated."""
-    i = torch.arange(q_len)[:, None]
-    idx = i - torch.arange(window)[None, :]
-    idx = torch.where(idx >= 0, idx, -1)
-    if dup:
-        idx = torch.cat([idx, idx], dim=1)
-    if shuffle_seed is not None:
-        g = torch.Generator().manual_seed(shuffle_seed)
-        idx = idx[:, torch.randperm(idx.shape[1], generator=g)]
-    return idx[None, None]
-
-
-def check_layout_invariants(layout):
-    """CSR pointers monotone, key tiles sorted within a row, transposed CSR a permutation."""
-    for ptr, col in ((layout.full_ptr, layout.full_col), (layout.part_ptr, layout.part_col)):
-        assert (ptr[1:] >= ptr[:-1]).all()
-        for r in range(ptr.numel() - 1):
-            row = col[ptr[r]:ptr[r + 1]]
-            assert (row[1:] > row[:-1]).all(), "key tiles of a row must be sorted and unique"
-    check_transposed_lists(layout)
-    bits = unpack_bits(layout.masks, layout.block_n)
-    assert bits.flatten(1).any(1).all(), "a stored partial tile must have an active pair"
-    assert not bits.flatten(1).all(1).any() or layout.q_len % layout.block_m \
-        or layout.k_len % layout.block_n, "an in-range tile with every bit set must be full"
-
-
-def check_transposed_lists(layout):
-    """The key-tile lists hold exactly the query-tile lists' tiles, query tiles ascending per
-    key tile, and ``part_mask_t`` points at the same tile in the query-tile lists."""
-    n_qt, n_kt = layout.num_q_tiles, layout.num_k_tiles
-    for ptr, col, ptr_t, row_t, mask_t in (
-            (layout.full_ptr, layout.full_col, layout.full_ptr_t, layout.full_row_t, None),
-            (layout.part_ptr, layout.part_col, layout.part_ptr_t, layout.part_row_t,
-             layout.part_mask_t)):
-        position = {}  # (group, q tile, key tile) -> index in col
-        for r in range(ptr.numel() - 1):
-            for e in range(int(ptr[r]), int(ptr[r + 1])):
-                position[(r // n_qt, r % n_qt, int(col[e]))] = e
-        assert ptr_t.numel() == layout.batch * layout.heads * n_kt + 1 and int(ptr_t[0]) == 0
-        seen = {}
-        for c in range(ptr_t.numel() - 1):
-            rows = row_t[ptr_t[c]:ptr_t[c + 1]].tolist()
-            assert rows == sorted(set(rows)), "query tiles of a key tile: sorted, unique"
-            for t, qt in enumerate(rows, int(ptr_t[c])):
-                seen[(c // n_kt, qt, c % n_kt)] = t
-        assert seen.keys() == position.keys()
-        if mask_t is not None:
-            assert all(int(mask_t[t]) == position[k] for k, t in seen.items())
 
 
 @pytest.mark.parametrize("block_m,block_n", BLOCKS, ids=lambda x: str(x))
@@ -90,7 +21,8 @@ def check_transposed_lists(layout):
 def test_random_indices_match_brute_force(shape, is_causal, block_m, block_n):
     n_b, n_h, q_len, k_len, window = shape
     idx = random_indices((n_b, n_h, q_len, window), k_len, seed=q_len * window)
-    layout = build_layout(idx, k_len, is_causal=is_causal, block_m=block_m, block_n=block_n)
+    layout = build_layout(idx, k_len, is_causal=is_causal, block_m=block_m, block_n=block_n,
+                          method="numba")
     expected = brute_force_mask(idx.numpy(), q_len, k_len, is_causal)
     assert torch.equal(layout.to_dense_mask(), expected)
     assert layout.nnz == int(expected.sum())
@@ -108,9 +40,10 @@ def test_random_indices_match_brute_force(shape, is_causal, block_m, block_n):
 
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 64)], ids=str)
 def test_window_has_full_tiles_and_ignores_order_and_duplicates(block_m, block_n):
-    plain = build_layout(window_indices(200, 100), 200, block_m=block_m, block_n=block_n)
+    plain = build_layout(window_indices(200, 100), 200, block_m=block_m, block_n=block_n,
+                         method="numba")
     messy = build_layout(window_indices(200, 100, shuffle_seed=1, dup=True), 200,
-                         block_m=block_m, block_n=block_n)
+                         block_m=block_m, block_n=block_n, method="numba")
     assert plain.num_full_tiles > 0
     for name in LAYOUT_TENSORS:
         assert torch.equal(getattr(plain, name), getattr(messy, name)), name
@@ -135,9 +68,10 @@ def test_dense_layout_matches_mask(q_len, k_len, is_causal):
 def test_causal_drops_future_keys_bottom_right():
     # Lq=4, Lk=6: query i sees keys j <= i + 2
     idx = torch.arange(6).expand(1, 1, 4, 6)
-    layout = build_layout(idx, 6, is_causal=True, block_m=16, block_n=16)
-    assert torch.equal(layout.to_dense_mask()[0, 0], causal_mask(4, 6, "cpu"))
-    assert layout.to_dense_mask()[0, 0].sum(1).tolist() == [3, 4, 5, 6]
+    for method in ("numba", "torch"):
+        layout = build_layout(idx, 6, is_causal=True, block_m=16, block_n=16, method=method)
+        assert torch.equal(layout.to_dense_mask()[0, 0], causal_mask(4, 6, "cpu"))
+        assert layout.to_dense_mask()[0, 0].sum(1).tolist() == [3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("method", ["numba", "torch", "triton"])
@@ -169,7 +103,52 @@ def test_preprocessing_is_linear_in_indices_not_quadratic():
     # 1 key per query at L = 2**17: a dense mask would be 16 GiB; this must stay small and fast
     q_len = 2**17
     idx = torch.arange(q_len)[None, None, :, None]
-    layout = build_layout(idx, q_len, is_causal=True, block_m=64, block_n=64, kernel="tiles")
+    layout = build_layout(idx, q_len, is_causal=True, block_m=64, block_n=64, kernel="tiles",
+                          method="numba")
     assert layout.nnz == q_len
     assert layout.num_tiles == q_len // 64
     assert layout.nbytes < 4 * 2**20
+
+
+def test_auto_method_takes_numba_for_large_cpu_indices(monkeypatch):
+    """``method="auto"`` on the CPU: PyTorch for small index tensors until numba is loaded,
+    numba from ``NUMBA_MIN_INDICES`` on; both give the same layout."""
+    import sys
+
+    from blocksparse_fsa.layout import build
+
+    idx = random_indices((1, 2, 50, 4), 60, seed=1)
+    monkeypatch.delitem(sys.modules, "blocksparse_fsa.preprocess.numba", raising=False)
+    assert build._auto_method(idx) == "torch"
+    monkeypatch.setattr(build, "NUMBA_MIN_INDICES", idx.numel())
+    assert build._auto_method(idx) == "numba"
+    want = build_layout(idx, 60, method="torch")
+    got = build_layout(idx, 60)
+    for name in LAYOUT_TENSORS:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+def test_first_build_says_when_numba_compiles(monkeypatch, tmp_path, caplog):
+    """Without numba's cache index on disk the first build logs one line saying it compiles;
+    with it, or a second time, nothing."""
+    from types import SimpleNamespace
+
+    from blocksparse_fsa.preprocess import numba as numba_build
+
+    index = tmp_path / "numba._tile_pass.nbi"
+    fake = SimpleNamespace(signatures=[], _cache=SimpleNamespace(
+        _cache_file=SimpleNamespace(_index_path=str(index))))
+    monkeypatch.setattr(numba_build, "_tile_pass", fake)
+    monkeypatch.setattr(numba_build, "_announced", False)
+    with caplog.at_level("WARNING", logger="blocksparse_fsa"):
+        numba_build._announce_compilation()
+        numba_build._announce_compilation()
+    assert [r.getMessage() for r in caplog.records if "compiling" in r.getMessage()] == [
+        f"blocksparse_fsa: compiling the CPU layout builder with numba (once per machine and "
+        f"numba version, 10-60 s; cached in {tmp_path})"]
+    caplog.clear()
+    index.write_text("")
+    monkeypatch.setattr(numba_build, "_announced", False)
+    with caplog.at_level("WARNING", logger="blocksparse_fsa"):
+        numba_build._announce_compilation()
+    assert not caplog.records

@@ -11,8 +11,7 @@ from blocksparse_fsa.preprocess.numba import indices_to_tiles
 from blocksparse_fsa.preprocess.triton import build as indices_triton
 from blocksparse_fsa.preprocess.triton import indices_to_tiles_triton, layout_tensors_triton
 
-from ..conftest import HAS_CUDA, INTERPRET
-from .test_indices import LAYOUT_TENSORS, check_layout_invariants, random_indices
+from ..helpers import HAS_CUDA, INTERPRET, LAYOUT_TENSORS, check_layout_invariants, random_indices
 
 pytestmark = pytest.mark.skipif(not (HAS_CUDA or INTERPRET),
                                 reason="needs a CUDA GPU or TRITON_INTERPRET=1")

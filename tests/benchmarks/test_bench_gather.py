@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import INTERPRET
+from ..helpers import INTERPRET
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gather.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gather.py"
 
 
 def load_script():

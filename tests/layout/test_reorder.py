@@ -7,7 +7,7 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa.reference import dense_attention
 
-from .conftest import INTERPRET
+from ..helpers import INTERPRET
 
 
 def dilated_indices(length, size, dilation, k_len=None):

@@ -13,7 +13,7 @@ from blocksparse_fsa import patterns as P
 from blocksparse_fsa.preprocess.predicate import band_tiles
 from blocksparse_fsa.reference import dense_attention
 
-from .preprocess.test_indices import LAYOUT_TENSORS, check_layout_invariants
+from ..helpers import LAYOUT_TENSORS, check_layout_invariants
 
 BLOCKS = [(16, 16), (16, 32), (32, 16), (64, 64)]
 CAUSAL = pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])

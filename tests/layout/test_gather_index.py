@@ -8,7 +8,7 @@ from blocksparse_fsa import patterns
 from blocksparse_fsa.layout.gather_index import GatherIndex, build_gather_index, gather_stats
 from blocksparse_fsa.layout import SparseLayout
 
-from .test_interop import CASES, case_id, random_layout
+from ..helpers import CASES, case_id, random_layout
 
 
 def dense_of_csr(ptr, entries, n_groups, n_rows, n_cols):

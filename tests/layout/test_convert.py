@@ -16,51 +16,11 @@ from blocksparse_fsa.layout import convert as interop
 from blocksparse_fsa.layout import SparseLayout
 from blocksparse_fsa.reference import dense_attention
 
-from .conftest import HAS_CUDA, assert_rule
+from ..helpers import (CASES, HAS_CUDA, LAYOUT_TENSORS, assert_rule, assert_same_layout, case_id,
+                      random_case_indices, random_layout)
 
-CSR_FIELDS = ("full_ptr", "full_col", "part_ptr", "part_col", "masks", "full_ptr_t", "full_row_t",
-              "part_ptr_t", "part_row_t", "part_mask_t")
 
 # (batch, heads, q_len, k_len, window, causal, block_m, block_n)
-CASES = [
-    (1, 1, 64, 64, 64, False, 16, 16),
-    (2, 3, 77, 131, 20, True, 16, 16),
-    (1, 2, 130, 64, 40, False, 16, 32),
-    (2, 2, 111, 111, 30, True, 16, 32),
-    (2, 1, 200, 300, 150, True, 64, 64),
-    (1, 3, 150, 97, 9, False, 64, 64),
-]
-
-
-def case_id(case):
-    b, h, lq, lk, w, causal, bm, bn = case
-    return f"B{b}-H{h}-Lq{lq}-Lk{lk}-W{w}-{bm}x{bn}" + ("-causal" if causal else "")
-
-
-def random_indices(batch, heads, q_len, k_len, window, seed, window_keys=0):
-    """Random keys (with -1 slots and duplicates), plus a sliding window so full tiles occur."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(-1, k_len, (batch, heads, q_len, window), generator=g)
-    if window_keys:
-        i = torch.arange(q_len)[:, None] + (k_len - q_len)
-        win = (i - torch.arange(window_keys)).clamp(-1, k_len - 1)
-        idx = torch.cat([idx, win.expand(batch, heads, -1, -1)], -1)
-    return idx
-
-
-def random_layout(case, seed=0):
-    b, h, lq, lk, w, causal, bm, bn = case
-    idx = random_indices(b, h, lq, lk, w, seed, window_keys=min(lk, 2 * max(bm, bn)))
-    return bsa.build_layout(idx, lk, is_causal=causal, block_m=bm, block_n=bn)
-
-
-def assert_same_layout(got: SparseLayout, want: SparseLayout):
-    for attr in ("q_len", "k_len", "block_m", "block_n", "batch", "heads", "nnz"):
-        assert getattr(got, attr) == getattr(want, attr), attr
-    for name in CSR_FIELDS:
-        a, b = getattr(got, name), getattr(want, name)
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (
-            f"{name} differs: {a.shape} vs {b.shape}")
 
 
 def mask_of_indices(idx, k_len):
@@ -139,7 +99,7 @@ def test_layout_csr_matches_dense_mask(blocks, chunk, monkeypatch):
     if chunk is not None:
         monkeypatch.setattr(interop, "_CHUNK_PAIRS", chunk)  # many chunks of partial tiles
     block_m, block_n = blocks
-    idx = random_indices(2, 2, 150, 400, 40, seed=block_n, window_keys=3 * max(blocks))
+    idx = random_case_indices(2, 2, 150, 400, 40, seed=block_n, window_keys=3 * max(blocks))
     layout = bsa.build_layout(idx, 400, is_causal=True, block_m=block_m, block_n=block_n)
     assert layout.num_full_tiles and layout.num_partial_tiles
     assert block_n == 16 or bool((layout.masks < 0).any())  # bit 31 of a word
@@ -240,7 +200,7 @@ def flex_case_id(case):
 
 def flex_inputs(case, seed):
     b, h, lq, lk, causal, bm, bn = case
-    idx = random_indices(b, h, lq, lk, 12, seed, window_keys=min(lk, 2 * max(bm, bn)))
+    idx = random_case_indices(b, h, lq, lk, 12, seed, window_keys=min(lk, 2 * max(bm, bn)))
     layout = bsa.build_layout(idx, lk, is_causal=causal, block_m=bm, block_n=bn)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, n, length, 16, generator=g)
@@ -313,7 +273,7 @@ def test_flex_attention_eager_matches_reference(case):
 
 
 def test_flex_num_q_heads_errors():
-    layout = bsa.build_layout(random_indices(1, 2, 32, 32, 4, 0), 32, block_m=16, block_n=16)
+    layout = bsa.build_layout(random_case_indices(1, 2, 32, 32, 4, 0), 32, block_m=16, block_n=16)
     with pytest.raises(ValueError, match="multiple"):
         layout.to_flex_block_mask(num_q_heads=3)
 
@@ -390,7 +350,7 @@ def test_interop_on_cuda_layouts():
 # ---- pictures ----------------------------------------------------------------------------------
 def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
-    idx = random_indices(2, 2, 300, 260, 20, seed=5, window_keys=96)  # window: full tiles
+    idx = random_case_indices(2, 2, 300, 260, 20, seed=5, window_keys=96)  # window: full tiles
     layout = bsa.build_layout(idx, 260, is_causal=True, block_m=32, block_n=32)
     path = tmp_path / "layout.png"
     fig = layout.plot(path, batch=1, head=1)
