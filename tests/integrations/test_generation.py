@@ -18,7 +18,7 @@ import blocksparse_fsa as bsa  # noqa: E402
 from blocksparse_fsa.integrations import generation  # noqa: E402
 from blocksparse_fsa.integrations.generation import SparsePattern, set_sparse_pattern  # noqa
 
-from ..conftest import DEVICE  # noqa: E402
+from ..helpers import DEVICE  # noqa: E402
 
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
