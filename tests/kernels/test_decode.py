@@ -125,6 +125,7 @@ def test_gpu_cuda_graph_16_steps(mode, paged):
     assert torch.equal(captured[0], eager[0]) and torch.equal(captured[2], eager[2])
 
 
+@pytest.mark.compile
 def test_decode_kernels_compile_for_sm90():
     """The decode variants compile for Hopper offline (the interpreter skips the compiler)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
