@@ -13,10 +13,12 @@ attached to the model's attention layers::
 
 Importing this module registers :func:`attention_forward` as ``"blocksparse_fsa"`` (the training
 path's function with this dispatch in front). A layer with a pattern and no ``sparse_layout``
-attends as follows: when its queries are all its
-keys (prefill, or a training step) through ``sparse_attn_func`` on the pattern's layout; when a
-cache holds earlier keys (decode, chunked prefill) through ``sparse_attn_with_kvcache``, with the
-window and sinks evaluated in the kernel, or the per-step indices.
+attends as follows: when its queries are all its keys (prefill, or a training step) through
+``sparse_attn_func`` on the pattern's layout; when a cache holds earlier keys (decode, chunked
+prefill) through ``sparse_attn_with_kvcache``, with the window and sinks evaluated in the
+kernel, or the per-step indices. Left-padded batches (batched generation) count the pattern
+from each row's first token and run on per-row key slots through the KV-cache kernel; any
+other model mask is an error.
 """
 
 from __future__ import annotations
