@@ -8,6 +8,9 @@ as its tile tensors plus its integer sizes, and the op rebuilds it on the other 
 
 from __future__ import annotations
 
+import os
+import weakref
+
 import torch
 
 from .layout.core import GatherIndex
@@ -151,8 +154,131 @@ def sparse_attn_op(q, k, v, layout: SparseLayout, softmax_scale: float, softcap:
     lse. All tensors are in the caller's token order, also for a reordered layout. A layout
     for the gather kernels runs the gather forward (the tile walker with a bias, which the
     gather kernels lack); the backward always walks the tiles."""
+    check_layout_tensors(layout)
     if bias is not None and layout.gather_index is not None:
         layout = layout.with_kernel("tiles")
     tiles, sizes = _flatten(layout)
     op = _Eager.apply if _eager(q, k, v, bias) else _fwd
     return op(q, k, v, tiles, sizes, float(softmax_scale), float(softcap), bias)
+
+
+# ---- layout invariants at the op boundary ---------------------------------------------------
+# A layout whose tensors were written after the build, or copied with dataclasses.replace and
+# new sizes, would make the kernels read past its arrays: check it before any kernel runs.
+_DEBUG = os.environ.get("BLOCKSPARSE_FSA_DEBUG", "0") not in ("", "0")
+# layouts whose values passed the full check, with the (address, version) of each tensor then
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def set_debug(enabled: bool) -> None:
+    """Check every layout's values (pointer arrays, tile and token ranges) on every call, at
+    the cost of one host sync per call; also on with ``BLOCKSPARSE_FSA_DEBUG=1``. Without it,
+    shapes are checked on every call and values once per layout and after every in-place write
+    that bumps a tensor's version counter (writes through ``.data`` or NumPy on a GPU layout
+    are caught in debug mode only; on the CPU values are checked on every call)."""
+    global _DEBUG
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _DEBUG = enabled
+
+
+def _layout_error(msg: str) -> ValueError:
+    return ValueError(f"inconsistent layout: {msg}. Was a layout tensor written after the build, "
+                      "or the layout copied with dataclasses.replace and new sizes? Build it "
+                      "again (build_layout, a patterns builder or layout.to)")
+
+
+def check_layout_tensors(layout: SparseLayout) -> None:
+    """Raise ``ValueError`` unless ``layout``'s tensors fit its sizes (see :func:`set_debug`
+    for when their values are checked too). Skipped while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() != 0:
+        return
+    if layout.device.type == "cpu" or _DEBUG:
+        _check_shapes(layout)
+        _check_values(layout)
+        return
+    stamp = _stamp(layout)
+    if _CHECKED.get(layout) != stamp:
+        _check_shapes(layout)
+        _check_values(layout)
+        _CHECKED[layout] = stamp
+
+
+def _stamp(layout):
+    """Each tensor's address and version counter: one of them changes when a tensor is
+    written in place, resized or given new data (inference tensors have no version)."""
+    tensors = [getattr(layout, name) for name in _TILE_FIELDS]
+    if layout.is_reordered:
+        tensors += [layout.q_perm, layout.k_perm]
+    if layout.gather_index is not None:
+        tensors += [layout.gather_index.row_ptr, layout.gather_index.col]
+    try:
+        versions = [t._version for t in tensors]
+    except RuntimeError:  # an inference tensor
+        versions = None
+    return [t.data_ptr() for t in tensors], versions
+
+
+def _check_shapes(layout: SparseLayout) -> None:
+    groups = layout.batch * layout.heads
+    n_qt, n_kt = layout.num_q_tiles, layout.num_k_tiles
+    if layout.block_m not in (16, 32, 64, 128, 256) or layout.block_n not in (16, 32, 64, 128,
+                                                                              256):
+        raise _layout_error(f"block {layout.block_m}x{layout.block_n} is not a supported size")
+    want = {"full_ptr": (groups * n_qt + 1,), "part_ptr": (groups * n_qt + 1,),
+            "full_ptr_t": (groups * n_kt + 1,), "part_ptr_t": (groups * n_kt + 1,),
+            "full_col": (layout.full_col.numel(),), "full_row_t": (layout.full_col.numel(),),
+            "part_col": (layout.part_col.numel(),), "part_row_t": (layout.part_col.numel(),),
+            "part_mask_t": (layout.part_col.numel(),),
+            "masks": (layout.part_col.numel(), layout.block_m, -(-layout.block_n // 32))}
+    if layout.is_reordered:
+        want.update(q_perm=(layout.q_len,), k_perm=(layout.k_len,))
+    for name, shape in want.items():
+        t = getattr(layout, name)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise _layout_error(f"{name} has shape {got}, expected {shape} for batch="
+                                f"{layout.batch}, heads={layout.heads}, q_len={layout.q_len}, "
+                                f"k_len={layout.k_len}, block {layout.block_m}x{layout.block_n}")
+        if t.device != layout.device:
+            raise _layout_error(f"{name} is on {t.device}, the layout on {layout.device}")
+        if t.dtype != (torch.int64 if name in _PERM_FIELDS else torch.int32):
+            raise _layout_error(f"{name} has dtype {t.dtype}")
+    gi = layout.gather_index
+    if gi is not None:
+        sizes = (gi.q_len, gi.k_len, gi.batch, gi.heads)
+        if sizes != (layout.q_len, layout.k_len, layout.batch, layout.heads) \
+                or gi.row_ptr.shape != (groups * layout.q_len + 1,) or gi.col.dim() != 1 \
+                or gi.device != layout.device:
+            raise _layout_error(f"its gather index (q_len, k_len, batch, heads = {sizes}) does "
+                                "not fit the layout")
+
+
+def _check_values(layout: SparseLayout) -> None:
+    """One pass over the pointer arrays and entries, one host sync."""
+    n_qt, n_kt, n_part = layout.num_q_tiles, layout.num_k_tiles, layout.num_partial_tiles
+    lists = [("full_ptr", "full_col", n_kt), ("part_ptr", "part_col", n_kt),
+             ("full_ptr_t", "full_row_t", n_qt), ("part_ptr_t", "part_row_t", n_qt),
+             (None, "part_mask_t", n_part)]
+    if layout.is_reordered:
+        lists += [(None, "q_perm", layout.q_len), (None, "k_perm", layout.k_len)]
+    tensors = {name: getattr(layout, name) for _, name, _ in lists}
+    tensors.update({ptr: getattr(layout, ptr) for ptr, _, _ in lists if ptr})
+    if layout.gather_index is not None:
+        lists.append(("gather.row_ptr", "gather.col", layout.k_len))
+        tensors.update({"gather.row_ptr": layout.gather_index.row_ptr,
+                        "gather.col": layout.gather_index.col})
+    problems, oks = [], []
+    for ptr_name, name, hi in lists:
+        entries = tensors[name]
+        if ptr_name is not None:
+            ptr = tensors[ptr_name].long()
+            problems.append(f"{ptr_name} must rise from 0 to {name}'s length {entries.numel()}")
+            oks.append((ptr[0] == 0) & (ptr[-1] == entries.numel())
+                       & (ptr[1:] >= ptr[:-1]).all())
+        problems.append(f"{name} must lie in [0, {hi})")
+        oks.append(((entries >= 0) & (entries < hi)).all() if entries.numel()
+                   else torch.ones((), dtype=torch.bool, device=entries.device))
+    for problem, ok in zip(problems, torch.stack(oks).tolist()):
+        if not ok:
+            raise _layout_error(problem)

@@ -13,34 +13,53 @@ from .layout.core import SparseLayout, tile_rows, unpack_bits
 
 
 def layout_pairs(layout: SparseLayout):
-    """Active pairs of a layout as ``(group, query, key)`` int64 tensors, group = b * heads + h."""
+    """Active pairs of a layout as ``(group, query, key)`` int64 tensors, group = b * heads + h.
+
+    Memory O(nnz) plus one bool per mask byte (an eighth of the layout's own mask bytes):
+    full tiles are enumerated arithmetically and partial tiles expand only their nonzero mask
+    bytes to bits, never a ``[tiles, block_m, block_n]`` array.
+    """
     bm, bn, n_qt = layout.block_m, layout.block_n, layout.num_q_tiles
     dev = layout.device
-    groups, queries, keys = [], [], []
-    for ptr, col, bits in ((layout.full_ptr, layout.full_col, None),
-                           (layout.part_ptr, layout.part_col, unpack_bits(layout.masks, bn))):
-        rows = tile_rows(ptr)
-        if bits is None:
-            bits = torch.ones(rows.numel(), bm, bn, dtype=torch.bool, device=dev)
-        t, i, j = bits.nonzero(as_tuple=True)
-        groups.append(rows[t] // n_qt)
-        queries.append((rows[t] % n_qt) * bm + i)
-        keys.append(col[t].long() * bn + j)
-    return torch.cat(groups), torch.cat(queries), torch.cat(keys)
+    rows = tile_rows(layout.full_ptr, layout.num_full_tiles)  # [Tf]
+    ii = torch.arange(bm, device=dev)[None, :, None]
+    jj = torch.arange(bn, device=dev)[None, None, :]
+    shape = (rows.numel(), bm, bn)
+    full = ((rows // n_qt)[:, None, None].expand(shape),
+            ((rows % n_qt) * bm)[:, None, None] + ii.expand(shape),
+            (layout.full_col.long() * bn)[:, None, None] + jj.expand(shape))
+    # a partial tile's mask as bytes: byte c // 8 of a row holds key column c's bit c % 8
+    # (int32 words in little-endian order)
+    n_bytes = layout.masks.shape[-1] * 4
+    mask_bytes = layout.masks.contiguous().view(torch.uint8).view(-1, bm, n_bytes)
+    t, i, byte = (mask_bytes != 0).nonzero(as_tuple=True)  # one entry per nonzero byte
+    shifts = torch.arange(8, dtype=torch.uint8, device=dev)
+    bits = (mask_bytes[t, i, byte][:, None] >> shifts) & 1  # [nonzero bytes, 8]
+    e, bit = bits.nonzero(as_tuple=True)
+    prow = tile_rows(layout.part_ptr, layout.num_partial_tiles)[t[e]]
+    part = (prow // n_qt, (prow % n_qt) * bm + i[e],
+            layout.part_col[t[e]].long() * bn + byte[e] * 8 + bit)
+    return tuple(torch.cat([f.reshape(-1), p]) for f, p in zip(full, part))
 
 
 def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float, softcap: float = 0.0,
                      bias=None):
     """Attention over ``layout`` computed pair by pair. Returns ``(out, lse)`` like the kernels.
 
-    Scores and sums are float32 (float64 for float64 inputs); rows without keys give 0, -inf.
+    Scores, sums and every gradient (the bias' too) accumulate in float32 (float64 for
+    float64 inputs) and are cast back once; rows without keys, or whose every key has a
+    ``-inf`` score, give 0 and lse -inf. Memory O(nnz * D) per head.
     """
-    batch, q_len, num_q_heads, _ = q.shape
+    batch, q_len, num_q_heads, head_dim = q.shape
     group_size = num_q_heads // k.shape[2]
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if batch * num_q_heads * q_len == 0:
+        return (q.new_zeros(q.shape), q.new_full((batch, num_q_heads, q_len), float("-inf"),
+                                                 dtype=torch.float32))
     group, qi, kj = layout_pairs(layout.to(q.device))
     # upcast once: gradients then accumulate over pairs in ct, and are cast back once
     qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    bc = None if bias is None else bias.to(ct)
     outs, lses = [], []
     for b in range(batch):
         for hq in range(num_q_heads):
@@ -48,15 +67,17 @@ def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float, softca
             sel = group == g
             i, j, hk = qi[sel], kj[sel], hq // group_size
             s = apply_softcap((qc[b, i, hq] * kc[b, j, hk]).sum(-1) * softmax_scale, softcap)
-            if bias is not None:
-                hb = hq // (num_q_heads // bias.shape[1])
-                rows = i if bias.shape[2] > 1 else torch.zeros_like(i)
-                s = s + bias[b if bias.shape[0] > 1 else 0, hb, rows, j].to(ct)
+            if bc is not None:
+                hb = hq // (num_q_heads // bc.shape[1])
+                rows = i if bc.shape[2] > 1 else torch.zeros_like(i)
+                s = s + bc[b if bc.shape[0] > 1 else 0, hb, rows, j]
             m = torch.full((q_len,), float("-inf"), dtype=ct, device=q.device)
             m = m.scatter_reduce(0, i, s.detach(), "amax")  # only for stability: no gradient
+            # a row whose every score is -inf is empty: shift it by 0 so that exp gives 0
+            m = torch.where(torch.isfinite(m), m, 0.0)
             p = torch.exp(s - m[i])
             denom = torch.zeros(q_len, dtype=ct, device=q.device).index_add(0, i, p)
-            o = torch.zeros(q_len, q.shape[-1], dtype=ct, device=q.device)
+            o = torch.zeros(q_len, head_dim, dtype=ct, device=q.device)
             o = o.index_add(0, i, p[:, None] * vc[b, j, hk])
             has_key = denom > 0
             denom = torch.where(has_key, denom, 1.0)

@@ -11,17 +11,19 @@ import numbers
 
 import torch
 
-from ..attention import sparse_attn_func
 from ..layout import SparseLayout, build_layout
+from .attention import sparse_attn_func
+from .cache import cached_layout
 from .window import check_window, packed_layout
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
-                            attn_indices=None, layout=None, window_size=(-1, -1), sinks=0,
-                            is_causal=False, softmax_scale=None, softcap=0.0, return_lse=False,
-                            backend="auto"):
+def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            dropout_p=0.0, *, attn_indices=None, layout=None,
+                            window_size=(-1, -1), sinks=0, is_causal=False, softmax_scale=None,
+                            softcap=0.0, return_lse=False, backend="auto", causal=None,
+                            deterministic=True, alibi_slopes=None, return_attn_probs=False):
     """Attention over packed variable-length sequences, FlashAttention's varlen conventions.
 
     Args:
@@ -41,10 +43,33 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         is_causal: bottom-right aligned causality per sequence (key ``b`` <= ``p``).
         softmax_scale, softcap, backend: as for :func:`sparse_attn_func`.
         return_lse: also return ``lse`` ``(Hq, total_q)`` float32 (-inf for rows without keys).
+        dropout_p, causal, deterministic, alibi_slopes, return_attn_probs: FlashAttention's
+            ``flash_attn_varlen_func`` arguments, so that its calls run unchanged: ``causal``
+            is ``is_causal``; ``dropout_p`` must be 0 and ``alibi_slopes`` None (not
+            supported); the backward is always deterministic; ``return_attn_probs=True``
+            returns ``(out, lse, None)`` (no probabilities are formed).
 
     At most one of ``attn_indices``, ``layout``, ``window_size``/``sinks``.
     Returns ``out`` ``(total_q, Hq, D)`` in the input dtype, and ``lse`` if asked.
     """
+    if causal is not None:
+        if is_causal:
+            raise ValueError("pass causal (FlashAttention's name) or is_causal, not both")
+        is_causal = causal
+    if dropout_p != 0:
+        raise ValueError(f"dropout_p must be 0: there is no attention dropout, got {dropout_p!r}")
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes is not supported: pass the ALiBi bias through "
+                         "sparse_attn_func's attn_bias")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    if return_attn_probs:
+        out, lse = sparse_attn_varlen_func(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            attn_indices=attn_indices, layout=layout, window_size=window_size, sinks=sinks,
+            is_causal=is_causal, softmax_scale=softmax_scale, softcap=softcap, return_lse=True,
+            backend=backend)
+        return out, lse, None
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -66,11 +91,9 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     if len(given) > 1:
         raise ValueError(f"pass at most one of attn_indices, layout, window_size/sinks; got "
                          f"{' and '.join(given)}")
-    if q.shape[0] == 0 or k.shape[0] == 0:  # nothing to attend: zeros, as FlashAttention
-        out = q.new_zeros(q.shape[:2] + v.shape[2:])
-        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
-        return (out, lse) if return_lse else out
-    if layout is None:
+    if q.shape[0] == 0 or k.shape[0] == 0:  # no pairs: sparse_attn_func's zeros and -inf
+        layout = None
+    elif layout is None:
         if attn_indices is not None:
             layout = _indices_layout(attn_indices, cu_q, cu_k, is_causal, q)
         else:
@@ -143,7 +166,9 @@ def _indices_layout(attn_indices, cu_q, cu_k, is_causal, q):
     if attn_indices.dim() != 3 or attn_indices.shape[1] != q.shape[0]:
         raise ValueError(f"attn_indices must have shape (Hkv|1, total_q={q.shape[0]}, W), got "
                          f"{tuple(attn_indices.shape)}")
-    return _build_indices_layout(attn_indices.to(q.device), cu_q, cu_k, is_causal, None, None)
+    return cached_layout(attn_indices, ("varlen", tuple(cu_q), tuple(cu_k), is_causal,
+                                        str(q.device)), lambda: _build_indices_layout(
+        attn_indices.to(q.device), cu_q, cu_k, is_causal, None, None))
 
 
 def _build_indices_layout(attn_indices, cu_q, cu_k, is_causal, block_m, block_n):

@@ -16,8 +16,7 @@ import numbers
 
 import torch
 
-from ..layout import DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, SparseLayout
-from ..patterns import layout_from_predicate
+from ..layout import DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, SparseLayout, layout_from_predicate
 
 CACHE_SIZE = 32
 _CACHE: collections.OrderedDict = collections.OrderedDict()
@@ -110,11 +109,20 @@ def _cached(key, build) -> SparseLayout:
     if hit is not None:
         _CACHE.move_to_end(key)
         return hit
-    layout = build()
+    with torch.inference_mode(False):  # a layout built while serving also serves training
+        layout = build()
     _CACHE[key] = layout
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)
     return layout
+
+
+def _device(device) -> torch.device:
+    """``device`` with its index filled in, so that "cuda" and "cuda:0" share cache entries."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def clear_cache() -> None:
@@ -127,7 +135,7 @@ def window_layout(q_len: int, k_len: int, window: tuple[int, int, int], is_causa
                   device, block_m: int | None = None, block_n: int | None = None) -> SparseLayout:
     """The layout of ``window = (left, right, sinks)`` (from :func:`check_window`) for one
     ``q_len x k_len`` sequence, bottom-right aligned, cached."""
-    device = torch.device(device)
+    device = _device(device)
     key = ("window", q_len, k_len, window, bool(is_causal), block_m, block_n, str(device))
 
     def build():
@@ -146,7 +154,7 @@ def packed_layout(cu_q: list[int], cu_k: list[int], window: tuple[int, int, int]
     """The layout of packed sequences (host offsets ``cu_q`` / ``cu_k``, already checked) with
     per-sequence bottom-right causality, window and sinks; batch 1, ``q_len = cu_q[-1]``,
     ``k_len = cu_k[-1]``; cached on the offsets' values."""
-    device = torch.device(device)
+    device = _device(device)
     window = (-1, -1, 0) if window is None else window
     key = ("packed", tuple(cu_q), tuple(cu_k), window, bool(is_causal), block_m, block_n,
            str(device))

@@ -29,8 +29,7 @@ from typing import Callable
 import torch
 from transformers import AttentionInterface
 
-from ..api.kvcache import sparse_attn_with_kvcache
-from ..attention import sparse_attn_func
+from ..api import sparse_attn_func, sparse_attn_with_kvcache
 from .transformers import ATTN_IMPLEMENTATION, sparse_attention_forward
 
 

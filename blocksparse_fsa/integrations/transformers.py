@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import causal_mask_function
 
-from ..attention import _cached, sparse_attn_func
-from ..layout import SparseLayout
+from ..api import cached_layout, sparse_attn_func
+from ..layout import DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, SparseLayout
 from ..patterns import intersection, layout_from_predicate
 
 ATTN_IMPLEMENTATION = "blocksparse_fsa"
@@ -107,6 +108,30 @@ class ModelMask:
             hit = hit & self._padding[b, kv_idx]
         return hit
 
+    def _causal_tiles(self, blocks, device):
+        """``(may, full)`` ``[B, 1, QT, KT]`` tile maps when the mask is transformers' plain
+        causal mask (with padding), so that only diagonal and padding-edge tiles are evaluated;
+        ``(None, None)`` (every tile evaluated) for any other mask function."""
+        if self._mask_function is not causal_mask_function:
+            return None, None
+        batch, _, q_len, k_len = self.shape
+        bm = DEFAULT_BLOCK_M if blocks[0] is None else blocks[0]
+        bn = DEFAULT_BLOCK_N if blocks[1] is None else blocks[1]
+        q_off, kv_off = self._offsets
+        r0 = torch.arange(0, q_len, bm, device=device) + q_off
+        r1 = torch.clamp(r0 + bm, max=q_len + q_off) - 1
+        c0 = torch.arange(0, k_len, bn, device=device) + kv_off
+        c1 = torch.clamp(c0 + bn, max=k_len + kv_off) - 1
+        may = (c0[None, :] <= r1[:, None]).expand(batch, 1, -1, -1)
+        full = (c1[None, :] <= r0[:, None]).expand(batch, 1, -1, -1)
+        if self._padding is not None:  # [B, KT]: key tiles with any / only real keys
+            real = self._padding[:, kv_off:kv_off + k_len].to(device)
+            real = torch.nn.functional.pad(real, (0, -(-k_len // bn) * bn - k_len), value=True)
+            real = real.view(batch, -1, bn)
+            may = may & real.any(-1)[:, None, None, :]
+            full = full & real.all(-1)[:, None, None, :]
+        return may, full
+
     def layout(self, sparse_layout=None, device=None) -> SparseLayout:
         """This mask's layout (on ``device``), intersected with ``sparse_layout`` if given (on
         its tiles, which must not be token-permuted)."""
@@ -124,9 +149,10 @@ class ModelMask:
         own = self._layouts.get((blocks, str(device), None))
         if own is None:
             batch, _, q_len, k_len = self.shape
-            own = layout_from_predicate(q_len, k_len, self.predicate, batch=batch,
+            may, full = self._causal_tiles(blocks, device)
+            own = layout_from_predicate(q_len, k_len, self.predicate, may, batch=batch,
                                         block_m=blocks[0], block_n=blocks[1], device=device,
-                                        chunk_pairs=_CHUNK_PAIRS)
+                                        full_tiles=full, chunk_pairs=_CHUNK_PAIRS)
             self._layouts[(blocks, str(device), None)] = (None, own)
         else:
             own = own[1]
@@ -164,7 +190,6 @@ def layout_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset
             or kwargs.get("allow_is_bidirectional_skip", False)):
         return None  # the attention function's dense causal / bidirectional path says it all
     if mask_function is None:
-        from transformers.masking_utils import causal_mask_function
         mask_function = causal_mask_function
     return ModelMask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
                      padding)
@@ -178,13 +203,13 @@ def _with_model_mask(layout, mask: torch.Tensor, q_len: int, k_len: int) -> Spar
                         f"{getattr(mask, 'dtype', type(mask).__name__)}: pass a 2-D padding "
                         "mask or a bool 4-D mask (True = attend)")
     if layout is None:
-        return _cached(mask, (q_len, k_len), lambda: SparseLayout.from_dense_mask(
+        return cached_layout(mask, (q_len, k_len), lambda: SparseLayout.from_dense_mask(
             mask, q_len=q_len, k_len=k_len))
     if layout.is_reordered:
         raise ValueError("the model passes a mask (padding, a sliding window or packed "
                          "sequences) to intersect with sparse_layout, which needs a layout "
                          "without a token permutation")
-    return _cached(mask, (layout,), lambda: intersection(layout, SparseLayout.from_dense_mask(
+    return cached_layout(mask, (layout,), lambda: intersection(layout, SparseLayout.from_dense_mask(
         mask, block_m=layout.block_m, block_n=layout.block_n, q_len=layout.q_len,
         k_len=layout.k_len)))
 

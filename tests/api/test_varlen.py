@@ -2,6 +2,11 @@
 reference built from a per-pair oracle of FlashAttention's varlen and window semantics."""
 
 import dataclasses
+import os
+import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -10,7 +15,7 @@ import blocksparse_fsa as bsa
 from blocksparse_fsa.api import window as window_mod
 from blocksparse_fsa.reference import dense_attention
 
-from ..conftest import ATOL, DEVICE, HAS_CUDA, assert_rule, needs_kernels
+from ..helpers import ATOL, DEVICE, HAS_CUDA, REPO, assert_rule, needs_kernels
 
 
 def oracle_mask(lens_q, lens_k, left=-1, right=-1, sinks=0, causal=False, local=None):
@@ -276,6 +281,9 @@ def varlen_call(**overrides):
     (dict(window_size=(-2, 0)), ValueError, "window_size entries"),
     (dict(window_size=(3, 0), sinks=-1), ValueError, "sinks must be"),
     (dict(is_causal=1), TypeError, "is_causal must be a bool"),
+    (dict(dropout_p=0.1), ValueError, "dropout_p must be 0"),
+    (dict(alibi_slopes=torch.ones(2)), ValueError, "alibi_slopes is not supported"),
+    (dict(causal=True, is_causal=True), ValueError, "causal .* or is_causal, not both"),
 ])
 def test_bad_varlen_input_gets_a_clear_error(overrides, error, match):
     with pytest.raises(error, match=match):
@@ -292,11 +300,52 @@ def test_window_with_another_pattern_is_an_error_naming_both(other):
         bsa.sparse_attn_func(q, q, q, window_size=(3, 0), **{other: pattern})
 
 
+def test_flash_attention_calls_run_unchanged():
+    """A flash_attn_varlen_func call, argument for argument (FlashAttention's names)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(30, h, 16, generator=g) for h in (4, 2, 2))
+    offsets = cu([10, 20])
+    out, lse, probs = bsa.sparse_attn_varlen_func(
+        q, k, v, offsets, offsets, 20, 20, 0.0, softmax_scale=0.3, causal=True,
+        window_size=(5, 0), softcap=0.0, alibi_slopes=None, deterministic=False,
+        return_attn_probs=True, backend="torch")
+    want, want_lse = bsa.sparse_attn_varlen_func(
+        q, k, v, offsets, offsets, 20, 20, softmax_scale=0.3, is_causal=True,
+        window_size=(5, 0), return_lse=True, backend="torch")
+    assert probs is None and torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
 def test_empty_packed_batch():
     x = torch.randn(0, 2, 16)
     out, lse = bsa.sparse_attn_varlen_func(x, x, x, cu([0, 0]), cu([0, 0]), 0, 0,
                                            return_lse=True)
     assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
-    q = torch.randn(5, 2, 16)
+    q = torch.randn(5, 2, 16, requires_grad=True)
     out, lse = bsa.sparse_attn_varlen_func(q, x, x, cu([5]), cu([0]), 5, 0, return_lse=True)
     assert torch.equal(out, torch.zeros_like(q)) and torch.isneginf(lse).all()
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_readme_varlen_snippet_runs_as_pasted(tmp_path):
+    """The README's "Packed and padded batches" code, in a fresh interpreter (CPU: torch path),
+    against the per-sequence oracle."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Packed and padded batches"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    check = textwrap.dedent("""
+        from blocksparse_fsa.reference import dense_attention
+        from tests.api.test_varlen import oracle_mask
+        lens = [300, 1, 723]
+        mask = oracle_mask(lens, lens, 255, 0, 0, True)
+        want = dense_attention(q[None].double(), k[None].double(), v[None].double(),
+                               mask[None])[0][0]
+        assert out.shape == q.shape and (out.double() - want).abs().max() < 1e-4
+        """)
+    script = tmp_path / "varlen_snippet.py"
+    script.write_text(code + check)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -18,7 +18,7 @@ import blocksparse_fsa as bsa  # noqa: E402
 from blocksparse_fsa.integrations.transformers import (ATTN_IMPLEMENTATION,  # noqa: E402
                                                        ModelMask, layout_mask)
 
-from .conftest import DEVICE, needs_kernels  # noqa: E402
+from ..helpers import DEVICE, needs_kernels  # noqa: E402
 
 LENGTH, VOCAB = 2048, 64
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -124,3 +124,22 @@ def test_layout_mask_skips_plain_causal_and_keeps_the_rest():
     want = torch.ones(12, 12, dtype=torch.bool).tril()[2:] & torch.nn.functional.pad(
         pad, (0, 2), value=False)[:, None, None, :]
     assert torch.equal(older.layout(device="cpu").to_dense_mask(), want)
+
+
+@pytest.mark.parametrize("blocks,q_len,offset", [((16, 16), 70, 0), ((32, 16), 45, 30)])
+def test_causal_tile_maps_give_the_layout_of_evaluating_every_tile(blocks, q_len, offset):
+    """transformers' plain causal mask skips the tiles it can classify; any other mask function
+    (here the same one wrapped) evaluates them all: both layouts are the same."""
+    from transformers.masking_utils import causal_mask_function
+    pad = torch.ones(3, q_len + offset, dtype=torch.bool)
+    pad[1, :37] = False
+    pad[2, -5:] = False
+    sparse = bsa.SparseLayout.dense(q_len, q_len + offset, is_causal=True, block_m=blocks[0],
+                                    block_n=blocks[1])
+    layouts = []
+    for fn in (causal_mask_function, lambda *a: causal_mask_function(*a)):
+        mask = layout_mask(3, q_len, q_len + offset, offset, 0, fn, pad)
+        layouts.append(mask.layout(sparse))
+    for name in ("full_ptr", "full_col", "part_ptr", "part_col", "masks", "part_ptr_t"):
+        assert torch.equal(getattr(layouts[0], name), getattr(layouts[1], name)), name
+    assert layouts[0].num_full_tiles > 0
