@@ -8,8 +8,9 @@ is full and one query per row attends. Patterns: a window of 1024 keys + 4 sinks
 (``window_size=(1023, 0), sinks=4``) and 2048 indices per (row, KV head) (a top-k selector's
 output, unsorted, unique). Rows:
 
-- ``ours``: the split-KV kernel, contiguous cache; ``ours-paged``: the same cache as 256-token
-  pages through a block table; ``ours-graph``: ``ours`` captured in a CUDA graph and replayed
+- ``ours``: the split-KV kernel on the cache stored (B, Hkv, L, D) as HF keeps it, read through
+  its (B, L, Hkv, D) view; ``ours-paged``: a copy in 256-token pages through a block table
+  (where it fits in 4 GiB); ``ours-graph``: ``ours`` captured in a CUDA graph and replayed
   (the kernel time without Python's launch cost).
 - ``flex``: ``torch.compile(flex_attention)`` on the same pattern (its decoding path at one
   query), the BlockMask built outside the timing.
@@ -24,7 +25,9 @@ Times are ``triton.testing.do_bench`` medians. ``GB/s`` counts the K/V bytes the
 (keys x Hkv x D x 2 tensors x 2 bytes per row); ``of copy`` divides it by the bandwidth of a
 1 GiB device-to-device copy measured in the same run. A chunked-prefill pair (2048 new queries
 against 32k, window + sinks) compares this kernel with the tile walker on the analytic window
-layout. Writes ``bench_decode_<gpu>.csv`` and ``.md`` to ``--out``.
+layout. ``--sweep`` adds ``ours`` under a grid of launch configs (``BLOCK_N``, warps, stages,
+split waves) to tune ``kernels.decode.get_decode_config`` / ``SPLIT_WAVES``. Writes
+``bench_decode_<gpu>.csv`` and ``.md`` to ``--out``.
 """
 
 import argparse
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 
 from blocksparse_fsa import sparse_attn_func, sparse_attn_with_kvcache
+from blocksparse_fsa.kernels import decode
 
 HQ, HKV, D, WINDOW, SINKS, TOPK, PAGE = 32, 8, 128, 1024, 4, 2048, 256
 
@@ -47,6 +51,8 @@ def parse_args(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--patterns", nargs="+", choices=["window", "topk"],
                     default=["window", "topk"])
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time ours (graph-captured) over a grid of launch configs")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # CPU, tiny shapes
     return ap.parse_args(argv)
 
@@ -91,19 +97,27 @@ def pattern_keys(name, batch, length, device, gen):
     return allowed, idx.int(), top
 
 
-def flex_call(q, k, v, allowed, compiled):
-    """FlexAttention on the pattern (a per-key table), BlockMask built here, once."""
+_FLEX_MASKS = {}
+
+
+def flex(q, k, v, allowed, compiled):
+    """FlexAttention on the pattern (a per-key table); its BlockMask is built on the first call
+    of a (pattern, shape), outside the timing of the later ones. ``k``, ``v``: (B, Hkv, L, D)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    batch, length = allowed.shape[0], allowed.shape[2]
-    group = HQ // HKV
+    key = id(allowed)
+    if key not in _FLEX_MASKS or _FLEX_MASKS[key][0] is not allowed:
+        batch, length = allowed.shape[0], allowed.shape[2]
+        group = HQ // HKV
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return allowed[b, h // group, kv_idx]
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed[b, h // group, kv_idx]
 
-    mask = create_block_mask(mask_mod, batch, HQ, 1, length, device=q.device)
+        _FLEX_MASKS.clear()
+        _FLEX_MASKS[key] = (allowed, create_block_mask(mask_mod, batch, HQ, 1, length,
+                                                       device=q.device))
     fn = compiled if compiled is not None else flex_attention
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    return lambda: fn(qt, kt, vt, block_mask=mask, enable_gqa=True).transpose(1, 2)
+    return fn(q.transpose(1, 2), k, v, block_mask=_FLEX_MASKS[key][1],
+              enable_gqa=True).transpose(1, 2)
 
 
 def fa_kvcache():
@@ -168,18 +182,23 @@ def main(argv=None):
 
     for length in args.lengths:
         for batch in args.batches:
-            try:
-                k_cache = torch.randn(batch, length, HKV, D, device=device, dtype=dtype,
+            try:  # stored (B, Hkv, L, D) like HF's caches (what flex and SDPA read); ours
+                # and FlashAttention read the (B, L, Hkv, D) view of it
+                k_store = torch.randn(batch, HKV, length, D, device=device, dtype=dtype,
                                       generator=gen)
-                v_cache = torch.randn_like(k_cache)
+                v_store = torch.randn_like(k_store)
             except torch.OutOfMemoryError:
                 print(f"L={length} B={batch}: the cache does not fit, skipped", flush=True)
                 continue
+            k_cache, v_cache = k_store.transpose(1, 2), v_store.transpose(1, 2)
             q = torch.randn(batch, 1, HQ, D, device=device, dtype=dtype, generator=gen)
             lens = torch.full((batch,), length, dtype=torch.int32, device=device)
-            pages = k_cache.view(batch * length // PAGE, PAGE, HKV, D)
-            table = torch.arange(batch * length // PAGE, device=device,
-                                 dtype=torch.int32).view(batch, -1)
+            paged = None  # a copy in 256-token pages, where two more caches fit easily
+            if k_store.numel() * k_store.element_size() <= 4 << 30:
+                paged = [c.reshape(batch * length // PAGE, PAGE, HKV, D)
+                         for c in (k_cache, v_cache)]
+                paged.append(torch.arange(batch * length // PAGE, device=device,
+                                          dtype=torch.int32).view(batch, -1))
             for pattern in args.patterns:
                 allowed, idx, keys = pattern_keys(pattern, batch, length, device, gen)
                 kw = dict(attn_indices=idx) if idx is not None else dict(
@@ -190,22 +209,24 @@ def main(argv=None):
                                                     block_table=bt, check=False, **kw)
                 ref = ours()
                 add(pattern, batch, length, "ours", ours, keys, None)
-                add(pattern, batch, length, "ours-paged",
-                    lambda: ours(pages, v_cache.view_as(pages), table), keys, ref)
+                if paged is not None:
+                    add(pattern, batch, length, "ours-paged", lambda: ours(*paged), keys, ref)
                 if device.type == "cuda":
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
                         static = ours()
                     add(pattern, batch, length, "ours-graph",
                         lambda: (graph.replay(), static)[1], keys, ref)
-                add(pattern, batch, length, "flex", flex_call(q, k_cache, v_cache, allowed,
-                                                              compiled), keys, ref)
+                if args.sweep:
+                    sweep(add, pattern, batch, length, ours, keys, ref, device)
+                add(pattern, batch, length, "flex", lambda: flex(q, k_store, v_store, allowed,
+                                                                 compiled), keys, ref)
                 del allowed
             dense = sparse_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
                                              check=False)
             add("dense", batch, length, "sdpa-dense", lambda: torch.nn.functional.
-                scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2),
-                                             v_cache.transpose(1, 2), enable_gqa=True)
+                scaled_dot_product_attention(q.transpose(1, 2), k_store, v_store,
+                                             enable_gqa=True)
                 .transpose(1, 2), length, dense)
             if fa is not None:
                 no_sinks = sparse_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens,
@@ -214,11 +235,39 @@ def main(argv=None):
                     q, k_cache, v_cache, cache_seqlens=lens, causal=True,
                     window_size=(WINDOW - 1, 0)), min(WINDOW, length), no_sinks,
                     note=fa_where)
-            del k_cache, v_cache, pages
+            del k_store, v_store, k_cache, v_cache, paged
             print(f"-- L={length} B={batch} done at {time.time() - start:.0f} s", flush=True)
 
     prefill(rows, bench, device, dtype, gen, copy_gbs)
     write(args.out, gpu, copy_gbs, rows)
+
+
+SWEEP = [dict(BLOCK_N=n, num_warps=w, num_stages=st, waves=wv) for n in (32, 64, 128)
+         for w in (4, 8) for st in (2, 3, 4) for wv in (1, 2, 4)
+         if not (n == 128 and w == 4)]
+
+
+def sweep(add, pattern, batch, length, ours, keys, ref, device):
+    """``ours`` under each launch config of SWEEP (``get_decode_config`` and ``SPLIT_WAVES``
+    overridden), graph-captured where there is a GPU."""
+    default_config, default_waves = decode.get_decode_config, decode.SPLIT_WAVES
+    try:
+        for cfg in SWEEP:
+            cfg = dict(cfg)
+            decode.SPLIT_WAVES = cfg.pop("waves")
+            decode.get_decode_config = lambda head_dim, indices, cfg=cfg: dict(cfg)
+            fn = ours
+            if device.type == "cuda":
+                ours()  # compile outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static = ours()
+                fn = lambda graph=graph, static=static: (graph.replay(), static)[1]  # noqa
+            add(pattern, batch, length, "sweep " + " ".join(
+                f"{k}={v}" for k, v in cfg.items()) + f" waves={decode.SPLIT_WAVES}", fn,
+                keys, ref)
+    finally:
+        decode.get_decode_config, decode.SPLIT_WAVES = default_config, default_waves
 
 
 def prefill(rows, bench, device, dtype, gen, copy_gbs):

@@ -3,8 +3,7 @@ only the tiles a pattern touches."""
 
 from . import patterns, reference
 from .api import (build_varlen_layout, cached_layout, clear_layout_cache, sparse_attn_func,
-                  sparse_attn_varlen_func)
-from .api.kvcache import sparse_attn_with_kvcache
+                  sparse_attn_varlen_func, sparse_attn_with_kvcache)
 from .layout import SparseLayout, build_layout
 from .ops import set_debug
 

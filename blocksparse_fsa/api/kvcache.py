@@ -51,6 +51,15 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
 
     Rows without any visible key give 0 and lse = -inf. Inference only: there is no backward.
     Returns ``out`` ``(B, Lq_new, Hq, D)`` (and ``lse``).
+
+    CUDA graphs: the Triton path allocates by shape only and never reads values back, so a
+    decode step captures (advance ``cache_seqlens`` in place between replays). The data checks
+    cannot run inside a capture: ``check=None`` skips them there (``check=True`` fails with
+    torch's capture error). Unchecked, index entries below 0 or at/after a row's length are
+    ignored by the kernel, but an append past the cache's capacity or a ``block_table`` entry
+    outside the page pool writes or reads out of bounds: check the first step eagerly, or size
+    the cache for the longest generation. The PyTorch path reads lengths on the host and does
+    not capture.
     """
     batch, q_len, num_q_heads, head_dim = _check_tensors(q, k_cache, v_cache, k, v, block_table)
     num_kv_heads = k_cache.shape[2]
@@ -95,8 +104,6 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
         if backend == "triton" and not _triton_available(q):
             raise RuntimeError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 set "
                                "before triton is imported; use backend='torch' on the CPU")
-        if attn_indices is not None:  # sorted, so that the kernel sees each duplicate's twin
-            attn_indices = torch.sort(attn_indices.to(torch.int32), dim=-1).values
         out, lse = decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table=block_table,
                               attn_indices=attn_indices, num_new=num_new,
                               window_size=(left, right), sinks=sinks, is_causal=is_causal,

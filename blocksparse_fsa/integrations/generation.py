@@ -13,10 +13,12 @@ attached to the model's attention layers::
 
 Importing this module registers :func:`attention_forward` as ``"blocksparse_fsa"`` (the training
 path's function with this dispatch in front). A layer with a pattern and no ``sparse_layout``
-attends as follows: when its queries are all its
-keys (prefill, or a training step) through ``sparse_attn_func`` on the pattern's layout; when a
-cache holds earlier keys (decode, chunked prefill) through ``sparse_attn_with_kvcache``, with the
-window and sinks evaluated in the kernel, or the per-step indices.
+attends as follows: when its queries are all its keys (prefill, or a training step) through
+``sparse_attn_func`` on the pattern's layout; when a cache holds earlier keys (decode, chunked
+prefill) through ``sparse_attn_with_kvcache``, with the window and sinks evaluated in the
+kernel, or the per-step indices. Left-padded batches (batched generation) count the pattern
+from each row's first token and run on per-row key slots through the KV-cache kernel; any
+other model mask is an error.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Callable
 import torch
 from transformers import AttentionInterface
 
-from .. import sparse_attn_func, sparse_attn_with_kvcache
+from ..api import sparse_attn_func, sparse_attn_with_kvcache
 from .transformers import ATTN_IMPLEMENTATION, sparse_attention_forward
 
 
@@ -96,17 +98,20 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     when no ``sparse_layout`` is passed, else ``sparse_attention_forward``."""
     if sparse_layout is None and pattern_of(module) is not None:
         return pattern_attention_forward(module, query, key, value, attention_mask, scaling,
-                                         dropout, softcap=softcap, is_causal=is_causal)
+                                         dropout, softcap=softcap, is_causal=is_causal,
+                                         position_ids=kwargs.get("position_ids"))
     return sparse_attention_forward(module, query, key, value, attention_mask, scaling, dropout,
                                     sparse_layout=sparse_layout, softcap=softcap,
                                     is_causal=is_causal, **kwargs)
 
 
 def pattern_attention_forward(module, query, key, value, attention_mask, scaling=None,
-                              dropout=0.0, softcap=None, is_causal=None):
+                              dropout=0.0, softcap=None, is_causal=None, position_ids=None):
     """One layer's attention on its attached pattern (see the module docstring); transformers'
     attention-function contract: q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lk, D)`` holding the
-    cache and the new keys. Returns ``(out (B, Lq, Hq, D), None)``."""
+    cache and the new keys. A model mask is served when it is causal attention over
+    left-padded rows (batched generation), which ``position_ids`` must confirm: the pattern
+    then counts positions from each row's first token. Returns ``(out (B, Lq, Hq, D), None)``."""
     pattern = pattern_of(module)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     if not causal:
@@ -115,15 +120,31 @@ def pattern_attention_forward(module, query, key, value, attention_mask, scaling
     if dropout:
         raise ValueError(f"a SparsePattern has no attention dropout, got dropout={dropout}: "
                          "call model.eval() or set the config's attention_dropout to 0")
-    if attention_mask is not None:
-        raise ValueError("a SparsePattern cannot serve a model that passes an attention mask "
-                         "(padded batches, a static cache, packed sequences or the model's own "
-                         "sliding window): generate without padding (one sequence, or equal "
-                         "lengths) with the default dynamic cache, or pass sparse_layout=")
     q_len, k_len = query.shape[2], key.shape[2]
+    pads = None
+    if attention_mask is not None:
+        pads = left_padding(attention_mask, position_ids, query.shape[0], q_len, k_len)
+        if pads is None:
+            raise ValueError("a SparsePattern serves causal attention over left-padded rows "
+                             "only, but the model passes another mask (right padding, a static "
+                             "cache, packed sequences or the model's own sliding window): use "
+                             "left padding with the default dynamic cache, or pass "
+                             "sparse_layout=")
+        if pattern.left is None and pattern.indices is None:  # plain causal: the model's mask
+            return sparse_attention_forward(module, query, key, value, attention_mask,
+                                            scaling, dropout, softcap=softcap,
+                                            is_causal=is_causal)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     softcap = softcap or 0.0
     indices = None if pattern.indices is None else pattern.indices(module, query, key)
+    if pads is not None:  # the pattern in each row's own positions, as key slots
+        if indices is None:
+            indices = _padded_window(pattern, pads, q_len, k_len)
+        else:
+            indices = torch.where(indices >= pads.view(-1, 1, 1, 1), indices, -1)
+        return sparse_attn_with_kvcache(q, k, v, cache_seqlens=k_len, attn_indices=indices,
+                                        is_causal=True, softmax_scale=scaling,
+                                        softcap=softcap, check=pattern.indices is not None), None
     window = (-1, -1) if pattern.left is None else (pattern.left, 0)
     if q_len == k_len:  # no earlier keys: the layout path (differentiable); a window's layout
         # is analytic and cached by value, so every layer shares it
@@ -142,6 +163,46 @@ def pattern_attention_forward(module, query, key, value, attention_mask, scaling
         sinks=pattern.sinks, is_causal=True, softmax_scale=scaling, softcap=softcap,
         check=indices is not None)  # a window needs no check: lengths come from shapes
     return out, None
+
+
+def left_padding(attention_mask, position_ids, batch, q_len, k_len):
+    """Per row, the pad slots before its first token (int64 ``(B,)``) when the model's mask is
+    causal attention over left-padded rows and nothing else, else None. Reads the mask's last
+    query row only (a ``ModelMask``'s predicate, or a bool tensor's row)."""
+    if position_ids is None or position_ids.shape != (batch, q_len):
+        return None
+    slots = torch.arange(k_len, device=position_ids.device)
+    pads = (k_len - 1) - position_ids[:, -1].long()
+    if hasattr(attention_mask, "predicate"):
+        rows = torch.arange(batch, device=slots.device)[:, None]
+        last = attention_mask.predicate(rows, rows * 0, rows * 0 + q_len - 1, slots[None, :])
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dtype == torch.bool \
+            and attention_mask.dim() == 4:
+        last = attention_mask[:, 0, -1, :]
+    else:
+        return None
+    expect = slots[None, :] >= pads[:, None]
+    # every real query's position is its slot minus its row's pads
+    q_slots = slots[k_len - q_len:]
+    real = q_slots[None, :] >= pads[:, None]
+    consistent = (position_ids == q_slots[None, :] - pads[:, None]) | ~real
+    if last.shape != expect.shape or not (torch.equal(last.to(expect.device), expect)
+                                          and bool(consistent.all())):
+        return None
+    return pads
+
+
+def _padded_window(pattern, pads, q_len, k_len):
+    """``(B, 1, Lq, W)`` key slots of a window + sinks counted from each row's first token."""
+    dev = pads.device
+    q_slots = torch.arange(k_len - q_len, k_len, device=dev)
+    width = min(pattern.left, k_len - 1) + 1
+    window = q_slots[:, None] - torch.arange(width, device=dev)  # (Lq, W)
+    sinks = pads[:, None] + torch.arange(pattern.sinks, device=dev)  # (B, S)
+    idx = torch.cat([window.expand(pads.shape[0], -1, -1),
+                     sinks[:, None, :].expand(-1, q_len, -1)], dim=-1)
+    keep = (idx >= pads.view(-1, 1, 1)) & (idx < k_len)
+    return torch.where(keep, idx, -1)[:, None]
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)

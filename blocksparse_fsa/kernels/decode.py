@@ -36,11 +36,8 @@ def _key_rows(pos, ok, b, BlockTable, stride_bt_b, stride_kb, stride_kl, PAGE_SI
 def decode_fwd_kernel(
     Q, KCache, VCache, CacheSeqlens, BlockTable, Indices, Out, Lse,
     qk_scale, cap_scale, q_len, num_kv_heads, group_size, num_new, left, right, sinks, n_idx,
-    stride_qb, stride_ql, stride_qh, stride_qd,
     stride_kb, stride_kl, stride_kh, stride_kd,
-    stride_vb, stride_vl, stride_vh, stride_vd,
-    stride_bt_b, stride_ib, stride_ih, stride_il, stride_iw,
-    stride_os, stride_ob, stride_ol, stride_oh, stride_ls, stride_lb, stride_lh,
+    stride_vb, stride_vl, stride_vh, stride_vd, stride_bt_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -48,9 +45,10 @@ def decode_fwd_kernel(
 ):
     """One program = split ``program_id(0)`` of the keys of ``BLOCK_M // GROUP_PAD`` query rows
     x the query heads of one KV head (stacked as the matmul's rows, one K/V load serves them);
-    grid (NUM_SPLITS, ceil(Lq / rows), B * Hkv). Writes the slice's normalised out and lse (log2
-    units) to ``Out``/``Lse`` of shape (NUM_SPLITS, B, Lq, Hq, D) / (NUM_SPLITS, B, Hq, Lq), or,
-    with NUM_SPLITS == 1, the final out (B, Lq, Hq, D) and lse (B, Hq, Lq) in natural log."""
+    grid (NUM_SPLITS, ceil(Lq / rows), B * Hkv). Q (B, Lq, Hq, D) and Indices (B, Hkv, Lq, W)
+    contiguous, caches with any strides. Writes the slice's normalised out and lse (log2 units)
+    to contiguous ``Out``/``Lse`` (NUM_SPLITS, B, Lq, Hq, D) / (NUM_SPLITS, B, Hq, Lq), or, with
+    NUM_SPLITS == 1, the final out (B, Lq, Hq, D) and lse (B, Hq, Lq) in natural log."""
     split = tl.program_id(0)
     b = tl.program_id(2) // num_kv_heads
     hk = tl.program_id(2) % num_kv_heads
@@ -63,9 +61,11 @@ def decode_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     b64 = b.to(tl.int64)
-    q_ptrs = (Q + b64 * stride_qb + qi[:, None].to(tl.int64) * stride_ql
-              + hq[:, None].to(tl.int64) * stride_qh + offs_d[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    num_q_heads = num_kv_heads * group_size
+    # row (b, qi, hq) of the contiguous (B, Lq, Hq, D) query and output
+    rows_q = (b64 * q_len + qi.to(tl.int64)) * num_q_heads + hq
+    q = tl.load(Q + rows_q[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
     seqlen = tl.load(CacheSeqlens + b).to(tl.int64) + num_new  # keys after the append
     pos_q = seqlen - q_len + qi  # bottom-right aligned position of each row, [BLOCK_M]
@@ -89,11 +89,9 @@ def decode_fwd_kernel(
             hi_b = tl.maximum(hi_b, tl.minimum(sinks, seqlen) - 1)
         n_sink = tl.minimum(tl.minimum(sinks, lo_b), seqlen)
         n_keys = n_sink + tl.maximum(hi_b + 1 - lo_b, 0)
-        idx_base = Indices
     else:
         n_keys = n_idx + 0 * seqlen
-        idx_base = (Indices + b64 * stride_ib + hk.to(tl.int64) * stride_ih
-                    + tl.program_id(1).to(tl.int64) * stride_il)
+        idx_base = Indices + ((b64 * num_kv_heads + hk) * q_len + tl.program_id(1)) * n_idx
     # this split's slice of the virtual key list, a whole number of BLOCK_N
     per_split = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
@@ -115,10 +113,9 @@ def decode_fwd_kernel(
                 sink = sink & (pos[None, :] <= pos_q[:, None])
             hit = (pos[None, :] >= lo[:, None]) & (pos[None, :] <= hi[:, None]) | sink
         else:
-            pos = tl.load(idx_base + t * stride_iw, mask=in_range, other=-1).to(tl.int64)
+            pos = tl.load(idx_base + t, mask=in_range, other=-1).to(tl.int64)
             # sorted lists: an entry equal to its predecessor is a duplicate, counted once
-            prev = tl.load(idx_base + (t - 1) * stride_iw, mask=in_range & (t > 0),
-                           other=-1).to(tl.int64)
+            prev = tl.load(idx_base + t - 1, mask=in_range & (t > 0), other=-1).to(tl.int64)
             in_range = in_range & (pos >= 0) & (pos != prev)
             if IS_CAUSAL:
                 hit = pos[None, :] <= pos_q[:, None]
@@ -154,54 +151,53 @@ def decode_fwd_kernel(
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
     if NUM_SPLITS == 1:
         lse = lse * LN2
-    o_ptrs = (Out + split.to(tl.int64) * stride_os + b64 * stride_ob
-              + qi[:, None].to(tl.int64) * stride_ol + hq[:, None].to(tl.int64) * stride_oh
-              + offs_d[None, :])
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + split.to(tl.int64) * stride_ls + b64 * stride_lb + hq.to(tl.int64) * stride_lh
-             + qi, lse, mask=row_ok)
+    batch = tl.num_programs(2) // num_kv_heads
+    rows_o = split.to(tl.int64) * batch * q_len * num_q_heads + rows_q
+    tl.store(Out + rows_o[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    rows_l = ((split.to(tl.int64) * batch + b64) * num_q_heads + hq) * q_len + qi
+    tl.store(Lse + rows_l, lse, mask=row_ok)
 
 
 @triton.jit
 def decode_merge_kernel(
-    OutPart, LsePart, Out, Lse, q_len, num_q_heads,
-    stride_ps, stride_pb, stride_pl, stride_ph, stride_qs, stride_qb, stride_qh,
-    stride_ob, stride_ol, stride_oh, stride_lb, stride_lh,
+    OutPart, LsePart, Out, Lse, batch, q_len, num_q_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
 ):
     """One program = one query row of one batch, ``BLOCK_H`` query heads: merges the splits'
     partial (out, lse) in split order; grid (B * Lq, ceil(Hq / BLOCK_H)). Partials as
-    ``decode_fwd_kernel`` writes them; out (B, Lq, Hq, D), lse (B, Hq, Lq) natural log."""
+    ``decode_fwd_kernel`` writes them; out (B, Lq, Hq, D), lse (B, Hq, Lq) natural log, all
+    contiguous."""
     b = (tl.program_id(0) // q_len).to(tl.int64)
     qi = (tl.program_id(0) % q_len).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     h_ok = offs_h < num_q_heads
     ok = h_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows_o = (b * q_len + qi) * num_q_heads + offs_h  # [BLOCK_H] rows of (B, Lq, Hq, D)
+    rows_l = (b * num_q_heads + offs_h) * q_len + qi  # [BLOCK_H] entries of (B, Hq, Lq)
+    split_o = (b * 0 + batch) * q_len * num_q_heads  # rows per split, int64 (as b)
     m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     for s in range(NUM_SPLITS):
-        part = tl.load(LsePart + s * stride_qs + b * stride_qb + offs_h * stride_qh + qi,
-                       mask=h_ok, other=float("-inf"))
+        part = tl.load(LsePart + s * split_o + rows_l, mask=h_ok, other=float("-inf"))
         m = tl.maximum(m, part)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     denom = tl.zeros([BLOCK_H], dtype=tl.float32)
     for s in range(NUM_SPLITS):
-        part = tl.load(LsePart + s * stride_qs + b * stride_qb + offs_h * stride_qh + qi,
-                       mask=h_ok, other=float("-inf"))
+        part = tl.load(LsePart + s * split_o + rows_l, mask=h_ok, other=float("-inf"))
         w = tl.math.exp2(part - m_safe)  # [BLOCK_H]; 0 for an empty split
-        o = tl.load(OutPart + s * stride_ps + b * stride_pb + qi * stride_pl
-                    + offs_h[:, None] * stride_ph + offs_d[None, :], mask=ok & (w > 0)[:, None],
-                    other=0.0)  # [BLOCK_H, BLOCK_D]
+        o = tl.load(OutPart + (s * split_o + rows_o)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=ok & (w > 0)[:, None], other=0.0)  # [BLOCK_H, BLOCK_D]
         acc += w[:, None] * o
         denom += w
     empty = denom == 0.0
     d_safe = tl.where(empty, 1.0, denom)
     lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(d_safe)) * LN2)
-    tl.store(Out + b * stride_ob + qi * stride_ol + offs_h[:, None] * stride_oh + offs_d[None, :],
+    tl.store(Out + rows_o[:, None] * HEAD_DIM + offs_d[None, :],
              (acc / d_safe[:, None]).to(Out.dtype.element_ty), mask=ok)
-    tl.store(Lse + b * stride_lb + offs_h * stride_lh + qi, lse, mask=h_ok)
+    tl.store(Lse + rows_l, lse, mask=h_ok)
 
 
 def get_decode_config(head_dim: int, indices: bool) -> dict:
@@ -224,11 +220,16 @@ def decode_blocks(q_len: int, group_size: int, indices: bool) -> tuple[int, int]
     return max(16, rows * group_pad), group_pad
 
 
+# programs per SM that the split count aims at (override to tune; see bench_decode --sweep)
+SPLIT_WAVES = 2
+
+
 def num_splits_for(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
     """How many slices the keys of one program are cut into: enough programs to fill the GPU
-    about twice, never a slice under two key blocks. From shapes only (graph capture)."""
+    ``SPLIT_WAVES`` times, never a slice under two key blocks. From shapes only (graph
+    capture)."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = SPLIT_WAVES * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = 4  # the interpreter: a few slices, so that the merge is exercised
     by_keys = max(1, -(-max_keys // (2 * block_n)))
@@ -241,7 +242,7 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
     """Launch the split-KV kernel (and the merge). ``q`` (B, Lq, Hq, D); caches
     (B, L_max, Hkv, D) or paged (num_blocks, page, Hkv, D) with ``block_table`` (B, pages)
     int32; ``cache_seqlens`` (B,) int32 (the rows' lengths before ``num_new`` appended keys);
-    ``attn_indices`` (B|1, Hkv|1, Lq, W), sorted along W, -1 first. Returns out
+    ``attn_indices`` (B|1, Hkv|1, Lq, W) in any order. Returns out
     (B, Lq, Hq, D) like q and lse (B, Hq, Lq) float32."""
     batch, q_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -256,44 +257,37 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
     block_q = block_m // group_pad
     config = get_decode_config(head_dim, attn_indices is not None)
     block_n = config["BLOCK_N"]
-    if attn_indices is not None:
+    if attn_indices is not None:  # sorted, so that a duplicate sits next to its twin
         n_idx = attn_indices.shape[-1]
+        attn_indices = torch.sort(attn_indices.to(torch.int32).expand(
+            batch, num_kv_heads, q_len, n_idx), dim=-1).values
         max_keys = n_idx
-        idx_strides = [0 if n == 1 else s for n, s in zip(attn_indices.shape, attn_indices.stride())]
     else:
         n_idx = 0
         left, right = window_size
         span = capacity if left < 0 or (right < 0 and not is_causal) else (
             left + block_q + (0 if is_causal else right))
         max_keys = min(capacity, span + sinks)
-        idx_strides = [0, 0, 0, 0]
     grid_rows = triton.cdiv(q_len, block_q)
     programs = grid_rows * batch * num_kv_heads
     splits = num_splits or num_splits_for(programs, max_keys, block_n, q.device)
     if splits == 1:
         part, part_lse = out, lse
-        o_strides = (0,) + out.stride()[:3]
-        l_strides = (0,) + lse.stride()[:2]
     else:
         part = new_empty(splits, batch, q_len, num_q_heads, head_dim, dtype=torch.float32,
                          device=q.device)
         part_lse = new_empty(splits, batch, num_q_heads, q_len, dtype=torch.float32,
                              device=q.device)
-        o_strides = part.stride()[:4]
-        l_strides = part_lse.stride()[:3]
     left, right = window_size
     decode_fwd_kernel[(splits, grid_rows, batch * num_kv_heads)](
-        Q=q, KCache=k_cache, VCache=v_cache, CacheSeqlens=cache_seqlens,
-        BlockTable=block_table if paged else cache_seqlens,
-        Indices=attn_indices if attn_indices is not None else cache_seqlens,
-        Out=part, Lse=part_lse, **score_args(softmax_scale, softcap),
+        Q=q.contiguous(), KCache=k_cache, VCache=v_cache, CacheSeqlens=cache_seqlens,
+        BlockTable=block_table, Indices=attn_indices, Out=part, Lse=part_lse,
+        **score_args(softmax_scale, softcap),
         q_len=q_len, num_kv_heads=num_kv_heads, group_size=group, num_new=num_new,
         left=left, right=right, sinks=sinks, n_idx=n_idx,
-        **_strides("q", q), **_strides("k", k_cache), **_strides("v", v_cache),
+        **{f"stride_k{a}": s for a, s in zip("blhd", k_cache.stride())},
+        **{f"stride_v{a}": s for a, s in zip("blhd", v_cache.stride())},
         stride_bt_b=block_table.stride(0) if paged else 0,
-        **{f"stride_i{a}": s for a, s in zip("bhlw", idx_strides)},
-        **{f"stride_o{a}": s for a, s in zip("sblh", o_strides)},
-        **{f"stride_l{a}": s for a, s in zip("sbh", l_strides)},
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
         GROUP_PAD=group_pad, NUM_SPLITS=splits,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
@@ -303,17 +297,9 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
     if splits > 1:
         block_h = min(16, triton.next_power_of_2(num_q_heads))
         decode_merge_kernel[(batch * q_len, triton.cdiv(num_q_heads, block_h))](
-            OutPart=part, LsePart=part_lse, Out=out, Lse=lse, q_len=q_len,
-            num_q_heads=num_q_heads,
-            **{f"stride_p{a}": s for a, s in zip("sblh", part.stride()[:4])},
-            **{f"stride_q{a}": s for a, s in zip("sbh", part_lse.stride()[:3])},
-            stride_ob=out.stride(0), stride_ol=out.stride(1), stride_oh=out.stride(2),
-            stride_lb=lse.stride(0), stride_lh=lse.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            BLOCK_H=block_h, NUM_SPLITS=splits, num_warps=4)
+            OutPart=part, LsePart=part_lse, Out=out, Lse=lse, batch=batch, q_len=q_len,
+            num_q_heads=num_q_heads, HEAD_DIM=head_dim,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_H=block_h,
+            NUM_SPLITS=splits, num_warps=4)
     return out, lse
 
-
-def _strides(name, t) -> dict:
-    return {f"stride_{name}{a}": s for a, s in zip("bhld", (t.stride(0), t.stride(2),
-                                                           t.stride(1), t.stride(3)))}

@@ -6,87 +6,11 @@ import pytest
 import torch
 
 from blocksparse_fsa import sparse_attn_with_kvcache
-from blocksparse_fsa.reference import dense_attention
 
-from ..conftest import ATOL, DEVICE, assert_rule, needs_kernels
+from ..helpers import (DEVICE, check_kvcache, logical, make_cache, needs_kernels, oracle_mask,
+                       kvcache_reference)
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_kernels)]
-
-
-def make_cache(batch, l_max, num_kv_heads, head_dim, seqlens, dtype, page=None, seed=0):
-    """Contiguous caches holding NaN beyond ``seqlens`` and, with ``page``, the same content in
-    shuffled pages (unused pages NaN) with its block table."""
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randn(batch, l_max, num_kv_heads, head_dim, generator=g).to(dtype)
-    v = torch.randn(batch, l_max, num_kv_heads, head_dim, generator=g).to(dtype)
-    for b, n in enumerate(seqlens):
-        k[b, n:] = float("nan")
-        v[b, n:] = float("nan")
-    if page is None:
-        return k.to(DEVICE), v.to(DEVICE), None
-    per_row = l_max // page
-    num_blocks = batch * per_row + 3
-    table = torch.randperm(num_blocks, generator=g)[:batch * per_row].view(batch, per_row)
-    kp = torch.full((num_blocks, page, num_kv_heads, head_dim), float("nan"), dtype=dtype)
-    vp = kp.clone()
-    kp[table.flatten()] = k.reshape(batch * per_row, page, num_kv_heads, head_dim)
-    vp[table.flatten()] = v.reshape(batch * per_row, page, num_kv_heads, head_dim)
-    return kp.to(DEVICE), vp.to(DEVICE), table.int().to(DEVICE)
-
-
-def logical(cache, table, batch):
-    """A paged cache viewed as (B, L_max, Hkv, D)."""
-    if table is None:
-        return cache
-    return cache[table.long()].flatten(1, 2)[:batch]
-
-
-def oracle_mask(lengths, q_len, l_max, window=(-1, -1), sinks=0, indices=None, is_causal=True,
-                num_kv_heads=1):
-    """Bool (B, Hkv|1, Lq, L_max): what each query may see."""
-    rows = []
-    for b, length in enumerate(lengths):
-        p = length - q_len + torch.arange(q_len)[:, None]
-        j = torch.arange(l_max)[None, :]
-        if indices is None:
-            left, right = window
-            hi = p if is_causal else (p + right if right >= 0 else torch.full_like(p, l_max))
-            win = (j <= hi) & ((j >= p - left) if left >= 0 else True)
-            sink = j < sinks
-            if is_causal:
-                sink = sink & (j <= p)
-            m = (win | sink)[None]
-        else:
-            idx = indices[b if indices.shape[0] > 1 else 0].cpu().long()
-            idx = idx.expand(num_kv_heads, q_len, -1)
-            m = torch.zeros(num_kv_heads, q_len, l_max + 1, dtype=torch.bool)
-            m.scatter_(2, idx.where(idx >= 0, l_max), True)
-            m = m[..., :l_max]
-            if is_causal:
-                m = m & (j <= p)[None]
-        rows.append(m & (j < length)[None])
-    return torch.stack(rows)
-
-
-def reference(q, k_cache, v_cache, table, lengths, mask, scale=None, softcap=0.0):
-    """(out, lse) in float64 and in the inputs' dtype, over each row's first ``lengths`` keys
-    (the rest zeroed: NaN there must not matter)."""
-    batch = q.shape[0]
-    k = logical(k_cache, table, batch).cpu().clone()
-    v = logical(v_cache, table, batch).cpu().clone()
-    for b, n in enumerate(lengths):
-        k[b, n:] = 0
-        v[b, n:] = 0
-    qc = q.cpu()
-    hi = dense_attention(qc.double(), k.double(), v.double(), mask, scale, softcap)
-    lo = dense_attention(qc, k, v, mask, scale, softcap)
-    return hi, lo
-
-
-def check(q, out, lse, hi, lo):
-    atol = ATOL[q.dtype]
-    assert_rule("out", out.cpu(), lo[0].cpu(), hi[0], atol)
-    assert_rule("lse", lse.cpu(), lo[1].cpu(), hi[1], atol)
 
 
 CASES = {  # name: (B, Lq, Hq, Hkv, D, L_max, seqlens, n_new, window, sinks)
@@ -126,7 +50,7 @@ def test_window_sinks(name, paged, backend):
         for b, s in enumerate(start.tolist()):
             assert torch.equal(kl[b, s:s + n_new], k[b])
     mask = oracle_mask(lengths, q_len, l_max, window, sinks)
-    check(q, out, lse, *reference(q, k_cache, v_cache, table, lengths, mask))
+    check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, table, lengths, mask))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -151,7 +75,7 @@ def test_indices(backend, causal):
                                         block_table=table, attn_indices=idx.to(DEVICE),
                                         is_causal=causal, return_lse=True, backend=backend)
     mask = oracle_mask(lengths, q_len, l_max, indices=idx, is_causal=causal, num_kv_heads=hkv)
-    check(q, out, lse, *reference(q, k_cache, v_cache, table, lengths, mask))
+    check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, table, lengths, mask))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -167,7 +91,8 @@ def test_indices_broadcast_softcap(backend):
         attn_indices=idx.to(DEVICE), softcap=2.0, softmax_scale=0.7, return_lse=True,
         backend=backend)
     mask = oracle_mask(seqlens, q_len, l_max, indices=idx, num_kv_heads=hkv)
-    check(q, out, lse, *reference(q, k_cache, v_cache, None, seqlens, mask, 0.7, 2.0))
+    check_kvcache(q, out, lse,
+                  *kvcache_reference(q, k_cache, v_cache, None, seqlens, mask, 0.7, 2.0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -185,7 +110,7 @@ def test_head_dims(backend, dtype):
                                                             device=DEVICE),
             window_size=(30, 0), sinks=2, return_lse=True, backend=backend)
         mask = oracle_mask(seqlens, 1, l_max, (30, 0), 2)
-        check(q, out, lse, *reference(q, k_cache, v_cache, None, seqlens, mask))
+        check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, None, seqlens, mask))
 
 
 @needs_kernels
@@ -283,3 +208,36 @@ def test_inference_only():
         sparse_attn_with_kvcache(q.requires_grad_(), kc, vc, cache_seqlens=3)
     with torch.inference_mode():
         assert torch.isfinite(sparse_attn_with_kvcache(q, kc, vc, cache_seqlens=3)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["window", "indices"])
+def test_garbage_in_unattended_keys(backend, mode):
+    """NaN/Inf in keys inside each row's length that no query attends (between the sinks and
+    the window, or outside every index list) changes nothing, bit for bit."""
+    batch, q_len, hq, hkv, d, l_max = 2, 5, 4, 2, 16, 96
+    seqlens = [96, 70]
+    clean, clean_v, table = make_cache(batch, l_max, hkv, d, seqlens, torch.float32, page=16)
+    q = torch.randn(batch, q_len, hq, d).to(DEVICE)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    if mode == "window":
+        kw = dict(window_size=(9, 0), sinks=3)
+        mask = oracle_mask(seqlens, q_len, l_max, (9, 0), 3)
+    else:
+        idx = torch.stack([torch.randint(-1, n, (hkv, q_len, 12)) for n in seqlens])
+        kw = dict(attn_indices=idx.to(DEVICE))
+        mask = oracle_mask(seqlens, q_len, l_max, indices=idx, num_kv_heads=hkv)
+    dirty, dirty_v = clean.clone(), clean_v.clone()
+    unattended = ~mask.any(2).any(1)  # (B, L_max): keys no query of the row sees
+    for b in range(batch):
+        for j in unattended[b].nonzero().flatten().tolist():
+            page, off = table[b, j // 16].item(), j % 16
+            dirty[page, off] = float("nan")
+            dirty_v[page, off] = float("inf")
+    ref = sparse_attn_with_kvcache(q, clean, clean_v, cache_seqlens=lens, block_table=table,
+                                   return_lse=True, backend=backend, **kw)
+    out = sparse_attn_with_kvcache(q, dirty, dirty_v, cache_seqlens=lens, block_table=table,
+                                   return_lse=True, backend=backend, **kw)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    check_kvcache(q, out[0], out[1],
+                  *kvcache_reference(q, clean, clean_v, table, seqlens, mask))

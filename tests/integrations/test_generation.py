@@ -18,18 +18,24 @@ import blocksparse_fsa as bsa  # noqa: E402
 from blocksparse_fsa.integrations import generation  # noqa: E402
 from blocksparse_fsa.integrations.generation import SparsePattern, set_sparse_pattern  # noqa
 
-from ..conftest import DEVICE  # noqa: E402
+from ..helpers import DEVICE  # noqa: E402
 
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 REFERENCE = "test_dense_pattern"
 
 
-def dense_mask(pattern, module, query, key):
-    """Bool (B|1, Hkv|1, Lq, Lk): the pattern as the oracle reads it."""
+def dense_mask(pattern, module, query, key, pads=None):
+    """Bool (B|1, Hkv|1, Lq, Lk): the pattern as the oracle reads it; with ``pads`` (B,) in
+    each row's own positions (slot - pads), pad slots excluded."""
     q_len, k_len = query.shape[2], key.shape[2]
     p = k_len - q_len + torch.arange(q_len, device=query.device)[:, None]
     j = torch.arange(k_len, device=query.device)[None, :]
+    if pads is not None:
+        pad = pads.view(-1, 1, 1)
+        p_tok, j_tok = p - pad, j - pad
+        win = j_tok >= p_tok - pattern.left if pattern.left is not None else True
+        return ((j_tok >= 0) & (j <= p) & (win | (j_tok < pattern.sinks)))[:, None]
     if pattern.indices is None:
         win = j >= p - pattern.left if pattern.left is not None else True
         return ((j <= p) & (win | (j < pattern.sinks)))[None, None]
@@ -41,8 +47,10 @@ def dense_mask(pattern, module, query, key):
 
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                         **kwargs):
-    """transformers' eager attention with the additive form of the pattern's dense mask."""
-    mask = dense_mask(module.sparse_pattern, module, query, key)
+    """transformers' eager attention with the additive form of the pattern's dense mask (in
+    each row's own positions when transformers' mask shows left padding)."""
+    pads = None if attention_mask is None else (~attention_mask[:, 0, -1, :]).sum(-1)
+    mask = dense_mask(module.sparse_pattern, module, query, key, pads)
     mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
     additive = torch.zeros(mask.shape, device=query.device).masked_fill(
         ~mask, torch.finfo(torch.float32).min)
@@ -111,6 +119,26 @@ def test_generate_matches_eager(pattern, monkeypatch):
     assert calls == {"layout": layers, "cache": layers * 7}  # prefill once, 7 decode steps
 
 
+@pytest.mark.parametrize("pattern", [SparsePattern(left=5, sinks=2), SparsePattern()],
+                         ids=["window5-sinks2", "causal"])
+def test_generate_left_padded_batch(pattern):
+    """Batched generation with left padding: the pattern counts each row's own positions."""
+    ours, ref = twins(pattern)
+    ids = torch.randint(1, CONFIG.vocab_size, (3, 19), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 4, 11)):
+        ids[row, :pad] = 0
+        attention_mask[row, :pad] = 0
+    outs = []
+    for model in (ours, ref):
+        out = model.generate(ids.to(DEVICE), attention_mask=attention_mask.to(DEVICE),
+                             max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             output_scores=True, return_dict_in_generate=True)
+        outs.append((out.sequences, torch.stack(out.scores)))
+    assert torch.equal(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-4, rtol=1e-4)
+
+
 def test_training_path_keeps_sparse_layout():
     """An explicit sparse_layout= wins over the attached pattern; without it the pattern's
     layout runs (and is differentiable)."""
@@ -131,10 +159,9 @@ def test_errors():
     ours, _ = twins(SparsePattern(left=4))
     ids = torch.randint(0, CONFIG.vocab_size, (2, 9)).to(DEVICE)
     padding = torch.ones_like(ids)
-    padding[0, :3] = 0
-    with pytest.raises(ValueError, match="cannot serve a model that passes an attention mask"):
-        ours.generate(ids, attention_mask=padding, max_new_tokens=2, do_sample=False,
-                      pad_token_id=0)
+    padding[0, -3:] = 0  # right padding: not causal attention over left-padded rows
+    with pytest.raises(ValueError, match="left-padded rows only"):
+        ours(ids, attention_mask=padding)
     eager = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIG), attn_implementation="eager")
     with pytest.raises(ValueError, match="attn_implementation='blocksparse_fsa'"):
         set_sparse_pattern(eager, SparsePattern(left=4))

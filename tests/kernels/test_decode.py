@@ -13,10 +13,9 @@ import torch
 from blocksparse_fsa import sparse_attn_with_kvcache
 from blocksparse_fsa.kernels.decode import decode_fwd
 
-from ..api.test_kvcache import check, make_cache, oracle_mask, reference
-from ..conftest import DEVICE, HAS_CUDA, needs_kernels
+from ..helpers import (DEVICE, HAS_CUDA, REPO, check_kvcache, kvcache_reference, make_cache,
+                       needs_kernels, oracle_mask)
 
-REPO = Path(__file__).resolve().parents[2]
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
@@ -36,10 +35,10 @@ def test_splits_agree_and_repeat(mode):
         idx = torch.stack([torch.randint(-1, n, (hkv, q_len, 100)) for n in seqlens])
         kw.update(attn_indices=torch.sort(idx.int(), dim=-1).values.to(DEVICE))
         mask = oracle_mask(seqlens, q_len, l_max, indices=idx, num_kv_heads=hkv)
-    hi, lo = reference(q, k_cache, v_cache, table, seqlens, mask, 0.2)
+    hi, lo = kvcache_reference(q, k_cache, v_cache, table, seqlens, mask, 0.2)
     for splits in (1, 2, 5):
         out, lse = decode_fwd(q, k_cache, v_cache, lens, num_splits=splits, **kw)
-        check(q, out, lse, hi, lo)
+        check_kvcache(q, out, lse, hi, lo)
         again = decode_fwd(q, k_cache, v_cache, lens, num_splits=splits, **kw)
         assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
 
@@ -69,7 +68,7 @@ def test_gpu_serving_sizes(mode, paged, dtype):
         mask = oracle_mask(lengths, q_len, l_max, (1023, 0), 4)
     out, lse = sparse_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens,
                                         block_table=table, return_lse=True, **kw)
-    check(q, out, lse, *reference(q, k_cache, v_cache, table, lengths, mask))
+    check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, table, lengths, mask))
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
@@ -126,6 +125,7 @@ def test_gpu_cuda_graph_16_steps(mode, paged):
     assert torch.equal(captured[0], eager[0]) and torch.equal(captured[2], eager[2])
 
 
+@pytest.mark.compile
 def test_decode_kernels_compile_for_sm90():
     """The decode variants compile for Hopper offline (the interpreter skips the compiler)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
