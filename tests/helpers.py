@@ -10,6 +10,7 @@ import torch
 
 import blocksparse_fsa as bsa
 from blocksparse_fsa.layout import unpack_bits
+from blocksparse_fsa.reference import dense_attention
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -234,3 +235,80 @@ def small_patterns():
             bp.bigbird(BENCH_L, BENCH_HKV, "cpu", block=16),
             bp.nsa_blocks(BENCH_L, BENCH_HKV, "cpu", block=16, num_selected=5),
             bp.topk_random(BENCH_L, BENCH_HKV, "cpu", k=24)]
+
+
+# ---- KV caches (sparse_attn_with_kvcache) -----------------------------------------------------
+def make_cache(batch, l_max, num_kv_heads, head_dim, seqlens, dtype, page=None, seed=0):
+    """Contiguous caches holding NaN beyond ``seqlens`` and, with ``page``, the same content in
+    shuffled pages (unused pages NaN) with its block table."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(batch, l_max, num_kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, l_max, num_kv_heads, head_dim, generator=g).to(dtype)
+    for b, n in enumerate(seqlens):
+        k[b, n:] = float("nan")
+        v[b, n:] = float("nan")
+    if page is None:
+        return k.to(DEVICE), v.to(DEVICE), None
+    per_row = l_max // page
+    num_blocks = batch * per_row + 3
+    table = torch.randperm(num_blocks, generator=g)[:batch * per_row].view(batch, per_row)
+    kp = torch.full((num_blocks, page, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+    vp = kp.clone()
+    kp[table.flatten()] = k.reshape(batch * per_row, page, num_kv_heads, head_dim)
+    vp[table.flatten()] = v.reshape(batch * per_row, page, num_kv_heads, head_dim)
+    return kp.to(DEVICE), vp.to(DEVICE), table.int().to(DEVICE)
+
+
+def logical(cache, table, batch):
+    """A paged cache viewed as (B, L_max, Hkv, D)."""
+    if table is None:
+        return cache
+    return cache[table.long()].flatten(1, 2)[:batch]
+
+
+def oracle_mask(lengths, q_len, l_max, window=(-1, -1), sinks=0, indices=None, is_causal=True,
+                num_kv_heads=1):
+    """Bool (B, Hkv|1, Lq, L_max): what each query may see."""
+    rows = []
+    for b, length in enumerate(lengths):
+        p = length - q_len + torch.arange(q_len)[:, None]
+        j = torch.arange(l_max)[None, :]
+        if indices is None:
+            left, right = window
+            hi = p if is_causal else (p + right if right >= 0 else torch.full_like(p, l_max))
+            win = (j <= hi) & ((j >= p - left) if left >= 0 else True)
+            sink = j < sinks
+            if is_causal:
+                sink = sink & (j <= p)
+            m = (win | sink)[None]
+        else:
+            idx = indices[b if indices.shape[0] > 1 else 0].cpu().long()
+            idx = idx.expand(num_kv_heads, q_len, -1)
+            m = torch.zeros(num_kv_heads, q_len, l_max + 1, dtype=torch.bool)
+            m.scatter_(2, idx.where(idx >= 0, l_max), True)
+            m = m[..., :l_max]
+            if is_causal:
+                m = m & (j <= p)[None]
+        rows.append(m & (j < length)[None])
+    return torch.stack(rows)
+
+
+def kvcache_reference(q, k_cache, v_cache, table, lengths, mask, scale=None, softcap=0.0):
+    """(out, lse) in float64 and in the inputs' dtype, over each row's first ``lengths`` keys
+    (the rest zeroed: NaN there must not matter)."""
+    batch = q.shape[0]
+    k = logical(k_cache, table, batch).cpu().clone()
+    v = logical(v_cache, table, batch).cpu().clone()
+    for b, n in enumerate(lengths):
+        k[b, n:] = 0
+        v[b, n:] = 0
+    qc = q.cpu()
+    hi = dense_attention(qc.double(), k.double(), v.double(), mask, scale, softcap)
+    lo = dense_attention(qc, k, v, mask, scale, softcap)
+    return hi, lo
+
+
+def check_kvcache(q, out, lse, hi, lo):
+    atol = ATOL[q.dtype]
+    assert_rule("out", out.cpu(), lo[0].cpu(), hi[0], atol)
+    assert_rule("lse", lse.cpu(), lo[1].cpu(), hi[1], atol)

@@ -142,7 +142,6 @@ def dense_layout(length=LENGTH, is_causal=True):
 
 
 @pytest.mark.parametrize("config_args,forward_args,error,match", [
-    ({}, lambda: {}, ValueError, "needs the pattern: pass sparse_layout="),
     ({}, lambda: dict(sparse_layout=dense_layout().to_dense_mask()), TypeError,
      "sparse_layout must be a SparseLayout"),
     (dict(attention_dropout=0.1), lambda: dict(sparse_layout=dense_layout()), ValueError,
@@ -156,7 +155,7 @@ def dense_layout(length=LENGTH, is_causal=True):
     ({}, lambda: dict(sparse_layout=dense_layout().reordered(("dilation", 2)),
                       attention_mask=(torch.arange(LENGTH, device=DEVICE) >= 7).expand(BATCH, -1)),
      ValueError, "needs a layout without a token permutation"),
-], ids=["no-layout", "not-a-layout", "dropout", "non-causal-layout", "float-mask",
+], ids=["not-a-layout", "dropout", "non-causal-layout", "float-mask",
         "wrong-length", "reordered-layout-and-padding"])
 def test_errors(config_args, forward_args, error, match):
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SMALL, **config_args),

@@ -13,11 +13,12 @@ from ..reference import sparse_attention
 from .cache import cached_layout
 from .checks import (check_backend, check_bias, check_layout, check_pattern, check_qkv,
                      check_scalars)
+from .window import check_window, window_layout
 
 
 def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causal=None,
                      softmax_scale=None, *, attn_indices=None, layout=None, return_lse=False,
-                     softcap=0.0, backend="auto"):
+                     softcap=0.0, backend="auto", window_size=(-1, -1), sinks=0):
     """Exact softmax attention restricted to a sparse pattern.
 
     Args:
@@ -44,8 +45,14 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
             before the softmax (Gemma-2, FSA's CUDA path), forward and backward; 0 = off.
         backend: ``"auto"`` (Triton on CUDA tensors or under ``TRITON_INTERPRET=1``, else the
             pure-PyTorch path), ``"triton"`` or ``"torch"``.
+        window_size: ``(left, right)`` as in FlashAttention: query ``i`` sees keys ``[p - left,
+            p + right]``, ``p = i + Lk - Lq``, -1 = unbounded; combinable with ``is_causal``.
+            The layout is computed on the query's device and cached, never from indices.
+        sinks: the first ``sinks`` keys are visible to every query (with ``is_causal``, to
+            queries at or after them); only together with a bounded ``window_size``.
 
-    At most one of ``attn_mask``, ``attn_indices``, ``layout``; with none, dense attention.
+    At most one of ``attn_mask``, ``attn_indices``, ``layout``, ``window_size``; with none,
+    dense attention.
     Returns ``out`` ``(B, Lq, Hq, D)`` in the input dtype, and ``lse`` if asked. Zero-size
     batches or lengths give empty results; ``Lk = 0`` makes every row empty (zeros, lse -inf).
     """
@@ -55,12 +62,18 @@ def sparse_attn_func(query, key, value, attn_mask=None, attn_bias=None, is_causa
                                   ("layout", layout)) if x is not None]
     if len(given) > 1:
         raise ValueError(f"pass at most one of attn_mask, attn_indices, layout; got {given}")
+    window = check_window(window_size, sinks)
+    if window is not None and given:
+        raise ValueError(f"window_size/sinks and {given[0]} cannot be combined: build the "
+                         "window into the pattern instead (patterns.sliding_window)")
     softmax_scale, softcap = check_scalars(head_dim, is_causal, softmax_scale, softcap,
                                            return_lse, backend)
     path = check_backend(backend, query)
     heads_ok = (1, num_kv_heads, num_q_heads)
     if attn_bias is not None:
         check_bias(attn_bias, query, batch, q_len, k_len, heads_ok)
+    if window is not None and min(batch, q_len, k_len) > 0:
+        layout = window_layout(q_len, k_len, window, bool(is_causal), query.device)
     if layout is not None:
         check_layout(layout, is_causal, batch, q_len, k_len, heads_ok, query.device)
     elif attn_indices is not None:

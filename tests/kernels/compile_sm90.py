@@ -51,8 +51,9 @@ def compile_offline(self, *args, grid, warmup, **kwargs):
     for i, param in enumerate(self.params):
         value = bound.get(param.name, param.default)
         is_int = isinstance(value, int) and not isinstance(value, bool)
-        if param.is_constexpr or (is_int and value == 1 and not param.do_not_specialize):
-            # as a launch does: an int argument equal to 1 becomes a constant
+        if param.is_constexpr or value is None or (is_int and value == 1
+                                                   and not param.do_not_specialize):
+            # as a launch does: None and an int argument equal to 1 become constants
             signature[param.name] = "constexpr"
             constexprs[(i,)] = value
         else:

@@ -1,0 +1,305 @@
+"""Split-KV (flash-decoding) attention over a KV cache: a window + sinks evaluated from positions,
+or per-query lists of cache positions; contiguous or paged caches.
+
+Each program folds one slice of a query block's keys into a partial ``(out, lse)``; a second
+kernel merges the slices in split order, so results do not depend on scheduling. Grid sizes and
+buffers depend on shapes only (never on ``cache_seqlens``), so a decode step captures in a CUDA
+graph. The same kernel serves chunked prefill: a window block of query rows walks the union of
+their windows, an index list is walked row by row (the gather kernels' strategy).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LN2, log2_scores, new_empty, score_args
+
+# pattern modes (constexpr)
+WINDOW = tl.constexpr(0)
+INDICES = tl.constexpr(1)
+
+
+@triton.jit
+def _key_rows(pos, ok, b, BlockTable, stride_bt_b, stride_kb, stride_kl, PAGE_SIZE: tl.constexpr,
+              PAGED: tl.constexpr):
+    """Element offsets of cache positions ``pos`` of batch ``b`` (int64, [BLOCK_N]): through the
+    block table's page of each position, or ``b``'s own rows of a contiguous cache."""
+    if PAGED:
+        page = tl.load(BlockTable + b * stride_bt_b + pos // PAGE_SIZE, mask=ok, other=0)
+        rows = page.to(tl.int64) * stride_kb + (pos % PAGE_SIZE) * stride_kl
+    else:
+        rows = b * stride_kb + pos * stride_kl
+    return rows
+
+
+@triton.jit
+def decode_fwd_kernel(
+    Q, KCache, VCache, CacheSeqlens, BlockTable, Indices, Out, Lse,
+    qk_scale, cap_scale, q_len, num_kv_heads, group_size, num_new, left, right, sinks, n_idx,
+    stride_kb, stride_kl, stride_kh, stride_kd,
+    stride_vb, stride_vl, stride_vh, stride_vd, stride_bt_b,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program = split ``program_id(0)`` of the keys of ``BLOCK_M // GROUP_PAD`` query rows
+    x the query heads of one KV head (stacked as the matmul's rows, one K/V load serves them);
+    grid (NUM_SPLITS, ceil(Lq / rows), B * Hkv). Q (B, Lq, Hq, D) and Indices (B, Hkv, Lq, W)
+    contiguous, caches with any strides. Writes the slice's normalised out and lse (log2 units)
+    to contiguous ``Out``/``Lse`` (NUM_SPLITS, B, Lq, Hq, D) / (NUM_SPLITS, B, Hq, Lq), or, with
+    NUM_SPLITS == 1, the final out (B, Lq, Hq, D) and lse (B, Hq, Lq) in natural log."""
+    split = tl.program_id(0)
+    b = tl.program_id(2) // num_kv_heads
+    hk = tl.program_id(2) % num_kv_heads
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
+    offs_r = tl.arange(0, BLOCK_M)
+    qi = tl.program_id(1) * BLOCK_Q + offs_r // GROUP_PAD  # [BLOCK_M] query row of each row
+    g = offs_r % GROUP_PAD
+    hq = hk * group_size + g
+    row_ok = (qi < q_len) & (g < group_size)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    b64 = b.to(tl.int64)
+    num_q_heads = num_kv_heads * group_size
+    # row (b, qi, hq) of the contiguous (B, Lq, Hq, D) query and output
+    rows_q = (b64 * q_len + qi.to(tl.int64)) * num_q_heads + hq
+    q = tl.load(Q + rows_q[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    seqlen = tl.load(CacheSeqlens + b).to(tl.int64) + num_new  # keys after the append
+    pos_q = seqlen - q_len + qi  # bottom-right aligned position of each row, [BLOCK_M]
+    if MODE == WINDOW:
+        last = seqlen - 1
+        lo = tl.where(left >= 0, tl.maximum(pos_q - left, 0), 0)  # [BLOCK_M]
+        if IS_CAUSAL:
+            hi = tl.minimum(pos_q, last)
+        else:
+            hi = tl.where(right >= 0, tl.minimum(pos_q + right, last), last)
+        # the block's keys as one virtual list: the sinks below its lowest window, then the
+        # union of its windows (and, without causality, of the sinks above them)
+        q_first = tl.program_id(1) * BLOCK_Q
+        first = seqlen - q_len + q_first
+        final = seqlen - q_len + tl.minimum(q_first + BLOCK_Q, q_len) - 1
+        lo_b = tl.where(left >= 0, tl.maximum(first - left, 0), 0)
+        if IS_CAUSAL:
+            hi_b = tl.minimum(final, last)
+        else:
+            hi_b = tl.where(right >= 0, tl.minimum(final + right, last), last)
+            hi_b = tl.maximum(hi_b, tl.minimum(sinks, seqlen) - 1)
+        n_sink = tl.minimum(tl.minimum(sinks, lo_b), seqlen)
+        n_keys = n_sink + tl.maximum(hi_b + 1 - lo_b, 0)
+    else:
+        n_keys = n_idx + 0 * seqlen
+        idx_base = Indices + ((b64 * num_kv_heads + hk) * q_len + tl.program_id(1)) * n_idx
+    # this split's slice of the virtual key list, a whole number of BLOCK_N
+    per_split = tl.cdiv(tl.cdiv(n_keys, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, n_keys)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    k_head = KCache + hk.to(tl.int64) * stride_kh
+    v_head = VCache + hk.to(tl.int64) * stride_vh
+    for t0 in range(start, end, BLOCK_N):
+        t = t0 + offs_n
+        in_range = t < end
+        if MODE == WINDOW:
+            pos = tl.where(t < n_sink, t, lo_b + t - n_sink)  # [BLOCK_N]
+            sink = pos[None, :] < sinks  # [1, BLOCK_N]
+            if IS_CAUSAL:
+                sink = sink & (pos[None, :] <= pos_q[:, None])
+            hit = (pos[None, :] >= lo[:, None]) & (pos[None, :] <= hi[:, None]) | sink
+        else:
+            pos = tl.load(idx_base + t, mask=in_range, other=-1).to(tl.int64)
+            # sorted lists: an entry equal to its predecessor is a duplicate, counted once
+            prev = tl.load(idx_base + t - 1, mask=in_range & (t > 0), other=-1).to(tl.int64)
+            in_range = in_range & (pos >= 0) & (pos != prev)
+            if IS_CAUSAL:
+                hit = pos[None, :] <= pos_q[:, None]
+            else:
+                hit = row_ok[:, None] & (pos[None, :] >= 0)
+        in_range = in_range & (pos < seqlen)
+        hit = hit & in_range[None, :] & row_ok[:, None]  # [BLOCK_M, BLOCK_N]
+        # keys no row of the block attends are never read: garbage there cannot leak
+        used = tl.max(hit.to(tl.int32), 0) > 0
+        rows_k = _key_rows(pos, used, b64, BlockTable, stride_bt_b, stride_kb, stride_kl,
+                           PAGE_SIZE, PAGED)
+        rows_v = _key_rows(pos, used, b64, BlockTable, stride_bt_b, stride_vb, stride_vl,
+                           PAGE_SIZE, PAGED)
+        kv_ok = used[:, None] & d_ok[None, :]
+        k = tl.load(k_head + rows_k[:, None] + offs_d[None, :] * stride_kd, mask=kv_ok,
+                    other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        s, _ = log2_scores(s, qk_scale, cap_scale, SOFTCAP)
+        s = tl.where(hit, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_head + rows_v[:, None] + offs_d[None, :] * stride_vd, mask=kv_ok,
+                    other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    if NUM_SPLITS == 1:
+        lse = lse * LN2
+    batch = tl.num_programs(2) // num_kv_heads
+    rows_o = split.to(tl.int64) * batch * q_len * num_q_heads + rows_q
+    tl.store(Out + rows_o[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+    rows_l = ((split.to(tl.int64) * batch + b64) * num_q_heads + hq) * q_len + qi
+    tl.store(Lse + rows_l, lse, mask=row_ok)
+
+
+@triton.jit
+def decode_merge_kernel(
+    OutPart, LsePart, Out, Lse, batch, q_len, num_q_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """One program = one query row of one batch, ``BLOCK_H`` query heads: merges the splits'
+    partial (out, lse) in split order; grid (B * Lq, ceil(Hq / BLOCK_H)). Partials as
+    ``decode_fwd_kernel`` writes them; out (B, Lq, Hq, D), lse (B, Hq, Lq) natural log, all
+    contiguous."""
+    b = (tl.program_id(0) // q_len).to(tl.int64)
+    qi = (tl.program_id(0) % q_len).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ok = offs_h < num_q_heads
+    ok = h_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows_o = (b * q_len + qi) * num_q_heads + offs_h  # [BLOCK_H] rows of (B, Lq, Hq, D)
+    rows_l = (b * num_q_heads + offs_h) * q_len + qi  # [BLOCK_H] entries of (B, Hq, Lq)
+    split_o = (b * 0 + batch) * q_len * num_q_heads  # rows per split, int64 (as b)
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        part = tl.load(LsePart + s * split_o + rows_l, mask=h_ok, other=float("-inf"))
+        m = tl.maximum(m, part)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    denom = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        part = tl.load(LsePart + s * split_o + rows_l, mask=h_ok, other=float("-inf"))
+        w = tl.math.exp2(part - m_safe)  # [BLOCK_H]; 0 for an empty split
+        o = tl.load(OutPart + (s * split_o + rows_o)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=ok & (w > 0)[:, None], other=0.0)  # [BLOCK_H, BLOCK_D]
+        acc += w[:, None] * o
+        denom += w
+    empty = denom == 0.0
+    d_safe = tl.where(empty, 1.0, denom)
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(d_safe)) * LN2)
+    tl.store(Out + rows_o[:, None] * HEAD_DIM + offs_d[None, :],
+             (acc / d_safe[:, None]).to(Out.dtype.element_ty), mask=ok)
+    tl.store(Lse + rows_l, lse, mask=h_ok)
+
+
+def get_decode_config(head_dim: int, indices: bool) -> dict:
+    """Keys per step (``BLOCK_N``), warps and stages of ``decode_fwd_kernel``; replace this
+    function (``kernels.decode.get_decode_config = mine``) to tune for another GPU. One query
+    row's K/V tiles stream through a small matmul: 64 keys keep a D=128 bf16 tile pair at 32 KB."""
+    if head_dim <= 128:
+        return dict(BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def decode_blocks(q_len: int, group_size: int, indices: bool) -> tuple[int, int]:
+    """``(BLOCK_M, GROUP_PAD)``: the rows one program stacks (query rows x the padded head
+    group, at least 16 for the matmul) and the padded group. Index lists differ per query
+    row, so a program then holds one row."""
+    group_pad = triton.next_power_of_2(group_size)
+    if indices:
+        return max(16, group_pad), max(16, group_pad)
+    rows = min(triton.next_power_of_2(q_len), max(1, 64 // group_pad))
+    return max(16, rows * group_pad), group_pad
+
+
+# programs per SM that the split count aims at (override to tune; see bench_decode --sweep)
+SPLIT_WAVES = 2
+
+
+def num_splits_for(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
+    """How many slices the keys of one program are cut into: enough programs to fill the GPU
+    ``SPLIT_WAVES`` times, never a slice under two key blocks. From shapes only (graph
+    capture)."""
+    if device.type == "cuda":
+        target = SPLIT_WAVES * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4  # the interpreter: a few slices, so that the merge is exercised
+    by_keys = max(1, -(-max_keys // (2 * block_n)))
+    return max(1, min(-(-target // max(programs, 1)), by_keys, 64))
+
+
+def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_indices=None,
+               num_new=0, window_size=(-1, -1), sinks=0, is_causal=True, softmax_scale,
+               softcap=0.0, num_splits=None):
+    """Launch the split-KV kernel (and the merge). ``q`` (B, Lq, Hq, D); caches
+    (B, L_max, Hkv, D) or paged (num_blocks, page, Hkv, D) with ``block_table`` (B, pages)
+    int32; ``cache_seqlens`` (B,) int32 (the rows' lengths before ``num_new`` appended keys);
+    ``attn_indices`` (B|1, Hkv|1, Lq, W) in any order. Returns out
+    (B, Lq, Hq, D) like q and lse (B, Hq, Lq) float32."""
+    batch, q_len, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = new_empty(like=q)
+    lse = new_empty(batch, num_q_heads, q_len, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    block_m, group_pad = decode_blocks(q_len, group, attn_indices is not None)
+    block_q = block_m // group_pad
+    config = get_decode_config(head_dim, attn_indices is not None)
+    block_n = config["BLOCK_N"]
+    if attn_indices is not None:  # sorted, so that a duplicate sits next to its twin
+        n_idx = attn_indices.shape[-1]
+        attn_indices = torch.sort(attn_indices.to(torch.int32).expand(
+            batch, num_kv_heads, q_len, n_idx), dim=-1).values
+        max_keys = n_idx
+    else:
+        n_idx = 0
+        left, right = window_size
+        span = capacity if left < 0 or (right < 0 and not is_causal) else (
+            left + block_q + (0 if is_causal else right))
+        max_keys = min(capacity, span + sinks)
+    grid_rows = triton.cdiv(q_len, block_q)
+    programs = grid_rows * batch * num_kv_heads
+    splits = num_splits or num_splits_for(programs, max_keys, block_n, q.device)
+    if splits == 1:
+        part, part_lse = out, lse
+    else:
+        part = new_empty(splits, batch, q_len, num_q_heads, head_dim, dtype=torch.float32,
+                         device=q.device)
+        part_lse = new_empty(splits, batch, num_q_heads, q_len, dtype=torch.float32,
+                             device=q.device)
+    left, right = window_size
+    decode_fwd_kernel[(splits, grid_rows, batch * num_kv_heads)](
+        Q=q.contiguous(), KCache=k_cache, VCache=v_cache, CacheSeqlens=cache_seqlens,
+        BlockTable=block_table, Indices=attn_indices, Out=part, Lse=part_lse,
+        **score_args(softmax_scale, softcap),
+        q_len=q_len, num_kv_heads=num_kv_heads, group_size=group, num_new=num_new,
+        left=left, right=right, sinks=sinks, n_idx=n_idx,
+        **{f"stride_k{a}": s for a, s in zip("blhd", k_cache.stride())},
+        **{f"stride_v{a}": s for a, s in zip("blhd", v_cache.stride())},
+        stride_bt_b=block_table.stride(0) if paged else 0,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
+        GROUP_PAD=group_pad, NUM_SPLITS=splits,
+        PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
+        MODE=1 if attn_indices is not None else 0, IS_CAUSAL=bool(is_causal),
+        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **config,
+    )
+    if splits > 1:
+        block_h = min(16, triton.next_power_of_2(num_q_heads))
+        decode_merge_kernel[(batch * q_len, triton.cdiv(num_q_heads, block_h))](
+            OutPart=part, LsePart=part_lse, Out=out, Lse=lse, batch=batch, q_len=q_len,
+            num_q_heads=num_q_heads, HEAD_DIM=head_dim,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_H=block_h,
+            NUM_SPLITS=splits, num_warps=4)
+    return out, lse
+

@@ -1,0 +1,243 @@
+"""sparse_attn_with_kvcache against a float64 dense oracle, on the PyTorch path and the split-KV
+kernel (under the interpreter on CPU): ragged and full caches, appends, paged caches, windows,
+sinks, index lists, GQA/MQA, garbage beyond each row's length; and the errors."""
+
+import pytest
+import torch
+
+from blocksparse_fsa import sparse_attn_with_kvcache
+
+from ..helpers import (DEVICE, check_kvcache, logical, make_cache, needs_kernels, oracle_mask,
+                       kvcache_reference)
+
+BACKENDS = ["torch", pytest.param("triton", marks=needs_kernels)]
+
+
+CASES = {  # name: (B, Lq, Hq, Hkv, D, L_max, seqlens, n_new, window, sinks)
+    "decode-ragged-window": (4, 1, 4, 2, 32, 96, [0, 1, 50, 95], 1, (20, 0), 0),
+    "decode-sinks-gqa": (3, 1, 8, 2, 64, 128, [5, 70, 127], 1, (15, -1), 4),
+    "decode-mqa-full": (2, 1, 4, 1, 32, 64, [64, 17], 0, (-1, -1), 0),
+    "decode-long-window": (2, 1, 2, 2, 16, 64, [10, 40], 1, (100, 0), 2),
+    "chunk-prefill": (2, 37, 4, 2, 32, 128, [0, 60], 37, (24, 0), 3),
+    "chunk-no-append": (2, 9, 2, 1, 16, 64, [9, 40], 0, (7, 0), 1),
+    "mha-d64": (2, 2, 3, 3, 64, 80, [30, 3], 2, (-1, -1), 0),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_window_sinks(name, paged, backend):
+    batch, q_len, hq, hkv, d, l_max, seqlens, n_new, window, sinks = CASES[name]
+    dtype = torch.float32
+    base = [s for s in seqlens]
+    k_cache, v_cache, table = make_cache(batch, l_max, hkv, d, base, dtype, page=16 if paged
+                                         else None)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(batch, q_len, hq, d, generator=g).to(DEVICE)
+    k = v = None
+    start = torch.tensor([min(s, l_max - n_new) for s in base], dtype=torch.int32)
+    if n_new:
+        k = torch.randn(batch, n_new, hkv, d, generator=g).to(DEVICE)
+        v = torch.randn(batch, n_new, hkv, d, generator=g).to(DEVICE)
+    out, lse = sparse_attn_with_kvcache(q, k_cache, v_cache, k, v,
+                                        cache_seqlens=start.to(DEVICE), block_table=table,
+                                        window_size=window, sinks=sinks, return_lse=True,
+                                        backend=backend)
+    lengths = (start + n_new).tolist()
+    if n_new:  # the append landed where it should
+        kl = logical(k_cache, table, batch)
+        for b, s in enumerate(start.tolist()):
+            assert torch.equal(kl[b, s:s + n_new], k[b])
+    mask = oracle_mask(lengths, q_len, l_max, window, sinks)
+    check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, table, lengths, mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_indices(backend, causal):
+    """Index lists with -1, duplicates, unsorted, per KV head; a broadcast batch dim."""
+    batch, q_len, hq, hkv, d, l_max = 3, 3, 4, 2, 32, 80
+    seqlens = [0, 33, 77]
+    k_cache, v_cache, table = make_cache(batch, l_max, hkv, d, seqlens, torch.float32, page=16)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(batch, q_len, hq, d, generator=g).to(DEVICE)
+    k = torch.randn(batch, q_len, hkv, d, generator=g).to(DEVICE)
+    v = torch.randn(batch, q_len, hkv, d, generator=g).to(DEVICE)
+    lengths = [s + q_len for s in seqlens]
+    idx = torch.stack([torch.randint(-1, n, (hkv, q_len, 70), generator=g) for n in lengths])
+    idx[0, :, :, :] = -1
+    idx[0, 0, 1, 5] = 2  # one key for one row
+    idx[1, :, :, :10] = 7  # duplicates
+    out, lse = sparse_attn_with_kvcache(q, k_cache, v_cache, k, v,
+                                        cache_seqlens=torch.tensor(seqlens, dtype=torch.int32,
+                                                                   device=DEVICE),
+                                        block_table=table, attn_indices=idx.to(DEVICE),
+                                        is_causal=causal, return_lse=True, backend=backend)
+    mask = oracle_mask(lengths, q_len, l_max, indices=idx, is_causal=causal, num_kv_heads=hkv)
+    check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, table, lengths, mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_indices_broadcast_softcap(backend):
+    batch, q_len, hq, hkv, d, l_max = 2, 1, 4, 1, 16, 48
+    seqlens = [48, 20]
+    k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, seqlens, torch.float32)
+    q = torch.randn(batch, q_len, hq, d).to(DEVICE)
+    idx = torch.tensor([3, -1, 19, 0, 3, 11]).view(1, 1, 1, 6)
+    out, lse = sparse_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=torch.tensor(seqlens, dtype=torch.int32,
+                                                        device=DEVICE),
+        attn_indices=idx.to(DEVICE), softcap=2.0, softmax_scale=0.7, return_lse=True,
+        backend=backend)
+    mask = oracle_mask(seqlens, q_len, l_max, indices=idx, num_kv_heads=hkv)
+    check_kvcache(q, out, lse,
+                  *kvcache_reference(q, k_cache, v_cache, None, seqlens, mask, 0.7, 2.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_head_dims(backend, dtype):
+    """D 64 / 128 / 256 on the PyTorch path; D 128 and a tiny 256 under the interpreter."""
+    dims = (64, 128, 256) if backend == "torch" else (128, 256)
+    for d in dims:
+        batch, hq, hkv, l_max = 2, 2, 1, 40 if d == 256 else 64
+        seqlens = [l_max, 7]
+        k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, seqlens, dtype)
+        q = torch.randn(batch, 1, hq, d).to(dtype).to(DEVICE)
+        out, lse = sparse_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=torch.tensor(seqlens, dtype=torch.int32,
+                                                            device=DEVICE),
+            window_size=(30, 0), sinks=2, return_lse=True, backend=backend)
+        mask = oracle_mask(seqlens, 1, l_max, (30, 0), 2)
+        check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, None, seqlens, mask))
+
+
+@needs_kernels
+def test_paged_equals_contiguous_and_backends_agree():
+    batch, q_len, hq, hkv, d, l_max = 3, 1, 4, 2, 32, 96
+    seqlens = [95, 0, 40]
+    outs = []
+    for page in (None, 16, 32):
+        k_cache, v_cache, table = make_cache(batch, l_max, hkv, d, seqlens, torch.float32,
+                                             page=page)
+        q = torch.randn(batch, q_len, hq, d, generator=torch.Generator().manual_seed(3))
+        kw = dict(cache_seqlens=torch.tensor(seqlens, dtype=torch.int32, device=DEVICE),
+                  block_table=table, window_size=(31, 0), sinks=4, return_lse=True)
+        outs.append(sparse_attn_with_kvcache(q.to(DEVICE), k_cache, v_cache, backend="triton",
+                                             **kw))
+        ref = sparse_attn_with_kvcache(q.to(DEVICE), k_cache, v_cache, backend="torch", **kw)
+        torch.testing.assert_close(outs[-1][0].cpu(), ref[0].cpu(), atol=1e-5, rtol=1e-5)
+    for out, lse in outs[1:]:
+        assert torch.equal(out, outs[0][0]) and torch.equal(lse, outs[0][1])
+
+
+def _args(batch=2, hq=4, hkv=2, d=16, l_max=32, dtype=torch.float32):
+    q = torch.randn(batch, 1, hq, d, dtype=dtype)
+    kc = torch.zeros(batch, l_max, hkv, d, dtype=dtype)
+    return q, kc, kc.clone()
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda a: a.update(cache_seqlens=torch.tensor([31, 33], dtype=torch.int32)), ValueError,
+     "cache overflow"),
+    (lambda a: a.update(cache_seqlens=torch.tensor([1, -2], dtype=torch.int32)), ValueError,
+     "cache_seqlens must be >= 0"),
+    (lambda a: a.update(cache_seqlens=torch.tensor([1, 2])), TypeError, "int32"),
+    (lambda a: a.update(cache_seqlens=torch.tensor([1], dtype=torch.int32)), ValueError,
+     r"shape \(2,\)"),
+    (lambda a: a.update(k_cache=a["k_cache"].half()), TypeError, "k_cache"),
+    (lambda a: a.update(q=torch.randn(2, 1, 3, 16)), ValueError, "multiple"),
+    (lambda a: a.update(k=torch.randn(2, 1, 2, 16)), ValueError, "both k and v"),
+    (lambda a: a.update(k=torch.randn(2, 1, 2, 8), v=torch.randn(2, 1, 2, 8)), ValueError,
+     r"\(B, L_new, Hkv, D\)"),
+    (lambda a: a.update(attn_indices=torch.tensor([[[[0, 9]]]])), ValueError,
+     "beyond its row's length"),
+    (lambda a: a.update(attn_indices=torch.tensor([[[[0, -3]]]])), ValueError, ">= -1"),
+    (lambda a: a.update(attn_indices=torch.tensor([[[[0.0]]]])), TypeError, "attn_indices"),
+    (lambda a: a.update(attn_indices=torch.zeros(2, 3, 1, 4, dtype=torch.int32)), ValueError,
+     "attn_indices must have shape"),
+    (lambda a: a.update(attn_indices=torch.zeros(1, 1, 1, 1, dtype=torch.int32), sinks=2),
+     ValueError, "not both"),
+    (lambda a: a.update(window_size=(3, -2)), ValueError, "window_size"),
+    (lambda a: a.update(sinks=-1), ValueError, "sinks"),
+    (lambda a: a.update(softcap=float("nan")), ValueError, "softcap"),
+    (lambda a: a.update(softmax_scale="0.5"), ValueError, "softmax_scale"),
+    (lambda a: a.update(is_causal=1), TypeError, "is_causal"),
+    (lambda a: a.update(backend="cuda"), ValueError, "backend"),
+])
+def test_errors(mutate, error, match):
+    q, kc, vc = _args()
+    args = dict(q=q, k_cache=kc, v_cache=vc, backend="torch",
+                cache_seqlens=torch.tensor([3, 5], dtype=torch.int32))
+    mutate(args)
+    with pytest.raises(error, match=match):
+        sparse_attn_with_kvcache(args.pop("q"), args.pop("k_cache"), args.pop("v_cache"),
+                                 args.pop("k", None), args.pop("v", None), **args)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda t: t.fill_(0).__setitem__((1, 1), 9), "outside"),
+    (lambda t: t.fill_(0).__setitem__((0, 0), -1), "outside"),
+])
+def test_block_table_errors(mutate, match):
+    q, _, _ = _args()
+    pages = torch.zeros(4, 16, 2, 16)
+    table = torch.zeros(2, 2, dtype=torch.int32)
+    mutate(table)
+    with pytest.raises(ValueError, match=match):
+        sparse_attn_with_kvcache(q, pages, pages, cache_seqlens=torch.tensor(
+            [20, 30], dtype=torch.int32), block_table=table, backend="torch")
+    with pytest.raises(TypeError, match="block_table must be an int32"):
+        sparse_attn_with_kvcache(q, pages, pages, cache_seqlens=3, block_table=table.long())
+
+
+def test_unused_pages_are_not_checked():
+    """Pages past a row's length may hold anything (e.g. -1 in a pool allocator)."""
+    q, _, _ = _args()
+    pages = torch.randn(4, 16, 2, 16)
+    table = torch.tensor([[0, -1], [1, 2]], dtype=torch.int32)
+    out = sparse_attn_with_kvcache(q, pages, pages, cache_seqlens=torch.tensor(
+        [16, 30], dtype=torch.int32), block_table=table, backend="torch")
+    assert torch.isfinite(out).all()
+
+
+def test_inference_only():
+    q, kc, vc = _args()
+    with pytest.raises(ValueError, match="inference-only"):
+        sparse_attn_with_kvcache(q.requires_grad_(), kc, vc, cache_seqlens=3)
+    with torch.inference_mode():
+        assert torch.isfinite(sparse_attn_with_kvcache(q, kc, vc, cache_seqlens=3)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["window", "indices"])
+def test_garbage_in_unattended_keys(backend, mode):
+    """NaN/Inf in keys inside each row's length that no query attends (between the sinks and
+    the window, or outside every index list) changes nothing, bit for bit."""
+    batch, q_len, hq, hkv, d, l_max = 2, 5, 4, 2, 16, 96
+    seqlens = [96, 70]
+    clean, clean_v, table = make_cache(batch, l_max, hkv, d, seqlens, torch.float32, page=16)
+    q = torch.randn(batch, q_len, hq, d).to(DEVICE)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
+    if mode == "window":
+        kw = dict(window_size=(9, 0), sinks=3)
+        mask = oracle_mask(seqlens, q_len, l_max, (9, 0), 3)
+    else:
+        idx = torch.stack([torch.randint(-1, n, (hkv, q_len, 12)) for n in seqlens])
+        kw = dict(attn_indices=idx.to(DEVICE))
+        mask = oracle_mask(seqlens, q_len, l_max, indices=idx, num_kv_heads=hkv)
+    dirty, dirty_v = clean.clone(), clean_v.clone()
+    unattended = ~mask.any(2).any(1)  # (B, L_max): keys no query of the row sees
+    for b in range(batch):
+        for j in unattended[b].nonzero().flatten().tolist():
+            page, off = table[b, j // 16].item(), j % 16
+            dirty[page, off] = float("nan")
+            dirty_v[page, off] = float("inf")
+    ref = sparse_attn_with_kvcache(q, clean, clean_v, cache_seqlens=lens, block_table=table,
+                                   return_lse=True, backend=backend, **kw)
+    out = sparse_attn_with_kvcache(q, dirty, dirty_v, cache_seqlens=lens, block_table=table,
+                                   return_lse=True, backend=backend, **kw)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+    check_kvcache(q, out[0], out[1],
+                  *kvcache_reference(q, clean, clean_v, table, seqlens, mask))
