@@ -162,9 +162,10 @@ def _args(batch=2, hq=4, hkv=2, d=16, l_max=32, dtype=torch.float32):
     (lambda a: a.update(window_size=(3, -2)), ValueError, "window_size"),
     (lambda a: a.update(sinks=-1), ValueError, "sinks"),
     (lambda a: a.update(softcap=float("nan")), ValueError, "softcap"),
-    (lambda a: a.update(softmax_scale="0.5"), ValueError, "softmax_scale"),
+    (lambda a: a.update(softmax_scale="0.5"), TypeError, "softmax_scale"),
     (lambda a: a.update(is_causal=1), TypeError, "is_causal"),
     (lambda a: a.update(backend="cuda"), ValueError, "backend"),
+    (lambda a: a.update(return_lse=1), TypeError, "return_lse"),
 ])
 def test_errors(mutate, error, match):
     q, kc, vc = _args()
