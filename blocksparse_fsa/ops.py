@@ -13,9 +13,8 @@ import weakref
 
 import torch
 
-from .layout.core import GatherIndex
 from .kernels import gather_attn_fwd, sparse_attn_bwd, sparse_attn_fwd
-from .layout import SparseLayout
+from .layout.core import GatherIndex, SparseLayout
 
 # the tensors and sizes of a SparseLayout that the kernels read: the tiles, then the token
 # permutation or the gather lists if the layout has them; not causality (already in the tiles)
@@ -171,11 +170,11 @@ _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def set_debug(enabled: bool) -> None:
-    """Check every layout's values (pointer arrays, tile and token ranges) on every call, at
-    the cost of one host sync per call; also on with ``BLOCKSPARSE_FSA_DEBUG=1``. Without it,
-    shapes are checked on every call and values once per layout and after every in-place write
-    that bumps a tensor's version counter (writes through ``.data`` or NumPy on a GPU layout
-    are caught in debug mode only; on the CPU values are checked on every call)."""
+    """Check every layout's shapes and values (pointer arrays, tile and token ranges) on every
+    call, at the cost of one host sync per call; also on with ``BLOCKSPARSE_FSA_DEBUG=1``.
+    Without it, CPU layouts are checked on every call and GPU layouts once, then again after
+    any write that moves a tensor or bumps its version counter (writes through ``.data`` on a
+    GPU layout are caught in debug mode only)."""
     global _DEBUG
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")

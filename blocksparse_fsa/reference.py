@@ -9,13 +9,13 @@ import math
 
 import torch
 
-from .layout.core import SparseLayout, tile_rows, unpack_bits
+from .layout.core import SparseLayout, tile_rows
 
 
 def layout_pairs(layout: SparseLayout):
     """Active pairs of a layout as ``(group, query, key)`` int64 tensors, group = b * heads + h.
 
-    Memory O(nnz) plus one bool per mask byte (an eighth of the layout's own mask bytes):
+    Memory O(nnz) plus one bool per mask byte (as many bytes as the layout's masks hold):
     full tiles are enumerated arithmetically and partial tiles expand only their nonzero mask
     bytes to bits, never a ``[tiles, block_m, block_n]`` array.
     """
@@ -31,7 +31,7 @@ def layout_pairs(layout: SparseLayout):
     # a partial tile's mask as bytes: byte c // 8 of a row holds key column c's bit c % 8
     # (int32 words in little-endian order)
     n_bytes = layout.masks.shape[-1] * 4
-    mask_bytes = layout.masks.contiguous().view(torch.uint8).view(-1, bm, n_bytes)
+    mask_bytes = layout.masks.contiguous().reshape(-1).view(torch.uint8).view(-1, bm, n_bytes)
     t, i, byte = (mask_bytes != 0).nonzero(as_tuple=True)  # one entry per nonzero byte
     shifts = torch.arange(8, dtype=torch.uint8, device=dev)
     bits = (mask_bytes[t, i, byte][:, None] >> shifts) & 1  # [nonzero bytes, 8]
@@ -48,7 +48,8 @@ def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float, softca
 
     Scores, sums and every gradient (the bias' too) accumulate in float32 (float64 for
     float64 inputs) and are cast back once; rows without keys, or whose every key has a
-    ``-inf`` score, give 0 and lse -inf. Memory O(nnz * D) per head.
+    ``-inf`` score, give 0 and lse -inf. Memory O(nnz) without autograd (the rows are gathered
+    in chunks of ``PAIR_CHUNK`` pairs); autograd keeps the gathered rows, O(nnz * D).
     """
     batch, q_len, num_q_heads, head_dim = q.shape
     group_size = num_q_heads // k.shape[2]
@@ -66,7 +67,9 @@ def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float, softca
             g = (b if layout.batch > 1 else 0) * layout.heads + hq // (num_q_heads // layout.heads)
             sel = group == g
             i, j, hk = qi[sel], kj[sel], hq // group_size
-            s = apply_softcap((qc[b, i, hq] * kc[b, j, hk]).sum(-1) * softmax_scale, softcap)
+            chunks = _chunks(i.numel())
+            s = torch.cat([(qc[b, i[c], hq] * kc[b, j[c], hk]).sum(-1) for c in chunks])
+            s = apply_softcap(s * softmax_scale, softcap)
             if bc is not None:
                 hb = hq // (num_q_heads // bc.shape[1])
                 rows = i if bc.shape[2] > 1 else torch.zeros_like(i)
@@ -74,11 +77,12 @@ def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float, softca
             m = torch.full((q_len,), float("-inf"), dtype=ct, device=q.device)
             m = m.scatter_reduce(0, i, s.detach(), "amax")  # only for stability: no gradient
             # a row whose every score is -inf is empty: shift it by 0 so that exp gives 0
-            m = torch.where(torch.isfinite(m), m, 0.0)
+            m = torch.where(m == float("-inf"), 0.0, m)
             p = torch.exp(s - m[i])
             denom = torch.zeros(q_len, dtype=ct, device=q.device).index_add(0, i, p)
             o = torch.zeros(q_len, head_dim, dtype=ct, device=q.device)
-            o = o.index_add(0, i, p[:, None] * vc[b, j, hk])
+            for c in chunks:
+                o = o.index_add(0, i[c], p[c, None] * vc[b, j[c], hk])
             has_key = denom > 0
             denom = torch.where(has_key, denom, 1.0)
             outs.append((o / denom[:, None]).to(q.dtype))
@@ -86,6 +90,19 @@ def sparse_attention(q, k, v, layout: SparseLayout, softmax_scale: float, softca
     out = torch.stack(outs).view(batch, num_q_heads, q_len, -1).transpose(1, 2)
     lse = torch.stack(lses).view(batch, num_q_heads, q_len)
     return out, lse
+
+
+# pairs per gather of query / key / value rows: without autograd the forward's temporaries
+# stay at PAIR_CHUNK * D floats however many pairs a head has
+PAIR_CHUNK = 1 << 16
+
+
+def _chunks(n):
+    """Slices of ``range(n)`` of at most ``PAIR_CHUNK`` (one slice while torch.compile traces:
+    the pair count is data-dependent there)."""
+    if torch.compiler.is_compiling() or n <= PAIR_CHUNK:
+        return [slice(None)]
+    return [slice(start, start + PAIR_CHUNK) for start in range(0, n, PAIR_CHUNK)]
 
 
 def apply_softcap(scores, softcap):

@@ -7,7 +7,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import blocksparse_fsa as bsa
-from blocksparse_fsa.reference import dense_attention, layout_pairs, sparse_attention
+from blocksparse_fsa.reference import (PAIR_CHUNK, dense_attention, layout_pairs,
+                                       sparse_attention)
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -25,21 +26,30 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
-def test_scattered_pattern_memory_is_linear_in_pairs():
-    """64 random keys per query at L=16384 once allocated 8 * Lq * Lk bytes; here at L=2048
-    the largest allocation must stay at the per-pair gathers (nnz * D floats), far below
-    Lq * Lk bytes."""
-    length, width, dim = 2048, 16, 16
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_scattered_pattern_memory_is_linear_in_pairs(grad):
+    """64 random keys per query at L=16384 once allocated 8 * Lq * Lk bytes. Here (L=4096) the
+    largest allocation must stay far below Lq * Lk bytes: without autograd at the layout's own
+    size, the pair indices or one chunk of gathered rows; with it at the gathered rows that
+    autograd keeps (nnz * D floats)."""
+    length, width, dim = 4096, 32, 16
     g = torch.Generator().manual_seed(0)
     layout = bsa.build_layout(torch.randint(0, length, (1, 1, length, width), generator=g),
                               length, kernel="tiles")
-    q, k, v = (torch.randn(1, length, 1, dim, generator=g).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(1, length, 1, dim, generator=g).requires_grad_(grad)
+               for _ in range(3))
     with LargestAllocation() as spy:
         out, _ = sparse_attention(q, k, v, layout, 0.25)
-        out.sum().backward()
-    bound = max(4 * layout.nnz * dim, layout.nbytes)
-    assert bound < length * length
+        if grad:
+            out.sum().backward()
+    if grad:
+        bound = max(4 * layout.nnz * dim, layout.nbytes)
+    else:
+        bound = max(layout.nbytes, 8 * layout.nnz, 4 * min(layout.nnz, PAIR_CHUNK) * dim)
+    assert bound < length * length and layout.nnz > PAIR_CHUNK  # the gathers run in chunks
     assert spy.nbytes <= bound, f"{spy.op} allocated {spy.nbytes} bytes, bound {bound}"
+    want, _ = dense_attention(q.detach(), k.detach(), v.detach(), layout.to_dense_mask(), 0.25)
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block", [(16, 16), (32, 64), (64, 32)])

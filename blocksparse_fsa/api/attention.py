@@ -7,9 +7,9 @@ import functools
 import torch
 
 from ..layout import SparseLayout, build_layout
+from ..layout.reorder import inverse
 from ..ops import check_layout_tensors, sparse_attn_op
 from ..reference import sparse_attention
-from ..layout.reorder import inverse
 from .cache import cached_layout
 from .checks import (check_backend, check_bias, check_layout, check_pattern, check_qkv,
                      check_scalars)

@@ -79,7 +79,10 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     cu_q = _offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q")
-    cu_k = _offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k")
+    if cu_seqlens_k is cu_seqlens_q and k.shape[0] == q.shape[0]:  # self-attention: one read
+        cu_k = cu_q
+    else:
+        cu_k = _offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k")
     if len(cu_q) != len(cu_k):
         raise ValueError(f"cu_seqlens_q has {len(cu_q)} entries but cu_seqlens_k has "
                          f"{len(cu_k)}: both are [batch + 1]")

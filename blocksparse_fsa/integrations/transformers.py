@@ -152,7 +152,9 @@ class ModelMask:
             may, full = self._causal_tiles(blocks, device)
             own = layout_from_predicate(q_len, k_len, self.predicate, may, batch=batch,
                                         block_m=blocks[0], block_n=blocks[1], device=device,
-                                        full_tiles=full, chunk_pairs=_CHUNK_PAIRS)
+                                        full_tiles=full,
+                                        chunk_pairs=min(_CHUNK_PAIRS, max(2**16,
+                                                                          q_len * k_len // 16)))
             self._layouts[(blocks, str(device), None)] = (None, own)
         else:
             own = own[1]
@@ -161,7 +163,8 @@ class ModelMask:
         return result
 
 
-_CHUNK_PAIRS = 2**18  # pairs per mask-function call: bounds the build's temporaries
+# pairs per mask-function call: few calls at long lengths, temporaries far below Lq x Lk
+_CHUNK_PAIRS = 2**24
 
 
 def layout_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0,

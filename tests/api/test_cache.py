@@ -7,9 +7,11 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa.api import attention
 
-from ..conftest import needs_kernels
+from ..helpers import INTERPRET
 
-BACKENDS = ["torch", pytest.param("triton", marks=needs_kernels)]
+# the kernels on CPU tensors under the interpreter; test_gpu_semantics.py is the GPU tier
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not INTERPRET, reason="needs TRITON_INTERPRET=1"))]
 
 
 def qkv(q_len=40, hq=2, dim=16, seed=0):
@@ -66,9 +68,14 @@ def test_a_hit_is_by_content_and_builds_once(monkeypatch):
         torch.testing.assert_close(bsa.sparse_attn_func(q, k, v, attn_indices=copy,
                                                         backend="torch"), first)
     assert len(builds) == 1
+    bsa.sparse_attn_func(q, k, v, attn_indices=idx, is_causal=True, backend="torch")
+    assert len(builds) == 2  # other arguments
+    idx[..., 0] = -1
+    bsa.sparse_attn_func(q, k, v, attn_indices=idx, backend="torch")
+    assert len(builds) == 3  # other content
     bsa.clear_layout_cache()
     bsa.sparse_attn_func(q, k, v, attn_indices=idx, backend="torch")
-    assert len(builds) == 2
+    assert len(builds) == 4
 
 
 def test_cached_layout_is_public_and_bounded():

@@ -8,7 +8,7 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa.reference import dense_attention
 
-from .helpers import window_indices
+from ..helpers import window_indices
 
 
 def qkv(batch=1, q_len=20, k_len=20, hq=4, hkv=2, dim=16, dtype=torch.float32):
@@ -172,31 +172,6 @@ def test_broadcast_mask_shape_errors():
 def test_bad_softcap(softcap, error):
     with pytest.raises(error, match="softcap must be"):
         call(softcap=softcap)
-
-
-def test_per_call_patterns_build_their_layout_once(monkeypatch):
-    """The implicit path caches by the pattern's content."""
-    from blocksparse_fsa.api import attention
-
-    builds = []
-    real = attention.build_layout
-    monkeypatch.setattr(attention, "build_layout",
-                        lambda *a, **kw: builds.append(1) or real(*a, **kw))
-    bsa.clear_layout_cache()
-    q, k, v = qkv()
-    idx = window_indices(20, 5).expand(1, 2, -1, -1).clone()
-    first = bsa.sparse_attn_func(q, k, v, attn_indices=idx, is_causal=True)
-    for _ in range(3):  # "every layer"
-        torch.testing.assert_close(bsa.sparse_attn_func(q, k, v, attn_indices=idx,
-                                                        is_causal=True), first)
-    assert len(builds) == 1
-    bsa.sparse_attn_func(q, k, v, attn_indices=idx, is_causal=False)  # other arguments
-    assert len(builds) == 2
-    idx[..., 0] = -1  # in place: the cached layout is stale
-    changed = bsa.sparse_attn_func(q, k, v, attn_indices=idx, is_causal=True)
-    assert len(builds) == 3 and not torch.allclose(changed, first)
-    bsa.sparse_attn_func(q, k, v, attn_indices=idx.clone(), is_causal=True)  # same content
-    assert len(builds) == 3
 
 
 def test_kernel_choice_is_recorded_on_the_layout():
