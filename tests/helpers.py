@@ -309,6 +309,7 @@ def kvcache_reference(q, k_cache, v_cache, table, lengths, mask, scale=None, sof
 
 
 def check_kvcache(q, out, lse, hi, lo):
+    """The tolerance rule on out and lse against ``kvcache_reference``'s pair."""
     atol = ATOL[q.dtype]
     assert_rule("out", out.cpu(), lo[0].cpu(), hi[0], atol)
     assert_rule("lse", lse.cpu(), lo[1].cpu(), hi[1], atol)

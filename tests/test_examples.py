@@ -18,6 +18,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
     ("dilated_reorder", ["dilated", "dilated_reordered"], ["matplotlib"]),
     ("neighborhood_2d", ["neighborhood_2d", "neighborhood_2d_patched"], ["matplotlib"]),
     ("hf_llama", [], ["transformers"]),
+    ("hf_generate", [], ["transformers"]),
 ])
 def test_example_runs_and_checks_itself(name, pictures, needs, tmp_path):
     for module in needs:

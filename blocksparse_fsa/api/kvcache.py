@@ -4,16 +4,10 @@ sinks or per-query index lists, on contiguous or paged caches (FlashAttention's
 
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 
 from ..kernels.decode import decode_fwd
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BACKENDS = ("auto", "triton", "torch")
-MAX_HEAD_DIM = 256
+from .checks import FLOAT_DTYPES, MAX_HEAD_DIM, check_backend, check_scalars
 
 
 def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
@@ -67,23 +61,18 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     num_new = 0 if k is None else k.shape[1]
     cache_seqlens = _seqlens(cache_seqlens, batch, q.device)
-    if attn_indices is not None:
-        if tuple(window_size) != (-1, -1) or sinks:
-            raise ValueError("pass either attn_indices or window_size/sinks, not both: got "
-                             f"attn_indices with window_size={tuple(window_size)}, sinks={sinks}")
-        _check_indices(attn_indices, batch, num_kv_heads, q_len, q.device)
     left, right = _window(window_size)
     if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
         raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+    if attn_indices is not None:
+        if (left, right) != (-1, -1) or sinks:
+            raise ValueError("pass either attn_indices or window_size/sinks, not both: got "
+                             f"attn_indices with window_size={window_size}, sinks={sinks}")
+        _check_indices(attn_indices, batch, num_kv_heads, q_len, q.device)
     if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-    softmax_scale = _scalar("softmax_scale", 1.0 / math.sqrt(head_dim) if softmax_scale is None
-                            else softmax_scale)
-    softcap = _scalar("softcap", softcap)
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        raise TypeError(f"is_causal must be True or False, got {is_causal!r}")
+    softmax_scale, softcap = check_scalars(head_dim, is_causal, softmax_scale, softcap,
+                                           return_lse, backend)
     if check not in (None, True, False):
         raise TypeError(f"check must be None, True or False, got {check!r}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
@@ -95,15 +84,13 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
         _check_data(cache_seqlens, num_new, capacity, block_table, k_cache.shape[0],
                     attn_indices)
 
+    path = check_backend(backend, q)
     if k is not None:
         _append(k_cache, v_cache, k, v, cache_seqlens, block_table)
-    if backend == "torch" or (backend == "auto" and not _triton_available(q)):
+    if path == "torch":
         out, lse = _torch_decode(q, k_cache, v_cache, cache_seqlens, block_table, attn_indices,
                                  num_new, (left, right), sinks, is_causal, softmax_scale, softcap)
     else:
-        if backend == "triton" and not _triton_available(q):
-            raise RuntimeError("backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 set "
-                               "before triton is imported; use backend='torch' on the CPU")
         out, lse = decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table=block_table,
                               attn_indices=attn_indices, num_new=num_new,
                               window_size=(left, right), sinks=sinks, is_causal=is_causal,
@@ -216,7 +203,7 @@ def _check_tensors(q, k_cache, v_cache, k, v, block_table):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
         if t.dtype != q.dtype or t.device != q.device:
             raise TypeError(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
@@ -327,15 +314,6 @@ def _window(window_size):
     return tuple(window_size)
 
 
-def _scalar(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite float, got {value!r}")
-    return float(value)
-
-
 def _capturing(t) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
-
-def _triton_available(t) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"

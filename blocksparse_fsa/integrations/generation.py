@@ -138,6 +138,9 @@ def pattern_attention_forward(module, query, key, value, attention_mask, scaling
     softcap = softcap or 0.0
     indices = None if pattern.indices is None else pattern.indices(module, query, key)
     if pads is not None:  # the pattern in each row's own positions, as key slots
+        if torch.is_grad_enabled() and query.requires_grad:
+            raise ValueError("a SparsePattern serves padded batches for generation only (no "
+                             "gradients): pass sparse_layout= to train on padded batches")
         if indices is None:
             indices = _padded_window(pattern, pads, q_len, k_len)
         else:

@@ -242,8 +242,8 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
     """Launch the split-KV kernel (and the merge). ``q`` (B, Lq, Hq, D); caches
     (B, L_max, Hkv, D) or paged (num_blocks, page, Hkv, D) with ``block_table`` (B, pages)
     int32; ``cache_seqlens`` (B,) int32 (the rows' lengths before ``num_new`` appended keys);
-    ``attn_indices`` (B|1, Hkv|1, Lq, W) in any order. Returns out
-    (B, Lq, Hq, D) like q and lse (B, Hq, Lq) float32."""
+    ``attn_indices`` (B|1, Hkv|1, Lq, W) in any order; ``num_splits``: None = from shapes
+    (``num_splits_for``). Returns out (B, Lq, Hq, D) like q and lse (B, Hq, Lq) float32."""
     batch, q_len, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -257,6 +257,7 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
     block_q = block_m // group_pad
     config = get_decode_config(head_dim, attn_indices is not None)
     block_n = config["BLOCK_N"]
+    left, right = window_size
     if attn_indices is not None:  # sorted, so that a duplicate sits next to its twin
         n_idx = attn_indices.shape[-1]
         attn_indices = torch.sort(attn_indices.to(torch.int32).expand(
@@ -264,7 +265,6 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
         max_keys = n_idx
     else:
         n_idx = 0
-        left, right = window_size
         span = capacity if left < 0 or (right < 0 and not is_causal) else (
             left + block_q + (0 if is_causal else right))
         max_keys = min(capacity, span + sinks)
@@ -278,7 +278,6 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
                          device=q.device)
         part_lse = new_empty(splits, batch, num_q_heads, q_len, dtype=torch.float32,
                              device=q.device)
-    left, right = window_size
     decode_fwd_kernel[(splits, grid_rows, batch * num_kv_heads)](
         Q=q.contiguous(), KCache=k_cache, VCache=v_cache, CacheSeqlens=cache_seqlens,
         BlockTable=block_table, Indices=attn_indices, Out=part, Lse=part_lse,
@@ -291,7 +290,7 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
         GROUP_PAD=group_pad, NUM_SPLITS=splits,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
-        MODE=1 if attn_indices is not None else 0, IS_CAUSAL=bool(is_causal),
+        MODE=(INDICES if attn_indices is not None else WINDOW).value, IS_CAUSAL=bool(is_causal),
         INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **config,
     )
     if splits > 1:

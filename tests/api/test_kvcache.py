@@ -162,9 +162,10 @@ def _args(batch=2, hq=4, hkv=2, d=16, l_max=32, dtype=torch.float32):
     (lambda a: a.update(window_size=(3, -2)), ValueError, "window_size"),
     (lambda a: a.update(sinks=-1), ValueError, "sinks"),
     (lambda a: a.update(softcap=float("nan")), ValueError, "softcap"),
-    (lambda a: a.update(softmax_scale="0.5"), ValueError, "softmax_scale"),
+    (lambda a: a.update(softmax_scale="0.5"), TypeError, "softmax_scale"),
     (lambda a: a.update(is_causal=1), TypeError, "is_causal"),
     (lambda a: a.update(backend="cuda"), ValueError, "backend"),
+    (lambda a: a.update(return_lse=1), TypeError, "return_lse"),
 ])
 def test_errors(mutate, error, match):
     q, kc, vc = _args()
@@ -241,3 +242,20 @@ def test_garbage_in_unattended_keys(backend, mode):
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
     check_kvcache(q, out[0], out[1],
                   *kvcache_reference(q, clean, clean_v, table, seqlens, mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [(5, 3), (-1, 2), (4, -1)], ids=["5-3", "inf-2", "4-inf"])
+def test_noncausal_windows(backend, window):
+    """Without causality: windows reaching right, and sinks seen by every query (also sinks
+    past a query's window on the right)."""
+    batch, q_len, hq, hkv, d, l_max = 2, 6, 4, 2, 16, 64
+    seqlens = [64, 6]  # row 1: query 0 with window 5-3 sees keys 0-3, and sinks 4, 5
+    k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, seqlens, torch.float32)
+    q = torch.randn(batch, q_len, hq, d).to(DEVICE)
+    out, lse = sparse_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=torch.tensor(seqlens, dtype=torch.int32,
+                                                        device=DEVICE),
+        window_size=window, sinks=7, is_causal=False, return_lse=True, backend=backend)
+    mask = oracle_mask(seqlens, q_len, l_max, window, 7, is_causal=False)
+    check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, None, seqlens, mask))

@@ -162,6 +162,11 @@ def test_errors():
     padding[0, -3:] = 0  # right padding: not causal attention over left-padded rows
     with pytest.raises(ValueError, match="left-padded rows only"):
         ours(ids, attention_mask=padding)
+    padding = torch.ones_like(ids)
+    padding[0, :3] = 0
+    positions = (padding.cumsum(-1) - 1).masked_fill(padding == 0, 1)  # as generate() does
+    with pytest.raises(ValueError, match="for generation only"):
+        ours.train()(ids, attention_mask=padding, position_ids=positions, labels=ids)
     eager = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIG), attn_implementation="eager")
     with pytest.raises(ValueError, match="attn_implementation='blocksparse_fsa'"):
         set_sparse_pattern(eager, SparsePattern(left=4))

@@ -50,7 +50,7 @@ def test_splits_agree_and_repeat(mode):
 @needs_gpu
 def test_gpu_serving_sizes(mode, paged, dtype):
     batch, hq, hkv, d, l_max = 3, 32, 8, 128, 4096
-    q_len = 300 if mode == "prefill" else 1
+    q_len = 130 if mode == "prefill" else 1
     seqlens = [4096 - q_len, 1000, 0]
     k_cache, v_cache, table = make_cache(batch, l_max, hkv, d, seqlens, dtype,
                                          page=256 if paged else None)
