@@ -203,6 +203,12 @@ def context_parallel_attn(q, k, v, *, attn_indices=None, layout=None, is_causal=
     seq_len = shard_len * world
     chunk, _ = _chunking(seq_len, world, shard_order)
     if layout is not None:
+        if isinstance(layout, SparseLayout) and (
+                layout.batch not in (1, q.shape[0])
+                or layout.heads not in (1, k.shape[2], q.shape[2])):
+            raise ValueError(f"layout has batch {layout.batch} and {layout.heads} heads; "
+                             f"expected batch 1 or {q.shape[0]} and heads 1, {k.shape[2]} or "
+                             f"{q.shape[2]}")
         layout, q_tiles = _rows_of_layout(layout, is_causal, seq_len, shard_len, world, rank,
                                           shard_order, q.device)
         plan = _cached_plan(layout, q_tiles, (world, rank, shard_order, gather_threshold),
