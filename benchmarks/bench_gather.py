@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from blocksparse_fsa import bench, bench_patterns
-from blocksparse_fsa.gather_index import build_gather_index, gather_stats
+from blocksparse_fsa_bench import cli as bench
+from blocksparse_fsa_bench import patterns as bench_patterns
+from blocksparse_fsa.layout.gather_index import build_gather_index, gather_stats
 from blocksparse_fsa.kernels import config as launch_config
 from blocksparse_fsa.kernels import gather as gather_kernels
 from blocksparse_fsa.kernels import (gather_attn_bwd, gather_attn_fwd, sparse_attn_bwd,

@@ -29,10 +29,11 @@ import time
 import torch
 
 import blocksparse_fsa as bsa
-from blocksparse_fsa import bench, bench_patterns
-from blocksparse_fsa.kernels import config as launch_config
-from blocksparse_fsa.preprocess.device import indices_to_tiles_torch
-from blocksparse_fsa.preprocess.indices_triton import forget_capacities, indices_to_tiles_triton
+from blocksparse_fsa_bench import cli as bench
+from blocksparse_fsa_bench import patterns as bench_patterns
+from blocksparse_fsa.preprocess.triton import config as tiles_config
+from blocksparse_fsa.preprocess.torch import indices_to_tiles_torch
+from blocksparse_fsa.preprocess.triton import forget_capacities, indices_to_tiles_triton
 
 LAYOUT_TENSORS = ["full_ptr", "full_col", "part_ptr", "part_col", "masks", "full_ptr_t",
                   "full_row_t", "part_ptr_t", "part_row_t", "part_mask_t", "nnz"]
@@ -171,7 +172,7 @@ def main():
     run("triton build_layout, first", lambda: (forget_capacities(), build("triton"))[1], want,
         on_gpu)
     run("triton tiles only", tiles, want_tiles, on_gpu)
-    default = launch_config.get_tiles_config(block_m, block_n, idx.shape[-1], idx.element_size())
+    default = tiles_config.get_tiles_config(block_m, block_n, idx.shape[-1], idx.element_size())
     run("triton tiles, no window scan", lambda: tiles(dict(default, WINDOW=False)), want_tiles,
         on_gpu)
     if "torch" not in args.skip:

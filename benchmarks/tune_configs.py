@@ -17,7 +17,7 @@ import torch
 from triton.testing import do_bench
 
 import blocksparse_fsa as bsa
-from blocksparse_fsa import bench_patterns
+from blocksparse_fsa_bench import patterns as bench_patterns
 from blocksparse_fsa.kernels import config as launch_config
 
 
