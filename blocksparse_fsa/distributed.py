@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from .layout import SparseLayout, build_layout, popcount32, tile_rows
+from .layout.core import layout_from_tiles
 from .ops import sparse_attn_op
-from .preprocess.device import transpose_keys, transpose_tiles
 from .reference import sparse_attention
 
 SHARD_ORDERS = ("contiguous", "head_tail")
@@ -135,19 +135,12 @@ def restrict_layout(layout: SparseLayout, q_tiles: torch.Tensor, k_tile_map: tor
         lists.append((entries, new_ptr, new_col))
     (_, full_ptr, full_col), (part_entries, part_ptr, part_col) = lists
     masks = layout.masks[part_entries]
-    groups = layout.batch * layout.heads
-    keys = transpose_keys(full_ptr, full_col, part_ptr, part_col, n_qt, n_kt)
-    transposed = transpose_tiles(keys, full_col.numel(), groups, n_qt, n_kt)
     full_rows = tile_rows(full_ptr) % max(n_qt, 1)
     row_len = (q_len - full_rows * bm).clamp(max=bm)
     col_len = (k_len - full_col * bn).clamp(max=bn)
     nnz = int((row_len * col_len).sum()) + int(popcount32(masks).sum())
-    tensors = dict(full_ptr=full_ptr, full_col=full_col, part_ptr=part_ptr, part_col=part_col,
-                   masks=masks, **dict(zip(("full_ptr_t", "full_row_t", "part_ptr_t",
-                                            "part_row_t", "part_mask_t"), transposed)))
-    return SparseLayout(q_len=q_len, k_len=k_len, block_m=bm, block_n=bn, batch=layout.batch,
-                        heads=layout.heads, is_causal=layout.is_causal, nnz=nnz,
-                        **{name: t.to(torch.int32).contiguous() for name, t in tensors.items()})
+    return layout_from_tiles(q_len, k_len, bm, bn, layout.batch, layout.heads, layout.is_causal,
+                             full_ptr, full_col, part_ptr, part_col, masks, nnz)
 
 
 def context_parallel_attn(q, k, v, *, attn_indices=None, layout=None, is_causal=False,

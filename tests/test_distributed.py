@@ -23,7 +23,7 @@ from blocksparse_fsa.distributed import (CommStats, context_parallel_attn, restr
                                          shard, shard_positions, touched_key_tiles)
 from blocksparse_fsa.kernels import common
 from blocksparse_fsa.reference import sparse_attention
-from tests.conftest import ATOL, INTERPRET, assert_rule
+from tests.helpers import ATOL, INTERPRET, assert_rule
 
 ROOT = Path(__file__).resolve().parents[1]
 
