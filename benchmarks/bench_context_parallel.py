@@ -14,11 +14,12 @@ slowest rank's), in three ways:
 - ``single``: ``sparse_attn_func`` on one GPU over the per-GPU length with the same pattern
   (no communication): ``efficiency = single / halo`` is the scaling efficiency;
 - ``torch_cp``: PyTorch's ``context_parallel`` with dense causal SDPA (K/V heads expanded to
-  the query heads; head-tail load balancing), the ring attention users run today.
+  the query heads; head-tail load balancing), the ring attention users run today, up to
+  ``--torch-cp-max-len`` (it is quadratic) and over 3 reps.
 
 Bytes are what the slowest-sending rank sent (forward K/V, backward dK/dV) next to an
 all-gather's. The halo and all-gather outputs are compared before anything is timed. Rows go
-to ``<out>/context_parallel.csv`` and ``.md``, with the device and versions.
+to ``<out>/context_parallel_<world>ranks.csv`` and ``.md``, with the device and versions.
 """
 
 import argparse
@@ -56,7 +57,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--no-torch-cp", action="store_true", help="skip PyTorch's ring baseline")
+    ap.add_argument("--torch-cp-max-len", type=int, default=262144,
+                    help="run PyTorch's dense ring baseline up to this length (0: never); "
+                         "it is quadratic")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--out", type=Path, required=True)
     return ap.parse_args(argv)
@@ -80,25 +83,27 @@ def build(pattern, seq_len, args, device):
                              device=device)
 
 
-def timed(fn, args, sync):
+def timed(fn, args, sync, device, reps=None):
     """Median over reps of the slowest rank's seconds for ``fn()``."""
     times = []
-    for i in range(args.warmup + args.reps):
+    reps = args.reps if reps is None else reps
+    for i in range(args.warmup + reps):
         dist.barrier()
         sync()
         start = time.perf_counter()
         fn()
         sync()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64,
+                               device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if i >= args.warmup:
             times.append(elapsed.item())
     return statistics.median(times)
 
 
-def most(value):
+def most(value, device):
     """The largest ``value`` over ranks."""
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
 
@@ -164,30 +169,30 @@ def main(argv=None):
                 outs[method] = cp(q, k, v).detach().float()
                 probe = CommStats()  # one call's bytes
                 cp(q, k, v, stats=probe).sum().backward()
-                seconds = timed(fwd_bwd(cp, q, k, v), args, sync)
+                seconds = timed(fwd_bwd(cp, q, k, v), args, sync, device)
                 results[method] = dict(base, method=method, ms=seconds * 1e3,
-                                       fwd_bytes=most(probe.sent_fwd),
-                                       bwd_bytes=most(probe.sent_bwd),
-                                       allgather_bytes=most(probe.all_gather))
+                                       fwd_bytes=most(probe.sent_fwd, device),
+                                       bwd_bytes=most(probe.sent_bwd, device),
+                                       allgather_bytes=most(probe.all_gather, device))
             err = (outs["halo"] - outs["allgather"]).abs().max().item()
             if err > 1e-2:
                 raise SystemExit(f"{pattern} L={seq_len}: halo and all-gather outputs differ by "
                                  f"{err:.3e}; not timing")
             single_layout = build(pattern, local_len, args, device)
             seconds = timed(fwd_bwd(lambda q, k, v: sparse_attn_func(
-                q, k, v, layout=single_layout), q, k, v), args, sync)
+                q, k, v, layout=single_layout), q, k, v), args, sync, device)
             results["single"] = dict(base, method="single", ms=seconds * 1e3,
                                      note="one device, local_len tokens, no communication")
             for method in ("halo", "allgather"):
                 results[method]["efficiency"] = results["single"]["ms"] / results[method]["ms"]
             rows += results.values()
             del layout, q, k, v, outs
-        if not args.no_torch_cp:
+        if seq_len <= args.torch_cp_max_len:
             row = dict(pattern="dense-causal", method="torch_cp", world=world, seq_len=seq_len,
                        local_len=local_len)
             try:
                 seconds = timed(torch_cp_step(seq_len, args, device, dtype, world, rank), args,
-                                sync)
+                                sync, device, reps=min(args.reps, 3))
                 row.update(ms=seconds * 1e3, note="context_parallel + SDPA, K/V heads expanded")
             except Exception as exc:  # a backend or device the ring does not support
                 row.update(note=f"unsupported here: {type(exc).__name__}: {exc}"[:200])
@@ -203,7 +208,8 @@ def write(rows, args, name, world):
                 f"{blocksparse_fsa.__version__}, Hq/Hkv {args.heads[0]}/{args.heads[1]}, "
                 f"D {args.head_dim}, {args.dtype}, window {args.window}, doc_len "
                 f"{args.doc_len}, block {args.block}")
-    with open(args.out / "context_parallel.csv", "w", newline="") as fh:
+    stem = args.out / f"context_parallel_{world}ranks"
+    with open(stem.with_suffix(".csv"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, FIELDS)
         writer.writeheader()
         writer.writerows(rows)
@@ -213,7 +219,7 @@ def write(rows, args, name, world):
         cells = [f"{row[f]:.3f}" if isinstance(row.get(f), float) else str(row.get(f, ""))
                  for f in FIELDS]
         lines.append("| " + " | ".join(cells) + " |")
-    (args.out / "context_parallel.md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
