@@ -187,6 +187,12 @@ def context_parallel_attn(q, k, v, *, attn_indices=None, layout=None, is_causal=
         raise ValueError("pass at most one of attn_indices, layout")
     if not isinstance(gather_threshold, (int, float)) or not 0 <= gather_threshold <= 1:
         raise ValueError(f"gather_threshold must be in [0, 1], got {gather_threshold!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or \
+            not 0 <= softcap < math.inf:
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(
+            softmax_scale, (int, float)) or not math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite float, got {softmax_scale!r}")
     if stats is not None and not isinstance(stats, CommStats):
         raise TypeError(f"stats must be a CommStats, got {type(stats).__name__}")
     if softmax_scale is None:

@@ -104,7 +104,7 @@ def _check_rank(rank, world, seq_len, block, backend, names, repeat, device="cpu
                   for key, value in kwargs.items()}
         layout = layout.to(device)
         q, k, v, dout, dlse = (t.to(device) for t in (q, k, v, dout, dlse))
-        stats = stats_window if name == "window-causal" else None
+        stats = stats_window if name == "window-causal" else CommStats()
 
         def cp(qs, ks, vs, kwargs=kwargs, options=options, stats=stats):
             return context_parallel_attn(qs, ks, vs, return_lse=True, backend=backend,
@@ -126,6 +126,8 @@ def _check_rank(rank, world, seq_len, block, backend, names, repeat, device="cpu
         for label, o, lo, r, d in zip(("out", "lse", "dq", "dk", "dv"), ours, lowp, ref, dims):
             assert_rule(f"rank {rank} {name} {label}", o, shard(lo, world, rank, order, d),
                         shard(r, world, rank, order, d), ATOL[torch.float32])
+        gathered = name in ("window-gathered", "scattered-causal", "dense-causal", "bigbird")
+        assert stats.gathered == (stats.calls if gathered else 0), (name, stats)
         if name in repeat:
             again = _grads(cp, *rows[:3], rows[3], shard(dlse, world, rank, order, dim=2))
             for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, again):
@@ -233,6 +235,45 @@ def test_context_parallel_needs_a_process_group():
     q = torch.randn(1, 8, 2, 16)
     with pytest.raises(RuntimeError, match="init_process_group"):
         context_parallel_attn(q, q, q)
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_is_the_single_device_call(one_rank_group):
+    q, k, v, _, _ = _case_inputs(96, 4, 2, 16, seed=0, batch=1)
+    layout = patterns.sliding_window(96, left=20, is_causal=True, block_m=32, block_n=32)
+    out, lse = context_parallel_attn(q, k, v, layout=layout, return_lse=True, backend="torch")
+    want = sparse_attn_func(q, k, v, layout=layout, return_lse=True, backend="torch")
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(shard_order="zigzag"), ValueError, "shard_order"),
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(softcap=float("inf")), ValueError, "softcap"),
+    (dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (dict(stats={}), TypeError, "CommStats"),
+    (dict(gather_threshold=2), ValueError, "gather_threshold"),
+    (dict(layout=patterns.sliding_window(64, left=4)), ValueError, "q_len=64"),
+    (dict(layout=patterns.sliding_window(96, left=4, block_m=32, block_n=64)), ValueError,
+     "block_n=64"),
+    (dict(layout=patterns.sliding_window(96, left=4), is_causal=True), ValueError, "is_causal"),
+    (dict(attn_indices=torch.zeros(1, 1, 50, 2, dtype=torch.long)), ValueError, "50 rows"),
+    (dict(attn_indices=torch.zeros(1, 3, 96, 2, dtype=torch.long)), ValueError, "3 heads"),
+], ids=lambda x: x.replace(" ", "-") if isinstance(x, str) else "")
+def test_context_parallel_argument_errors(one_rank_group, kwargs, error, match):
+    q, k, v, _, _ = _case_inputs(96, 4, 2, 16, seed=0, batch=1)
+    with pytest.raises(error, match=match):
+        context_parallel_attn(q, k, v, backend=kwargs.pop("backend", "torch"), **kwargs)
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
+        context_parallel_attn(q, k[:, :, :1].expand(-1, -1, 3, -1), v[:, :, :1].expand(
+            -1, -1, 3, -1))
 
 
 def _torchrun(*args):
