@@ -22,7 +22,7 @@ from blocksparse_fsa import build_layout, patterns, sparse_attn_func
 from blocksparse_fsa.distributed import (CommStats, context_parallel_attn, restrict_layout,
                                          shard, shard_positions, touched_key_tiles)
 from blocksparse_fsa.kernels import common
-from blocksparse_fsa.reference import sparse_attention
+from blocksparse_fsa.reference import dense_attention, sparse_attention
 from tests.helpers import ATOL, INTERPRET, assert_rule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +81,7 @@ def _cases(seq_len, block):
         gather_threshold=1.0, shard_order="head_tail")
     yield "indices-rows-causal", dict(attn_indices=local_window, is_causal=True), build_layout(
         local_window, seq_len, is_causal=True), dict(local_rows=True, shard_order="head_tail")
+    yield "window-fp16", dict(layout=window), window, dict(dtype=torch.float16)
     yield "dense-causal", dict(is_causal=True), build_layout(
         torch.arange(seq_len).expand(1, 1, seq_len, seq_len), seq_len, is_causal=True), {}
 
@@ -94,9 +95,11 @@ def _check_rank(rank, world, seq_len, block, backend, names, repeat, device="cpu
             continue
         options = dict(options)
         order = options.get("shard_order", "contiguous")
+        dtype = options.pop("dtype", torch.float32)
         hq, hkv = 4, 2
         batch = 2 if name.startswith("scattered") else 1  # a layout of batch 2, and broadcast
-        q, k, v, dout, dlse = _case_inputs(seq_len, hq, hkv, 16, seed=case, batch=batch)
+        q, k, v, dout, dlse = _case_inputs(seq_len, hq, hkv, 16, seed=case, batch=batch,
+                                           dtype=dtype)
         pos = shard_positions(seq_len, world, rank, order)
         if options.pop("local_rows", False):
             kwargs = dict(kwargs, attn_indices=kwargs["attn_indices"][:, :, pos])
@@ -111,6 +114,8 @@ def _check_rank(rank, world, seq_len, block, backend, names, repeat, device="cpu
                                          stats=stats, **kwargs, **options)
 
         def single(q, k, v, layout=layout):  # the rule's low-precision run: the same math
+            if q.dtype != torch.float32:  # in the inputs' precision, as the rule has it
+                return dense_attention(q, k, v, layout.to_dense_mask())
             return sparse_attn_func(q, k, v, layout=layout, return_lse=True,
                                     backend="torch" if device == "cpu" else backend)
 
@@ -125,7 +130,7 @@ def _check_rank(rank, world, seq_len, block, backend, names, repeat, device="cpu
         dims = (1, 2, 1, 1, 1)  # out, lse, dq, dk, dv: this rank's rows / keys
         for label, o, lo, r, d in zip(("out", "lse", "dq", "dk", "dv"), ours, lowp, ref, dims):
             assert_rule(f"rank {rank} {name} {label}", o, shard(lo, world, rank, order, d),
-                        shard(r, world, rank, order, d), ATOL[torch.float32])
+                        shard(r, world, rank, order, d), ATOL[dtype])
         gathered = name in ("window-gathered", "scattered-causal", "dense-causal", "bigbird")
         assert stats.gathered == (stats.calls if gathered else 0), (name, stats)
         if name in repeat:
