@@ -226,7 +226,8 @@ def layout_from_predicate(q_len: int, k_len: int, predicate: Predicate,
             tile_map("full_tiles", full_tiles, shape, block_m, block_n, device))
     arrays = predicate_to_tiles(q_len, k_len, predicate, candidates, full, bool(is_causal),
                                 block_m, block_n, chunk_pairs)
-    layout = layout_from_tiles(q_len, k_len, block_m, block_n, batch, heads, bool(is_causal), *arrays)
+    layout = layout_from_tiles(q_len, k_len, block_m, block_n, batch, heads, bool(is_causal),
+                               *arrays)
     return layout.to(device)
 
 
