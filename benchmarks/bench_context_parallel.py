@@ -19,7 +19,8 @@ slowest rank's), in three ways:
 
 Bytes are what the slowest-sending rank sent (forward K/V, backward dK/dV) next to an
 all-gather's. The halo and all-gather outputs are compared before anything is timed. Rows go
-to ``<out>/context_parallel_<world>ranks.csv`` and ``.md``, with the device and versions.
+to ``<out>/context_parallel_<world>ranks.csv`` and ``.md``, with the device and versions
+(never over existing files, unless ``--overwrite``).
 """
 
 import argparse
@@ -62,6 +63,8 @@ def parse_args(argv=None):
                          "it is quadratic")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace result files that already exist in --out")
     return ap.parse_args(argv)
 
 
@@ -151,6 +154,11 @@ def main(argv=None):
         sync, name = torch.cuda.synchronize, torch.cuda.get_device_name(device)
     else:
         device, sync, name = torch.device("cpu"), (lambda: None), platform.processor() or "cpu"
+    taken = [p for p in (result_stem(args, world).with_suffix(x) for x in (".csv", ".md"))
+             if p.exists()]
+    if taken and not args.overwrite:  # every rank sees the same files: all stop
+        dist.destroy_process_group()
+        raise SystemExit(f"{taken[0]} exists: pass another --out, or --overwrite")
     dtype = DTYPES[args.dtype]
     rows = []
     for seq_len in args.seq_lens:
@@ -202,13 +210,17 @@ def main(argv=None):
     dist.destroy_process_group()
 
 
+def result_stem(args, world):
+    return args.out / f"context_parallel_{world}ranks"
+
+
 def write(rows, args, name, world):
     args.out.mkdir(parents=True, exist_ok=True)
     versions = (f"{name}, {world} ranks, torch {torch.__version__}, blocksparse_fsa "
                 f"{blocksparse_fsa.__version__}, Hq/Hkv {args.heads[0]}/{args.heads[1]}, "
                 f"D {args.head_dim}, {args.dtype}, window {args.window}, doc_len "
                 f"{args.doc_len}, block {args.block}")
-    stem = args.out / f"context_parallel_{world}ranks"
+    stem = result_stem(args, world)
     with open(stem.with_suffix(".csv"), "w", newline="") as fh:
         writer = csv.DictWriter(fh, FIELDS)
         writer.writeheader()
