@@ -102,7 +102,8 @@ def restrict_layout(layout: SparseLayout, q_tiles: torch.Tensor, k_tile_map: tor
     axis of length ``k_len`` (whole tiles of ``block_n``), or -1 for a tile that is not there;
     every tile the selected rows visit must be mapped. Tiles keep their masks and their order
     within each row, so a kernel walks them as it walks the original rows. Query tiles must
-    be whole, except the layout's last one, which may come last. No token permutation.
+    be whole, except the layout's last one, which may come last. No token permutation; the
+    result is for the tile walker (``with_kernel("gather")`` adds the gather forward's index).
     """
     if not isinstance(layout, SparseLayout):
         raise TypeError(f"layout must be a SparseLayout, got {type(layout).__name__}")
