@@ -238,6 +238,8 @@ def context_parallel_attn(q, k, v, *, attn_indices=None, layout=None, is_causal=
 class _Plan:
     layout: SparseLayout  # this rank's queries x [own keys | fetched tiles]
     send_tiles: torch.Tensor  # own key tiles (local tile numbers) to send, by destination
+    sent_tiles: torch.Tensor  # the distinct own key tiles that some rank fetches, ascending
+    send_pos: torch.Tensor  # where each entry of send_tiles is in sent_tiles
     send_counts: list  # tiles per destination rank
     recv_counts: list  # tiles per source rank
     gather: bool  # all-gather K/V instead of the all-to-all
@@ -284,7 +286,9 @@ def _plan(layout, q_tiles, world, rank, shard_order, gather_threshold, group) ->
     sub = restrict_layout(layout, q_tiles, k_map, (per_rank + fetched.numel()) * bn)
     if layout.kernel == "gather":
         sub = sub.with_kernel("gather")
-    return _Plan(layout=sub, send_tiles=local_tile[torch.cat(send)].to(dev),
+    send_tiles = local_tile[torch.cat(send)]
+    sent_tiles, send_pos = torch.unique(send_tiles, sorted=True, return_inverse=True)
+    return _Plan(layout=sub, send_tiles=send_tiles, sent_tiles=sent_tiles, send_pos=send_pos,
                  send_counts=[t.numel() for t in send], recv_counts=[t.numel() for t in recv],
                  gather=gather)
 
@@ -315,66 +319,75 @@ def clear_plan_cache() -> None:
 # ---- the exchange ---------------------------------------------------------------------------
 class _FetchKV(torch.autograd.Function):
     """``(k, v)`` of this shard -> ``(k_buf, v_buf)`` = own keys followed by the fetched tiles;
-    the backward sends the fetched tiles' gradients back and sums what comes in, in rank
-    order."""
+    the backward sends the fetched tiles' gradients back and adds what comes in to the own
+    keys' gradients, in float32 and rank order, rounding once. Only the own shard is copied
+    whole (into the buffer); the rest moves tile by tile."""
 
     @staticmethod
     def forward(ctx, k, v, plan, group, stats):
         ctx.plan, ctx.group, ctx.stats = plan, group, stats
-        kv = torch.stack([k, v])  # [2, B, Ls, H, D]
-        tile_bytes = kv[:, :, :plan.layout.block_n].numel() * kv.element_size()
-        world = len(plan.recv_counts)
+        batch, shard_len, heads, dim = k.shape
+        bn, world = plan.layout.block_n, len(plan.recv_counts)
+        k_buf = k.new_empty(batch, plan.layout.k_len, heads, dim)
+        v_buf = torch.empty_like(k_buf)
+        k_buf[:, :shard_len], v_buf[:, :shard_len] = k, v
+        shard_bytes = 2 * k.numel() * k.element_size()
+        ctx.tile_bytes = shard_bytes // (shard_len // bn)
         if plan.gather:
-            gathered = kv.new_empty(world * kv.numel())
-            _all_gather(gathered, kv.contiguous().flatten(), group)
-            gathered = gathered.view(world, *kv.shape)
+            gathered = k.new_empty(world * 2 * k.numel())
+            _all_gather(gathered, torch.stack([k, v]).flatten(), group)
             others = [s for s in range(world) if s != dist.get_rank(group)]
-            fetched = gathered[others].movedim(0, 2).flatten(2, 3)  # [2, B, (W-1) Ls, H, D]
-            sent = (world - 1) * kv.numel() * kv.element_size()
+            fetched = gathered.view(world, 2, *k.shape)[others].movedim(0, 2)
+            sent = (world - 1) * shard_bytes
         else:
-            tiles = _tiles(kv, plan.layout.block_n)  # [2, B, T, bn, H, D]
-            send = tiles.index_select(2, plan.send_tiles).movedim(2, 0).contiguous()
+            send = torch.stack([_tiles(t, bn).index_select(1, plan.send_tiles) for t in (k, v)])
+            send = send.movedim(2, 0).contiguous()  # [tiles, 2, B, bn, H, D]
             recv = send.new_empty((sum(plan.recv_counts), *send.shape[1:]))
             work = dist.all_to_all_single(recv, send, plan.recv_counts, plan.send_counts,
                                           group=group, async_op=True)
             work.wait()
-            fetched = recv.movedim(0, 2).flatten(2, 3)
-            sent = send.shape[0] * tile_bytes
+            fetched = recv.movedim(0, 2)  # [2, B, tiles, bn, H, D]
+            sent = send.shape[0] * ctx.tile_bytes
+        k_buf[:, shard_len:] = fetched[0].flatten(1, 2)
+        v_buf[:, shard_len:] = fetched[1].flatten(1, 2)
         if stats is not None:
             stats.calls += 1
             stats.gathered += int(plan.gather)
             stats.sent_fwd += sent
-            stats.all_gather += (world - 1) * kv.numel() * kv.element_size()
-        ctx.tile_bytes = tile_bytes
-        buf = torch.cat([kv, fetched], dim=2)
-        return buf[0], buf[1]
+            stats.all_gather += (world - 1) * shard_bytes
+        ctx.shard_len = shard_len
+        return k_buf, v_buf
 
     @staticmethod
     def backward(ctx, dk_buf, dv_buf):
-        plan, group = ctx.plan, ctx.group
-        shard_len = dk_buf.shape[1] - sum(plan.recv_counts) * plan.layout.block_n
-        grads = torch.stack([dk_buf, dv_buf])  # [2, B, Ls + fetched, H, D]
-        back_out = _tiles(grads[:, :, shard_len:], plan.layout.block_n).movedim(2, 0).contiguous()
+        plan, group, shard_len = ctx.plan, ctx.group, ctx.shard_len
+        bn = plan.layout.block_n
+        back_out = torch.stack([_tiles(g[:, shard_len:], bn) for g in (dk_buf, dv_buf)])
+        back_out = back_out.movedim(2, 0).contiguous()  # [fetched tiles, 2, B, bn, H, D]
         back_in = back_out.new_empty((sum(plan.send_counts), *back_out.shape[1:]))
         work = dist.all_to_all_single(back_in, back_out, plan.send_counts, plan.recv_counts,
                                       group=group, async_op=True)
-        total = grads[:, :, :shard_len].float()  # own queries' part first, then rank order
+        # the own queries' part is the gradient where no other rank fetched the tile
+        dk, dv = (g[:, :shard_len] if g.is_contiguous() else g[:, :shard_len].clone()
+                  for g in (dk_buf, dv_buf))
         work.wait()
         if ctx.stats is not None:
             ctx.stats.sent_bwd += back_out.shape[0] * ctx.tile_bytes
-        acc = _tiles(total, plan.layout.block_n)
-        start = 0
-        for count in plan.send_counts:
-            idx = plan.send_tiles[start:start + count]
-            acc[:, :, idx] += back_in[start:start + count].movedim(0, 2).float()
-            start += count
-        dkv = total.to(dk_buf.dtype)
-        return dkv[0], dkv[1], None, None, None
+        if plan.sent_tiles.numel():
+            acc = torch.stack([_tiles(g, bn)[:, plan.sent_tiles] for g in (dk, dv)]).float()
+            start = 0
+            for count in plan.send_counts:  # rank order
+                pos = plan.send_pos[start:start + count]
+                acc[:, :, pos] += back_in[start:start + count].movedim(0, 2).float()
+                start += count
+            for g, total in zip((dk, dv), acc.to(dk.dtype)):
+                _tiles(g, bn)[:, plan.sent_tiles] = total
+        return dk, dv, None, None, None
 
 
 def _tiles(x, block_n):
-    """``[2, B, n * block_n, H, D]`` -> a ``[2, B, n, block_n, H, D]`` view."""
-    return x.unflatten(2, (-1, block_n))
+    """``[B, n * block_n, H, D]`` -> a ``[B, n, block_n, H, D]`` view."""
+    return x.unflatten(1, (-1, block_n))
 
 
 # ---- patterns -> this rank's rows ------------------------------------------------------------

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -126,7 +125,6 @@ def _check_rank(rank, world, seq_len, block, backend, names, repeat, device="cpu
         ours = _grads(cp, *rows[:3], rows[3], shard(dlse, world, rank, order, dim=2))
         lowp = _grads(single, q, k, v, dout, dlse)
         ref = _grads(reference, *(t.double() for t in (q, k, v)), dout, dlse)
-        started = time.perf_counter()
         dims = (1, 2, 1, 1, 1)  # out, lse, dq, dk, dv: this rank's rows / keys
         for label, o, lo, r, d in zip(("out", "lse", "dq", "dk", "dv"), ours, lowp, ref, dims):
             assert_rule(f"rank {rank} {name} {label}", o, shard(lo, world, rank, order, d),
@@ -140,8 +138,6 @@ def _check_rank(rank, world, seq_len, block, backend, names, repeat, device="cpu
             again = _grads(cp, *rows[:3], rows[3], shard(dlse, world, rank, order, dim=2))
             for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, again):
                 assert torch.equal(a, b), f"rank {rank} {name}: {label} differs between runs"
-        if rank == 0 and os.environ.get("CP_TIMES"):
-            print(name, time.perf_counter() - started, flush=True)
     if names is None or "window-causal" in names:
         # a window's halo is a fraction of an all-gather; what is sent comes back as gradients
         sent = torch.tensor([stats_window.sent_fwd, stats_window.sent_bwd], device=device)
