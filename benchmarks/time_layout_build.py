@@ -2,11 +2,11 @@
 
     python benchmarks/time_layout_build.py                      # the benchmark's sliding window
     python benchmarks/time_layout_build.py --dtype int64 --pattern topk_random
-    python benchmarks/time_layout_build.py --sweep --out benchmarks/results   # Triton configs
+    python benchmarks/time_layout_build.py --sweep --out results/   # Triton configs
 
-The indices come from ``blocksparse_fsa.bench`` (``(1, Hkv, L, W)`` on the GPU, int32 there;
-``--dtype int64`` converts them). Every build is first compared with the PyTorch build, tensor
-for tensor: a mismatch is reported and not timed. GPU times are medians of
+The indices come from ``blocksparse_fsa_bench.patterns`` (``(1, Hkv, L, W)`` on the GPU,
+int32 there; ``--dtype int64`` converts them). Every build is first compared with the PyTorch
+build, tensor for tensor: a mismatch is reported and not timed. GPU times are medians of
 ``triton.testing.do_bench``; ``build_layout`` rows include the host sync and the transposed
 lists (repeated builds of one shape reuse the last one's tile counts and sync once, at the end;
 ``first`` forgets them each call: a sync after pass 1 and exact allocations), ``tiles only``
@@ -207,7 +207,7 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"layout_build_{gpu.replace(' ', '_')}.csv")
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(path, "w", newline="") as f:
+        with open(path, "x", newline="") as f:  # never over an existing (committed) result
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)

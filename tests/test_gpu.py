@@ -7,7 +7,7 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa.reference import dense_attention
 
-from .conftest import HAS_CUDA, assert_rule
+from .helpers import HAS_CUDA, assert_rule
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -2,13 +2,15 @@
 
 Run on one CUDA GPU from the repository root::
 
-    python -m blocksparse_fsa_bench                          # default sweep (budget: < 8 min, H200)
-    python -m blocksparse_fsa_bench --quick --seq-len 8192 --pattern bigbird
-    python -m blocksparse_fsa_bench --out /tmp/results --no-plot
-    python -m blocksparse_fsa_bench --pattern examples/bench_my_pattern.py:window_and_globals
+    blocksparse-fsa-bench --out results/                   # default sweep (< 8 min on an H200)
+    blocksparse-fsa-bench --quick --seq-len 8192 --pattern bigbird
+    blocksparse-fsa-bench --out results/ --no-plot
+    blocksparse-fsa-bench --pattern examples/bench_my_pattern.py:window_and_globals
 
-It prints one row per (pattern, L, system, pass) and writes ``<out>/bench_<gpu>.json``,
-``.csv`` and ``.png`` (the plot needs matplotlib; without it a warning is printed).
+(``python -m blocksparse_fsa_bench`` is the same.) It prints one row per (pattern, L, system,
+pass) and writes ``<out>/bench_<gpu>.json``, ``.csv`` and ``.png`` (the plot needs matplotlib;
+without it a warning is printed). ``--out`` defaults to a new directory under the system's
+temporary directory; existing result files are never overwritten unless ``--overwrite``.
 
 Patterns (causal, per KV head, ``attn_indices`` of shape ``(1, Hkv, L, W)`` built on the GPU)
     sliding_window  keys i-1023..i
@@ -81,9 +83,9 @@ Method
     * ``layout_ms`` is the steady-state cost of building the pattern's metadata once (ours:
       ``build_layout`` + ``.to(device)``; flex: the mask_mod's tensors + compiled
       ``create_block_mask``; sdpa_mask: the dense mask), the median of 5 calls timed with
-      ``perf_counter`` and a synchronize; ``layout_first_ms`` is the first call, including numba / torch.compile
-      compilation. ``first_call_s`` is the check run (for flex it includes compiling the
-      attention kernels).
+      ``perf_counter`` and a synchronize; ``layout_first_ms`` is the first call, including numba /
+      torch.compile compilation. ``first_call_s`` is the check run (for flex it includes compiling
+      the attention kernels).
     * ``peak_mb`` = ``max_memory_allocated`` during one call of the timed function (forward, or
       forward + backward) minus the memory allocated before it (inputs, layout, masks).
     * ``host_us`` is the host time to issue one call: 20 calls back to back without a
@@ -105,6 +107,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -1040,12 +1043,24 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
-def write_results(rows: list[Row], meta: dict, out_dir: Path, plot: bool = True) -> list[Path]:
-    """``bench_<gpu>.json`` / ``.csv`` (rows + metadata) and, if asked, ``.png``."""
+def default_out_dir() -> Path:
+    """A new directory for one run's results under the system's temporary directory, so that
+    a run never writes into the repository's results of record by default."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path(tempfile.gettempdir()) / "blocksparse_fsa_bench" / stamp
+
+
+def write_results(rows: list[Row], meta: dict, out_dir: Path, plot: bool = True,
+                  overwrite: bool = False) -> list[Path]:
+    """``bench_<gpu>.json`` / ``.csv`` (rows + metadata) and, if asked, ``.png``. Raises
+    ``FileExistsError`` rather than replace an existing file, unless ``overwrite``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"bench_{slug(meta['gpu'])}"
     dicts = [r.as_dict() for r in rows]
     paths = [stem.with_suffix(".json"), stem.with_suffix(".csv")]
+    existing = [p for p in (*paths, stem.with_suffix(".png")) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists: pass another --out, or --overwrite")
     strict = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
               for d in dicts]  # NaN is not JSON
     paths[0].write_text(json.dumps({"meta": meta, "rows": strict}, indent=1, default=str) + "\n")
@@ -1141,9 +1156,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--head-dim", type=int, default=128, help="head dim (default: 128)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                     help="bf16 (default) or fp16")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                    help="output directory (default: benchmarks/results, relative to the "
-                         "current directory)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output directory (default: a new directory under the system's "
+                         "temporary directory); existing result files are never replaced")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace result files that already exist in --out")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (warmup 10, rep 30 ms)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     ap.add_argument("--sdpa-mask-max-len", type=int, default=8192,
@@ -1154,6 +1171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.heads_q % args.heads_kv:
         ap.error(f"--heads-q ({args.heads_q}) must be a multiple of --heads-kv ({args.heads_kv})")
     args.warmup, args.rep = (10, 30) if args.quick else (25, 100)
+    if args.out is None:
+        args.out = default_out_dir()
     args.torch_dtype = DTYPES[args.dtype]
     args.passes = [p for p in PASSES if p in args.passes]
     args.patterns = []  # (row name, builder)
@@ -1173,6 +1192,14 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     meta = metadata(args, device)
+    if not args.overwrite:  # fail before the sweep, not after it
+        stem = args.out / f"bench_{slug(meta['gpu'])}"
+        taken = [stem.with_suffix(x) for x in (".json", ".csv", ".png")
+                 if stem.with_suffix(x).exists()]
+        if taken:
+            print(f"error: {taken[0]} exists: pass another --out, or --overwrite",
+                  file=sys.stderr)
+            return 2
     print(f"# {meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | "
           f"commit {meta['git_commit']} | B={args.batch} Hq={args.heads_q} Hkv={args.heads_kv} "
           f"D={args.head_dim} {meta['dtype']} | warmup {args.warmup} ms, rep {args.rep} ms")
@@ -1190,7 +1217,7 @@ def main(argv=None) -> int:
     progress.close()
     print()
     print("\n".join(summary(rows, args.seq_len, args.sdpa_mask_max_len)))
-    paths = write_results(rows, meta, args.out, plot=not args.no_plot)
+    paths = write_results(rows, meta, args.out, plot=not args.no_plot, overwrite=args.overwrite)
     print(f"wrote {', '.join(str(p) for p in paths)}  ({time.perf_counter() - t_start:.0f} s)")
     return 0
 

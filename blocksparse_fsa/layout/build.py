@@ -8,6 +8,7 @@ numba is imported, and its functions compiled, on the first CPU build), ``prepro
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -27,6 +28,9 @@ KERNELS = ("auto", "tiles", "gather")
 # where the H200 measurements put the crossing of the two forwards (benchmarks/NOTES.md).
 GATHER_MAX_DENSITY = 0.08
 METHODS = ("auto", "numba", "torch", "triton")
+# Smaller CPU index tensors build with PyTorch until numba is loaded: numba's first compile on
+# a machine (10-60 s) costs more than PyTorch's slower build of a small input.
+NUMBA_MIN_INDICES = 2**18
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 Predicate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,7 +49,8 @@ def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = Fa
     ``method``: ``"numba"`` (the CPU preprocessor), ``"triton"`` (two Triton kernels on the
     indices' GPU, reading the indices about once: for indices a router or top-k selector just
     produced), ``"torch"`` (PyTorch on the indices' device, chunked: a slower fallback for any
-    device) or ``"auto"`` (triton for CUDA indices, numba for CPU ones, torch otherwise).
+    device) or ``"auto"`` (triton for CUDA indices; numba for CPU ones from ``NUMBA_MIN_INDICES``
+    entries on, or once numba is loaded, torch below that and on other devices).
     ``reorder``: an optional token permutation that makes scattered patterns tile-dense, see
     :func:`reordered`.
     ``kernel``: ``"tiles"``, ``"gather"`` or ``"auto"`` (gather for scattered patterns), see
@@ -67,7 +72,7 @@ def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = Fa
     block_m, block_n = check_blocks(block_m, block_n)
     idx = _check_indices(attn_indices, k_len, check_range=False)
     if method == "auto":
-        method = {"cpu": "numba", "cuda": "triton"}.get(idx.device.type, "torch")
+        method = _auto_method(idx)
     if method != "triton":  # the Triton kernels check the range in the same pass
         _check_range(idx, k_len)
     n_b, n_h, q_len, _ = idx.shape
@@ -90,6 +95,15 @@ def build_layout(attn_indices: torch.Tensor, k_len: int, *, is_causal: bool = Fa
         arrays = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in arrays]
         arrays[4] = arrays[4].view(torch.int32)  # uint32 words -> int32 bit patterns
     return with_kernel(layout_from_tiles(*meta, *arrays).to(attn_indices.device), kernel)
+
+
+def _auto_method(idx: torch.Tensor) -> str:
+    if idx.device.type == "cuda":
+        return "triton"
+    if idx.device.type == "cpu" and (idx.numel() >= NUMBA_MIN_INDICES
+                                     or "blocksparse_fsa.preprocess.numba" in sys.modules):
+        return "numba"
+    return "torch"
 
 
 def layout_from_dense_mask(attn_mask: torch.Tensor, *, is_causal: bool = False,
@@ -212,7 +226,8 @@ def layout_from_predicate(q_len: int, k_len: int, predicate: Predicate,
             tile_map("full_tiles", full_tiles, shape, block_m, block_n, device))
     arrays = predicate_to_tiles(q_len, k_len, predicate, candidates, full, bool(is_causal),
                                 block_m, block_n, chunk_pairs)
-    layout = layout_from_tiles(q_len, k_len, block_m, block_n, batch, heads, bool(is_causal), *arrays)
+    layout = layout_from_tiles(q_len, k_len, block_m, block_n, batch, heads, bool(is_causal),
+                               *arrays)
     return layout.to(device)
 
 

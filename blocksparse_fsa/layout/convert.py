@@ -293,7 +293,8 @@ def layout_from_csr(indptr, indices, batch, heads, q_len, k_len, *, is_causal=Fa
         raise ValueError(f"indices must lie in [0, k_len={k_len})")
     arrays = tiles_from_csr(indptr.to(indices.device), indices, batch * heads, q_len, k_len,
                             bool(is_causal), block_m, block_n)
-    layout = layout_from_tiles(q_len, k_len, block_m, block_n, batch, heads, bool(is_causal), *arrays)
+    layout = layout_from_tiles(q_len, k_len, block_m, block_n, batch, heads, bool(is_causal),
+                               *arrays)
     return layout.to(indices.device)
 
 

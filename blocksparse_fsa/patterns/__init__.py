@@ -16,10 +16,10 @@ Conventions shared by every builder:
 - ``block_m`` / ``block_n`` pick the layout's tile (default 64 x 64); ``device`` is where the
   work runs and where the layout is returned.
 
-Builders: :func:`layout_from_predicate` (the generic engine, from ``layout.build``), :func:`sliding_window`,
-:func:`dilated_window`, :func:`block_sparse`, :func:`bigbird`, :func:`fixed`, :func:`document`,
-:func:`neighborhood_1d`, :func:`neighborhood_2d`, :func:`neighborhood_3d`, :func:`union`,
-:func:`intersection`.
+Builders: :func:`layout_from_predicate` (the generic engine, from ``layout.build``),
+:func:`sliding_window`, :func:`dilated_window`, :func:`block_sparse`, :func:`bigbird`,
+:func:`fixed`, :func:`document`, :func:`neighborhood_1d`, :func:`neighborhood_2d`,
+:func:`neighborhood_3d`, :func:`union`, :func:`intersection`.
 """
 
 from ..layout.build import layout_from_predicate

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from blocksparse_fsa import attention
 from blocksparse_fsa_bench import cli as bench
 from blocksparse_fsa_bench import patterns as bp
 
-from .test_patterns import EXAMPLE, USER_MODULE, brute_mask, small_patterns
+from ..helpers import EXAMPLE, USER_MODULE, brute_mask, small_patterns
 
 L, HKV = 256, 2
 REPO = Path(__file__).resolve().parents[2]
@@ -157,6 +158,9 @@ def test_write_results_and_summary(tmp_path):
     assert data["rows"][0]["pass"] == "fwd"
     header = paths[1].read_text().splitlines()[0].split(",")
     assert {"pattern", "seq_len", "system", "pass", "ms", "gpu", "torch"} <= set(header)
+    with pytest.raises(FileExistsError, match="bench_nvidia-h200.json exists"):
+        bench.write_results(rows, meta, tmp_path / "out", plot=False)  # never replaced silently
+    assert bench.write_results(rows, meta, tmp_path / "out", plot=False, overwrite=True) == paths
     text = "\n".join(bench.summary(rows, [32768], 8192))
     assert "sliding_window" in text and "ours vs flex" in text
     assert bench.format_row(rows[0]).startswith("sliding_window")
@@ -224,7 +228,8 @@ def test_git_commit_never_raises(tmp_path):
 
 def test_cli_help():
     res = subprocess.run([sys.executable, "-m", "blocksparse_fsa_bench", "--help"], cwd=REPO,
-                         env=dict(os.environ, PYTHONPATH=PYTHONPATH), capture_output=True, text=True, timeout=120)
+                         env=dict(os.environ, PYTHONPATH=PYTHONPATH), capture_output=True,
+                         text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     for flag in ("--seq-len", "--pattern", "--systems", "--passes", "--heads-q", "--heads-kv",
                  "--head-dim", "--dtype", "--out", "--quick", "--no-plot"):
@@ -238,6 +243,9 @@ def test_parse_args_defaults():
     assert args.torch_dtype == torch.bfloat16 and (args.warmup, args.rep) == (25, 100)
     assert list(args.pattern) == list(bench.PATTERNS) and list(args.systems) == list(bench.SYSTEMS)
     assert bench.parse_args(["--quick"]).rep == 30
+    # the default output: a fresh scratch directory, never the repository's committed results
+    assert args.out.parent == Path(tempfile.gettempdir()) / "blocksparse_fsa_bench"
+    assert not args.out.exists() and not args.overwrite
     with pytest.raises(SystemExit):
         bench.parse_args(["--heads-q", "6", "--heads-kv", "4"])
 
@@ -261,6 +269,16 @@ def test_pattern_batch_must_match(tmp_path, monkeypatch):
     rows = bench.run_pattern(*args.patterns[0], 64, args, "cpu")
     assert len(rows) == 1 and rows[0].status.startswith("error (pattern): ValueError: the "
                                                         "pattern has batch 2")
+
+
+def test_main_refuses_existing_results_before_running(tmp_path, capsys):
+    """An --out that already holds this GPU's results stops the run before the sweep."""
+    (tmp_path / "bench_cpu.csv").write_text("committed\n")
+    argv = ["--device", "cpu", "--seq-len", "64", "--pattern", "sliding_window", "--systems",
+            "ours", "--out", str(tmp_path), "--no-plot"]
+    assert bench.main(argv) == 2
+    assert "bench_cpu.csv exists" in capsys.readouterr().err
+    assert (tmp_path / "bench_cpu.csv").read_text() == "committed\n"
 
 
 def test_main_needs_cuda(capsys):

@@ -1,21 +1,14 @@
 """CPU tests of the benchmark's patterns: every builder against its brute-force definition, its
 dense mask, flex mask_mod and nnz against its indices, and the loading of user patterns."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from blocksparse_fsa_bench import patterns as bp
 
+from ..helpers import EXAMPLE, USER_MODULE, brute_mask, row_sets, small_patterns
+
 L, HKV = 256, 2
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bench_my_pattern.py"
-
-
-def row_sets(pattern, head=0):
-    """Causal index set of every query row of ``pattern`` (head ``head``)."""
-    idx = pattern.indices[0, head].tolist()
-    return [{j for j in row if 0 <= j <= i} for i, row in enumerate(idx)]
 
 
 def check_common(pattern, width):
@@ -145,23 +138,6 @@ def test_topk_random(k):
         assert not torch.equal(idx[0, ~short], idx[1, ~short])  # heads draw independently
 
 
-def brute_mask(pattern):
-    """[Hkv, L, L] bool from the index sets."""
-    out = torch.zeros(pattern.num_kv_heads, pattern.seq_len, pattern.seq_len, dtype=torch.bool)
-    for h in range(pattern.num_kv_heads):
-        for i, keys in enumerate(row_sets(pattern, h)):
-            out[h, i, sorted(keys)] = True
-    return out
-
-
-def small_patterns():
-    return [bp.sliding_window(L, HKV, "cpu", window=40),
-            bp.dilated(L, HKV, "cpu", num_keys=20, stride=4),
-            bp.bigbird(L, HKV, "cpu", block=16),
-            bp.nsa_blocks(L, HKV, "cpu", block=16, num_selected=5),
-            bp.topk_random(L, HKV, "cpu", k=24)]
-
-
 @pytest.mark.parametrize("pattern", small_patterns(), ids=lambda p: p.name)
 def test_masks_agree_with_indices(pattern):
     want = brute_mask(pattern)
@@ -182,52 +158,6 @@ def test_masks_agree_with_indices(pattern):
 
 
 # ---- user patterns ------------------------------------------------------------------------------
-USER_MODULE = """
-import torch
-
-import blocksparse_fsa as bsa
-
-
-def random_layout(seq_len, heads_kv, device):  # per head, not causal
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randint(-1, seq_len, (1, heads_kv, seq_len, 6), generator=gen)
-    return bsa.build_layout(idx, seq_len).to(device)
-
-
-def batched(seq_len, heads_kv, device):  # (2, 1, L, 3): a different pattern per batch entry
-    i = torch.arange(seq_len)[:, None]
-    idx = torch.stack([i - torch.arange(3), i - 2 * torch.arange(3)])[:, None]
-    return idx.clamp(min=-1).to(device)
-
-
-def float_indices(seq_len, heads_kv, device):
-    return torch.zeros(1, 1, seq_len, 4)
-
-
-def three_heads(seq_len, heads_kv, device):
-    return torch.zeros(1, 3, seq_len, 4, dtype=torch.long)
-
-
-def short(seq_len, heads_kv, device):
-    return torch.zeros(1, 1, seq_len - 1, 4, dtype=torch.long)
-
-
-def wrong_layout_length(seq_len, heads_kv, device):
-    return bsa.build_layout(torch.zeros(1, 1, seq_len + 1, 1, dtype=torch.long), seq_len + 1)
-
-
-def a_string(seq_len, heads_kv, device):
-    return "sliding_window"
-
-
-def a_triple(seq_len, heads_kv, device):
-    return torch.zeros(1, 1, seq_len, 4, dtype=torch.long), None, None
-
-
-NOT_CALLABLE = 3
-"""
-
-
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """``user_patterns.py`` in a fresh directory on ``sys.path``; returns its path."""

@@ -70,11 +70,13 @@ def _plan(device, shape, strides, dtype, q_len, k_len, is_causal, block_m, block
                   **word_args(block_n), SPAN=span, CHUNK=chunk, IS_CAUSAL=is_causal,
                   BY_BITS=interpret, **cfg)
     fast = fast and width > 0 and width % chunk == 0
-    p.count = BoundKernel(indices_to_tiles_count_kernel, pool_full_cap=full_cap, pool_part_cap=part_cap, n_zero=4 * n_cols,
-                          FAST=fast, WINDOW=fast and window, STAGES=stages, **shared)
+    p.count = BoundKernel(indices_to_tiles_count_kernel, pool_full_cap=full_cap,
+                          pool_part_cap=part_cap, n_zero=4 * n_cols, FAST=fast,
+                          WINDOW=fast and window, STAGES=stages, **shared)
     p.write = BoundKernel(indices_to_tiles_write_kernel, n_kt=n_kt, **shared)
     p.columns = BoundKernel(column_pointers_kernel, n_cols=n_cols, BLOCK=1024)
-    p.place = BoundKernel(place_tiles_kernel, n_rows=n_rows, n_cols=n_cols, n_qt=max(n_qt, 1), BLOCK=1024)
+    p.place = BoundKernel(place_tiles_kernel, n_rows=n_rows, n_cols=n_cols, n_qt=max(n_qt, 1),
+                          BLOCK=1024)
     p.rank = BoundKernel(rank_tiles_kernel, n_rows=n_rows, BLOCK=32)
     return p
 
@@ -190,8 +192,8 @@ def layout_tensors_triton(idx: torch.Tensor, q_len: int, k_len: int, is_causal: 
                           config: dict | None = None,
                           reuse_capacity: bool = True) -> tuple[dict, int]:
     """Every tensor of the ``SparseLayout`` of ``idx`` (int32, on its device) and ``nnz``:
-    ``indices_to_tiles_triton``'s tiles with the key-tile lists of ``preprocess.torch.transpose_tiles``
-    (``_transpose``: three small kernels, no sort).
+    ``indices_to_tiles_triton``'s tiles with the key-tile lists of
+    ``preprocess.torch.transpose_tiles`` (``_transpose``: three small kernels, no sort).
 
     The first build of a shape syncs after pass 1 for the tile counts and allocates exactly.
     Later builds of the same shape (``reuse_capacity``) allocate the last build's counts plus

@@ -33,7 +33,8 @@ def indices_to_tiles_write_kernel(
     partial; ``ptrs`` zeroed before). The row's full tiles go to ``full_col[ptrs[0, row]:]``,
     its partial ones to ``part_col`` / ``masks`` ``[Tp, BLOCK_M, N_WORDS]`` from ``ptrs[1,
     row]``, sorted by key tile: copied from the pool, or rescanned
-    in ascending spans from ``start[row]``. Each tile's ``preprocess.torch.transpose_keys`` value goes to
+    in ascending spans from ``start[row]``. Each tile's ``preprocess.torch.transpose_keys``
+    value goes to
     ``keys`` (full tiles at their position, partial ones after all full ones) and is counted
     per key tile in ``col_count[0 / 1, group * n_kt + kt]`` (zeroed by pass 1). The outputs
     have room for ``cap_f`` full and ``cap_p`` partial tiles (``keys``: ``cap_f + cap_p``);
