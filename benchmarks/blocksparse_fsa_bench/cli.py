@@ -42,6 +42,15 @@ Systems, all on the same q, k, v
                  table (bigbird, nsa_blocks), a bit-packed dense ``[Hkv, L, L/8]`` table
                  (topk_random), all through ``create_block_mask`` at flex's default 128x128
                  blocks (its compiled backward on an H200, D=128, needs blocks of 128)
+    flex_flash   ``flex`` on the same BlockMask with ``kernel_options={"BACKEND": "FLASH"}``
+                 (FlashAttention-4's CuTe kernels under flex's BlockMask)
+    fa4_window   FlashAttention-4 ``flash_attn_func(causal=True, window_size=(W - 1, 0))``,
+                 for the sliding-window pattern only
+    fa4_varlen   FlashAttention-4 ``flash_attn_varlen_func`` over the packed documents, for the
+                 documents pattern only
+    fa4_dense_causal  FlashAttention-4 dense causal attention on the same tensors: the
+                 utilisation ceiling (timed, not checked; ``dense_tflops`` as sdpa_causal)
+                 FA4 systems are skipped, saying why, when ``flash_attn.cute`` does not import
     sdpa_causal  dense causal FlashAttention through SDPA: the cost of ignoring the sparsity
                  (a different function, so timed but not checked)
     sdpa_mask    SDPA with the pattern as a dense boolean ``attn_mask`` (only L <= 8192)
@@ -109,7 +118,13 @@ import torch
 
 from .patterns import PATTERNS, MaskMod, Pattern, PatternBuilder, load_pattern
 
-SYSTEMS = ("ours", "ours_indices", "ours_bias", "flex", "sdpa_causal", "sdpa_mask")
+SYSTEMS = ("ours", "ours_indices", "ours_bias", "flex", "flex_flash", "fa4_window", "fa4_varlen",
+           "fa4_dense_causal", "sdpa_causal", "sdpa_mask")
+# systems that run dense causal attention whatever the pattern: timed, not checked, and their
+# ``dense_tflops`` count the dense work they do
+DENSE_SYSTEMS = ("fa4_dense_causal", "sdpa_causal")
+# independent systems whose agreement makes ours' status "ok"
+CHECKERS = ("flex", "flex_flash", "fa4_window", "fa4_varlen", "sdpa_mask")
 PASSES = ("fwd", "fwdbwd")
 FWDBWD_FLOP_FACTOR = 3.5
 REL_TOL = 2e-2
@@ -416,9 +431,9 @@ def setup_flex(pattern: Pattern, inp: Inputs, args) -> SystemRun:
     block_mask, ms = _timed_median(build, device)
     flex = compiled_flex_attention()
 
-    def fwd():
+    def fwd(**kwargs):
         out = flex(_bhld(inp.q), _bhld(inp.k), _bhld(inp.v), block_mask=block_mask,
-                   enable_gqa=True)
+                   enable_gqa=True, **kwargs)
         return out.transpose(1, 2)
 
     mb, density = block_mask_stats(block_mask, pattern.nnz() / pattern.groups)
@@ -485,11 +500,90 @@ def setup_sdpa_mask(pattern: Pattern, inp: Inputs, args) -> SystemRun:
                      layout_ms=ms, layout_first_ms=first_ms, layout_mb=mask.nbytes / 2**20)
 
 
+def setup_flex_flash(pattern: Pattern, inp: Inputs, args) -> SystemRun:
+    """``flex`` on the same BlockMask with ``kernel_options={"BACKEND": "FLASH"}``: the mask
+    runs in FlashAttention-4's CuTe kernels instead of flex's Triton ones."""
+    run = setup_flex(pattern, inp, args)
+    flex_fwd = run.fwd
+
+    def fwd():
+        return flex_fwd(kernel_options={"BACKEND": "FLASH"})
+
+    run.fwd, run.fwdbwd = fwd, _with_backward(fwd, inp.dout)
+    return run
+
+
+def flash_attn_cute():
+    """FlashAttention-4's module (``pip install flash-attn-4``), or ``Skipped`` saying why not."""
+    try:
+        import flash_attn.cute as fa4
+    except Exception as exc:  # not installed, or its CUDA libraries do not load here
+        raise Skipped(f"flash-attn-4 does not import ({_short(exc, 80)})") from None
+    return fa4
+
+
+def _first(result):
+    """FA4's functions return ``out`` or ``(out, lse)`` depending on the version."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+def setup_fa4_window(pattern: Pattern, inp: Inputs, args) -> SystemRun:
+    """FA4 ``flash_attn_func(q, k, v, causal=True, window_size=(W - 1, 0))``: its native
+    causal sliding window, for patterns that are one."""
+    if pattern.window is None:
+        raise Skipped("the pattern is not a causal sliding window")
+    fa4 = flash_attn_cute()
+
+    def fwd():
+        return _first(fa4.flash_attn_func(inp.q, inp.k, inp.v, causal=True,
+                                           window_size=(pattern.window - 1, 0)))
+
+    return SystemRun(fwd, _with_backward(fwd, inp.dout), (inp.q, inp.k, inp.v),
+                     _native_grads(inp), note=f"flash-attn-4 {fa4.__version__}")
+
+
+def setup_fa4_varlen(pattern: Pattern, inp: Inputs, args) -> SystemRun:
+    """FA4 ``flash_attn_varlen_func`` over the packed documents (causal in each), for
+    patterns that are packed documents; batch 1 only (the documents fill the sequence)."""
+    if pattern.cu_seqlens is None:
+        raise Skipped("the pattern is not packed documents")
+    if inp.q.shape[0] != 1:
+        raise Skipped("packed documents fill one sequence: --batch 1 only")
+    fa4 = flash_attn_cute()
+    cu = pattern.cu_seqlens
+    longest = int((cu[1:] - cu[:-1]).max())
+
+    def fwd():
+        out = fa4.flash_attn_varlen_func(inp.q[0], inp.k[0], inp.v[0], cu_seqlens_q=cu,
+                                         cu_seqlens_k=cu, max_seqlen_q=longest,
+                                         max_seqlen_k=longest, causal=True)
+        return _first(out).unsqueeze(0)
+
+    return SystemRun(fwd, _with_backward(fwd, inp.dout), (inp.q, inp.k, inp.v),
+                     _native_grads(inp), note=f"flash-attn-4 {fa4.__version__}")
+
+
+def setup_fa4_dense_causal(pattern: Pattern, inp: Inputs, args) -> SystemRun:
+    """FA4 dense causal attention on the same tensors: the utilisation ceiling that effective
+    TFLOP/s are compared with (a different function, so timed but not checked)."""
+    fa4 = flash_attn_cute()
+
+    def fwd():
+        return _first(fa4.flash_attn_func(inp.q, inp.k, inp.v, causal=True))
+
+    return SystemRun(fwd, _with_backward(fwd, inp.dout), (inp.q, inp.k, inp.v),
+                     _native_grads(inp), checked=False, note=f"flash-attn-4 {fa4.__version__}")
+
+
 SYSTEM_SETUPS: dict[str, Callable[[Pattern, Inputs, argparse.Namespace], SystemRun]] = {
     "ours": setup_ours,
     "ours_indices": setup_ours_indices,
     "ours_bias": functools.partial(setup_ours, with_bias=True),
     "flex": setup_flex,
+    "flex_flash": setup_flex_flash,
+    "fa4_window": setup_fa4_window,
+    "fa4_varlen": setup_fa4_varlen,
+    "fa4_dense_causal": setup_fa4_dense_causal,
     "sdpa_causal": setup_sdpa_causal,
     "sdpa_mask": setup_sdpa_mask,
 }
@@ -744,7 +838,7 @@ def finalize(rows: list[Row], pattern: Pattern, args, nnz_ref: int) -> None:
     for p in args.passes:
         ours = by.get(("ours", p))
         if ours is not None and ours.status == "ok":
-            verdicts = [by[(s, p)].status for s in ("flex", "sdpa_mask") if (s, p) in by]
+            verdicts = [by[(s, p)].status for s in CHECKERS if (s, p) in by]
             if ours.nan_count:
                 ours.status = "mismatch"  # NaN in out or grads
             elif "ok" in verdicts:
@@ -768,7 +862,7 @@ def finalize(rows: list[Row], pattern: Pattern, args, nnz_ref: int) -> None:
         r.nnz = round(nnz_per_head * args.heads_kv)
         r.tflops = tflops(pattern_flops(nnz_per_head, args.batch, args.heads_q, args.head_dim,
                                         r.pass_name), r.ms)
-        if r.system == "sdpa_causal":
+        if r.system in DENSE_SYSTEMS:
             r.dense_tflops = tflops(dense_causal_flops(args.batch, args.heads_q, L,
                                                        args.head_dim, r.pass_name), r.ms)
     good = ("ok", "unchecked", "unverified")
@@ -867,14 +961,24 @@ def summary(rows: list[Row], seq_lens, sdpa_mask_max_len: int) -> list[str]:
     if cache:
         lines.append("  host us per fwd call, attn_indices= (layout cache) vs layout=:  "
                      + ", ".join(cache))
-    ours = idx.get(("sliding_window", L, "ours", "fwd"))
-    dense = idx.get(("sliding_window", L, "sdpa_causal", "fwd"))
-    if ours and dense and ours.tflops and dense.dense_tflops and ours.status == "ok":
-        lines.append(f"  sliding_window ours fwd {ours.tflops:.0f} effective TFLOP/s = "
-                     f"{100 * ours.tflops / dense.dense_tflops:.0f}% of sdpa_causal's dense "
-                     f"{dense.dense_tflops:.0f} TFLOP/s")
-    elif "sliding_window" in patterns:
-        lines.append("  sliding_window ours fwd TFLOP/s vs sdpa_causal dense: n/a")
+    for pat in patterns:
+        parts = []
+        for p in PASSES:
+            ours = idx.get((pat, L, "ours", p))
+            if not (ours and ours.ms and ours.status == "ok"):
+                continue
+            for other in ("flex_flash", "fa4_window", "fa4_varlen"):
+                r = idx.get((pat, L, other, p))
+                if r and r.ms and r.status in ("ok", "unchecked", "unverified"):
+                    parts.append(f"{p} {r.ms / ours.ms:.2f}x {other}")
+            for dense_system in DENSE_SYSTEMS:
+                d = idx.get((pat, L, dense_system, p))
+                if d and d.dense_tflops and ours.tflops:
+                    parts.append(f"{p} {ours.tflops:.0f} TFLOP/s = "
+                                 f"{100 * ours.tflops / d.dense_tflops:.0f}% of {dense_system}'s "
+                                 f"{d.dense_tflops:.0f}")
+        if parts:
+            lines.append(f"  {pat:<17} ours vs the frontier:  " + ", ".join(parts))
     mask_lens = [x for x in seq_lens if x <= sdpa_mask_max_len]
     if mask_lens:
         Lm = max(mask_lens)
@@ -930,7 +1034,8 @@ def metadata(args, device) -> dict:
         "systems": list(args.systems), "passes": list(args.passes),
         "warmup_ms": args.warmup, "rep_ms": args.rep, "rel_tol": REL_TOL,
         "flops": "fwd = 4*nnz*D*Hq*B with nnz = distinct causal pairs per (batch, KV head); "
-                 "fwdbwd = 3.5*fwd; dense_tflops (sdpa_causal) uses nnz = L(L+1)/2",
+                 "fwdbwd = 3.5*fwd; dense_tflops (fa4_dense_causal, sdpa_causal) uses "
+                 "nnz = L(L+1)/2",
     }
 
 

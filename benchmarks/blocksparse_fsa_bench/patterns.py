@@ -22,8 +22,8 @@ import torch
 
 from blocksparse_fsa import SparseLayout, build_layout
 
-PATTERNS = ("sliding_window", "bigbird", "nsa_blocks", "dilated", "dilated_reordered",
-            "topk_random")
+PATTERNS = ("sliding_window", "bigbird", "nsa_blocks", "documents", "dilated",
+            "dilated_reordered", "topk_random")
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -49,6 +49,8 @@ class Pattern:
     description: str
     reorder: object = None  # ``build_layout(..., reorder=)`` for ours (token permutation)
     layout: SparseLayout | None = None  # given instead of indices (ours uses it as it is)
+    window: int | None = None  # a causal window of this many keys (FA4's window_size)
+    cu_seqlens: torch.Tensor | None = None  # packed causal documents (FA4's varlen)
     _nnz: int | None = field(default=None, repr=False)
 
     @property
@@ -116,7 +118,33 @@ def sliding_window(seq_len: int, num_kv_heads: int, device, window: int = 1024) 
         return mask_mod
 
     return Pattern("sliding_window", seq_len, _per_head(idx, num_kv_heads), flex_mask, False,
-                   f"causal, window {window}")
+                   f"causal, window {window}", window=window)
+
+
+DOCUMENT_WEIGHTS = (5000, 1200, 7000, 300, 4100, 2600, 6000, 3568, 3000)
+
+
+def documents(seq_len: int, num_kv_heads: int, device) -> Pattern:
+    """Nine packed documents of uneven lengths (in proportion to ``DOCUMENT_WEIGHTS``, summing
+    to ``seq_len``), causal inside each: given as ``patterns.document``'s layout, because their
+    indices would be ``(1, Hkv, L, 7000)`` at L = 32768."""
+    from blocksparse_fsa import patterns
+
+    weights = torch.tensor(DOCUMENT_WEIGHTS, dtype=torch.int64)
+    lens = weights * seq_len // int(weights.sum())
+    lens[-1] += seq_len - int(lens.sum())
+    cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(device=device, dtype=torch.int32)
+    doc = torch.searchsorted(cu[1:], torch.arange(seq_len, device=device), right=True)
+    layout = patterns.document(cu, is_causal=True, device=device)
+
+    def flex_mask():
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+        return mask_mod
+
+    return Pattern("documents", seq_len, None, flex_mask, False,
+                   f"{len(lens)} packed documents of {int(lens.min())}-{int(lens.max())} "
+                   "tokens, causal", layout=layout, cu_seqlens=cu)
 
 
 def dilated(seq_len: int, num_kv_heads: int, device, num_keys: int = 512,
@@ -297,6 +325,7 @@ PATTERN_BUILDERS: dict[str, Callable[..., Pattern]] = {
     "sliding_window": sliding_window,
     "bigbird": bigbird,
     "nsa_blocks": nsa_blocks,
+    "documents": documents,
     "dilated": dilated,
     "dilated_reordered": dilated_reordered,
     "topk_random": topk_random,

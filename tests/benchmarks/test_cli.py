@@ -325,8 +325,37 @@ def test_runner_smoke_cpu(tmp_path, monkeypatch, capsys):
     assert "host us per fwd call, attn_indices= (layout cache) vs layout=:  bigbird" in captured.out
     steps = [line for line in captured.err.splitlines() if line.startswith("[")]
     assert len(steps) == 3 * len(bench.SYSTEMS)  # one per (pattern, system, pass)
-    assert steps[0].startswith("[1/18] bigbird L=128 ours fwd")
-    assert steps[-1].startswith("[18/18] dilated L=128 sdpa_mask fwd")
+    n = 3 * len(bench.SYSTEMS)
+    assert steps[0].startswith(f"[1/{n}] bigbird L=128 ours fwd")
+    assert steps[-1].startswith(f"[{n}/{n}] dilated L=128 sdpa_mask fwd")
+
+
+def test_frontier_systems_skip_what_does_not_apply(monkeypatch):
+    """FA4's window and varlen systems run only on their own patterns, and every FA4 system
+    is skipped with the reason when flash_attn.cute does not import."""
+    import builtins
+
+    inp = bench.make_inputs(1, 64, 4, 2, 16, torch.float32, "cpu")
+    args = bench.parse_args(["--device", "cpu"])
+    bigbird = bp.bigbird(64, 2, "cpu", block=16)
+    with pytest.raises(bench.Skipped, match="not a causal sliding window"):
+        bench.setup_fa4_window(bigbird, inp, args)
+    with pytest.raises(bench.Skipped, match="not packed documents"):
+        bench.setup_fa4_varlen(bigbird, inp, args)
+    real_import = builtins.__import__
+
+    def no_fa4(name, *a, **kw):
+        if name.startswith("flash_attn"):
+            raise ImportError("no module named flash_attn")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_fa4)
+    window = bp.sliding_window(64, 2, "cpu", window=16)
+    for setup, pattern in ((bench.setup_fa4_window, window),
+                           (bench.setup_fa4_varlen, bp.documents(64, 2, "cpu")),
+                           (bench.setup_fa4_dense_causal, bigbird)):
+        with pytest.raises(bench.Skipped, match="flash-attn-4 does not import"):
+            setup(pattern, inp, args)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

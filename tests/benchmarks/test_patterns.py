@@ -250,3 +250,17 @@ def test_user_pattern_errors(user_module, fn, error, match):
     build = bp.load_pattern(f"user_patterns:{fn}")[1]
     with pytest.raises(error, match=match):
         build(L, HKV, "cpu")
+
+
+def test_documents():
+    """Nine causal documents summing to L: the layout, the flex mask_mod and cu_seqlens agree."""
+    pattern = bp.documents(L, HKV, "cpu")
+    cu = pattern.cu_seqlens
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == L and len(cu) == 10
+    assert bool((cu[1:] > cu[:-1]).all())
+    doc = torch.searchsorted(cu[1:], torch.arange(L), right=True)
+    q, k = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    want = (doc[:, None] == doc[None, :]) & (k <= q)
+    assert torch.equal(pattern.dense_mask()[0, 0], want)
+    assert torch.equal(pattern.flex_mask()(0, 0, q, k), want)
+    assert pattern.nnz() == int(want.sum()) and pattern.indices is None

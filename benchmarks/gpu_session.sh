@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One GPU session in two stages of under ten minutes each, everything written under $OUT and
+# packed into $OUT/stage_<s>.tar.gz (the device tool brings back few files):
+#   bash benchmarks/gpu_session.sh a   FA4 install, GPU tests, kernel A/B against .base/,
+#                                      the harness on window, bigbird, nsa_blocks, documents
+#   bash benchmarks/gpu_session.sh b   the harness on dilated_reordered and topk_random,
+#                                      bench_decode.py, bench_varlen.py
+# FA4 comes from ../shared/tools/fa4-wheels' two folders (.fa4a sent by an earlier call, .fa4b
+# by this one); .base/ holds an older checkout's blocksparse_fsa for the A/B (optional).
+set -uo pipefail
+stage=${1:?usage: gpu_session.sh a|b}
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT/$stage"
+log() { echo "== $*" | tee -a "$OUT/$stage/session.log"; }
+export PYTHONUNBUFFERED=1
+if [ -d .fa4b ] && [ ! -d .fa4site ]; then
+  cat .fa4a/libs.part.* .fa4b/libs.part.* \
+    > .fa4b/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl &&
+  python3 -m pip install -q --no-index --no-deps --target .fa4site .fa4b/*.whl \
+    > "$OUT/$stage/fa4_install.log" 2>&1
+fi
+export PYTHONPATH=$PWD/.fa4site:$PWD:$PWD/benchmarks
+bench() { timeout "$1" python3 -m blocksparse_fsa_bench --seq-len 32768 --quick --no-plot \
+            --out "$OUT/$stage/$2" "${@:3}" 2>"$OUT/$stage/$2.progress" | tee "$OUT/$stage/$2.log"; }
+
+if [ "$stage" = a ]; then
+  log "environment"
+  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  } 2>&1 | tee -a "$OUT/$stage/session.log"
+  log "FA4 import"
+  python3 -c "import flash_attn.cute as m; print('flash_attn.cute', m.__version__)" \
+    2>&1 | tail -15 | tee -a "$OUT/$stage/session.log"
+  log "GPU tests"
+  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --maxfail=20 tests \
+    > "$OUT/$stage/gpu_tests.log" 2>&1
+  tail -25 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
+  log "kernel A/B (before = .base/, after = this tree), same GPU, back to back"
+  if [ -d .base/blocksparse_fsa ]; then
+    PYTHONPATH=$PWD/.base timeout 80 python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
+  fi
+  PYTHONPATH=$PWD timeout 80 python3 benchmarks/ab_kernels.py --label after --out "$OUT/$stage"
+  log "harness: the frontier"
+  bench 230 bench_frontier --pattern sliding_window bigbird nsa_blocks documents \
+    --systems ours flex flex_flash fa4_window fa4_varlen fa4_dense_causal sdpa_causal
+else
+  log "harness: scattered patterns"
+  bench 200 bench_scattered --pattern dilated_reordered topk_random \
+    --systems ours flex flex_flash fa4_dense_causal sdpa_causal
+  log "decode"
+  timeout 170 python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
+    --lengths 8192 32768 131072 --batches 1 8 64 2>&1 | tail -60 | tee -a "$OUT/$stage/session.log"
+  log "varlen"
+  timeout 150 python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" \
+    2>&1 | tail -40 | tee -a "$OUT/$stage/session.log"
+fi
+log "done"
+tar -czf "$OUT/stage_$stage.tar.gz" -C "$OUT" "$stage"
