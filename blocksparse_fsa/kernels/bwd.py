@@ -7,7 +7,8 @@ import triton.language as tl
 
 from .common import (LOG2E, bias_args, bias_rows_of, launch_args, load_bias, load_tile,
                      log2_scores, new_empty, perm_args, query_program, row_range, score_args,
-                     stride_args, tile_bits, tile_source, token_rows, use_tma)
+                     stride_args, tile_bits, tile_keys, tile_queries, tile_source,
+                     token_rows, use_tma)
 from . import config as launch_config
 
 
@@ -52,7 +53,8 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
     """Accumulate dK, dV of one key tile over the query tiles ``row_ptr[start:end]``.
 
     The bias comes from ``bias_base`` (this query head's plane), or with ``BIAS_ROW`` (one bias
-    row) is ``bias_col``, this key tile's slice of it in log2 units, loaded once by the caller.
+    row) is ``bias_col``, this key tile's slice of it, loaded once by the caller. With a bias,
+    scores and lse are in natural units (``score_args``), else in log2 units.
 
     With a bias, ``DBIAS`` = 1 writes each pair's score gradient to ``dbias_base`` (one
     ``[Lq, Lk]`` fp32 plane of this query head), ``DBIAS`` = 2 sums it over the queries into
@@ -69,10 +71,22 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
         q_rows = token_rows(QPerm, offs_m, qt * BLOCK_M, q_len, perm_d, PERMUTED)
         q_ok = d_ok[None, :]
         if IS_PARTIAL:
-            q_ok = q_ok & (offs_m[:, None] < q_len)
+            mask_idx = tl.load(mask_idx_ptr + t).to(tl.int64)
+            tile_mask = masks + mask_idx * (BLOCK_M * N_WORDS)
+            # rows that attend no key of this tile read as 0: an empty row's q may be NaN,
+            # which would survive dS = 0 in dS @ Q
+            rows_used = tile_queries(tile_mask, offs_i, N_WORDS)  # [BLOCK_M]
+            q_ok = q_ok & ((offs_m < q_len) & rows_used)[:, None]
         q = load_tile(q_base, q_rows, qt * BLOCK_M, q_len, perm_d, stride_ql, stride_qd, q_ok,
                       BLOCK_M, BLOCK_D, PERMUTED, TMA)  # [BLOCK_M, BLOCK_D]
-        lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0) * LOG2E
+        if IS_PARTIAL and TMA:  # a TMA box has no mask
+            q = tl.where(rows_used[:, None], q, 0.0)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0)
+        if HAS_BIAS:
+            # natural units; a row whose every key is at -inf (lse = -inf) gets P = 0, not NaN
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        else:
+            lse *= LOG2E
         qk_t = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
         s_t, tanh_t = log2_scores(qk_t, qk_scale, cap_scale, SOFTCAP)  # [BLOCK_N, BLOCK_M]
         if BIAS_ROW:
@@ -84,12 +98,13 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
                 bias_t = tl.load(bias_ptrs, mask=pair_ok, other=0.0)
             else:
                 bias_t = tl.load(bias_ptrs)
-            s_t += bias_t.to(tl.float32) * LOG2E  # [BLOCK_N, BLOCK_M]
-        p_t = tl.math.exp2(s_t - lse[None, :])
+            s_t += bias_t.to(tl.float32)  # [BLOCK_N, BLOCK_M]
+        if HAS_BIAS:
+            p_t = tl.math.exp2((s_t - lse[None, :]) * LOG2E)
+        else:
+            p_t = tl.math.exp2(s_t - lse[None, :])
         if IS_PARTIAL:
-            mask_idx = tl.load(mask_idx_ptr + t).to(tl.int64)
-            bits_t = tile_bits(masks + mask_idx * (BLOCK_M * N_WORDS), offs_i, offs_n, N_WORDS,
-                               True)
+            bits_t = tile_bits(tile_mask, offs_i, offs_n, N_WORDS, True)
             p_t = tl.where(bits_t, p_t, 0.0)
         do = load_tile(do_base, q_rows, qt * BLOCK_M, q_len, perm_d, stride_dol, stride_dod, q_ok,
                        BLOCK_M, BLOCK_D, PERMUTED, TMA)
@@ -97,6 +112,8 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
         delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
         ds_t = p_t * (dp_t - delta[None, :])  # d(score) = d(bias)
+        if IS_PARTIAL:  # a key no row of the tile attends may hold NaN (in dP): keep it out
+            ds_t = tl.where(bits_t, ds_t, 0.0)
         if DBIAS == 1:
             dbias_ptrs = dbias_base + q_rows[None, :] * k_len + k_rows[:, None]
             if IS_PARTIAL:
@@ -108,6 +125,8 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, q_base, do_base, lse_base, delta_base,
             dbias_cols += tl.sum(ds_t, 1)
         if SOFTCAP:  # through softcap * tanh(s / softcap)
             ds_t = ds_t * (1.0 - tanh_t * tanh_t)
+            if IS_PARTIAL:  # tanh of an unused key's garbage
+                ds_t = tl.where(bits_t, ds_t, 0.0)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
     return dk, dv, dbias_cols
 
@@ -167,7 +186,7 @@ def sparse_attn_bwd_dkdv_kernel(
         bias_col = tl.zeros([BLOCK_N], dtype=tl.float32)
         if BIAS_ROW:
             bias_col = tl.load(bias_base + k_rows * stride_biasn, mask=offs_n < k_len,
-                               other=0.0).to(tl.float32) * LOG2E
+                               other=0.0).to(tl.float32)
         plane = b * num_q_heads + hq
         if DBIAS == 1:
             dbias_base = DBias + plane * q_len * k_len
@@ -219,25 +238,31 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, col_ptr, masks, KPerm, perm
         k_rows = token_rows(KPerm, offs_kn, kt * BLOCK_N, k_len, perm_d, PERMUTED)
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
-            kv_ok = kv_ok & (offs_kn[:, None] < k_len)
+            tile_mask = masks + t * (BLOCK_M * N_WORDS)
+            # keys no row of the tile attends read as 0: NaN there would survive dS = 0
+            keys_used = tile_keys(tile_mask, offs_i, offs_n, N_WORDS)  # [BLOCK_N]
+            kv_ok = kv_ok & ((offs_kn < k_len) & keys_used)[:, None]
         k = load_tile(k_base, k_rows, kt * BLOCK_N, k_len, perm_d, stride_kl, stride_kd, kv_ok,
                       BLOCK_N, BLOCK_D, PERMUTED, TMA)  # [BLOCK_N, BLOCK_D]
+        if IS_PARTIAL and TMA:  # a TMA box has no mask
+            k = tl.where(keys_used[:, None], k, 0.0)
         v = load_tile(v_base, k_rows, kt * BLOCK_N, k_len, perm_d, stride_vl, stride_vd, kv_ok,
                       BLOCK_N, BLOCK_D, PERMUTED, TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
         s, tanh = log2_scores(qk, qk_scale, cap_scale, SOFTCAP)
-        if HAS_BIAS:
+        if HAS_BIAS:  # natural units (``score_args``)
             s += load_bias(bias_rows, k_rows, row_ok, offs_kn < k_len, stride_biasn, IS_PARTIAL,
                            BIAS_ROW)
-        p = tl.math.exp2(s - lse[:, None])
-        if IS_PARTIAL:
-            bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_i, offs_n,
-                             N_WORDS, False)
-            p = tl.where(bits, p, 0.0)
+            p = tl.math.exp2((s - lse[:, None]) * LOG2E)
+        else:
+            p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - tanh * tanh)
+        if IS_PARTIAL:  # inactive pairs: P (and tanh) may be inf or NaN there, dP NaN
+            bits = tile_bits(tile_mask, offs_i, offs_n, N_WORDS, False)
+            ds = tl.where(bits, ds, 0.0)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     return dq
 
@@ -290,7 +315,11 @@ def sparse_attn_bwd_dq_kernel(
     tl.store(Delta + plane + offs_m, delta, mask=row_ok)
     if PERMUTED:
         tl.store(LseK + plane + offs_m, lse, mask=row_ok)
-    lse *= LOG2E
+    if HAS_BIAS:
+        # natural units; a row whose every key is at -inf (lse = -inf) gets P = 0, not NaN
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    else:
+        lse *= LOG2E
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     k_base = tile_source(k_base, k_len, stride_kl, perm_d, BLOCK_N, HEAD_DIM, BLOCK_D, PERMUTED,
@@ -336,7 +365,7 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
     perm = perm_args(layout, q)
     lse_k = new_empty(like=lse) if perm["PERMUTED"] else lse  # lse in the layout's token order
     common = launch_args(q, k, layout)
-    scores = score_args(softmax_scale, softcap)
+    scores = score_args(softmax_scale, softcap, natural=bias is not None)
     dbias_mode, dbias_buf = 0, dq  # dq: a placeholder pointer when no dbias is computed
     if bias is not None and bias_grad:
         dbias_mode = 2 if bias.shape[2] == 1 and q_len > 1 else 1

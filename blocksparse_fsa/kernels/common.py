@@ -52,6 +52,36 @@ def tile_bits(mask_ptr, offs_q, offs_k, N_WORDS: tl.constexpr, TRANSPOSED: tl.co
     return bits != 0
 
 
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+@triton.jit
+def tile_keys(mask_ptr, offs_q, offs_k, N_WORDS: tl.constexpr):
+    """Which key columns ``offs_k`` of one partial tile (see ``tile_bits``) at least one of the
+    query rows ``offs_q`` attends: bool ``[len(offs_k)]``. The other keys may hold garbage
+    (NaN in unused cache rows) that must not reach a dot product, even times P = 0."""
+    word_of_k = offs_k // 32
+    shift = offs_k % 32
+    used = tl.zeros([offs_k.shape[0]], dtype=tl.int32)
+    for w in tl.static_range(N_WORDS):
+        word = tl.reduce(tl.load(mask_ptr + offs_q * N_WORDS + w), 0, _bit_or)  # the OR of rows
+        used = tl.where(word_of_k == w, (word >> shift) & 1, used)
+    return used != 0
+
+
+@triton.jit
+def tile_queries(mask_ptr, offs_q, N_WORDS: tl.constexpr):
+    """Which query rows ``offs_q`` of one partial tile attend at least one of its keys: bool
+    ``[len(offs_q)]`` (an empty row's query may hold garbage, kept out of dK as in
+    ``tile_keys``)."""
+    used = tl.zeros([offs_q.shape[0]], dtype=tl.int32)
+    for w in tl.static_range(N_WORDS):
+        used |= tl.load(mask_ptr + offs_q * N_WORDS + w)
+    return used != 0
+
+
 def head_args(q, k, pattern) -> dict:
     """Kernel arguments of the head grouping, the pattern's (batch, head) mapping, the padded head
     dim and the dot precision. ``q`` is (B, Lq, Hq, D), ``k`` is (B, Lk, Hkv, D); ``pattern``
@@ -81,13 +111,15 @@ def launch_args(q, k, layout) -> dict:
     )
 
 
-def score_args(softmax_scale: float, softcap: float) -> dict:
-    """How the kernels turn q.k into log2-domain scores: ``qk * qk_scale``, or with a softcap
-    ``qk_scale * tanh(qk * cap_scale)`` (``qk_scale`` = softcap * log2 e)."""
+def score_args(softmax_scale: float, softcap: float, natural: bool = False) -> dict:
+    """How the kernels turn q.k into scores: ``qk * qk_scale``, or with a softcap
+    ``qk_scale * tanh(qk * cap_scale)`` (``qk_scale`` = softcap), in log2 units (the scale
+    times log2 e), or with ``natural`` in natural units (a bias is added in natural units: a
+    huge finite one such as ``finfo.min`` would overflow times log2 e)."""
+    unit = 1.0 if natural else LOG2E.value
     if softcap:
-        return dict(qk_scale=softcap * LOG2E.value, cap_scale=softmax_scale / softcap,
-                    SOFTCAP=True)
-    return dict(qk_scale=softmax_scale * LOG2E.value, cap_scale=0.0, SOFTCAP=False)
+        return dict(qk_scale=softcap * unit, cap_scale=softmax_scale / softcap, SOFTCAP=True)
+    return dict(qk_scale=softmax_scale * unit, cap_scale=0.0, SOFTCAP=False)
 
 
 def bias_args(bias, q, heads: int = 1) -> dict:
@@ -143,7 +175,8 @@ def query_program(num_q_heads, group_size, head_div, layout_heads, layout_batch_
 
 @triton.jit
 def log2_scores(qk, qk_scale, cap_scale, SOFTCAP: tl.constexpr):
-    """Scores in log2 units from raw q.k products (see ``score_args``), and the softcap's
+    """Scores in log2 units (natural units with a bias) from raw q.k products (see
+    ``score_args``), and the softcap's
     ``tanh(qk * softmax_scale / softcap)`` that the backward differentiates (``qk`` itself,
     unused, without a softcap). The tanh is ``2 * sigmoid(2x) - 1``: exact at the saturated
     ends, and it runs under the interpreter."""
@@ -173,7 +206,7 @@ def bias_rows_of(Bias, b, hq0, heads, q_rows, bias_head_div, stride_biasb, strid
 @triton.jit
 def load_bias(bias_rows, cols, row_ok, col_ok, stride_biasn, IS_PARTIAL: tl.constexpr,
               BIAS_ROW: tl.constexpr):
-    """One tile of the additive bias, fp32 in log2 units: ``bias_rows`` (``bias_rows_of``)
+    """One tile of the additive bias, fp32 in natural units: ``bias_rows`` (``bias_rows_of``)
     points at each query row's bias row, ``cols`` are the tile's key columns in the bias;
     partial tiles mask rows and keys outside ``row_ok`` / ``col_ok`` (full tiles lie inside
     both). With ``BIAS_ROW`` one vector is loaded and broadcast over the rows."""
@@ -189,7 +222,7 @@ def load_bias(bias_rows, cols, row_ok, col_ok, stride_biasn, IS_PARTIAL: tl.cons
         bias = tl.load(ptrs)
     if BIAS_ROW:
         bias = bias[None, :]
-    return bias.to(tl.float32) * LOG2E
+    return bias.to(tl.float32)
 
 
 @triton.jit

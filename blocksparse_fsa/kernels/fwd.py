@@ -4,9 +4,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LN2, bias_args, bias_rows_of, launch_args, load_bias, load_tile,
+from .common import (LN2, LOG2E, bias_args, bias_rows_of, launch_args, load_bias, load_tile,
                      log2_scores, new_empty, perm_args, query_program, row_range, score_args,
-                     stride_args, tile_bits, tile_source, token_rows, use_tma)
+                     stride_args, tile_bits, tile_keys, tile_source, token_rows,
+                     use_tma)
 from . import config as launch_config
 
 
@@ -35,7 +36,10 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, perm_d, 
         k_rows = token_rows(KPerm, offs_kn, kt * BLOCK_N, k_len, perm_d, PERMUTED)
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
-            kv_ok = kv_ok & (offs_kn[:, None] < k_len)
+            tile_mask = masks + t * (BLOCK_M * N_WORDS)
+            # keys no row of the tile attends read as 0: NaN there would survive P = 0 in P @ V
+            keys_used = tile_keys(tile_mask, offs_m, offs_n, N_WORDS)  # [BLOCK_N]
+            kv_ok = kv_ok & ((offs_kn < k_len) & keys_used)[:, None]
         k = load_tile(k_base, k_rows, kt * BLOCK_N, k_len, perm_d, stride_kl, stride_kd, kv_ok,
                       BLOCK_N, BLOCK_D, PERMUTED, TMA)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [HEADS*BLOCK_M, BLOCK_N]
@@ -45,27 +49,32 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, col_ptr, masks, KPerm, perm_d, 
                 s += load_bias(bias_rows, k_rows, row_ok, offs_kn < k_len, stride_biasn,
                                IS_PARTIAL, BIAS_ROW)
         if IS_PARTIAL:
-            bits = tile_bits(masks + t * (BLOCK_M * N_WORDS), offs_m, offs_n,
-                             N_WORDS, False)
+            bits = tile_bits(tile_mask, offs_m, offs_n, N_WORDS, False)
             s = tl.where(bits, s, float("-inf"))
         if FOLD_SCALE:
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
-        if IS_PARTIAL:
-            # a row with no active key so far keeps m = -inf: shift by 0 so exp2 gives 0, not
-            # NaN (full tiles, visited first, make every row's m finite)
+        if IS_PARTIAL or HAS_BIAS:
+            # a row with no finite score so far keeps m = -inf: shift by 0 so exp2 gives 0, not
+            # NaN (without a bias, the full tiles visited first make every row's m finite)
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
         if FOLD_SCALE:
             p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_new_safe)
+        elif HAS_BIAS:  # natural units: the difference first, so that finfo.min cannot overflow
+            p = tl.math.exp2((s - m_new_safe[:, None]) * LOG2E)
+            alpha = tl.math.exp2((m_i - m_new_safe) * LOG2E)
         else:
             p = tl.math.exp2(s - m_new_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_new_safe)
+            alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(v_base, k_rows, kt * BLOCK_N, k_len, perm_d, stride_vl, stride_vd, kv_ok,
                       BLOCK_N, BLOCK_D, PERMUTED, TMA)
+        if IS_PARTIAL and TMA:  # a TMA box has no mask
+            v = tl.where(keys_used[:, None], v, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -137,7 +146,10 @@ def sparse_attn_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    if HAS_BIAS:  # m_i in natural units
+        lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * LN2)
+    else:
+        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     o_ptrs = (Out + b * stride_ob + heads[:, None] * stride_oh
               + q_rows[:, None] * stride_ol + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -160,7 +172,7 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
         Q=q, K=k, V=v, Out=out, Lse=lse, **bias_args(bias, q, heads),
         full_ptr=layout.full_ptr, full_col=layout.full_col, part_ptr=layout.part_ptr,
         part_col=layout.part_col, masks=layout.masks, **perm_args(layout, q),
-        q_len=q_len, k_len=k.shape[1], **score_args(softmax_scale, softcap),
+        q_len=q_len, k_len=k.shape[1], **score_args(softmax_scale, softcap, natural=bias is not None),
         stride_lse_b=lse.stride(0), stride_lse_h=lse.stride(1),
         HEADS=heads, **args, **stride_args(q=q, k=k, v=v, o=out),
         TMA=use_tma(layout, k, v),
