@@ -4,8 +4,9 @@
     python benchmarks/bench_gather.py --sweep --pattern topk_random
     python benchmarks/bench_gather.py --seq-len 8192 --pattern topk_random dilated bigbird
 
-For each pattern (``blocksparse_fsa.bench``'s builders, causal): layout and gather-index build
-times and sizes, ``gather_stats`` (tile density next to the gather paths' slot density), then
+For each pattern (the builders of ``blocksparse_fsa_bench.patterns``, causal): layout and
+gather-index build times and sizes, ``gather_stats`` (tile density next to the gather paths'
+slot density), then
 the median ms and effective TFLOP/s (pattern non-zeros: 4 nnz D Hq forward, 2.5x that
 backward) of each pass: tile ``fwd`` / ``bwd`` (``sparse_attn_fwd`` / ``sparse_attn_bwd``) and
 gather ``fwd`` / ``bwd`` / ``dkdv`` (dK/dV alone; dQ + delta = bwd - dkdv). The gather outputs
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from blocksparse_fsa import bench, bench_patterns
-from blocksparse_fsa.gather_index import build_gather_index, gather_stats
+from blocksparse_fsa_bench import cli as bench
+from blocksparse_fsa_bench import patterns as bench_patterns
+from blocksparse_fsa.layout.gather_index import build_gather_index, gather_stats
 from blocksparse_fsa.kernels import config as launch_config
 from blocksparse_fsa.kernels import gather as gather_kernels
 from blocksparse_fsa.kernels import (gather_attn_bwd, gather_attn_fwd, sparse_attn_bwd,
@@ -54,7 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--quick", action="store_true", help="warmup 10 ms, rep 30 ms")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output directory (default: a new one under the temporary directory)")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": smoke tests
     args = ap.parse_args(argv)
     args.warmup, args.rep = (10, 30) if args.quick else (25, 100)
@@ -178,9 +181,10 @@ def main(argv=None) -> int:
             if timed:
                 best = min(timed, key=lambda r: r["ms"])
                 print(f"best {name} {key[0]} {key[1]}: {best['ms']} ms ({best['config']})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench_gather_{gpu.replace(' ', '_')}.csv"
-    with open(path, "w", newline="") as f:
+    out = args.out or bench.default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"bench_gather_{gpu.replace(' ', '_')}.csv"
+    with open(path, "x", newline="") as f:  # never over an existing (committed) result
         writer = csv.DictWriter(f, fieldnames=sorted({key for r in rows for key in r}))
         writer.writeheader()
         writer.writerows(rows)

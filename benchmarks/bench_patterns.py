@@ -1,4 +1,4 @@
-"""Sparse-pattern benchmark: ours vs FlexAttention vs SDPA (see ``blocksparse_fsa/bench.py``).
+"""Sparse-pattern benchmark: ours vs FlexAttention vs SDPA (``blocksparse_fsa_bench.cli``).
 
     python benchmarks/bench_patterns.py [--quick] [--seq-len 8192 32768] [--out DIR] ...
 """
@@ -6,9 +6,10 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+here = Path(__file__).resolve().parent
+sys.path[:0] = [str(here.parent), str(here)]  # run from a checkout, uninstalled
 
-from blocksparse_fsa.bench import main  # noqa: E402
+from blocksparse_fsa_bench.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 import blocksparse_fsa as bsa
-from blocksparse_fsa import bench_patterns
+from blocksparse_fsa_bench import patterns as bench_patterns
 from blocksparse_fsa.kernels import config
 
 PATHS = {"pointer": dict(TMA=False, TMA_DILATION=False),

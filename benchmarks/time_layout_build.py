@@ -2,11 +2,11 @@
 
     python benchmarks/time_layout_build.py                      # the benchmark's sliding window
     python benchmarks/time_layout_build.py --dtype int64 --pattern topk_random
-    python benchmarks/time_layout_build.py --sweep --out benchmarks/results   # Triton configs
+    python benchmarks/time_layout_build.py --sweep --out results/   # Triton configs
 
-The indices come from ``blocksparse_fsa.bench`` (``(1, Hkv, L, W)`` on the GPU, int32 there;
-``--dtype int64`` converts them). Every build is first compared with the PyTorch build, tensor
-for tensor: a mismatch is reported and not timed. GPU times are medians of
+The indices come from ``blocksparse_fsa_bench.patterns`` (``(1, Hkv, L, W)`` on the GPU,
+int32 there; ``--dtype int64`` converts them). Every build is first compared with the PyTorch
+build, tensor for tensor: a mismatch is reported and not timed. GPU times are medians of
 ``triton.testing.do_bench``; ``build_layout`` rows include the host sync and the transposed
 lists (repeated builds of one shape reuse the last one's tile counts and sync once, at the end;
 ``first`` forgets them each call: a sync after pass 1 and exact allocations), ``tiles only``
@@ -29,10 +29,11 @@ import time
 import torch
 
 import blocksparse_fsa as bsa
-from blocksparse_fsa import bench, bench_patterns
-from blocksparse_fsa.kernels import config as launch_config
-from blocksparse_fsa.preprocess.device import indices_to_tiles_torch
-from blocksparse_fsa.preprocess.indices_triton import forget_capacities, indices_to_tiles_triton
+from blocksparse_fsa_bench import cli as bench
+from blocksparse_fsa_bench import patterns as bench_patterns
+from blocksparse_fsa.preprocess.triton import config as tiles_config
+from blocksparse_fsa.preprocess.torch import indices_to_tiles_torch
+from blocksparse_fsa.preprocess.triton import forget_capacities, indices_to_tiles_triton
 
 LAYOUT_TENSORS = ["full_ptr", "full_col", "part_ptr", "part_col", "masks", "full_ptr_t",
                   "full_row_t", "part_ptr_t", "part_row_t", "part_mask_t", "nnz"]
@@ -171,7 +172,7 @@ def main():
     run("triton build_layout, first", lambda: (forget_capacities(), build("triton"))[1], want,
         on_gpu)
     run("triton tiles only", tiles, want_tiles, on_gpu)
-    default = launch_config.get_tiles_config(block_m, block_n, idx.shape[-1], idx.element_size())
+    default = tiles_config.get_tiles_config(block_m, block_n, idx.shape[-1], idx.element_size())
     run("triton tiles, no window scan", lambda: tiles(dict(default, WINDOW=False)), want_tiles,
         on_gpu)
     if "torch" not in args.skip:
@@ -206,7 +207,7 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"layout_build_{gpu.replace(' ', '_')}.csv")
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(path, "w", newline="") as f:
+        with open(path, "x", newline="") as f:  # never over an existing (committed) result
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)

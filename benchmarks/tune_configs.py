@@ -1,6 +1,6 @@
 """Sweep tile shapes, warps and pipeline stages of the kernels on one pattern (GPU only).
 
-    python benchmarks/tune_configs.py --seq-len 32768 --out benchmarks/results
+    python benchmarks/tune_configs.py --seq-len 32768 --out results/
     python benchmarks/tune_configs.py --pattern dilated_reordered --blocks 64x64 --passes dq dkdv
 
 Prints one row per (layout tile, pass, num_warps, num_stages) with the median time and the
@@ -17,7 +17,8 @@ import torch
 from triton.testing import do_bench
 
 import blocksparse_fsa as bsa
-from blocksparse_fsa import bench_patterns
+from blocksparse_fsa_bench import cli as bench
+from blocksparse_fsa_bench import patterns as bench_patterns
 from blocksparse_fsa.kernels import config as launch_config
 
 
@@ -40,7 +41,8 @@ def main():
                         help="bwd: one config for both backward kernels; dq / dkdv: that "
                              "kernel's config only (the other keeps config.py's); all three "
                              "time the whole backward")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: a new one under the temporary directory)")
     args = parser.parse_args()
     length, hq, hkv, dim = args.seq_len, args.heads_q, args.heads_kv, args.head_dim
     torch.manual_seed(0)
@@ -97,10 +99,11 @@ def main():
             print(row, flush=True)
     launch_config.get_fwd_config, launch_config.get_bwd_config = default_fwd, default_bwd
     launch_config.heads_per_program = default_stack
+    args.out = args.out or str(bench.default_out_dir())
     os.makedirs(args.out, exist_ok=True)
     slug = torch.cuda.get_device_name().replace(" ", "_")
     suffix = "" if args.pattern == "sliding_window" else f"_{args.pattern}"
-    with open(os.path.join(args.out, f"tune_{slug}{suffix}.csv"), "w", newline="") as f:
+    with open(os.path.join(args.out, f"tune_{slug}{suffix}.csv"), "x", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=sorted({key for r in rows for key in r}))
         writer.writeheader()
         writer.writerows(rows)

@@ -13,7 +13,7 @@ import torch
 from .layout import SparseLayout, build_layout
 from .ops import sparse_attn_op
 from .reference import sparse_attention
-from .reorder import inverse
+from .layout.reorder import inverse
 
 MAX_HEAD_DIM = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .gather_index import GatherIndex
+from .layout.core import GatherIndex
 from .kernels import gather_attn_fwd, sparse_attn_bwd, sparse_attn_fwd
 from .layout import SparseLayout
 

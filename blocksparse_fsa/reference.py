@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .layout import SparseLayout, tile_rows, unpack_bits
+from .layout.core import SparseLayout, tile_rows, unpack_bits
 
 
 def layout_pairs(layout: SparseLayout):

@@ -22,8 +22,11 @@ global_ = torch.arange(n_global).expand(length, -1)
 idx = torch.cat([local, global_], dim=1)
 idx = torch.where(idx >= 0, idx, -1)[None, None].to(device)  # duplicates are fine
 
+# Once per batch, reused by every layer. On the GPU two Triton kernels build it; CPU indices
+# this small build with PyTorch, large ones with numba (which compiles once per machine, in
+# 10-60 s, and logs a line saying so).
 start = time.perf_counter()
-layout = bsa.build_layout(idx, k_len=length, is_causal=True)  # once per batch, every layer
+layout = bsa.build_layout(idx, k_len=length, is_causal=True)
 build_ms = (time.perf_counter() - start) * 1e3
 
 torch.manual_seed(0)

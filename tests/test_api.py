@@ -8,7 +8,7 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa.reference import dense_attention
 
-from .preprocess.test_indices import window_indices
+from .helpers import window_indices
 
 
 def qkv(batch=1, q_len=20, k_len=20, hq=4, hkv=2, dim=16, dtype=torch.float32):

@@ -7,7 +7,7 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa.reference import dense_attention
 
-from .conftest import HAS_CUDA, assert_rule
+from .helpers import HAS_CUDA, assert_rule
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -213,7 +213,7 @@ def test_gpu_side_layout_build_matches_numba():
 # ---- gather kernels (issue #7) ----------------------------------------------------------------
 def gather_run(q, k, v, dout, layout, softcap=0.0):
     """Out, lse, dq, dk, dv of the gather kernels, through their launchers."""
-    from blocksparse_fsa.gather_index import build_gather_index
+    from blocksparse_fsa.layout.gather_index import build_gather_index
     from blocksparse_fsa.kernels import gather_attn_bwd, gather_attn_fwd
 
     gidx = build_gather_index(layout)

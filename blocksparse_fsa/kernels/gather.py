@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gather_index import GatherIndex
+from ..layout.core import GatherIndex
 from .bwd import sparse_attn_bwd_preprocess
 from .common import (LN2, LOG2E, head_args, log2_scores, new_empty, row_range, score_args,
                      stride_args)

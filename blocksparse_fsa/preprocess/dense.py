@@ -24,7 +24,7 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _tiles_from_flags(full: torch.Tensor, partial: torch.Tensor):
+def tiles_from_flags(full: torch.Tensor, partial: torch.Tensor):
     """Row-major CSR of the key tiles flagged in ``[Bl, Hl, QT, KT]`` bool maps."""
     n_kt = full.shape[-1]
     rows_full = full.reshape(-1, n_kt)
@@ -49,7 +49,7 @@ def mask_to_tiles(mask: torch.Tensor, is_causal: bool, block_m: int, block_n: in
     tiles = padded.view(n_b, n_h, n_qt, block_m, n_kt, block_n)
     active = tiles.any(dim=5).any(dim=3)  # [Bl, Hl, QT, KT]
     full = tiles.all(dim=5).all(dim=3)
-    full_ptr, full_col, part_ptr, part_rc = _tiles_from_flags(full, active & ~full)
+    full_ptr, full_col, part_ptr, part_rc = tiles_from_flags(full, active & ~full)
     r, kt = part_rc[:, 0], part_rc[:, 1]
     b, h, qt = r // (n_h * n_qt), (r // n_qt) % n_h, r % n_qt
     bits = tiles[b, h, qt, :, kt, :]  # [Tp, block_m, block_n]
@@ -80,7 +80,7 @@ def dense_to_tiles(q_len: int, k_len: int, is_causal: bool, block_m: int, block_
     else:
         active = torch.ones(n_qt, n_kt, dtype=torch.bool, device=device)
         full = in_range
-    full_ptr, full_col, part_ptr, part_rc = _tiles_from_flags(full[None, None],
+    full_ptr, full_col, part_ptr, part_rc = tiles_from_flags(full[None, None],
                                                               (active & ~full)[None, None])
     pq, pk = part_rc[:, 0], part_rc[:, 1]
     rows = pq[:, None, None] * block_m + torch.arange(block_m, device=device)[None, :, None]

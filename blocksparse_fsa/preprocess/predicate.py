@@ -10,7 +10,7 @@ so both paths give identical layouts. Everything runs in PyTorch on the maps' de
 
 import torch
 
-from .dense import _tiles_from_flags, pack_bits
+from .dense import tiles_from_flags, pack_bits
 
 DEFAULT_CHUNK_PAIRS = 2**22
 
@@ -129,7 +129,7 @@ def predicate_to_tiles(q_len: int, k_len: int, predicate, candidates: torch.Tens
         partial_flat[lin[is_part]] = True
         masks.append(pack_bits(bits[is_part]))
     partial = partial_flat.view(n_b, n_h, n_qt, n_kt)
-    full_ptr, full_col, part_ptr, part_rc = _tiles_from_flags(full_map, partial)
+    full_ptr, full_col, part_ptr, part_rc = tiles_from_flags(full_map, partial)
     n_words = (block_n + 31) // 32
     masks = (torch.cat(masks) if masks else
              torch.zeros(0, block_m, n_words, dtype=torch.int32, device=device))

@@ -97,9 +97,9 @@ def layout_builds():
     """Compile the Triton layout build (``build_layout(method="triton")``) per index dtype and
     tile shape. Its first pass does not run here, so its counts come from zero-filled buffers
     (empty outputs) to reach the second pass."""
-    from blocksparse_fsa.preprocess import indices_triton
-    indices_triton._new_int = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype,
-                                                                       device=device)
+    from blocksparse_fsa.preprocess.triton import build as triton_build
+    triton_build.new_int = lambda shape, dtype, device: torch.zeros(shape, dtype=dtype,
+                                                                    device=device)
     g = torch.Generator().manual_seed(0)
     for dtype, (bm, bn) in itertools.product((torch.int32, torch.int64),
                                               ((64, 64), (128, 32), (16, 256))):

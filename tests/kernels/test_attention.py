@@ -12,8 +12,8 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa.reference import dense_attention
 
-from ..conftest import ATOL, DEVICE, assert_rule, needs_kernels
-from ..preprocess.test_indices import random_indices, window_indices
+from ..helpers import ATOL, DEVICE, assert_rule, needs_kernels
+from ..helpers import random_indices, window_indices
 
 pytestmark = needs_kernels
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 
 import blocksparse_fsa as bsa
-from blocksparse_fsa.gather_index import build_gather_index
+from blocksparse_fsa.layout.gather_index import build_gather_index
 from blocksparse_fsa.kernels import config
 from blocksparse_fsa.kernels.gather import gather_attn_bwd, gather_attn_fwd
 from blocksparse_fsa.reference import dense_attention
 
-from ..conftest import ATOL, DEVICE, assert_rule, needs_kernels
-from ..preprocess.test_indices import random_indices, window_indices
+from ..helpers import ATOL, DEVICE, assert_rule, needs_kernels
+from ..helpers import random_indices, window_indices
 
 pytestmark = needs_kernels
 
