@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import blocksparse_fsa as bsa
 from blocksparse_fsa.reference import dense_attention
 
-from ..conftest import ATOL, DEVICE, HAS_CUDA, INTERPRET, assert_rule, needs_kernels
+from ..helpers import ATOL, DEVICE, HAS_CUDA, INTERPRET, assert_rule, needs_kernels
 
 # inf garbage gives inf * 0 = NaN in score tiles before they are masked: the interpreter's
 # numpy warns about those intermediates
