@@ -146,20 +146,20 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
     batch, q_len, num_q_heads, head_dim = q.shape
     out = new_empty(like=q)
     lse = new_empty(batch, num_q_heads, q_len, dtype=torch.float32, device=q.device)
-    head_args = head_map(q, k, layout)
-    heads = launch_config.heads_per_program(layout.block_m, head_args[1], head_args[2])
-    grid = (layout.num_q_tiles, batch * num_q_heads // heads)
+    heads = head_map(q, k, layout)
+    stack = launch_config.heads_per_program(layout.block_m, heads[1], heads[2])
+    grid = (layout.num_q_tiles, batch * num_q_heads // stack)
     if grid[0] * grid[1] == 0:
         return out, lse
     sparse_attn_fwd_kernel[grid](
-        Q=q, K=k, V=v, Out=out, Lse=lse, **bias_args(bias, q, heads),
+        Q=q, K=k, V=v, Out=out, Lse=lse, **bias_args(bias, q, stack),
         stride_q=q.stride(), stride_k=k.stride(), stride_v=v.stride(), stride_o=out.stride(),
         tiles=(layout.full_ptr, layout.full_col, layout.part_ptr, layout.part_col,
                layout.masks),
-        **perm_args(layout), heads=head_args, q_len=q_len, k_len=k.shape[1],
+        **perm_args(layout), heads=heads, q_len=q_len, k_len=k.shape[1],
         **score_args(softmax_scale, softcap, natural=bias is not None), **dim_args(q),
-        BLOCK_M=layout.block_m, BLOCK_N=layout.block_n, HEADS=heads, TMA=use_tma(layout, k, v),
+        BLOCK_M=layout.block_m, BLOCK_N=layout.block_n, HEADS=stack, TMA=use_tma(layout, k, v),
         FOLD_SCALE=bias is None and not softcap and softmax_scale > 0,
-        **launch_config.get_fwd_config(head_dim, heads * layout.block_m, layout.block_n),
+        **launch_config.get_fwd_config(head_dim, stack * layout.block_m, layout.block_n),
     )
     return out, lse
