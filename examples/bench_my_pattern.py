@@ -1,14 +1,14 @@
 """Your own pattern in the benchmark, timed against FlexAttention and SDPA on your GPU::
 
-    python -m blocksparse_fsa.bench --pattern examples/bench_my_pattern.py:window_and_globals
-    python -m blocksparse_fsa.bench --seq-len 8192 32768 \
+    blocksparse-fsa-bench --pattern examples/bench_my_pattern.py:window_and_globals
+    blocksparse-fsa-bench --seq-len 8192 32768 \
         --pattern examples/bench_my_pattern.py:window_and_globals_with_mask
 
 The harness calls ``function(seq_len, heads_kv, device)`` once per length. It returns
 ``attn_indices`` ``(B|1, Hkv|1, L, W)`` (made causal, like the built-in patterns), a
 ``SparseLayout`` (used as it is), or either with a FlexAttention ``mask_mod`` as a pair (its
 ``h`` is the KV head; causality included). Without a mask_mod, flex gets the exact BlockMask
-of the pattern. See ``blocksparse_fsa.bench_patterns.user_pattern``.
+of the pattern. See ``blocksparse_fsa_bench.patterns.user_pattern``.
 """
 
 import torch

@@ -1029,7 +1029,7 @@ def plot_results(rows: list[Row], meta: dict, path: Path) -> Path | None:
 # ==== CLI ========================================================================================
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m blocksparse_fsa_bench",
+        prog="blocksparse-fsa-bench",
         description="Time sparse_attn_func against FlexAttention and SDPA on sparse patterns "
                     "(one CUDA GPU). FLOPs are counted on the pattern's non-zeros: "
                     "fwd = 4*nnz*D*Hq*B, fwdbwd = 3.5x.")

@@ -2,7 +2,7 @@
 the choice of kernel (the tile walker or the gather forward).
 
 The index builds have three back ends with identical results: ``preprocess.numba`` (CPU;
-numba is imported, and its functions compiled, on the first CPU build), ``preprocess.torch``
+numba is imported, and its functions compiled, on the first build that uses it), ``preprocess.torch``
 (any device) and ``preprocess.triton`` (CUDA).
 """
 

@@ -16,8 +16,8 @@ from blocksparse_fsa.layout import convert as interop
 from blocksparse_fsa.layout import SparseLayout
 from blocksparse_fsa.reference import dense_attention
 
-from ..helpers import (CASES, HAS_CUDA, LAYOUT_TENSORS, assert_rule, assert_same_layout, case_id,
-                      random_case_indices, random_layout)
+from ..helpers import (CASES, HAS_CUDA, assert_rule, assert_same_layout, case_id,
+                       random_case_indices, random_layout)
 
 
 # (batch, heads, q_len, k_len, window, causal, block_m, block_n)

@@ -1,6 +1,5 @@
 """The numba preprocessor and the dense-mask path against a brute-force pattern."""
 
-import numpy as np
 import pytest
 import torch
 
