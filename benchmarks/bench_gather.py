@@ -30,10 +30,8 @@ from blocksparse_fsa_bench import cli as bench
 from blocksparse_fsa_bench import patterns as bench_patterns
 from blocksparse_fsa.layout.gather_index import build_gather_index, gather_stats
 from blocksparse_fsa.kernels import config as launch_config
-from blocksparse_fsa.kernels import gather as gather_kernels
-from blocksparse_fsa.kernels import (gather_attn_bwd, gather_attn_fwd, sparse_attn_bwd,
-                                    sparse_attn_fwd)
-from blocksparse_fsa.kernels.common import score_args
+from blocksparse_fsa.kernels import (gather_attn_bwd, gather_attn_bwd_dkdv, gather_attn_fwd,
+                                    sparse_attn_bwd, sparse_attn_fwd)
 from blocksparse_fsa.layout import build_layout
 
 DEFAULT_PATTERNS = ["topk_random", "dilated", "sliding_window"]
@@ -125,8 +123,6 @@ def run_pattern(name: str, args, device) -> list[dict]:
 
     # dK/dV alone needs delta = rowsum(dO * O): computed once here
     delta = (out_g.float() * dout.float()).sum(-1).transpose(1, 2).contiguous()
-    args_g, _ = gather_kernels._stack(q, k, gidx)
-    scores = score_args(scale, 0.0)
     passes = {
         ("tile", "fwd", None): lambda: sparse_attn_fwd(q, k, v, layout, scale),
         ("tile", "bwd", None): lambda: sparse_attn_bwd(dout, q, k, v, out_t, lse_t, None,
@@ -134,8 +130,8 @@ def run_pattern(name: str, args, device) -> list[dict]:
         ("gather", "fwd", "fwd"): lambda: gather_attn_fwd(q, k, v, gidx, scale),
         ("gather", "bwd", "dq"): lambda: gather_attn_bwd(q, k, v, out_g, lse_g, dout, gidx,
                                                          scale),
-        ("gather", "dkdv", "dkdv"): lambda: gather_kernels._dkdv(
-            q, k, v, dout, lse_g, delta, gidx, args_g, scores, scale),
+        ("gather", "dkdv", "dkdv"): lambda: gather_attn_bwd_dkdv(
+            q, k, v, dout, lse_g, delta, gidx, scale),
     }
     rows = []
     for (system, pass_name, kernel), fn in passes.items():

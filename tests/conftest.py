@@ -12,12 +12,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from blocksparse_fsa.kernels import common  # noqa: E402
+from blocksparse_fsa.kernels import poison_outputs as poisoned_kernel_outputs  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs():
     """Every kernel output buffer starts as NaN: an unwritten tile fails the comparison."""
-    common.POISON_OUTPUTS = True
-    yield
-    common.POISON_OUTPUTS = False
+    with poisoned_kernel_outputs():
+        yield

@@ -5,8 +5,6 @@ pipeline stages. Replace them (``blocksparse_fsa.kernels.config.get_fwd_config =
 for another GPU.
 """
 
-import triton
-
 
 def get_fwd_config(head_dim: int, block_m: int, block_n: int) -> dict:
     """Warps and stages of the forward kernel.
@@ -39,9 +37,8 @@ def heads_per_program(block_m: int, group_size: int, head_div: int, kernel: str 
     """How many query heads one forward (``kernel="fwd"``) or dQ (``"dq"``) program stacks.
 
     Stacked heads share a KV head and a layout row, so the count divides ``group_size`` and
-    ``head_div``. H200, D=128, 64x64 tiles (benchmarks/results/tune_NVIDIA_H200_stack.csv):
-    stacking the forward to 128 rows took it from 1.71 to 1.49 ms; stacking dQ made the
-    backward slower (4.14 -> 6.24 ms with 4 warps), so dQ stacks nothing by default.
+    ``head_div``. The forward stacks up to 128 rows (faster on an H200); dQ stacks nothing by
+    default, since stacking it made the backward slower (``benchmarks/NOTES.md``).
     """
     if kernel != "fwd":
         return 1
@@ -73,7 +70,6 @@ def get_gather_config(kernel: str, head_dim: int, heads: int) -> dict:
 # TMA: the kernels read K/V (forward, dQ) and Q/dO (dK/dV) tiles through TMA descriptors where
 # the tensors allow it (``common.use_tma``); False falls back to pointer loads everywhere.
 # TMA_DILATION: the same in the computed dilation order (a 3-D descriptor, one box per tile).
-# H200, L=32768 (benchmarks/NOTES.md, session 4): sliding window forward 1.530 -> 1.376 ms,
-# backward 4.49 -> 4.20 ms; dilated_reordered forward 1.060 -> 0.931 ms, backward 3.04 -> 2.90.
+# Both are faster on an H200 in every pass measured (benchmarks/NOTES.md).
 TMA = True
 TMA_DILATION = True

@@ -42,6 +42,22 @@ def _type_of(value) -> str:
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
+def _signature(value, path, constexprs, attrs, specialize=True):
+    """Triton's type of one launch argument (of a tuple's elements, recursively), recording at
+    ``path`` the constants and the 16-divisibility hints a launch would."""
+    if isinstance(value, tuple):
+        return tuple(_signature(v, path + (j,), constexprs, attrs, specialize)
+                     for j, v in enumerate(value))
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if value is None or (specialize and is_int and value == 1):
+        # as a launch does: None and an int argument equal to 1 become constants
+        constexprs[path] = value
+        return "constexpr"
+    if (is_int and value % 16 == 0) or isinstance(value, torch.Tensor):
+        attrs[path] = [["tt.divisibility", 16]]  # (CPU tensors: assumed aligned)
+    return _type_of(value)
+
+
 def compile_offline(self, *args, grid, warmup, **kwargs):
     """Stand-in for ``JITFunction.run``: compile this launch for sm_90, launch nothing."""
     options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages", "maxnreg")
@@ -50,26 +66,25 @@ def compile_offline(self, *args, grid, warmup, **kwargs):
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(self.params):
         value = bound.get(param.name, param.default)
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if param.is_constexpr or value is None or (is_int and value == 1
-                                                   and not param.do_not_specialize):
-            # as a launch does: None and an int argument equal to 1 become constants
+        if param.is_constexpr:
             signature[param.name] = "constexpr"
             constexprs[(i,)] = value
         else:
-            signature[param.name] = _type_of(value)
-            if (is_int and value % 16 == 0) or isinstance(value, torch.Tensor):
-                attrs[(i,)] = [["tt.divisibility", 16]]  # (CPU tensors: assumed aligned)
-    key = (self.fn.__name__, tuple(sorted(signature.items())),
-           tuple(sorted((str(k), str(v)) for k, v in constexprs.items())),
-           tuple(sorted(attrs)), tuple(options.items()))
+            signature[param.name] = _signature(value, (i,), constexprs, attrs,
+                                               specialize=not param.do_not_specialize)
+    key = (self.fn.__name__, repr(sorted(signature.items())),
+           repr(sorted((k, str(v)) for k, v in constexprs.items())), repr(sorted(attrs)),
+           tuple(options.items()))
     if key not in _seen:
         _seen.add(key)
         triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs,
                                  attrs=attrs), target=TARGET, options=options)
         flags = {self.params[k[0]].name for k, v in constexprs.items()
-                 if isinstance(v, bool) and v}
-        print(f"ok {self.fn.__name__} {options} {sorted(flags)}", flush=True)
+                 if len(k) == 1 and isinstance(v, bool) and v}
+        absent = {self.params[k[0]].name for k, v in constexprs.items()
+                  if len(k) == 1 and v is None}
+        print(f"ok {self.fn.__name__} {options} {sorted(flags)}"
+              + (f" without {sorted(absent)}" if absent else ""), flush=True)
 
 
 def variants():

@@ -26,4 +26,4 @@ def new_int(shape, dtype, device) -> torch.Tensor:
     """``torch.empty`` for integer outputs, filled with a poison value while the tests poison
     kernel outputs, so that an entry a kernel forgot to write fails the comparison."""
     t = torch.empty(shape, dtype=dtype, device=device)
-    return t.fill_(-0x7A5A5A5A) if common.POISON_OUTPUTS else t
+    return t.fill_(-0x7A5A5A5A) if common.outputs_poisoned() else t
