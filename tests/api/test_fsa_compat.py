@@ -9,7 +9,7 @@ import blocksparse_fsa as bsa
 from blocksparse_fsa.preprocess import causal_mask
 from blocksparse_fsa.reference import dense_attention
 
-from .helpers import assert_rule
+from ..helpers import assert_rule
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 CASES = [  # batch, q_len, k_len, heads, kv_heads, dim, window, causal, dtype

@@ -7,7 +7,7 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa import ops
 
-from .helpers import DEVICE, HAS_CUDA
+from ..helpers import DEVICE, HAS_CUDA
 
 
 def inputs(device="cpu", dtype=torch.float32, batch=1, q_len=80, hq=4, hkv=2, dim=16):

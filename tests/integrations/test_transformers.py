@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig  # noqa
 import blocksparse_fsa as bsa  # noqa: E402
 from blocksparse_fsa.integrations.transformers import ATTN_IMPLEMENTATION  # noqa: E402
 
-from .helpers import DEVICE  # noqa: E402
+from ..helpers import DEVICE  # noqa: E402
 
 BATCH, LENGTH, VOCAB, HQ, HKV = 2, 101, 128, 4, 2
 SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
