@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# One GPU session in two stages of under ten minutes each, everything written under $OUT and
+# One GPU session in three stages of under ten minutes each, everything written under $OUT and
 # packed into $OUT/stage_<s>.tar.gz (the device tool brings back few files):
-#   bash benchmarks/gpu_session.sh a   FA4 install, GPU tests, kernel A/B against .base/,
-#                                      the harness on window, bigbird, nsa_blocks, documents
-#   bash benchmarks/gpu_session.sh b   the harness on dilated_reordered and topk_random,
+#   bash benchmarks/gpu_session.sh a   GPU tests, kernel A/B against .base/
+#   bash benchmarks/gpu_session.sh b   FA4 install, the harness on window, bigbird, nsa_blocks,
+#                                      documents against FA4, flex (both backends) and SDPA
+#   bash benchmarks/gpu_session.sh c   the harness on dilated_reordered and topk_random,
 #                                      bench_decode.py, bench_varlen.py
-# FA4 comes from ../shared/tools/fa4-wheels' two folders (.fa4a sent by an earlier call, .fa4b
-# by this one); .base/ holds an older checkout's blocksparse_fsa for the A/B (optional).
+# FA4 comes from ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with
+# stage b); .base/ holds an older checkout's blocksparse_fsa for the A/B (optional).
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh a|b}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/$stage"
 log() { echo "== $*" | tee -a "$OUT/$stage/session.log"; }
 export PYTHONUNBUFFERED=1
-if [ -d .fa4b ] && [ ! -d .fa4site ]; then
+if [ "$stage" != a ] && [ -d .fa4b ] && [ ! -d .fa4site ]; then
   cat .fa4a/libs.part.* .fa4b/libs.part.* \
     > .fa4b/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl &&
   python3 -m pip install -q --no-index --no-deps --target .fa4site .fa4b/*.whl \
@@ -23,25 +24,27 @@ export PYTHONPATH=$PWD/.fa4site:$PWD:$PWD/benchmarks
 bench() { timeout "$1" python3 -m blocksparse_fsa_bench --seq-len 32768 --quick --no-plot \
             --out "$OUT/$stage/$2" "${@:3}" 2>"$OUT/$stage/$2.progress" | tee "$OUT/$stage/$2.log"; }
 
+log "environment"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee -a "$OUT/$stage/session.log"
 if [ "$stage" = a ]; then
-  log "environment"
-  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  } 2>&1 | tee -a "$OUT/$stage/session.log"
-  log "FA4 import"
-  python3 -c "import flash_attn.cute as m; print('flash_attn.cute', m.__version__)" \
-    2>&1 | tail -15 | tee -a "$OUT/$stage/session.log"
   log "GPU tests"
-  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --maxfail=20 tests \
+  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --maxfail=20 tests/kernels \
+    tests/test_gpu.py tests/api tests/integrations tests/preprocess tests/test_compile.py \
     > "$OUT/$stage/gpu_tests.log" 2>&1
   tail -25 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
   log "kernel A/B (before = .base/, after = this tree), same GPU, back to back"
   if [ -d .base/blocksparse_fsa ]; then
-    PYTHONPATH=$PWD/.base timeout 80 python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
+    PYTHONPATH=$PWD/.base timeout 100 python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
   fi
-  PYTHONPATH=$PWD timeout 80 python3 benchmarks/ab_kernels.py --label after --out "$OUT/$stage"
+  PYTHONPATH=$PWD timeout 100 python3 benchmarks/ab_kernels.py --label after --out "$OUT/$stage"
+elif [ "$stage" = b ]; then
+  log "FA4 import"
+  python3 -c "import flash_attn.cute as m; print('flash_attn.cute', m.__version__)" \
+    2>&1 | tail -15 | tee -a "$OUT/$stage/session.log"
   log "harness: the frontier"
-  bench 230 bench_frontier --pattern sliding_window bigbird nsa_blocks documents \
+  bench 330 bench_frontier --pattern sliding_window bigbird documents nsa_blocks \
     --systems ours flex flex_flash fa4_window fa4_varlen fa4_dense_causal sdpa_causal
 else
   log "harness: scattered patterns"
