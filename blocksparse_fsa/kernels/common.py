@@ -346,6 +346,11 @@ def load_tile(src, rows, start, n, perm_d, stride_l, stride_d, ok, BLOCK: tl.con
     return tile
 
 
+# the interpreters of triton 3.4 and 3.5 check descriptor strides in elements, not bytes
+_INTERPRETER_STRIDES_IN_ELEMENTS = tuple(
+    int(x) for x in triton.__version__.split(".")[:2]) < (3, 6)
+
+
 def use_tma(layout, *tensors) -> bool:
     """Whether the kernels read ``tensors`` (B, L, H, D) by tiles through TMA descriptors
     (``config.TMA``): on CUDA or under the interpreter, in token order or a computed dilation
@@ -360,6 +365,9 @@ def use_tma(layout, *tensors) -> bool:
     for t in tensors:
         size = t.element_size()
         if t.stride(3) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:3]):
+            return False
+        if not t.is_cuda and _INTERPRETER_STRIDES_IN_ELEMENTS and any(
+                s % 16 for s in t.stride()[:3]):
             return False
     if tensors[0].is_cuda and isinstance(_allocation._allocator.get(),
                                          _allocation.NullAllocator):
