@@ -58,4 +58,4 @@ else
     2>&1 | tail -40 | tee -a "$OUT/$stage/session.log"
 fi
 log "done"
-tar -czf "$OUT/stage_$stage.tar.gz" -C "$OUT" "$stage"
+tar -czf "$OUT/stage_$stage.tar.gz" -C "$OUT" "$stage" && rm -rf "${OUT:?}/$stage"
