@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from blocksparse_fsa import attention
+import blocksparse_fsa as bsa
+from blocksparse_fsa.api import attention
 from blocksparse_fsa_bench import cli as bench
 from blocksparse_fsa_bench import patterns as bp
 
@@ -301,6 +302,9 @@ def test_runner_smoke_cpu(tmp_path, monkeypatch, capsys):
     build_layout = attention.build_layout
     monkeypatch.setattr(attention, "build_layout",
                         lambda *a, **kw: builds.append(a[0].shape) or build_layout(*a, **kw))
+    cleared = []  # ours_indices empties the layout cache before it runs and when it is done
+    clear = bsa.clear_layout_cache
+    monkeypatch.setattr(bsa, "clear_layout_cache", lambda: cleared.append(1) or clear())
     argv = ["--device", "cpu", "--seq-len", "128", "--heads-q", "4", "--heads-kv", "2",
             "--head-dim", "16", "--passes", "fwd", "--pattern", "bigbird", "nsa_blocks", "dilated",
             "--out", str(tmp_path), "--no-plot", "--sdpa-mask-max-len", "128"]
@@ -320,7 +324,7 @@ def test_runner_smoke_cpu(tmp_path, monkeypatch, capsys):
     assert all(r["host_us"] > 0 for r in rows if r["ms"])
     # ours_indices: one build per pattern (the check), every timed call found it in the cache
     assert len(builds) == 3
-    assert not attention._LAYOUT_CACHE  # emptied after the system ran
+    assert len(cleared) == 2 * 3  # before and after each pattern's ours_indices
     captured = capsys.readouterr()
     assert "host us per fwd call, attn_indices= (layout cache) vs layout=:  bigbird" in captured.out
     steps = [line for line in captured.err.splitlines() if line.startswith("[")]
