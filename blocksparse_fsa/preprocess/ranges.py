@@ -19,7 +19,6 @@ import numpy as np
 # Totals at or above this keep the predicate engine: the device bits use int32 positions.
 MAX_TOKENS = 2**30
 _BIG = 2**40  # an upper bound no position or tile index reaches
-_CHUNK_PAIRS = 2**22  # host bit masks are made this many (query, key) pairs at a time
 
 
 class RangeTiles(NamedTuple):
@@ -52,8 +51,8 @@ def _sum_clip(a, b, c, lo, hi):
     """``sum(clip(p + c, lo, hi) for p in [a, b])`` elementwise (int64 arrays, ``lo <= hi``)."""
     n = np.maximum(b - a + 1, 0)
     x0, x1 = a + c, b + c
-    below = np.clip(lo - x0, 0, n)
-    above = np.clip(x1 - hi, 0, n)
+    below = np.minimum(np.maximum(lo - x0, 0), n)
+    above = np.minimum(np.maximum(x1 - hi, 0), n)
     m0, m1 = np.maximum(x0, lo), np.minimum(x1, hi)
     mid = np.maximum(m1 - m0 + 1, 0)
     return below * lo + above * hi + (m0 + m1) * mid // 2
@@ -64,16 +63,28 @@ def _top(p, nk, causal):
     return np.minimum(nk - 1, p) if causal else nk - 1
 
 
-def _csr(rows, cols, n_rows, n_cols):
-    """Row pointers of tiles sorted by row, and the key-tile transpose: pointers, rows, order."""
-    ptr = np.zeros(n_rows + 1, np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_rows), out=ptr[1:])
-    ptr_t = np.zeros(n_cols + 1, np.int64)
-    np.cumsum(np.bincount(cols, minlength=n_cols), out=ptr_t[1:])
+def _tile_lists(starts, ends, seg_qt, n_qt, n_kt, last_seg):
+    """Expand intervals of key tiles ``[starts, ends]`` (``[n_seg, k]``, sorted and disjoint
+    within a query tile, empty where ``ends < starts``) into the CSR of the query tiles
+    ``seg_qt`` and its key-tile transpose. ``last_seg``: each query tile's last segment, or
+    None when every query tile has one."""
+    lens = np.maximum(ends - starts + 1, 0)
+    flat, flat_lens = starts.ravel(), lens.ravel()
+    n = int(flat_lens.sum())
+    first = np.cumsum(flat_lens)
+    cols = np.arange(n) + np.repeat(flat - (first - flat_lens), flat_lens)
+    rows = np.repeat(np.repeat(seg_qt, starts.shape[1]), flat_lens)
+    ptr = np.zeros(n_qt + 1, np.int64)
+    per_seg = first[starts.shape[1] - 1::starts.shape[1]]  # tiles up to each segment's end
+    ptr[1:] = per_seg if last_seg is None else per_seg[last_seg]
+    # tiles per key tile: +1 where an interval starts, -1 past its end (empty ones cancel)
+    s = np.minimum(flat, n_kt)
+    cover = np.bincount(s, minlength=n_kt + 1) - np.bincount(s + flat_lens, minlength=n_kt + 1)
+    ptr_t = np.zeros(n_kt + 1, np.int64)
+    np.cumsum(np.cumsum(cover[:n_kt]), out=ptr_t[1:])
     # a stable sort by key tile keeps the query tiles ascending (radix sort for 16-bit keys)
-    small = cols.astype(np.uint16) if n_cols <= 2**16 else cols
-    order = np.argsort(small, kind="stable")
-    return ptr, ptr_t, rows[order], order
+    order = np.argsort(cols.astype(np.uint16) if n_kt <= 2**16 else cols, kind="stable")
+    return ptr, cols, ptr_t, rows[order], order, rows
 
 
 def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, block_m: int,
@@ -82,7 +93,8 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     under a window ``(left, right)`` (-1 = unbounded), ``sinks`` and per-sequence causality.
 
     Equal, list for list, to ``mask_to_tiles`` of the dense mask: tiles of a query tile in key
-    order, full = every pair active and the tile inside ``[0, Lq) x [0, Lk)``.
+    order, full = every pair active and the tile inside ``[0, Lq) x [0, Lk)``. Works on
+    intervals of key tiles per segment; only the final lists are per tile.
     """
     cu_q = np.asarray(cu_q, dtype=np.int64)
     cu_k = np.asarray(cu_k, dtype=np.int64)
@@ -94,15 +106,18 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     nq, nk = cu_q[1:] - q0, cu_k[1:] - k0
 
     # segments: the rows of one sequence inside one query tile, in row order
-    seqs = np.flatnonzero(nq > 0)
-    t0 = q0[seqs] // bm
-    counts = (q0[seqs] + nq[seqs] - 1) // bm - t0 + 1
-    seg_seq = np.repeat(seqs, counts)
-    seg_qt = np.arange(seg_seq.size) - np.repeat(np.cumsum(counts) - counts - t0, counts)
+    if len(nq) == 1:
+        seg_seq, seg_qt = np.zeros(n_qt, np.int64), np.arange(n_qt)
+    else:
+        seqs = np.flatnonzero(nq > 0)
+        t0 = q0[seqs] // bm
+        counts = (q0[seqs] + nq[seqs] - 1) // bm - t0 + 1
+        seg_seq = np.repeat(seqs, counts)
+        seg_qt = np.arange(seg_seq.size) - np.repeat(np.cumsum(counts) - counts - t0, counts)
+    multi = seg_seq.size > n_qt  # some query tile holds rows of several sequences
     shift = (nk - nq - q0)[seg_seq]  # row -> position p
-    s_end = (q0 + nq)[seg_seq]
     pa = np.maximum(q0[seg_seq], seg_qt * bm) + shift
-    pb = np.minimum(s_end, seg_qt * bm + bm) - 1 + shift
+    pb = np.minimum((q0 + nq)[seg_seq], seg_qt * bm + bm) - 1 + shift
     nk_s, k0_s = nk[seg_seq], k0[seg_seq]
     top_a, top_b = _top(pa, nk_s, causal), _top(pb, nk_s, causal)
 
@@ -111,42 +126,57 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     first_w = max(-right, 0) if causal else -right  # the first position with a window
     p_w = np.maximum(pa, first_w)
     has_w = (p_w <= pb) & (nk_s > 0)
-    tw0 = (k0_s + np.maximum(p_w - left, 0)) // bn
-    tw1 = (k0_s + np.minimum(pb + right, top_b)) // bn
+    tw0 = np.where(has_w, (k0_s + np.maximum(p_w - left, 0)) // bn, 0)
+    tw1 = np.where(has_w, (k0_s + np.minimum(pb + right, top_b)) // bn, -1)
     s_hi = np.minimum(sinks - 1, top_b)
     has_s = s_hi >= 0
-    ts1 = (k0_s + s_hi) // bn
+    ts1 = np.where(has_s, (k0_s + s_hi) // bn, -1)
     merge = has_s & has_w & (tw0 <= ts1 + 1)
-    a0 = np.where(has_s, k0_s // bn, tw0)
-    a1 = np.where(has_s, np.where(merge, np.maximum(ts1, tw1), ts1), tw1)
-    len_a = np.where(has_s | has_w, a1 - a0 + 1, 0)
-    len_b = np.where(has_s & has_w & ~merge, tw1 - tw0 + 1, 0)
-    lens = np.stack([len_a, len_b], 1).ravel()
-    starts = np.stack([a0, tw0], 1).ravel()
-    n = int(lens.sum())
-    kt = np.arange(n) + np.repeat(starts - (np.cumsum(lens) - lens), lens)
-    seg = np.repeat(np.arange(seg_seq.size), len_a + len_b)
-    qt = seg_qt[seg]
-    per_qt = np.bincount(seg_qt, minlength=n_qt)
-    if seg_seq.size > n_qt:  # tiles shared by segments of one query tile are adjacent
-        key = qt * n_kt + kt
-        keep = np.ones(n, bool)
-        keep[1:] = key[1:] != key[:-1]
-        kt, seg, qt = kt[keep], seg[keep], qt[keep]
+    two = has_s & has_w & ~merge
+    act_s = np.stack([np.where(has_s, k0_s // bn, tw0), np.where(two, tw0, 0)], 1)
+    act_e = np.stack([np.where(merge, np.maximum(ts1, tw1), np.where(has_s, ts1, tw1)),
+                      np.where(two, tw1, -1)], 1)
 
     # full tiles: one segment in an in-range query tile, key tile inside the sequence, no
     # inactive pair above max(s_hi, hi) of the first row (it only grows) and none in the gap
     # [sinks, p - left - 1] between sinks and window of the last row (it only grows)
+    single = (seg_qt + 1) * bm <= q_len
+    if multi:
+        per_qt = np.bincount(seg_qt, minlength=n_qt)
+        single &= per_qt[seg_qt] == 1
     hi_a = np.where((pa >= first_w) & (nk_s > 0), np.minimum(pa + right, top_a), -1)
     cap = np.maximum(np.minimum(sinks - 1, top_a), hi_a)
-    single = (per_qt[seg_qt] == 1) & ((seg_qt + 1) * bm <= q_len)
+    lo_f = -(-k0_s // bn)
+    hi_f = np.where(single, (k0_s + cap + 1) // bn - 1, -1)
+    below = (k0_s + sinks) // bn - 1  # the last key tile before the gap
     gap_end = pb - left  # the gap is [sinks, gap_end - 1]
-    lo_full = -(-k0_s // bn)
-    hi_full = np.where(single, (k0_s + cap + 1) // bn - 1, -_BIG)
-    below_gap = (k0_s + sinks) // bn - 1
-    above_gap = np.where(gap_end <= sinks, -_BIG, -(-(k0_s + gap_end) // bn))
-    full = ((kt >= lo_full[seg]) & (kt <= hi_full[seg])
-            & ((kt <= below_gap[seg]) | (kt >= above_gap[seg])))
+    above = -(-(k0_s + gap_end) // bn)  # the first key tile after it
+    joined = (gap_end <= sinks) | (above <= below + 1)  # no key tile inside the gap
+    f1_e = np.where(joined, hi_f, np.minimum(hi_f, below))
+    f2_s = np.where(joined, _BIG, np.maximum(lo_f, above))
+    f2_e = np.where(joined, _BIG - 1, hi_f)
+    f2_s = np.where(f2_e < f2_s, _BIG, f2_s)
+    f2_e = np.where(f2_s == _BIG, _BIG - 1, f2_e)
+    f1_s = np.where(f1_e < lo_f, f2_s, lo_f)
+    f1_e = np.where(f1_e < lo_f, f2_s - 1, f1_e)
+
+    # partial tiles: each active interval minus the two full ones, three pieces each
+    x_s, x_e = act_s[:, :, None], act_e[:, :, None]
+    part_s = np.concatenate([x_s, np.maximum(x_s, f1_e[:, None, None] + 1),
+                             np.maximum(x_s, f2_e[:, None, None] + 1)], 2).reshape(-1, 6)
+    part_e = np.concatenate([np.minimum(x_e, f1_s[:, None, None] - 1),
+                             np.minimum(x_e, f2_s[:, None, None] - 1), x_e], 2).reshape(-1, 6)
+    last_seg = None
+    if multi:  # a key tile shared by neighbouring sequences is listed once
+        base = seg_qt[:, None] * n_kt
+        ends = np.maximum.accumulate((part_e + base).ravel())
+        prev = np.concatenate([[-1], ends[:-1]]).reshape(part_s.shape) - base
+        part_s = np.maximum(part_s, prev + 1)
+        last_seg = np.cumsum(per_qt) - 1
+
+    full = _tile_lists(np.stack([f1_s, f2_s], 1), np.stack([f1_e, f2_e], 1), seg_qt, n_qt,
+                       n_kt, last_seg)
+    part = _tile_lists(part_s, part_e, seg_qt, n_qt, n_kt, last_seg)
 
     # active pairs per sequence: |[0, max(s_hi, hi)]| minus the gap, summed in closed form
     a, b = nk - nq, nk - 1  # the positions of each sequence's first and last query
@@ -155,40 +185,37 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     else:
         count = _sum_clip(a, b, right + 1, np.minimum(sinks, nk), nk)
     nnz = int((count - _sum_clip(a, b, -left - sinks, 0, _BIG)).sum())
-
-    fq, fk = qt[full], kt[full]
-    pq, pk = qt[~full], kt[~full]
-    full_ptr, full_ptr_t, full_row_t, _ = _csr(fq, fk, n_qt, n_kt)
-    part_ptr, part_ptr_t, part_row_t, part_mask_t = _csr(pq, pk, n_qt, n_kt)
-    return RangeTiles(full_ptr, fk, part_ptr, pk, full_ptr_t, full_row_t, part_ptr_t,
-                      part_row_t, part_mask_t, pq, nnz)
+    return RangeTiles(full[0], full[1], part[0], part[1], full[2], full[3], part[2], part[3],
+                      part[4], part[5], nnz)
 
 
 def range_masks_numpy(part_qt, part_col, cu_q, cu_k, left: int, right: int, sinks: int,
                       causal: bool, block_m: int, block_n: int) -> np.ndarray:
     """The bits of the partial tiles ``(part_qt, part_col)``: int32 ``[Tp, block_m, n_words]``
-    (bit ``c % 32`` of word ``c // 32`` = key column ``c``), on the host."""
+    (bit ``c % 32`` of word ``c // 32`` = key column ``c``), on the host, a word at a time
+    from each row's two global key ranges (no per-pair array)."""
     cu_q = np.asarray(cu_q, dtype=np.int64)
     cu_k = np.asarray(cu_k, dtype=np.int64)
     q_len, k_len = int(cu_q[-1]), int(cu_k[-1])
     left, right, sinks = normalized_window(q_len, k_len, left, right, sinks)
     n_words = -(-block_n // 32)
-    out = np.empty((len(part_qt), block_m, n_words), np.int32)
-    in_tile = np.arange(n_words * 32)
-    shifts = np.arange(32, dtype=np.uint32)
-    step = max(1, _CHUNK_PAIRS // (block_m * n_words * 32))
-    for s in range(0, len(part_qt), step):  # chunks bound the [T, block_m, 32 n_words] bools
-        rows = np.asarray(part_qt[s:s + step], np.int64)[:, None] * block_m + np.arange(block_m)
-        seq = np.minimum(np.searchsorted(cu_q[1:], rows, side="right"), len(cu_q) - 2)
-        nk = cu_k[seq + 1] - cu_k[seq]
-        p = rows - cu_q[seq] + nk - (cu_q[seq + 1] - cu_q[seq])
-        top = np.where(rows < q_len, _top(p, nk, causal), -1)
-        lo = np.maximum(p - left, 0)[..., None]
-        hi = np.minimum(p + right, top)[..., None]
-        s_hi = np.minimum(sinks - 1, top)[..., None]
-        cols = np.asarray(part_col[s:s + step], np.int64)[:, None] * block_n + in_tile
-        c = cols[:, None, :] - cu_k[seq][..., None]  # [T, block_m, 32 n_words] local key
-        on = (c >= 0) & ((c <= s_hi) | ((c >= lo) & (c <= hi))) & (in_tile < block_n)
-        words = on.reshape(*on.shape[:2], n_words, 32).astype(np.uint32) << shifts
-        out[s:s + step] = words.sum(-1, dtype=np.uint32).view(np.int32)
-    return out
+    rows = np.asarray(part_qt, np.int64)[:, None] * block_m + np.arange(block_m)  # [Tp, bm]
+    seq = np.minimum(np.searchsorted(cu_q[1:], rows, side="right"), len(cu_q) - 2)
+    k0, nk = cu_k[seq], cu_k[seq + 1] - cu_k[seq]
+    p = rows - cu_q[seq] + nk - (cu_q[seq + 1] - cu_q[seq])
+    top = np.where(rows < q_len, _top(p, nk, causal), -1)
+    col0 = np.asarray(part_col, np.int64)[:, None] * block_n  # the tile's first key
+    # global [first, last + 1) of the window and of the sinks, clipped to the tile
+    col1 = col0 + block_n
+    ranges = [(np.maximum(k0 + np.maximum(p - left, 0), col0),
+               np.minimum(k0 + np.minimum(p + right, top) + 1, col1)),
+              (np.maximum(k0, col0), np.minimum(k0 + np.minimum(sinks - 1, top) + 1, col1))]
+    out = np.zeros((rows.shape[0], block_m, n_words), np.uint64)
+    one = np.uint64(1)
+    for w in range(n_words):  # bits [a, b) of each word: (1 << b) - (1 << a)
+        base = col0 + 32 * w
+        for first, end in ranges:
+            a = np.clip(first - base, 0, 32).astype(np.uint64)
+            b = np.clip(end - base, 0, 32).astype(np.uint64)
+            out[:, :, w] |= np.where(b > a, (one << b) - (one << a), 0).astype(np.uint64)
+    return out.astype(np.uint32).view(np.int32)
