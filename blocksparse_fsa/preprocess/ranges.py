@@ -105,20 +105,27 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     q0, k0 = cu_q[:-1], cu_k[:-1]
     nq, nk = cu_q[1:] - q0, cu_k[1:] - k0
 
-    # segments: the rows of one sequence inside one query tile, in row order
+    # segments: the rows of one sequence inside one query tile, in row order; a lone
+    # sequence's values stay scalars (they broadcast), which halves the host work
+    seg_qt = np.arange(n_qt)
+    per_qt = last_seg = None
     if len(nq) == 1:
-        seg_seq, seg_qt = np.zeros(n_qt, np.int64), np.arange(n_qt)
+        nk_s, k0_s = k_len, 0
+        pa = seg_qt * bm + (k_len - q_len)  # row -> position p
+        pb = np.minimum(pa + (bm - 1), k_len - 1)
     else:
         seqs = np.flatnonzero(nq > 0)
         t0 = q0[seqs] // bm
         counts = (q0[seqs] + nq[seqs] - 1) // bm - t0 + 1
         seg_seq = np.repeat(seqs, counts)
         seg_qt = np.arange(seg_seq.size) - np.repeat(np.cumsum(counts) - counts - t0, counts)
-    multi = seg_seq.size > n_qt  # some query tile holds rows of several sequences
-    shift = (nk - nq - q0)[seg_seq]  # row -> position p
-    pa = np.maximum(q0[seg_seq], seg_qt * bm) + shift
-    pb = np.minimum((q0 + nq)[seg_seq], seg_qt * bm + bm) - 1 + shift
-    nk_s, k0_s = nk[seg_seq], k0[seg_seq]
+        shift = (nk - nq - q0)[seg_seq]
+        pa = np.maximum(q0[seg_seq], seg_qt * bm) + shift
+        pb = np.minimum((q0 + nq)[seg_seq], seg_qt * bm + bm) - 1 + shift
+        nk_s, k0_s = nk[seg_seq], k0[seg_seq]
+        if seg_seq.size > n_qt:  # some query tile holds rows of several sequences
+            per_qt = np.bincount(seg_qt, minlength=n_qt)
+            last_seg = np.cumsum(per_qt) - 1
     top_a, top_b = _top(pa, nk_s, causal), _top(pb, nk_s, causal)
 
     # the key tiles a segment visits: its sinks [0, s_hi] and the union of its windows, one
@@ -128,65 +135,84 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     has_w = (p_w <= pb) & (nk_s > 0)
     tw0 = np.where(has_w, (k0_s + np.maximum(p_w - left, 0)) // bn, 0)
     tw1 = np.where(has_w, (k0_s + np.minimum(pb + right, top_b)) // bn, -1)
-    s_hi = np.minimum(sinks - 1, top_b)
-    has_s = s_hi >= 0
-    ts1 = np.where(has_s, (k0_s + s_hi) // bn, -1)
-    merge = has_s & has_w & (tw0 <= ts1 + 1)
-    two = has_s & has_w & ~merge
-    act_s = np.stack([np.where(has_s, k0_s // bn, tw0), np.where(two, tw0, 0)], 1)
-    act_e = np.stack([np.where(merge, np.maximum(ts1, tw1), np.where(has_s, ts1, tw1)),
-                      np.where(two, tw1, -1)], 1)
+    if sinks:
+        s_hi = np.minimum(sinks - 1, top_b)
+        has_s = s_hi >= 0
+        ts1 = np.where(has_s, (k0_s + s_hi) // bn, -1)
+        merge = has_s & has_w & (tw0 <= ts1 + 1)
+        two = has_s & has_w & ~merge
+        active = [(np.where(has_s, k0_s // bn, tw0),
+                   np.where(merge, np.maximum(ts1, tw1), np.where(has_s, ts1, tw1))),
+                  (np.where(two, tw0, 0), np.where(two, tw1, -1))]
+    else:
+        active = [(tw0, tw1)]
 
     # full tiles: one segment in an in-range query tile, key tile inside the sequence, no
     # inactive pair above max(s_hi, hi) of the first row (it only grows) and none in the gap
     # [sinks, p - left - 1] between sinks and window of the last row (it only grows)
     single = (seg_qt + 1) * bm <= q_len
-    if multi:
-        per_qt = np.bincount(seg_qt, minlength=n_qt)
+    if per_qt is not None:
         single &= per_qt[seg_qt] == 1
     hi_a = np.where((pa >= first_w) & (nk_s > 0), np.minimum(pa + right, top_a), -1)
     cap = np.maximum(np.minimum(sinks - 1, top_a), hi_a)
     lo_f = -(-k0_s // bn)
     hi_f = np.where(single, (k0_s + cap + 1) // bn - 1, -1)
-    below = (k0_s + sinks) // bn - 1  # the last key tile before the gap
     gap_end = pb - left  # the gap is [sinks, gap_end - 1]
     above = -(-(k0_s + gap_end) // bn)  # the first key tile after it
-    joined = (gap_end <= sinks) | (above <= below + 1)  # no key tile inside the gap
-    f1_e = np.where(joined, hi_f, np.minimum(hi_f, below))
-    f2_s = np.where(joined, _BIG, np.maximum(lo_f, above))
-    f2_e = np.where(joined, _BIG - 1, hi_f)
-    f2_s = np.where(f2_e < f2_s, _BIG, f2_s)
-    f2_e = np.where(f2_s == _BIG, _BIG - 1, f2_e)
-    f1_s = np.where(f1_e < lo_f, f2_s, lo_f)
-    f1_e = np.where(f1_e < lo_f, f2_s - 1, f1_e)
+    if sinks:  # full tiles below the gap and above it
+        below = (k0_s + sinks) // bn - 1  # the last key tile before the gap
+        joined = (gap_end <= sinks) | (above <= below + 1)  # no key tile inside the gap
+        f2_s = np.where(joined, lo_f, np.maximum(lo_f, above))
+        full = [(lo_f, np.where(joined, -1, np.minimum(hi_f, below))), (f2_s, hi_f)]
+    else:  # below the gap is no key (when there is no gap, above <= lo_f)
+        full = [(np.maximum(lo_f, above), hi_f)]
+    full = _sorted_nonempty(full)
 
-    # partial tiles: each active interval minus the two full ones, three pieces each
-    x_s, x_e = act_s[:, :, None], act_e[:, :, None]
-    part_s = np.concatenate([x_s, np.maximum(x_s, f1_e[:, None, None] + 1),
-                             np.maximum(x_s, f2_e[:, None, None] + 1)], 2).reshape(-1, 6)
-    part_e = np.concatenate([np.minimum(x_e, f1_s[:, None, None] - 1),
-                             np.minimum(x_e, f2_s[:, None, None] - 1), x_e], 2).reshape(-1, 6)
-    last_seg = None
-    if multi:  # a key tile shared by neighbouring sequences is listed once
+    # partial tiles: each active interval minus the full ones
+    part_s, part_e = _minus(active, full)
+    if per_qt is not None:  # a key tile shared by neighbouring sequences is listed once
         base = seg_qt[:, None] * n_kt
         ends = np.maximum.accumulate((part_e + base).ravel())
         prev = np.concatenate([[-1], ends[:-1]]).reshape(part_s.shape) - base
         part_s = np.maximum(part_s, prev + 1)
-        last_seg = np.cumsum(per_qt) - 1
-
-    full = _tile_lists(np.stack([f1_s, f2_s], 1), np.stack([f1_e, f2_e], 1), seg_qt, n_qt,
-                       n_kt, last_seg)
+    full = _tile_lists(np.stack([s for s, _ in full], 1), np.stack([e for _, e in full], 1),
+                       seg_qt, n_qt, n_kt, last_seg)
     part = _tile_lists(part_s, part_e, seg_qt, n_qt, n_kt, last_seg)
 
-    # active pairs per sequence: |[0, max(s_hi, hi)]| minus the gap, summed in closed form
+    # active pairs per sequence: |[0, max(s_hi, hi)]| (clip(p + c, lo, nk)) minus the gap
+    # (clip(p - left - sinks, 0, inf)), summed in closed form, both terms in one call
     a, b = nk - nq, nk - 1  # the positions of each sequence's first and last query
-    if causal:
-        count = _sum_clip(a, b, 1, 0, nk)
-    else:
-        count = _sum_clip(a, b, right + 1, np.minimum(sinks, nk), nk)
-    nnz = int((count - _sum_clip(a, b, -left - sinks, 0, _BIG)).sum())
+    c, lo = (1, np.zeros_like(nk)) if causal else (right + 1, np.minimum(sinks, nk))
+    terms = _sum_clip(a, b, np.array([[c], [-left - sinks]]), np.stack([lo, 0 * nk]),
+                      np.stack([nk, 0 * nk + _BIG]))
     return RangeTiles(full[0], full[1], part[0], part[1], full[2], full[3], part[2], part[3],
-                      part[4], part[5], nnz)
+                      part[4], part[5], int(terms[0].sum() - terms[1].sum()))
+
+
+def _sorted_nonempty(intervals):
+    """Disjoint sorted intervals ``[(starts, ends)]`` with each empty one moved to just
+    before the next (``[s, s - 1]``, the last at ``_BIG``), so that :func:`_minus` can cut
+    around them blindly."""
+    out, nxt = [], _BIG
+    for s, e in reversed(intervals):
+        empty = e < s
+        s = np.where(empty, nxt, s)
+        out.append((s, np.where(empty, s - 1, e)))
+        nxt = s
+    return out[::-1]
+
+
+def _minus(active, full):
+    """``[n_seg, k]`` starts and ends of the pieces of the ``active`` intervals outside the
+    ``full`` ones (both lists sorted and disjoint, the full ones inside the active ones)."""
+    starts, ends = [], []
+    for s, e in active:
+        starts.append(s)
+        for f_s, f_e in full:
+            ends.append(np.minimum(e, f_s - 1))
+            starts.append(np.maximum(s, f_e + 1))
+        ends.append(e)
+    return np.stack(starts, 1), np.stack(ends, 1)
 
 
 def range_masks_numpy(part_qt, part_col, cu_q, cu_k, left: int, right: int, sinks: int,
