@@ -6,9 +6,9 @@ are closed-form in the sequence offsets (``preprocess.ranges.range_tiles``, on t
 no size is ever read back from a device); they reach the device in one copy, and one kernel
 launch writes the partial tiles' bits (``preprocess.triton.ranges``; numpy on the CPU).
 :func:`ranges_layout` (per-row ranges through the predicate engine) builds the same layouts
-the slow way: it is the tests' oracle. Layouts are cached per (sequence lengths, window,
-sinks, causal, tile, device): the cache key holds the ``cu_seqlens`` values, never a tensor's
-identity.
+the slow way: the tests' oracle, and the path for totals of ``MAX_TOKENS`` or more. Layouts
+are cached per (sequence lengths, window, sinks, causal, tile, device): the cache key holds
+the ``cu_seqlens`` values, never a tensor's identity.
 """
 
 from __future__ import annotations
@@ -179,7 +179,8 @@ def analytic_layout(cu_q, cu_k, window: tuple[int, int, int], is_causal: bool,
     device = torch.device(device)
     q_len, k_len = int(cu_q[-1]), int(cu_k[-1])
     if not 0 < q_len < MAX_TOKENS or not 0 < k_len < MAX_TOKENS:
-        # empty or int32-sized totals: the engine's int64 path (and its errors for no tokens)
+        # the predicate engine keeps what the closed form leaves out: no tokens (the engine's
+        # error) and totals past int32 positions
         cq = torch.tensor(list(cu_q), dtype=torch.int64, device=device)
         ck = torch.tensor(list(cu_k), dtype=torch.int64, device=device)
         ranges = row_ranges(cq, ck, q_len, *window, is_causal)
