@@ -169,12 +169,13 @@ def packed_layout(cu_q: list[int], cu_k: list[int], window: tuple[int, int, int]
 
 
 def analytic_layout(cu_q, cu_k, window: tuple[int, int, int], is_causal: bool,
-                    layout_causal: bool, block_m: int | None, block_n: int | None,
-                    device) -> SparseLayout:
+                    layout_causal: bool, block_m: int | None, block_n: int | None, device,
+                    bit_kernel: bool | None = None) -> SparseLayout:
     """The layout of packed sequences (host offsets ``cu_q`` / ``cu_k``) under ``window =
     (left, right, sinks)`` with per-sequence bottom-right causality if ``is_causal``;
     ``layout_causal`` is the flag the layout records. No device sync: one host-to-device copy
-    of every tile list and, on a GPU, one kernel launch for the partial tiles' bits."""
+    of every tile list and one launch of the bit kernel for the partial tiles' masks
+    (``bit_kernel``: None = on CUDA devices; the host computes them otherwise)."""
     bm, bn = check_blocks(block_m, block_n)
     device = torch.device(device)
     q_len, k_len = int(cu_q[-1]), int(cu_k[-1])
@@ -188,21 +189,21 @@ def analytic_layout(cu_q, cu_k, window: tuple[int, int, int], is_causal: bool,
     tiles = range_tiles(cu_q, cu_k, *window, is_causal, bm, bn)
     if max(tiles.full_col.size, tiles.part_col.size) >= 2**31:
         raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
+    if bit_kernel is None:
+        bit_kernel = device.type == "cuda"
     lists = list(tiles[:9])
-    on_gpu = device.type == "cuda"
-    if on_gpu:  # the bit kernel reads the partial tiles' query tiles and the offsets
+    if bit_kernel:  # what the kernel reads besides part_col: query tiles and offsets
         lists += [tiles.part_qt, np.asarray(cu_q), np.asarray(cu_k)]
     sizes = [a.size for a in lists]
-    if on_gpu:  # pinned, so that the one copy is asynchronous
-        host = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=True)
-        np.concatenate(lists, out=host.numpy(), casting="unsafe")
-        packed = host.to(device, non_blocking=True)
-    else:
-        packed = torch.from_numpy(np.concatenate(lists).astype(np.int32)).to(device)
+    host = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=device.type == "cuda")
+    np.concatenate(lists, out=host.numpy(), casting="unsafe")
+    packed = host.to(device, non_blocking=True)  # pinned: the one copy is asynchronous
     views = torch.split(packed, sizes)
-    if on_gpu:
+    if bit_kernel:
         from ..preprocess.triton.ranges import range_masks_triton
-        masks = range_masks_triton(*views[9:], q_len, k_len, *window, is_causal, bm, bn)
+        part_qt, cq, ck = views[9:]
+        masks = range_masks_triton(part_qt, views[3], cq, ck, q_len, k_len, *window, is_causal,
+                                   bm, bn)
     else:
         masks = torch.from_numpy(range_masks_numpy(tiles.part_qt, tiles.part_col, cu_q, cu_k,
                                                    *window, is_causal, bm, bn)).to(device)

@@ -41,10 +41,11 @@ def assert_same_layout(got, want, what):
         want.nnz, want.is_causal, want.block_m, want.block_n), what
 
 
-def check(cu_q, cu_k, window, causal, block, device="cpu"):
+def check(cu_q, cu_k, window, causal, block, device="cpu", bit_kernel=None):
     layout_causal = causal if len(cu_q) == 2 else False  # what window_ / packed_layout record
     want = engine_layout(cu_q, cu_k, window, causal, layout_causal, block, device)
-    got = window_mod.analytic_layout(cu_q, cu_k, window, causal, layout_causal, *block, device)
+    got = window_mod.analytic_layout(cu_q, cu_k, window, causal, layout_causal, *block, device,
+                                     bit_kernel)
     assert_same_layout(got, want, f"cu_q={cu_q} cu_k={cu_k} window={window} causal={causal} "
                                   f"block={block}")
 
@@ -143,6 +144,17 @@ def test_bit_kernel_equals_the_host_bits(block):
     kernel_case(cu([3, 0, 50, 1, 20]), cu([9, 4, 50, 0, 33]), (7, 2, 2), True, block, device)
     kernel_case([0, 90], [0, 70], (5, -1, 3), False, block, device)
     kernel_case([0, 1], [0, 100], (-1, -1, 0), True, block, device)
+
+
+@pytest.mark.interpreter
+@needs_kernels
+def test_the_gpu_path_equals_the_engine():
+    """The CUDA path (tile lists in one buffer, the bit kernel) on the kernels' tier."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    check(cu([3, 0, 50, 1, 20]), cu([9, 4, 50, 0, 33]), (7, 2, 2), True, (16, 32), device,
+          bit_kernel=True)
+    check([0, 150], [0, 150], (40, 0, 3), True, (32, 32), device, bit_kernel=True)
+    check([0, 100], [0, 61], (5, -1, 0), False, (64, 16), device, bit_kernel=True)
 
 
 @pytest.mark.gpu
