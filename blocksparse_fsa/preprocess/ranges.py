@@ -63,28 +63,40 @@ def _top(p, nk, causal):
     return np.minimum(nk - 1, p) if causal else nk - 1
 
 
-def _tile_lists(starts, ends, seg_qt, n_qt, n_kt, last_seg):
-    """Expand intervals of key tiles ``[starts, ends]`` (``[n_seg, k]``, sorted and disjoint
-    within a query tile, empty where ``ends < starts``) into the CSR of the query tiles
-    ``seg_qt`` and its key-tile transpose. ``last_seg``: each query tile's last segment, or
-    None when every query tile has one."""
-    lens = np.maximum(ends - starts + 1, 0)
-    flat, flat_lens = starts.ravel(), lens.ravel()
-    n = int(flat_lens.sum())
-    first = np.cumsum(flat_lens)
-    cols = np.arange(n) + np.repeat(flat - (first - flat_lens), flat_lens)
-    rows = np.repeat(np.repeat(seg_qt, starts.shape[1]), flat_lens)
-    ptr = np.zeros(n_qt + 1, np.int64)
-    per_seg = first[starts.shape[1] - 1::starts.shape[1]]  # tiles up to each segment's end
-    ptr[1:] = per_seg if last_seg is None else per_seg[last_seg]
-    # tiles per key tile: +1 where an interval starts, -1 past its end (empty ones cancel)
-    s = np.minimum(flat, n_kt)
-    cover = np.bincount(s, minlength=n_kt + 1) - np.bincount(s + flat_lens, minlength=n_kt + 1)
-    ptr_t = np.zeros(n_kt + 1, np.int64)
-    np.cumsum(np.cumsum(cover[:n_kt]), out=ptr_t[1:])
-    # a stable sort by key tile keeps the query tiles ascending (radix sort for 16-bit keys)
-    order = np.argsort(cols.astype(np.uint16) if n_kt <= 2**16 else cols, kind="stable")
-    return ptr, cols, ptr_t, rows[order], order, rows
+def _tile_lists(full_s, full_e, part_s, part_e, seg_qt, n_qt, n_kt, last_seg):
+    """Expand intervals of key tiles (``[n_seg, k]`` starts and ends per kind, sorted and
+    disjoint within a query tile, empty where end < start) into both kinds' CSR of the query
+    tiles ``seg_qt`` and their key-tile transposes, with one expansion and one sort for all
+    tiles (full ones first). ``last_seg``: each query tile's last segment, or None when every
+    query tile has one. Returns the lists in ``RangeTiles`` order, then ``part_qt``."""
+    k_f, k_p = full_s.shape[1], part_s.shape[1]
+    starts = np.concatenate([full_s.ravel(), part_s.ravel()])
+    lens = np.maximum(np.concatenate([full_e.ravel(), part_e.ravel()]) - starts + 1, 0)
+    first = np.cumsum(lens)
+    n = int(first[-1])
+    n_full = int(first[full_s.size - 1])
+    cols = np.arange(n) + np.repeat(starts - (first - lens), lens)
+    rows = np.repeat(np.concatenate([np.repeat(seg_qt, k_f), np.repeat(seg_qt, k_p)]), lens)
+    ptrs = []
+    for ends in (first[k_f - 1:full_s.size:k_f], first[full_s.size + k_p - 1::k_p] - n_full):
+        ptr = np.zeros(n_qt + 1, np.int64)  # tiles up to each segment's end, per query tile
+        ptr[1:] = ends if last_seg is None else ends[last_seg]
+        ptrs.append(ptr)
+    # tiles per (kind, key tile): +1 where an interval starts, -1 past its end (empty ones
+    # cancel); the sort key is kind * n_kt + key tile, so the full tiles come first
+    kind = np.repeat(np.array([0, n_kt]), [full_s.size, part_s.size])
+    s = np.minimum(starts, n_kt) + kind
+    cover = np.bincount(s, minlength=2 * n_kt + 1) - np.bincount(s + lens,
+                                                                 minlength=2 * n_kt + 1)
+    ptr_t = np.zeros(2 * n_kt + 1, np.int64)
+    np.cumsum(np.cumsum(cover[:2 * n_kt]), out=ptr_t[1:])
+    # a stable sort keeps the query tiles ascending (a radix sort for 16-bit keys)
+    key = cols.astype(np.uint16 if 2 * n_kt <= 2**16 else np.int64)
+    key[n_full:] += n_kt
+    order = np.argsort(key, kind="stable")
+    row_t = rows[order]
+    return (ptrs[0], cols[:n_full], ptrs[1], cols[n_full:], ptr_t[:n_kt + 1], row_t[:n_full],
+            ptr_t[n_kt:] - n_full, row_t[n_full:], order[n_full:] - n_full, rows[n_full:])
 
 
 def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, block_m: int,
@@ -175,9 +187,8 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
         ends = np.maximum.accumulate((part_e + base).ravel())
         prev = np.concatenate([[-1], ends[:-1]]).reshape(part_s.shape) - base
         part_s = np.maximum(part_s, prev + 1)
-    full = _tile_lists(np.stack([s for s, _ in full], 1), np.stack([e for _, e in full], 1),
-                       seg_qt, n_qt, n_kt, last_seg)
-    part = _tile_lists(part_s, part_e, seg_qt, n_qt, n_kt, last_seg)
+    lists = _tile_lists(np.stack([s for s, _ in full], 1), np.stack([e for _, e in full], 1),
+                        part_s, part_e, seg_qt, n_qt, n_kt, last_seg)
 
     # active pairs per sequence: |[0, max(s_hi, hi)]| (clip(p + c, lo, nk)) minus the gap
     # (clip(p - left - sinks, 0, inf)), summed in closed form, both terms in one call
@@ -185,8 +196,7 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     c, lo = (1, np.zeros_like(nk)) if causal else (right + 1, np.minimum(sinks, nk))
     terms = _sum_clip(a, b, np.array([[c], [-left - sinks]]), np.stack([lo, 0 * nk]),
                       np.stack([nk, 0 * nk + _BIG]))
-    return RangeTiles(full[0], full[1], part[0], part[1], full[2], full[3], part[2], part[3],
-                      part[4], part[5], int(terms[0].sum() - terms[1].sum()))
+    return RangeTiles(*lists, int(terms[0].sum() - terms[1].sum()))
 
 
 def _sorted_nonempty(intervals):
