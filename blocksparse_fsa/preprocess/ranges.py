@@ -47,14 +47,15 @@ def normalized_window(q_len: int, k_len: int, left: int, right: int, sinks: int)
     return left, right, min(sinks, k_len)
 
 
-def _sum_clip(a, b, c, lo, hi):
-    """``sum(clip(p + c, lo, hi) for p in [a, b])`` elementwise (int64 arrays, ``lo <= hi``)."""
-    n = np.maximum(b - a + 1, 0)
+def _sum_clip(a, b, c, lo, hi, mx=np.maximum, mn=np.minimum):
+    """``sum(clip(p + c, lo, hi) for p in [a, b])`` elementwise (``lo <= hi``): int64 arrays,
+    or Python ints with ``mx=max, mn=min``."""
+    n = mx(b - a + 1, 0)
     x0, x1 = a + c, b + c
-    below = np.minimum(np.maximum(lo - x0, 0), n)
-    above = np.minimum(np.maximum(x1 - hi, 0), n)
-    m0, m1 = np.maximum(x0, lo), np.minimum(x1, hi)
-    mid = np.maximum(m1 - m0 + 1, 0)
+    below = mn(mx(lo - x0, 0), n)
+    above = mn(mx(x1 - hi, 0), n)
+    m0, m1 = mx(x0, lo), mn(x1, hi)
+    mid = mx(m1 - m0 + 1, 0)
     return below * lo + above * hi + (m0 + m1) * mid // 2
 
 
@@ -108,24 +109,24 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     order, full = every pair active and the tile inside ``[0, Lq) x [0, Lk)``. Works on
     intervals of key tiles per segment; only the final lists are per tile.
     """
-    cu_q = np.asarray(cu_q, dtype=np.int64)
-    cu_k = np.asarray(cu_k, dtype=np.int64)
+    one = len(cu_q) == 2  # a lone sequence: its values stay Python ints (they broadcast)
     q_len, k_len = int(cu_q[-1]), int(cu_k[-1])
     left, right, sinks = normalized_window(q_len, k_len, left, right, sinks)
     bm, bn = block_m, block_n
     n_qt, n_kt = -(-q_len // bm), -(-k_len // bn)
-    q0, k0 = cu_q[:-1], cu_k[:-1]
-    nq, nk = cu_q[1:] - q0, cu_k[1:] - k0
 
-    # segments: the rows of one sequence inside one query tile, in row order; a lone
-    # sequence's values stay scalars (they broadcast), which halves the host work
+    # segments: the rows of one sequence inside one query tile, in row order
     seg_qt = np.arange(n_qt)
     per_qt = last_seg = None
-    if len(nq) == 1:
+    if one:
         nk_s, k0_s = k_len, 0
         pa = seg_qt * bm + (k_len - q_len)  # row -> position p
         pb = np.minimum(pa + (bm - 1), k_len - 1)
     else:
+        cu_q = np.asarray(cu_q, dtype=np.int64)
+        cu_k = np.asarray(cu_k, dtype=np.int64)
+        q0, k0 = cu_q[:-1], cu_k[:-1]
+        nq, nk = cu_q[1:] - q0, cu_k[1:] - k0
         seqs = np.flatnonzero(nq > 0)
         t0 = q0[seqs] // bm
         counts = (q0[seqs] + nq[seqs] - 1) // bm - t0 + 1
@@ -162,13 +163,14 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     # full tiles: one segment in an in-range query tile, key tile inside the sequence, no
     # inactive pair above max(s_hi, hi) of the first row (it only grows) and none in the gap
     # [sinks, p - left - 1] between sinks and window of the last row (it only grows)
-    single = (seg_qt + 1) * bm <= q_len
-    if per_qt is not None:
-        single &= per_qt[seg_qt] == 1
     hi_a = np.where((pa >= first_w) & (nk_s > 0), np.minimum(pa + right, top_a), -1)
     cap = np.maximum(np.minimum(sinks - 1, top_a), hi_a)
     lo_f = -(-k0_s // bn)
-    hi_f = np.where(single, (k0_s + cap + 1) // bn - 1, -1)
+    hi_f = (k0_s + cap + 1) // bn - 1
+    if q_len % bm:  # the ragged last query tile (its last segment's) has no full tile
+        hi_f[-1] = -1
+    if per_qt is not None:  # nor has a query tile of several sequences
+        hi_f = np.where(per_qt[seg_qt] == 1, hi_f, -1)
     gap_end = pb - left  # the gap is [sinks, gap_end - 1]
     above = -(-(k0_s + gap_end) // bn)  # the first key tile after it
     if sinks:  # full tiles below the gap and above it
@@ -191,12 +193,16 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
                         part_s, part_e, seg_qt, n_qt, n_kt, last_seg)
 
     # active pairs per sequence: |[0, max(s_hi, hi)]| (clip(p + c, lo, nk)) minus the gap
-    # (clip(p - left - sinks, 0, inf)), summed in closed form, both terms in one call
-    a, b = nk - nq, nk - 1  # the positions of each sequence's first and last query
-    c, lo = (1, np.zeros_like(nk)) if causal else (right + 1, np.minimum(sinks, nk))
-    terms = _sum_clip(a, b, np.array([[c], [-left - sinks]]), np.stack([lo, 0 * nk]),
-                      np.stack([nk, 0 * nk + _BIG]))
-    return RangeTiles(*lists, int(terms[0].sum() - terms[1].sum()))
+    # (clip(p - left - sinks, 0, inf)), summed in closed form; Python ints for one sequence
+    if one:
+        a, b, n_k, mx, mn = k_len - q_len, k_len - 1, k_len, max, min
+    else:
+        a, b, n_k, mx, mn = nk - nq, nk - 1, nk, np.maximum, np.minimum
+    c, lo = (1, 0) if causal else (right + 1, mn(sinks, n_k))
+    pairs = (_sum_clip(a, b, c, lo, n_k, mx, mn)
+             - _sum_clip(a, b, -left - sinks, 0, _BIG, mx, mn))
+    nnz = pairs if one else int(pairs.sum())
+    return RangeTiles(*lists, nnz)
 
 
 def _sorted_nonempty(intervals):
