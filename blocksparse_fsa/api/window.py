@@ -194,11 +194,17 @@ def analytic_layout(cu_q, cu_k, window: tuple[int, int, int], is_causal: bool,
     lists = list(tiles[:9])
     if bit_kernel:  # what the kernel reads besides part_col: query tiles and offsets
         lists += [tiles.part_qt, np.asarray(cu_q), np.asarray(cu_k)]
-    sizes = [a.size for a in lists]
-    host = torch.empty(sum(sizes), dtype=torch.int32, pin_memory=device.type == "cuda")
-    np.concatenate(lists, out=host.numpy(), casting="unsafe")
+    # each list starts 16-byte aligned, as a tensor of its own would (the kernels specialise
+    # on pointer alignment)
+    offsets = [0]
+    for a in lists:
+        offsets.append(offsets[-1] + -(-a.size // 4) * 4)
+    host = torch.empty(offsets[-1], dtype=torch.int32, pin_memory=device.type == "cuda")
+    buffer = host.numpy()
+    for a, start in zip(lists, offsets):
+        buffer[start:start + a.size] = a
     packed = host.to(device, non_blocking=True)  # pinned: the one copy is asynchronous
-    views = torch.split(packed, sizes)
+    views = [packed[start:start + a.size] for a, start in zip(lists, offsets)]
     if bit_kernel:
         from ..preprocess.triton.ranges import range_masks_triton
         part_qt, cq, ck = views[9:]

@@ -46,6 +46,8 @@ def check(cu_q, cu_k, window, causal, block, device="cpu", bit_kernel=None):
     want = engine_layout(cu_q, cu_k, window, causal, layout_causal, block, device)
     got = window_mod.analytic_layout(cu_q, cu_k, window, causal, layout_causal, *block, device,
                                      bit_kernel)
+    # the lists share one buffer; each starts 16-byte aligned, as a tensor of its own would
+    assert all(getattr(got, name).data_ptr() % 16 == 0 for name in FIELDS)
     assert_same_layout(got, want, f"cu_q={cu_q} cu_k={cu_k} window={window} causal={causal} "
                                   f"block={block}")
 
