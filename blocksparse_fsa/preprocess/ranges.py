@@ -2,7 +2,7 @@
 of their own sequence: a FlashAttention window (clipped by causality) and attention sinks.
 
 Query ``a`` (local) of sequence ``s`` has position ``p = a + Lk_s - Lq_s`` (bottom-right
-aligned) and sees local keys ``[0, min(sinks, T) - 1]`` and ``[max(p - left, 0), min(p + right,
+aligned) and sees local keys ``[0, min(sinks - 1, T)]`` and ``[max(p - left, 0), min(p + right,
 T)]``, ``T = Lk_s - 1`` (``min(Lk_s - 1, p)`` when causal). Both bounds grow with ``p``, so the
 key tiles a (query tile, sequence) *segment* visits, which of them are full and the number of
 active pairs are closed-form in the segment's first and last rows: :func:`range_tiles` builds the
@@ -167,7 +167,7 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     cap = np.maximum(np.minimum(sinks - 1, top_a), hi_a)
     lo_f = -(-k0_s // bn)
     hi_f = (k0_s + cap + 1) // bn - 1
-    if q_len % bm:  # the ragged last query tile (its last segment's) has no full tile
+    if q_len % bm:  # a ragged last query tile (the last segment) has no full tile
         hi_f[-1] = -1
     if per_qt is not None:  # nor has a query tile of several sequences
         hi_f = np.where(per_qt[seg_qt] == 1, hi_f, -1)
