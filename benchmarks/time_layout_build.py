@@ -16,6 +16,9 @@ shortcut of pass 1). numba is timed with
 host; ``(host)`` rows time a synced call with ``perf_counter`` (median of 20). ``--flex`` adds
 flex's compiled ``create_block_mask`` on the pattern's ``mask_mod`` on both timers.
 ``--sweep`` adds one row per Triton launch config (tiles only) and names the fastest.
+For ``sliding_window``, ``analytic window_layout, fresh`` rows time the layout that
+``sparse_attn_func(window_size=(W - 1, 0), is_causal=True)`` builds without indices (one head,
+checked against the indices' first head), each call uncached (the layout cache cleared first).
 ``--device cpu`` (with ``TRITON_INTERPRET=1``, small ``--seq-len``) is a smoke test.
 """
 
@@ -110,6 +113,18 @@ def time_flex(pattern, heads_q, length, device, rows, gpu, commit, args):
         print(f"{name:28s} {ms:10.3f} ms  (heads {heads or 1})", flush=True)
 
 
+def analytic_window(length, window, block_m, block_n, device):
+    """A fresh build of the layout ``sparse_attn_func(window_size=(window - 1, 0),
+    is_causal=True)`` uses: the layout cache is cleared first, so no call hits it."""
+    from blocksparse_fsa.api import window as window_api
+
+    def fn():
+        window_api.clear_cache()
+        return window_api.window_layout(length, length, (window - 1, 0, 0), True, device,
+                                        block_m, block_n)
+    return fn
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pattern", default="sliding_window", choices=bench.PATTERNS)
@@ -184,6 +199,13 @@ def main():
         run("numba build_layout (host)", lambda: build("numba"), want,
             lambda fn: host_ms(fn, device))
 
+    if args.pattern == "sliding_window":
+        fresh = analytic_window(length, pattern.window, block_m, block_n, device)
+        want_head = bsa.build_layout(idx[:, :1], length, is_causal=True, block_m=block_m,
+                                     block_n=block_n, method="torch")
+        run("analytic window_layout, fresh", fresh, want_head, on_gpu)
+        run("analytic window_layout, fresh (host)", fresh, want_head,
+            lambda fn: host_ms(fn, device, runs=20))
     if args.flex:
         time_flex(pattern, args.heads_q, length, device, rows, gpu, commit, args)
     if args.profile:

@@ -1,12 +1,14 @@
 """Analytic layouts of FlashAttention-style windows, attention sinks and packed sequences.
 
 Every query row of such a pattern sees at most two contiguous key ranges of its own sequence:
-its window (clipped by causality) and the sinks (the sequence's first keys). The layout is
-built from those per-row ranges on the query's device: the ranges' per-tile envelopes give the
-candidate key tiles and their intersections the tiles known to be full, and the exact bits come
-from the predicate engine on the remaining tiles only (no host loop over tiles or sequences, no
-Lq x Lk tensor). Layouts are cached per (sequence lengths, window, sinks, causal, tile, device):
-the cache key holds the ``cu_seqlens`` values, never a tensor's identity.
+its window (clipped by causality) and the sinks (the sequence's first keys). The tile lists
+are closed-form in the sequence offsets (``preprocess.ranges.range_tiles``, on the host, so
+no size is ever read back from a device); they reach the device in one copy, and one kernel
+launch writes the partial tiles' bits (``preprocess.triton.ranges``; numpy on the CPU).
+:func:`ranges_layout` (per-row ranges through the predicate engine) builds the same layouts
+the slow way: the tests' oracle, and the path for totals of ``MAX_TOKENS`` or more. Layouts
+are cached per (sequence lengths, window, sinks, causal, tile, device): the cache key holds
+the ``cu_seqlens`` values, never a tensor's identity.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from __future__ import annotations
 import collections
 import numbers
 
+import numpy as np
 import torch
 
 from ..layout import DEFAULT_BLOCK_M, DEFAULT_BLOCK_N, SparseLayout, layout_from_predicate
+from ..layout.core import check_blocks
+from ..preprocess.ranges import MAX_TOKENS, range_masks_numpy, range_tiles
 
 CACHE_SIZE = 32
 _CACHE: collections.OrderedDict = collections.OrderedDict()
@@ -139,10 +144,8 @@ def window_layout(q_len: int, k_len: int, window: tuple[int, int, int], is_causa
     key = ("window", q_len, k_len, window, bool(is_causal), block_m, block_n, str(device))
 
     def build():
-        cu_q = torch.tensor([0, q_len], device=device)
-        cu_k = torch.tensor([0, k_len], device=device)
-        ranges = row_ranges(cu_q, cu_k, q_len, *window, is_causal)
-        return ranges_layout(ranges, q_len, k_len, is_causal, block_m, block_n, device)
+        return analytic_layout([0, q_len], [0, k_len], window, is_causal, bool(is_causal),
+                               block_m, block_n, device)
 
     return _cached(key, build)
 
@@ -160,9 +163,58 @@ def packed_layout(cu_q: list[int], cu_k: list[int], window: tuple[int, int, int]
            str(device))
 
     def build():
-        cq = torch.tensor(cu_q, dtype=torch.int64, device=device)
-        ck = torch.tensor(cu_k, dtype=torch.int64, device=device)
-        ranges = row_ranges(cq, ck, cu_q[-1], *window, is_causal)
-        return ranges_layout(ranges, cu_q[-1], cu_k[-1], False, block_m, block_n, device)
+        return analytic_layout(cu_q, cu_k, window, is_causal, False, block_m, block_n, device)
 
     return _cached(key, build)
+
+
+def analytic_layout(cu_q, cu_k, window: tuple[int, int, int], is_causal: bool,
+                    layout_causal: bool, block_m: int | None, block_n: int | None, device,
+                    bit_kernel: bool | None = None) -> SparseLayout:
+    """The layout of packed sequences (host offsets ``cu_q`` / ``cu_k``) under ``window =
+    (left, right, sinks)`` with per-sequence bottom-right causality if ``is_causal``;
+    ``layout_causal`` is the flag the layout records. No device sync: one host-to-device copy
+    of every tile list and one launch of the bit kernel for the partial tiles' masks
+    (``bit_kernel``: None = on CUDA devices; the host computes them otherwise)."""
+    bm, bn = check_blocks(block_m, block_n)
+    device = torch.device(device)
+    q_len, k_len = int(cu_q[-1]), int(cu_k[-1])
+    if not 0 < q_len < MAX_TOKENS or not 0 < k_len < MAX_TOKENS:
+        # the predicate engine keeps what the closed form leaves out: no tokens (the engine's
+        # error) and totals past int32 positions
+        cq = torch.tensor(list(cu_q), dtype=torch.int64, device=device)
+        ck = torch.tensor(list(cu_k), dtype=torch.int64, device=device)
+        ranges = row_ranges(cq, ck, q_len, *window, is_causal)
+        return ranges_layout(ranges, q_len, k_len, layout_causal, bm, bn, device)
+    tiles = range_tiles(cu_q, cu_k, *window, is_causal, bm, bn)
+    if max(tiles.full_col.size, tiles.part_col.size) >= 2**31:
+        raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
+    if bit_kernel is None:
+        bit_kernel = device.type == "cuda"
+    lists = list(tiles[:9])
+    if bit_kernel:  # what the kernel reads besides part_col: query tiles and offsets
+        lists += [tiles.part_qt, np.asarray(cu_q), np.asarray(cu_k)]
+    # each list starts 16-byte aligned, as a tensor of its own would (the kernels specialise
+    # on pointer alignment)
+    offsets = [0]
+    for a in lists:
+        offsets.append(offsets[-1] + -(-a.size // 4) * 4)
+    host = torch.empty(offsets[-1], dtype=torch.int32, pin_memory=device.type == "cuda")
+    buffer = host.numpy()
+    for a, start in zip(lists, offsets):
+        buffer[start:start + a.size] = a
+    packed = host.to(device, non_blocking=True)  # pinned: the one copy is asynchronous
+    views = [packed[start:start + a.size] for a, start in zip(lists, offsets)]
+    if bit_kernel:
+        from ..preprocess.triton.ranges import range_masks_triton
+        part_qt, cq, ck = views[9:]
+        masks = range_masks_triton(part_qt, views[3], cq, ck, q_len, k_len, *window, is_causal,
+                                   bm, bn)
+    else:
+        masks = torch.from_numpy(range_masks_numpy(tiles.part_qt, tiles.part_col, cu_q, cu_k,
+                                                   *window, is_causal, bm, bn)).to(device)
+    names = ("full_ptr", "full_col", "part_ptr", "part_col", "full_ptr_t", "full_row_t",
+             "part_ptr_t", "part_row_t", "part_mask_t")
+    return SparseLayout(q_len=q_len, k_len=k_len, block_m=bm, block_n=bn, batch=1, heads=1,
+                        is_causal=layout_causal, nnz=tiles.nnz, masks=masks,
+                        **dict(zip(names, views)))

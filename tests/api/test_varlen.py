@@ -228,8 +228,8 @@ def test_packed_layout_pairs_stay_in_their_sequence():
 def test_layouts_are_cached_by_value(monkeypatch):
     window_mod.clear_cache()
     built = []
-    real = window_mod.ranges_layout
-    monkeypatch.setattr(window_mod, "ranges_layout", lambda *a: built.append(1) or real(*a))
+    real = window_mod.analytic_layout
+    monkeypatch.setattr(window_mod, "analytic_layout", lambda *a: built.append(1) or real(*a))
     q = torch.randn(1, 40, 2, 16)
     for _ in range(3):  # a model's layers: one build
         bsa.sparse_attn_func(q, q, q, window_size=(5, 0), is_causal=True, backend="torch")

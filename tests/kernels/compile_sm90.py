@@ -129,6 +129,22 @@ def layout_builds():
         bsa.build_layout(idx, 1, is_causal=True, block_m=bm, block_n=bn, method="triton")
 
 
+def range_masks():
+    """Compile the bit kernel of the window / packed-sequence layouts per causality and tile
+    shape (``api.window.analytic_layout`` launches it on a GPU)."""
+    from blocksparse_fsa.preprocess.ranges import range_tiles
+    from blocksparse_fsa.preprocess.triton.ranges import range_masks_triton
+    for (cu_q, cu_k), causal, (bm, bn) in itertools.product(
+            (([0, 300], [0, 300]), ([0, 70, 300], [0, 90, 300])), (False, True),
+            ((64, 64), (128, 32), (16, 256))):  # one sequence: n_seq = 1 becomes a constant
+        print(f"-- window bits, {len(cu_q) - 1} sequence(s), causal={causal}, {bm}x{bn}",
+              flush=True)
+        tiles = range_tiles(cu_q, cu_k, 40, 3, 2, causal, bm, bn)
+        i32 = [torch.tensor(a, dtype=torch.int32) for a in (tiles.part_qt, tiles.part_col,
+                                                            cu_q, cu_k)]
+        range_masks_triton(*i32, cu_q[-1], cu_k[-1], 40, 3, 2, causal, bm, bn)
+
+
 def main():
     JITFunction.run = compile_offline
     # CPU tensors reach the (compile-only) kernels: the API's device check would refuse them
@@ -152,6 +168,7 @@ def main():
         loss = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
         torch.autograd.grad(loss, inputs)
     layout_builds()
+    range_masks()
     print(f"compiled {len(_seen)} kernel variants for sm_90")
 
 
