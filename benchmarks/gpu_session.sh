@@ -20,7 +20,8 @@ if [ "$stage" != a ] && [ -d .fa4b ] && [ ! -d .fa4site ]; then
   python3 -m pip install -q --no-index --no-deps --target .fa4site .fa4b/*.whl \
     > "$OUT/$stage/fa4_install.log" 2>&1
 fi
-export PYTHONPATH=$PWD/.fa4site:$PWD:$PWD/benchmarks
+# pip --target skips .pth files: cutlass-dsl's adds its dsl_packages folder to sys.path
+export PYTHONPATH=$PWD/.fa4site/nvidia_cutlass_dsl/dsl_packages:$PWD/.fa4site:$PWD:$PWD/benchmarks
 bench() { timeout "$1" python3 -m blocksparse_fsa_bench --seq-len 32768 --quick --no-plot \
             --out "$OUT/$stage/$2" "${@:3}" 2>"$OUT/$stage/$2.progress" | tee "$OUT/$stage/$2.log"; }
 
