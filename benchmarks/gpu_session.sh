@@ -2,10 +2,10 @@
 # One GPU session in three stages of under ten minutes each, everything written under $OUT and
 # packed into $OUT/stage_<s>.tar.gz (the device tool brings back few files):
 #   bash benchmarks/gpu_session.sh a   GPU tests, kernel A/B against .base/
-#   bash benchmarks/gpu_session.sh b   FA4 install, the harness on window, bigbird, nsa_blocks,
-#                                      documents against FA4, flex (both backends) and SDPA
-#   bash benchmarks/gpu_session.sh c   the harness on dilated_reordered and topk_random,
-#                                      bench_decode.py, bench_varlen.py
+#   bash benchmarks/gpu_session.sh b   FA4 install, the harness on window, documents, bigbird
+#                                      against FA4, flex (both backends) and SDPA; bench_varlen.py
+#   bash benchmarks/gpu_session.sh c   the harness on nsa_blocks, dilated_reordered and
+#                                      topk_random; bench_decode.py
 # FA4 comes from ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with
 # stage b); .base/ holds an older checkout's blocksparse_fsa for the A/B (optional).
 set -uo pipefail
@@ -46,6 +46,9 @@ elif [ "$stage" = b ]; then
   log "harness: the frontier"
   bench 250 bench_frontier --pattern sliding_window documents bigbird \
     --systems ours flex_flash fa4_window fa4_varlen fa4_dense_causal sdpa_causal
+  log "varlen"
+  timeout 150 python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" \
+    2>&1 | tail -40 | tee -a "$OUT/$stage/session.log"
 else
   log "harness: scattered patterns"
   bench 200 bench_scattered --pattern nsa_blocks dilated_reordered topk_random \
@@ -53,9 +56,6 @@ else
   log "decode"
   timeout 170 python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
     --lengths 8192 32768 131072 --batches 1 8 64 2>&1 | tail -60 | tee -a "$OUT/$stage/session.log"
-  log "varlen"
-  timeout 150 python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" \
-    2>&1 | tail -40 | tee -a "$OUT/$stage/session.log"
 fi
 log "done"
 tar -czf "$OUT/stage_$stage.tar.gz" -C "$OUT" "$stage" && rm -rf "${OUT:?}/$stage"
