@@ -96,9 +96,9 @@ def run_pattern(name: str, args, device) -> list[dict]:
     scale = 1.0 / math.sqrt(args.head_dim)
     build = (lambda: build_layout(pattern.indices, args.seq_len, is_causal=True,
                                   reorder=pattern.reorder, kernel="tiles").to(device))
-    bench._timed(build, device)  # compilation
-    layout, layout_ms = bench._timed(build, device)
-    gidx, gidx_ms = bench._timed(lambda: build_gather_index(layout), device)
+    bench.timed(build, device)  # compilation
+    layout, layout_ms = bench.timed(build, device)
+    gidx, gidx_ms = bench.timed(lambda: build_gather_index(layout), device)
     stats = gather_stats(layout, gidx, block_n=64, block_q=16)
     nnz = layout.nnz / (layout.batch * layout.heads)
     flops = bench.pattern_flops(nnz, args.batch, args.heads_q, args.head_dim, "fwd")
@@ -141,7 +141,7 @@ def run_pattern(name: str, args, device) -> list[dict]:
                 ms = bench.bench_ms(fn, (), args, device)
                 status = "ok"
             except Exception as e:  # noqa: BLE001 (out of resources etc.: report, go on)
-                ms, status = None, bench._short(e)
+                ms, status = None, bench.short_error(e)
             finally:
                 if default is not None:
                     launch_config.get_gather_config = default
@@ -163,13 +163,13 @@ def main(argv=None) -> int:
         print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"# {gpu} | torch {torch.__version__} | commit {bench.git_commit(bench._REPO)} | "
+    print(f"# {gpu} | torch {torch.__version__} | commit {bench.git_commit(bench.REPO)} | "
           f"L={args.seq_len} B={args.batch} Hq={args.heads_q} Hkv={args.heads_kv} "
           f"D={args.head_dim} {args.dtype}")
     rows, t0 = [], time.perf_counter()
     for name in args.pattern:
         rows += run_pattern(name, args, device)
-        bench._free()
+        bench.free_memory()
     for name in args.pattern:  # the best time of each (pattern, system, pass)
         for key in sorted({(r["system"], r["pass_"]) for r in rows if r["pattern"] == name}):
             timed = [r for r in rows if (r["pattern"], r["system"], r["pass_"]) == (name, *key)

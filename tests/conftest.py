@@ -3,7 +3,20 @@ the tolerance rule among them, are in ``tests/helpers.py``)."""
 
 import os
 
-import torch
+# Under pytest-xdist (`-n auto`) the workers share the cores: one worker's intra-op threads
+# per core it owns, so that N workers never run N x cores threads. Set before torch, numpy and
+# numba read them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _THREADS = str(max(1, (_CORES or 1) // _WORKERS))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_var, _THREADS)
+
+import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Without a GPU, the Triton kernels run on CPU tensors under the interpreter. This must be set
 # before triton compiles (decorates) any kernel, i.e. before blocksparse_fsa is imported.

@@ -83,7 +83,10 @@ def graph():
 
 
 def test_no_file_over_600_lines():
-    long = {str(p.relative_to(ROOT.parent)): n for p in ROOT.rglob("*.py")
+    """The library and the installed benchmark harness beside it."""
+    harness = ROOT.parent / "benchmarks" / "blocksparse_fsa_bench"
+    files = [*ROOT.rglob("*.py"), *harness.rglob("*.py")]
+    long = {str(p.relative_to(ROOT.parent)): n for p in files
             if (n := len(p.read_text().splitlines())) > 600}
     assert not long, long
 

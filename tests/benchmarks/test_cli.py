@@ -16,6 +16,7 @@ import torch
 import blocksparse_fsa as bsa
 from blocksparse_fsa.api import attention
 from blocksparse_fsa_bench import cli as bench
+from blocksparse_fsa_bench import measure, systems
 from blocksparse_fsa_bench import patterns as bp
 
 from ..helpers import EXAMPLE, USER_MODULE, brute_mask, small_patterns
@@ -191,8 +192,8 @@ def test_progress_bar_needs_tqdm(monkeypatch):
         progress.step(label)
     progress.close()
     assert "3/3" in out.getvalue() and "[1/3]" not in out.getvalue()
-    assert bench._tqdm() is tqdm.tqdm
-    monkeypatch.setattr(bench, "_tqdm", lambda: None)  # not installed: the plain counter
+    assert measure._tqdm() is tqdm.tqdm
+    monkeypatch.setattr(measure, "_tqdm", lambda: None)  # not installed: the plain counter
     out = io.StringIO()
     bench.Progress(3, stream=out, bar=True).step("a")
     assert out.getvalue().startswith("[1/3] a")
@@ -296,8 +297,8 @@ def test_runner_smoke_cpu(tmp_path, monkeypatch, capsys):
     interpreter tier is covered by the kernel tests)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(bench, "compiled_flex_attention", lambda: flex_attention)
-    monkeypatch.setattr(bench, "compiled_create_block_mask", lambda: create_block_mask)
+    monkeypatch.setattr(systems, "compiled_flex_attention", lambda: flex_attention)
+    monkeypatch.setattr(systems, "compiled_create_block_mask", lambda: create_block_mask)
     builds = []  # layouts built by sparse_attn_func(attn_indices=) on a cache miss
     build_layout = attention.build_layout
     monkeypatch.setattr(attention, "build_layout",
@@ -368,8 +369,8 @@ def test_runner_user_patterns_cpu(tmp_path, monkeypatch):
     non-causal per-head layout, per-batch indices; every system checked against ours."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(bench, "compiled_flex_attention", lambda: flex_attention)
-    monkeypatch.setattr(bench, "compiled_create_block_mask", lambda: create_block_mask)
+    monkeypatch.setattr(systems, "compiled_flex_attention", lambda: flex_attention)
+    monkeypatch.setattr(systems, "compiled_create_block_mask", lambda: create_block_mask)
     (tmp_path / "user_patterns.py").write_text(USER_MODULE)
     monkeypatch.syspath_prepend(str(tmp_path))
     patterns = [f"{EXAMPLE}:window_and_globals", f"{EXAMPLE}:window_and_globals_with_mask",

@@ -8,8 +8,12 @@ test_compile_sm90.py`` does), replaces ``JITFunction.run`` by an offline ``trito
 ``sparse_attn_func`` forward and backward through the variants on small CPU tensors (the
 kernels do not run: their outputs are garbage, only compilation is checked).
 Prints one line per compiled kernel variant and exits non-zero on the first failure.
+``--tma 0`` / ``--tma 1`` compile only the variants without / with TMA loads and
+``--skip-layout-build`` leaves out the layout build's kernels, so that the test can run the
+halves in two processes (one core each under pytest-xdist); without options, everything.
 """
 
+import argparse
 import itertools
 import sys
 
@@ -145,13 +149,19 @@ def range_masks():
         range_masks_triton(*i32, cu_q[-1], cu_k[-1], 40, 3, 2, causal, bm, bn)
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Compile every kernel variant for sm_90 offline.")
+    ap.add_argument("--tma", type=int, choices=(0, 1), default=None,
+                    help="only the variants without (0) or with (1) TMA loads (default: both)")
+    ap.add_argument("--skip-layout-build", action="store_true",
+                    help="leave out the Triton layout build's kernels")
+    args = ap.parse_args(argv)
     JITFunction.run = compile_offline
     # CPU tensors reach the (compile-only) kernels: the API's device check would refuse them
     attention.check_backend = lambda backend, query: "triton"
     cases = ((torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 256))
     for tma, (dtype, dim), (name, kwargs, bias_shape) in itertools.product(
-            (False, True), cases, variants()):
+            (False, True) if args.tma is None else (bool(args.tma),), cases, variants()):
         # with and without TMA loads; CPU tensors, so the device check is bypassed
         config.TMA = config.TMA_DILATION = tma
         common._runs_tma = lambda t: True
@@ -167,8 +177,9 @@ def main():
         out = bsa.sparse_attn_func(q, k, v, backend="triton", **kwargs)
         loss = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
         torch.autograd.grad(loss, inputs)
-    layout_builds()
-    range_masks()
+    if not args.skip_layout_build:
+        layout_builds()
+        range_masks()
     print(f"compiled {len(_seen)} kernel variants for sm_90")
 
 
