@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One GPU session in three stages of under ten minutes each, everything written under $OUT and
-# packed into $OUT/stage_<s>.tar.gz (the device tool brings back few files):
-#   bash benchmarks/gpu_session.sh a   GPU tests, kernel A/B against .base/
+# One GPU session in stages of under ten minutes each, everything written under $OUT and packed
+# into $OUT/stage_<s>.tar.gz after every step (the device tool brings back few files). Steps run
+# in priority order and a step that cannot finish before DEADLINE seconds (default 540) is cut
+# short or skipped, so a call never outlives its limit:
+#   bash benchmarks/gpu_session.sh a   GPU tests, kernel A/B against .base/, bench_varlen.py,
+#                                      bench_decode.py
 #   bash benchmarks/gpu_session.sh b   FA4 install, the harness on window, documents, bigbird
-#                                      against FA4, flex (both backends) and SDPA; bench_varlen.py
-#   bash benchmarks/gpu_session.sh c   the harness on nsa_blocks, dilated_reordered and
-#                                      topk_random; bench_decode.py
+#                                      against FA4, flex (both backends) and SDPA; then
+#                                      nsa_blocks, dilated_reordered and topk_random
 # FA4 comes from ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with
 # stage b); .base/ holds an older checkout's blocksparse_fsa for the A/B (optional).
 set -uo pipefail
@@ -22,40 +24,49 @@ if [ "$stage" != a ] && [ -d .fa4b ] && [ ! -d .fa4site ]; then
 fi
 # pip --target skips .pth files: cutlass-dsl's adds its dsl_packages folder to sys.path
 export PYTHONPATH=$PWD/.fa4site/nvidia_cutlass_dsl/dsl_packages:$PWD/.fa4site:$PWD:$PWD/benchmarks
-bench() { timeout "$1" python3 -m blocksparse_fsa_bench --seq-len 32768 --quick --no-plot \
-            --out "$OUT/$stage/$2" "${@:3}" 2>"$OUT/$stage/$2.progress" | tee "$OUT/$stage/$2.log"; }
+DEADLINE=${DEADLINE:-540}
+pack() { tar -czf "$OUT/stage_$stage.tar.gz" -C "$OUT" "$stage"; }
+# step NAME SECONDS CMD...: CMD under a timeout of SECONDS, less if the deadline is nearer
+step() {
+  local name=$1 want=$2; shift 2
+  local left=$((DEADLINE - SECONDS - 10))
+  if [ "$left" -lt 30 ]; then log "$name: skipped, ${left} s left"; return; fi
+  log "$name (limit $(( want < left ? want : left )) s)"
+  timeout "$(( want < left ? want : left ))" "$@"
+  log "$name: exit $? at ${SECONDS} s"; pack
+}
+bench() { python3 -m blocksparse_fsa_bench --seq-len 32768 --quick --no-plot \
+            --out "$OUT/$stage/$1" "${@:2}" 2>"$OUT/$stage/$1.progress" | tee "$OUT/$stage/$1.log"; }
+export -f bench
 
 log "environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee -a "$OUT/$stage/session.log"
+export OUT stage
 if [ "$stage" = a ]; then
-  log "GPU tests"
-  timeout 220 python3 -m pytest -m gpu -q -p no:cacheprovider -n 4 --maxfail=30 -rf tests \
-    > "$OUT/$stage/gpu_tests.log" 2>&1
+  step "GPU tests" 220 bash -c 'python3 -m pytest -m gpu -q -p no:cacheprovider -n 4 \
+    --maxfail=30 -rf tests > "$OUT/$stage/gpu_tests.log" 2>&1'
   tail -25 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
-  log "kernel A/B (before = .base/, after = this tree), same GPU, back to back"
+  # before = .base/ (an older checkout), after = this tree: same GPU, back to back
   if [ -d .base/blocksparse_fsa ]; then
-    PYTHONPATH=$PWD/.base timeout 120 python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
+    step "kernel A/B: before" 110 env PYTHONPATH="$PWD/.base" \
+      python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
   fi
-  PYTHONPATH=$PWD timeout 120 python3 benchmarks/ab_kernels.py --label after --out "$OUT/$stage"
-elif [ "$stage" = b ]; then
+  step "kernel A/B: after" 110 env PYTHONPATH="$PWD" \
+    python3 benchmarks/ab_kernels.py --label after --out "$OUT/$stage"
+  step "varlen" 150 bash -c 'python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" 2>&1 \
+    | tail -40 | tee -a "$OUT/$stage/session.log"'
+  step "decode" 170 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
+    --lengths 8192 32768 131072 --batches 1 8 64 2>&1 | tail -60 | tee -a "$OUT/$stage/session.log"'
+else
   log "FA4 import"
   python3 -c "import flash_attn.cute as m; print('flash_attn.cute', m.__version__)" \
     2>&1 | tail -15 | tee -a "$OUT/$stage/session.log"
-  log "harness: the frontier"
-  bench 250 bench_frontier --pattern sliding_window documents bigbird \
-    --systems ours flex_flash fa4_window fa4_varlen fa4_dense_causal sdpa_causal
-  log "varlen"
-  timeout 150 python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" \
-    2>&1 | tail -40 | tee -a "$OUT/$stage/session.log"
-else
-  log "harness: scattered patterns"
-  bench 200 bench_scattered --pattern nsa_blocks dilated_reordered topk_random \
-    --systems ours flex flex_flash fa4_dense_causal sdpa_causal
-  log "decode"
-  timeout 170 python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
-    --lengths 8192 32768 131072 --batches 1 8 64 2>&1 | tail -60 | tee -a "$OUT/$stage/session.log"
+  step "harness: the frontier" 250 bash -c 'bench bench_frontier --pattern sliding_window \
+    documents bigbird --systems ours flex_flash fa4_window fa4_varlen fa4_dense_causal sdpa_causal'
+  step "harness: scattered patterns" 200 bash -c 'bench bench_scattered --pattern nsa_blocks \
+    dilated_reordered topk_random --systems ours flex flex_flash fa4_dense_causal sdpa_causal'
 fi
-log "done"
-tar -czf "$OUT/stage_$stage.tar.gz" -C "$OUT" "$stage" && rm -rf "${OUT:?}/$stage"
+log "done at ${SECONDS} s"
+pack && rm -rf "${OUT:?}/$stage"
