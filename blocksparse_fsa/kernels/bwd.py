@@ -80,6 +80,8 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, k_rows, offs_kn, q_src, do_src, lse_ba
             p_t = tl.where(bits_t, p_t, 0.0)
         do = load_tile(do_src, q_rows, qt * BLOCK_M, q_len, perm_d, stride_do[1], stride_do[3],
                        q_ok, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
+        if IS_PARTIAL and TMA:  # an empty row's dO may be NaN, which would survive P = 0 in P @ dO
+            do = tl.where(rows_used[:, None], do, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]

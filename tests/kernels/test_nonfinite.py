@@ -61,14 +61,20 @@ def check(q, k, v, layout, bias=None, garbage=None, backend="triton", dtype=torc
         mask = per_head[0] & ~per_head[1].isneginf()
         ref_bias = bias.masked_fill(bias.isneginf(), 0.0)
     spoiled = spoil(q, k, v, layout, garbage) if garbage is not None else (q, k, v)
+    # the upstream gradient of an empty row (whose output is a constant 0) is garbage too
+    dout_garbage = torch.zeros(q.shape)
+    if garbage is not None:
+        dout_garbage.transpose(1, 2)[unused(layout, *q.shape[::2], k.shape[2])[1]] = garbage
 
-    def run(tensors, b, dt, fn):
+    def run(tensors, b, dt, fn, extra=None):
         inputs = [t.to(dt).requires_grad_() for t in tensors]
         if b is not None:
             inputs.append(b.to(dt).requires_grad_())
         out, lse = fn(*inputs)
         loss = (out.float() * dout.to(out.device)).sum() + (
             lse.float().nan_to_num(0, 0, 0) * dlse.to(lse.device)).sum()
+        if extra is not None:  # adds ``extra`` to the gradient reaching ``out``
+            loss = loss + (out.float() * extra.to(out.device)).sum()
         return [t.detach().cpu() for t in (out, lse, *torch.autograd.grad(loss, inputs))]
 
     def reference(q, k, v, b=None):
@@ -82,7 +88,7 @@ def check(q, k, v, layout, bias=None, garbage=None, backend="triton", dtype=torc
 
     ref = run((q, k, v), ref_bias, torch.float64, reference)
     low = run((q, k, v), ref_bias, dtype, reference)
-    got = run(spoiled, bias, dtype, ours)
+    got = run(spoiled, bias, dtype, ours, dout_garbage)
     for name, g, lo, r in zip(NAMES, got, low, ref):
         assert_rule(f"{backend} {name}", g, lo, r, ATOL[dtype])
     return got
