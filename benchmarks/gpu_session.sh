@@ -16,14 +16,26 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/$stage"
 log() { echo "== $*" | tee -a "$OUT/$stage/session.log"; }
 export PYTHONUNBUFFERED=1
+# wheels the image may lack, installed only where the import fails: .fa4a/test (pytest-xdist,
+# hypothesis) for the tests, .fa4a/extra (einops, cuda-bindings) for FA4
+need() { python3 -c "import $1" 2>/dev/null || cp .fa4a/"$2"/"$3"-*.whl "$4"/ 2>/dev/null; }
+if [ -d .fa4a/test ] && [ ! -d .testsite ]; then
+  mkdir -p .testwhl
+  need xdist test pytest_xdist .testwhl; need execnet test execnet .testwhl
+  need hypothesis test hypothesis .testwhl; need sortedcontainers test sortedcontainers .testwhl
+  ls .testwhl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps \
+    --target .testsite .testwhl/*.whl > "$OUT/$stage/test_wheels.log" 2>&1
+fi
 if [ "$stage" != a ] && [ -d .fa4b ] && [ ! -d .fa4site ]; then
+  need einops extra einops .fa4b; need cuda.bindings extra cuda_bindings .fa4b
+  need cuda.pathfinder extra cuda_pathfinder .fa4b
   cat .fa4a/libs.part.* .fa4b/libs.part.* \
     > .fa4b/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl &&
   python3 -m pip install -q --no-index --no-deps --target .fa4site .fa4b/*.whl \
     > "$OUT/$stage/fa4_install.log" 2>&1
 fi
 # pip --target skips .pth files: cutlass-dsl's adds its dsl_packages folder to sys.path
-export PYTHONPATH=$PWD/.fa4site/nvidia_cutlass_dsl/dsl_packages:$PWD/.fa4site:$PWD:$PWD/benchmarks
+export PYTHONPATH=$PWD/.fa4site/nvidia_cutlass_dsl/dsl_packages:$PWD/.fa4site:$PWD:$PWD/benchmarks:$PWD/.testsite
 DEADLINE=${DEADLINE:-540}
 pack() { tar -czf "$OUT/stage_$stage.tar.gz" -C "$OUT" "$stage"; }
 # step NAME SECONDS CMD...: CMD under a timeout of SECONDS, less if the deadline is nearer
@@ -43,9 +55,10 @@ log "environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee -a "$OUT/$stage/session.log"
-export OUT stage
+python3 -c "import xdist" 2>/dev/null && XDIST="-n 4" || XDIST=""
+export OUT stage XDIST
 if [ "$stage" = a ]; then
-  step "GPU tests" 220 bash -c 'python3 -m pytest -m gpu -q -p no:cacheprovider -n 4 \
+  step "GPU tests" 220 bash -c 'python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST \
     --maxfail=30 -rf tests > "$OUT/$stage/gpu_tests.log" 2>&1'
   tail -25 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
   # before = .base/ (an older checkout), after = this tree: same GPU, back to back
