@@ -10,6 +10,8 @@
 #                                      nsa_blocks, dilated_reordered and topk_random
 # FA4 comes from ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with
 # stage b); .base/ holds an older checkout's blocksparse_fsa for the A/B (optional).
+# ONLY=REGEX runs only the steps whose names match (ONLY='varlen|decode' finishes a stage a
+# that the deadline cut short).
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh a|b}
 OUT=${OUT:-gpu_out}
@@ -41,6 +43,7 @@ pack() { tar -czf "$OUT/stage_$stage.tar.gz" -C "$OUT" "$stage"; }
 # step NAME SECONDS CMD...: CMD under a timeout of SECONDS, less if the deadline is nearer
 step() {
   local name=$1 want=$2; shift 2
+  if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then return; fi
   local left=$((DEADLINE - SECONDS - 10))
   if [ "$left" -lt 30 ]; then log "$name: skipped, ${left} s left"; return; fi
   log "$name (limit $(( want < left ? want : left )) s)"
