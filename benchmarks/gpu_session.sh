@@ -8,12 +8,14 @@
 #   bash benchmarks/gpu_session.sh b   FA4 install, the harness on window, documents, bigbird
 #                                      against FA4, flex (both backends) and SDPA; then
 #                                      nsa_blocks, dilated_reordered and topk_random
+#   bash benchmarks/gpu_session.sh c   the forward warp-specialized (Triton's tl.range option)
+#                                      against the default config, window and BigBird
 # FA4 comes from ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with
 # stage b); .base/ holds an older checkout's blocksparse_fsa for the A/B (optional).
 # ONLY=REGEX runs only the steps whose names match (ONLY='varlen|decode' finishes a stage a
 # that the deadline cut short).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh a|b}
+stage=${1:?usage: gpu_session.sh a|b|c}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/$stage"
 log() { echo "== $*" | tee -a "$OUT/$stage/session.log"; }
@@ -75,6 +77,13 @@ if [ "$stage" = a ]; then
     | tail -40 | tee -a "$OUT/$stage/session.log"'
   step "decode" 170 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
     --lengths 8192 32768 131072 --batches 1 8 64 2>&1 | tail -60 | tee -a "$OUT/$stage/session.log"'
+elif [ "$stage" = c ]; then
+  # the forward with Triton's warp specialization against the default config, same run
+  for pattern in sliding_window bigbird; do
+    step "warp specialization: $pattern" 150 python3 benchmarks/tune_configs.py \
+      --pattern "$pattern" --blocks 64x64 --passes fwd --warps 4 8 --stages 2 3 \
+      --warp-specialize 0 1 --out "$OUT/$stage/ws_$pattern"
+  done
 else
   log "FA4 import"
   python3 -c "import flash_attn.cute as m; print('flash_attn.cute', m.__version__)" \

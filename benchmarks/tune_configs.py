@@ -34,6 +34,8 @@ def main():
     parser.add_argument("--blocks", nargs="+", default=["64x64", "128x64", "128x128"])
     parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3, 4])
+    parser.add_argument("--warp-specialize", nargs="+", type=int, default=[0], choices=[0, 1],
+                        help="fwd only: 1 asks Triton to warp-specialize the tile loop")
     parser.add_argument("--stack", nargs="+", default=["auto"],
                         help="query heads per forward and dQ program: 'auto' (config.py) or ints")
     parser.add_argument("--passes", nargs="+", default=["fwd", "bwd"],
@@ -62,22 +64,28 @@ def main():
                                   block_n=block_n, reorder=pattern.reorder, kernel="tiles")
         flops = 4 * layout.nnz * (hq // layout.heads) * dim
         out = bsa.sparse_attn_func(q, k, v, layout=layout)
-        for passname, stack, warps, stages in itertools.product(
-                args.passes, args.stack, args.warps, args.stages):
-            config = dict(num_warps=warps, num_stages=stages)
+        for passname, stack, warps, stages, ws in itertools.product(
+                args.passes, args.stack, args.warps, args.stages, args.warp_specialize):
+            if ws and (passname != "fwd" or warps < 8):  # sm_90's pass needs 8 warps
+                continue
+            config = dict(num_warps=warps, num_stages=stages, warp_specialize=bool(ws))
             launch_config.heads_per_program = (
                 default_stack if stack == "auto" else (lambda *a, n=int(stack), **kw: n))
 
             def fwd_config(*a, c=config):
                 return c
 
-            def bwd_config(*a, kernel="dkdv", c=config, tuned=passname):
+            def bwd_config(*a, kernel="dkdv", c=dict(num_warps=warps, num_stages=stages),
+                           tuned=passname):
                 return c if tuned in ("bwd", kernel) else default_bwd(*a, kernel=kernel)
 
             launch_config.get_fwd_config = fwd_config if passname == "fwd" else default_fwd
             launch_config.get_bwd_config = bwd_config
             try:
+                err = None
                 if passname == "fwd":
+                    # against the default config's output: a miscompiled config is no winner
+                    err = (bsa.sparse_attn_func(q, k, v, layout=layout) - out).abs().max().item()
                     ms = do_bench(lambda: bsa.sparse_attn_func(q, k, v, layout=layout),
                                   warmup=10, rep=40, return_mode="median")
                     work = flops
@@ -88,11 +96,11 @@ def main():
                                   warmup=10, rep=40, return_mode="median")
                     work = 2.5 * flops
                 row = dict(block=block, pass_=passname, stack=stack, num_warps=warps,
-                           num_stages=stages, ms=round(ms, 4),
+                           num_stages=stages, warp_specialize=ws, max_err=err, ms=round(ms, 4),
                            tflops=round(work / ms / 1e9, 1), density=round(layout.density, 4))
             except Exception as e:  # noqa: BLE001 (out of resources etc.: report, go on)
                 row = dict(block=block, pass_=passname, stack=stack, num_warps=warps,
-                           num_stages=stages, ms=None, tflops=None,
+                           num_stages=stages, warp_specialize=ws, ms=None, tflops=None,
                            density=round(layout.density, 4),
                            error=f"{type(e).__name__}: {str(e)[:200]}")
             rows.append(row)

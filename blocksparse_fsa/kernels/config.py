@@ -11,7 +11,11 @@ def get_fwd_config(head_dim: int, block_m: int, block_n: int) -> dict:
 
     Measured on an H200 (benchmarks/results/tune_NVIDIA_H200.csv, D=128, bf16): 64x64 tiles
     like 4 warps and 3-4 stages; 128x64 tiles 4 warps and 2 stages; 128x128 tiles 8 warps.
+    A ``warp_specialize=True`` entry asks Triton to warp-specialize the tile loop (TMA loads
+    only; on sm_90 Triton's pass needs 8 warps: with 4 it fails to compile).
     """
+    if WARP_SPECIALIZE:
+        return dict(num_warps=8, num_stages=2, warp_specialize=True)
     if head_dim <= 64:
         return dict(num_warps=4, num_stages=3)
     if head_dim <= 128:
@@ -73,3 +77,7 @@ def get_gather_config(kernel: str, head_dim: int, heads: int) -> dict:
 # Both are faster on an H200 in every pass measured (benchmarks/NOTES.md).
 TMA = True
 TMA_DILATION = True
+# WARP_SPECIALIZE: the forward's default config asks Triton for automatic warp specialization
+# of the tile loop (producer warps issue the TMA loads, consumer warps the MMAs). Off until it
+# measures faster on sm_90 (benchmarks/NOTES.md).
+WARP_SPECIALIZE = False

@@ -16,7 +16,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, bias_rows, row_ok, col_ptr, masks
                IS_PARTIAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
                ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr,
-               FOLD_SCALE: tl.constexpr, TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+               FOLD_SCALE: tl.constexpr, TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               WARP_SPECIALIZE: tl.constexpr):
     """Fold the key tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query
     tile of ``HEADS`` stacked query heads (rows ``h * BLOCK_M + m``; they share the tiles'
     bits). ``bias_rows``: see ``bias_rows_of`` (``None``: no bias); ``row_ok``: rows < Lq;
@@ -28,7 +29,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, bias_rows, row_ok, col_ptr, masks
     offs_m = tl.arange(0, HEADS * BLOCK_M) % BLOCK_M
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = tl.arange(0, BLOCK_D) < HEAD_DIM
-    for t in range(start, end):
+    for t in tl.range(start, end, warp_specialize=WARP_SPECIALIZE):
         kt = tl.load(col_ptr + t).to(tl.int64)
         offs_kn = kt * BLOCK_N + offs_n
         k_rows = token_rows(KPerm, offs_kn, kt * BLOCK_N, k_len, perm_d, ORDER=ORDER)
@@ -88,6 +89,7 @@ def sparse_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEADS: tl.constexpr, ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr,
     FOLD_SCALE: tl.constexpr, TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch, which
     share a KV head and a layout row (one K/V tile load serves all of them); grid
@@ -114,14 +116,14 @@ def sparse_attn_fwd_kernel(
         perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias, IS_PARTIAL=False,
         HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEADS=HEADS,
         ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, FOLD_SCALE=FOLD_SCALE, TMA=TMA,
-        INPUT_PRECISION=INPUT_PRECISION)
+        INPUT_PRECISION=INPUT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE)
     start, end = row_range(part_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_src, v_src, bias_rows, row_ok, part_col, masks, start, end, KPerm,
         perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias, IS_PARTIAL=True,
         HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEADS=HEADS,
         ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, FOLD_SCALE=FOLD_SCALE, TMA=TMA,
-        INPUT_PRECISION=INPUT_PRECISION)
+        INPUT_PRECISION=INPUT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -151,6 +153,9 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
     grid = (layout.num_q_tiles, batch * num_q_heads // stack)
     if grid[0] * grid[1] == 0:
         return out, lse
+    tma = use_tma(layout, k, v)
+    cfg = dict(launch_config.get_fwd_config(head_dim, stack * layout.block_m, layout.block_n))
+    warp_specialize = cfg.pop("warp_specialize", False) and tma
     sparse_attn_fwd_kernel[grid](
         Q=q, K=k, V=v, Out=out, Lse=lse, **bias_args(bias, q, stack),
         stride_q=q.stride(), stride_k=k.stride(), stride_v=v.stride(), stride_o=out.stride(),
@@ -158,8 +163,8 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
                layout.masks),
         **perm_args(layout), heads=heads, q_len=q_len, k_len=k.shape[1],
         **score_args(softmax_scale, softcap, natural=bias is not None), **dim_args(q),
-        BLOCK_M=layout.block_m, BLOCK_N=layout.block_n, HEADS=stack, TMA=use_tma(layout, k, v),
+        BLOCK_M=layout.block_m, BLOCK_N=layout.block_n, HEADS=stack, TMA=tma,
         FOLD_SCALE=bias is None and not softcap and softmax_scale > 0,
-        **launch_config.get_fwd_config(head_dim, stack * layout.block_m, layout.block_n),
+        WARP_SPECIALIZE=warp_specialize, **cfg,
     )
     return out, lse
