@@ -197,6 +197,21 @@ def test_pointer_loads_without_tma(dim, monkeypatch):
           torch.bfloat16)
 
 
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_warp_specialized_forward(dim, monkeypatch):
+    """``config.WARP_SPECIALIZE``: the forward's tile loop warp-specialized by Triton (opt-in),
+    with a bias and without."""
+    from blocksparse_fsa.kernels import config
+    monkeypatch.setattr(config, "WARP_SPECIALIZE", True)
+    torch.manual_seed(dim)
+    length = 1000
+    q = torch.randn(1, length, 8, dim, device="cuda")
+    k, v = (torch.randn(1, length, 2, dim, device="cuda") for _ in range(2))
+    layout = walker_layout(window_pattern(length, 200, 2), length, is_causal=True)
+    check(q, k, v, layout, torch.bfloat16)
+    check(q, k, v, layout, torch.float16, bias=torch.randn(1, 8, 1, length, device="cuda"))
+
+
 def test_gpu_side_layout_build_matches_numba():
     """Indices on the GPU build their layout there (method="auto"), tensor for tensor equal to
     the numba layout."""

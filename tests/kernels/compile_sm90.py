@@ -153,6 +153,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Compile every kernel variant for sm_90 offline.")
     ap.add_argument("--tma", type=int, choices=(0, 1), default=None,
                     help="only the variants without (0) or with (1) TMA loads (default: both)")
+    ap.add_argument("--warp-specialize", action="store_true",
+                    help="also compile the warp-specialized forward (TMA variants, bf16 D=128)")
     ap.add_argument("--skip-layout-build", action="store_true",
                     help="leave out the Triton layout build's kernels")
     args = ap.parse_args(argv)
@@ -177,6 +179,18 @@ def main(argv=None):
         out = bsa.sparse_attn_func(q, k, v, backend="triton", **kwargs)
         loss = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
         torch.autograd.grad(loss, inputs)
+    if args.warp_specialize:
+        config.TMA = config.TMA_DILATION = config.WARP_SPECIALIZE = True
+        common._runs_tma = lambda t: True
+        for name, kwargs, bias_shape in variants():
+            print(f"-- {name}, warp-specialized forward", flush=True)
+            q = torch.randn(1, LENGTH, 8, 128, dtype=torch.bfloat16)
+            k, v = (torch.randn(1, LENGTH, 2, 128, dtype=torch.bfloat16) for _ in range(2))
+            if bias_shape is not None:
+                kwargs = dict(kwargs, attn_bias=torch.randn(bias_shape, dtype=torch.bfloat16))
+            with torch.no_grad():
+                bsa.sparse_attn_func(q, k, v, backend="triton", **kwargs)
+        config.WARP_SPECIALIZE = False
     if not args.skip_layout_build:
         layout_builds()
         range_masks()

@@ -232,6 +232,18 @@ def test_pointer_loads_without_tma(case, monkeypatch):
     run_case(case, "triton")
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", [CASES[7], CASES[25]], ids=lambda c: c.id)
+def test_warp_specialized_forward_config(case, monkeypatch):
+    """``config.WARP_SPECIALIZE``: the forward launches with 8 warps and the loop option (the
+    interpreter ignores both; the sm_90 compile and the GPU tier check what they change)."""
+    from blocksparse_fsa.kernels import config
+
+    monkeypatch.setattr(config, "WARP_SPECIALIZE", True)
+    assert config.get_fwd_config(case.dim, 64, 64)["warp_specialize"]
+    run_case(case, "triton")
+
+
 def test_poison_outputs_nests_and_restores():
     """The public hook the autouse fixture uses: NaN-filled fresh buffers inside the block."""
     from blocksparse_fsa.kernels import common, poison_outputs

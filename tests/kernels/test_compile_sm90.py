@@ -12,7 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("options", [["--tma", "0"], ["--tma", "1", "--skip-layout-build"]],
+@pytest.mark.parametrize("options", [["--tma", "0"], ["--tma", "1", "--skip-layout-build",
+                                                     "--warp-specialize"]],
                          ids=["plain-and-layout-build", "tma"])
 def test_kernels_compile_for_sm90(options):
     """Two halves in two processes: with pytest-xdist they compile on two cores at once."""
