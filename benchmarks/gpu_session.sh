@@ -3,17 +3,17 @@
 # into $OUT/stage_<s>.tar.gz after every step (the device tool brings back few files). Steps run
 # in priority order and a step that cannot finish before DEADLINE seconds (default 540) is cut
 # short or skipped, so a call never outlives its limit:
-#   bash benchmarks/gpu_session.sh a   GPU tests, kernel A/B against .base/, bench_varlen.py,
-#                                      bench_decode.py
+#   bash benchmarks/gpu_session.sh a   GPU tests, kernel A/B against .base/, bench_varlen.py
 #   bash benchmarks/gpu_session.sh b   FA4 install, the harness on window, documents, bigbird
 #                                      against FA4, flex (both backends) and SDPA; then
 #                                      nsa_blocks, dilated_reordered and topk_random
-#   bash benchmarks/gpu_session.sh c   the forward warp-specialized (Triton's tl.range option)
-#                                      against the default config, window and BigBird
+#   bash benchmarks/gpu_session.sh c   bench_decode.py; the forward warp-specialized (Triton's
+#                                      tl.range option) against the default config, window
+#                                      and BigBird
 # FA4 comes from ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with
 # stage b); .base/ holds an older checkout's blocksparse_fsa for the A/B (optional).
-# ONLY=REGEX runs only the steps whose names match (ONLY='varlen|decode' finishes a stage a
-# that the deadline cut short).
+# ONLY=REGEX runs only the steps whose names match (ONLY=varlen finishes a stage a that the
+# deadline cut short).
 set -uo pipefail
 stage=${1:?usage: gpu_session.sh a|b|c}
 OUT=${OUT:-gpu_out}
@@ -75,15 +75,15 @@ if [ "$stage" = a ]; then
     python3 benchmarks/ab_kernels.py --label after --out "$OUT/$stage"
   step "varlen" 150 bash -c 'python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" 2>&1 \
     | tail -40 | tee -a "$OUT/$stage/session.log"'
-  step "decode" 170 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
-    --lengths 8192 32768 131072 --batches 1 8 64 2>&1 | tail -60 | tee -a "$OUT/$stage/session.log"'
 elif [ "$stage" = c ]; then
   # the forward with Triton's warp specialization against the default config, same run
-  for pattern in sliding_window bigbird; do
-    step "warp specialization: $pattern" 150 python3 benchmarks/tune_configs.py \
-      --pattern "$pattern" --blocks 64x64 --passes fwd --warps 4 8 --stages 2 3 \
-      --warp-specialize 0 1 --out "$OUT/$stage/ws_$pattern"
-  done
+  ws() { python3 benchmarks/tune_configs.py --pattern "$1" --blocks 64x64 --passes fwd \
+           --warps 4 8 --stages 2 3 --warp-specialize 0 1 --out "$OUT/$stage/ws_$1"; }
+  export -f ws
+  step "warp specialization: sliding_window" 100 bash -c 'ws sliding_window'
+  step "decode" 200 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
+    --lengths 8192 32768 131072 --batches 1 8 64 2>&1 | tail -60 | tee -a "$OUT/$stage/session.log"'
+  step "warp specialization: bigbird" 100 bash -c 'ws bigbird'
 else
   log "FA4 import"
   python3 -c "import flash_attn.cute as m; print('flash_attn.cute', m.__version__)" \
