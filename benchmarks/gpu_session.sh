@@ -10,33 +10,54 @@
 #   bash benchmarks/gpu_session.sh c   bench_decode.py; the forward warp-specialized (Triton's
 #                                      tl.range option) against the default config, window
 #                                      and BigBird
-# FA4 comes from ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with
-# stage b); .base/ holds an older checkout's blocksparse_fsa for the A/B (optional).
+#   bash benchmarks/gpu_session.sh v   after a kernel change: the A/B, the GPU kernel tests,
+#                                      FA4 against ours on window and documents
+# FA4 comes from .fa4x/fa4.tar.xz (benchmarks/fa4_pack.sh; fits one call), or from
+# ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with stage b); .base/ (and optionally .head/) hold older checkouts' blocksparse_fsa for the A/B.
 # ONLY=REGEX runs only the steps whose names match (ONLY=varlen finishes a stage a that the
 # deadline cut short).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh a|b|c}
+stage=${1:?usage: gpu_session.sh a|b|c|v}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/$stage"
 log() { echo "== $*" | tee -a "$OUT/$stage/session.log"; }
 export PYTHONUNBUFFERED=1
 # wheels the image may lack, installed only where the import fails: .fa4a/test (pytest-xdist,
-# hypothesis) for the tests, .fa4a/extra (einops, cuda-bindings) for FA4
-need() { python3 -c "import $1" 2>/dev/null || cp .fa4a/"$2"/"$3"-*.whl "$4"/ 2>/dev/null; }
+# hypothesis) for the tests, .fa4a/extra or .fa4x (einops, cuda-bindings) for FA4
+twhl() { python3 -c "import $1" 2>/dev/null || cp .fa4a/test/"$2"-*.whl .testwhl/; }
 if [ -d .fa4a/test ] && [ ! -d .testsite ]; then
   mkdir -p .testwhl
-  need xdist test pytest_xdist .testwhl; need execnet test execnet .testwhl
-  need hypothesis test hypothesis .testwhl; need sortedcontainers test sortedcontainers .testwhl
+  twhl xdist pytest_xdist; twhl execnet execnet
+  twhl hypothesis hypothesis; twhl sortedcontainers sortedcontainers
   ls .testwhl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps \
     --target .testsite .testwhl/*.whl > "$OUT/$stage/test_wheels.log" 2>&1
 fi
-if [ "$stage" != a ] && [ -d .fa4b ] && [ ! -d .fa4site ]; then
-  need einops extra einops .fa4b; need cuda.bindings extra cuda_bindings .fa4b
-  need cuda.pathfinder extra cuda_pathfinder .fa4b
-  cat .fa4a/libs.part.* .fa4b/libs.part.* \
-    > .fa4b/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl &&
-  python3 -m pip install -q --no-index --no-deps --target .fa4site .fa4b/*.whl \
-    > "$OUT/$stage/fa4_install.log" 2>&1
+# FA4: one archive (.fa4x/fa4.tar.xz, benchmarks/fa4_pack.sh) or the two wheel folders, whose
+# first half a stage-a call leaves in /tmp (the device drops carried folders a call does not
+# name, so .fa4a does not outlive its call)
+[ -d .fa4a ] && [ ! -d /tmp/fa4a ] && cp -r .fa4a /tmp/fa4a
+FA4A=.fa4a; [ -d "$FA4A" ] || FA4A=/tmp/fa4a
+if [ "$stage" != a ] && [ ! -d .fa4site ]; then
+  if [ -f .fa4x/fa4.tar.xz ]; then
+    python3 -c "import tarfile; tarfile.open('.fa4x/fa4.tar.xz').extractall('.fa4site')" \
+      > "$OUT/$stage/fa4_install.log" 2>&1
+    if ! python3 -c "import einops" 2>/dev/null; then  # a small need the image may lack
+      python3 -m pip install -q --no-index --no-deps --target .fa4site .fa4x/einops-*.whl \
+        >> "$OUT/$stage/fa4_install.log" 2>&1
+    fi
+    python3 -c "import cuda.bindings" >> "$OUT/$stage/fa4_install.log" 2>&1 ||
+      echo "the image lacks cuda-bindings, which the CuTe DSL needs" >> "$OUT/$stage/fa4_install.log"
+  elif [ -d .fa4b ] && [ -d "$FA4A" ]; then
+    need() { python3 -c "import $1" 2>/dev/null || cp "$FA4A"/extra/"$2"-*.whl .fa4b/; }
+    need einops einops; need cuda.bindings cuda_bindings; need cuda.pathfinder cuda_pathfinder
+    cat "$FA4A"/libs.part.* .fa4b/libs.part.* \
+      > .fa4b/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl &&
+    python3 -m pip install -q --no-index --no-deps --target .fa4site .fa4b/*.whl \
+      > "$OUT/$stage/fa4_install.log" 2>&1
+  else
+    echo "no FA4 wheels here (.fa4x/fa4.tar.xz, or .fa4b with .fa4a or /tmp/fa4a)" \
+      > "$OUT/$stage/fa4_install.log"
+  fi
 fi
 # pip --target skips .pth files: cutlass-dsl's adds its dsl_packages folder to sys.path
 export PYTHONPATH=$PWD/.fa4site/nvidia_cutlass_dsl/dsl_packages:$PWD/.fa4site:$PWD:$PWD/benchmarks:$PWD/.testsite
@@ -71,6 +92,10 @@ if [ "$stage" = a ]; then
     step "kernel A/B: before" 110 env PYTHONPATH="$PWD/.base" \
       python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
   fi
+  if [ -d .head/blocksparse_fsa ]; then  # optional: a second checkout between the two
+    step "kernel A/B: head" 110 env PYTHONPATH="$PWD/.head" \
+      python3 benchmarks/ab_kernels.py --label head --out "$OUT/$stage"
+  fi
   step "kernel A/B: after" 110 env PYTHONPATH="$PWD" \
     python3 benchmarks/ab_kernels.py --label after --out "$OUT/$stage"
   step "varlen" 150 bash -c 'python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" 2>&1 \
@@ -84,6 +109,21 @@ elif [ "$stage" = c ]; then
   step "decode" 200 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
     --lengths 8192 32768 131072 --batches 1 8 64 2>&1 | tail -60 | tee -a "$OUT/$stage/session.log"'
   step "warp specialization: bigbird" 100 bash -c 'ws bigbird'
+elif [ "$stage" = v ]; then
+  # after a kernel change: the A/B against .base/ (and .head/), the GPU kernel tests, then FA4
+  for label in before head after; do
+    dir=$PWD; [ $label = before ] && dir=$PWD/.base; [ $label = head ] && dir=$PWD/.head
+    [ -d "$dir/blocksparse_fsa" ] && step "kernel A/B: $label" 60 env PYTHONPATH="$dir" \
+      python3 benchmarks/ab_kernels.py --label $label --out "$OUT/$stage"
+  done
+  step "GPU kernel tests" 140 bash -c 'python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST \
+    -rf tests/test_gpu.py tests/kernels > "$OUT/$stage/gpu_tests.log" 2>&1'
+  tail -12 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
+  log "FA4 import"
+  python3 -c "import flash_attn.cute as m; print('flash_attn.cute', m.__version__)" \
+    2>&1 | tail -15 | tee -a "$OUT/$stage/session.log"
+  step "harness: the frontier" 200 bash -c 'bench bench_frontier --pattern sliding_window \
+    documents --systems ours flex_flash fa4_window fa4_varlen fa4_dense_causal'
 else
   log "FA4 import"
   python3 -c "import flash_attn.cute as m; print('flash_attn.cute', m.__version__)" \

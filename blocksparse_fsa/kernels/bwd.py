@@ -14,7 +14,8 @@ from .common import (DBIAS_KEYS, DBIAS_PAIRS, LOG2E, ORDER_TOKENS, bias_args, bi
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, dbias_cols, k, v, k_rows, offs_kn, q_src, do_src, lse_base,
+def _dkdv_tiles(dk, dv, dbias_cols, k, v, k_rows, offs_kn, q_src, do_src, q_plane, do_plane,
+                lse_base,
                 delta_base, bias_base, bias_col, dbias_base, row_ptr, mask_idx_ptr, masks,
                 start, end, QPerm, perm_d, q_len, k_len, qk_scale, cap_scale, stride_q,
                 stride_do, stride_bias, IS_PARTIAL: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -22,7 +23,8 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, k_rows, offs_kn, q_src, do_src, lse_ba
                 ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr,
                 DBIAS: tl.constexpr, TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile (keys ``offs_kn``, at ``k_rows``) over the query
-    tiles ``row_ptr[start:end]`` of one query head (``q_src``, ``do_src``: ``tile_source``).
+    tiles ``row_ptr[start:end]`` of one query head (``q_src``, ``do_src``: ``tile_source``;
+    ``q_plane``, ``do_plane``: the same planes for pointer loads).
 
     The bias comes from ``bias_base`` (this query head's plane; ``None``: no bias), or with
     ``BIAS_ROW`` (one bias row) is ``bias_col``, this key tile's slice of it, loaded once by
@@ -47,11 +49,13 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, k_rows, offs_kn, q_src, do_src, lse_ba
             # which would survive dS = 0 in dS @ Q
             rows_used = tile_queries(tile_mask, offs_i, N_WORDS=N_WORDS)  # [BLOCK_M]
             q_ok = q_ok & ((offs_m < q_len) & rows_used)[:, None]
-        q = load_tile(q_src, q_rows, qt * BLOCK_M, q_len, perm_d, stride_q[1], stride_q[3], q_ok,
-                      BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, ORDER=ORDER,
-                      TMA=TMA)  # [BLOCK_M, BLOCK_D]
-        if IS_PARTIAL and TMA:  # a TMA box has no mask
-            q = tl.where(rows_used[:, None], q, 0.0)
+        if IS_PARTIAL:  # pointer loads: a TMA box has no mask to zero the unused rows with
+            q = load_tile(q_plane, q_rows, qt * BLOCK_M, q_len, perm_d, stride_q[1],
+                          stride_q[3], q_ok, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, ORDER=ORDER,
+                          TMA=False)  # [BLOCK_M, BLOCK_D]
+        else:
+            q = load_tile(q_src, q_rows, qt * BLOCK_M, q_len, perm_d, stride_q[1], stride_q[3],
+                          q_ok, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
         lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=0.0)
         if bias_base is not None:
             # natural units; a row whose every key is at -inf (lse = -inf) gets P = 0, not NaN
@@ -78,10 +82,14 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, k_rows, offs_kn, q_src, do_src, lse_ba
         if IS_PARTIAL:
             bits_t = tile_bits(tile_mask, offs_i, offs_n, N_WORDS=N_WORDS, TRANSPOSED=True)
             p_t = tl.where(bits_t, p_t, 0.0)
-        do = load_tile(do_src, q_rows, qt * BLOCK_M, q_len, perm_d, stride_do[1], stride_do[3],
-                       q_ok, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
-        if IS_PARTIAL and TMA:  # an empty row's dO may be NaN, which would survive P = 0 in P @ dO
-            do = tl.where(rows_used[:, None], do, 0.0)
+        if IS_PARTIAL:  # an empty row's dO may be NaN, which would survive P = 0 in P @ dO
+            do = load_tile(do_plane, q_rows, qt * BLOCK_M, q_len, perm_d, stride_do[1],
+                           stride_do[3], q_ok, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, ORDER=ORDER,
+                           TMA=False)
+        else:
+            do = load_tile(do_src, q_rows, qt * BLOCK_M, q_len, perm_d, stride_do[1],
+                           stride_do[3], q_ok, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, ORDER=ORDER,
+                           TMA=TMA)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # [BLOCK_N, BLOCK_M]
@@ -150,6 +158,8 @@ def sparse_attn_bwd_dkdv_kernel(
         do_src = tile_source(head_plane(DOut, stride_do, b, hq), q_len, stride_do[1], perm_d,
                              BLOCK=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ORDER=ORDER,
                              TMA=TMA)
+        q_plane = head_plane(Q, stride_q, b, hq)
+        do_plane = head_plane(DOut, stride_do, b, hq)
         plane = b * num_q_heads + hq
         bias_base = Bias
         bias_col = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -167,7 +177,8 @@ def sparse_attn_bwd_dkdv_kernel(
         dbias_cols = tl.zeros([BLOCK_N], dtype=tl.float32)
         start, end = row_range(full_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
-            dk, dv, dbias_cols, k, v, k_rows, offs_n, q_src, do_src, Lse + plane * q_len,
+            dk, dv, dbias_cols, k, v, k_rows, offs_n, q_src, do_src, q_plane, do_plane,
+            Lse + plane * q_len,
             Delta + plane * q_len, bias_base, bias_col, dbias_base, full_row_t, full_row_t,
             masks, start, end, QPerm, perm_d, q_len, k_len, qk_scale, cap_scale, stride_q,
             stride_do, stride_bias, IS_PARTIAL=False, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
@@ -175,7 +186,8 @@ def sparse_attn_bwd_dkdv_kernel(
             DBIAS=DBIAS, TMA=TMA, INPUT_PRECISION=INPUT_PRECISION)
         start, end = row_range(part_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
-            dk, dv, dbias_cols, k, v, k_rows, offs_n, q_src, do_src, Lse + plane * q_len,
+            dk, dv, dbias_cols, k, v, k_rows, offs_n, q_src, do_src, q_plane, do_plane,
+            Lse + plane * q_len,
             Delta + plane * q_len, bias_base, bias_col, dbias_base, part_row_t, part_mask_t,
             masks, start, end, QPerm, perm_d, q_len, k_len, qk_scale, cap_scale, stride_q,
             stride_do, stride_bias, IS_PARTIAL=True, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
@@ -192,8 +204,9 @@ def sparse_attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, bias_rows, row_ok, col_ptr, masks, start,
-              end, KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
+def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, k_plane, bias_rows, row_ok, col_ptr, masks,
+              start, end, KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v,
+              stride_bias,
               IS_PARTIAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
               ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr,
@@ -212,14 +225,17 @@ def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, bias_rows, row_ok, col_ptr, m
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
             tile_mask = masks + t * (BLOCK_M * N_WORDS)
-            # keys no row of the tile attends read as 0: NaN there would survive dS = 0
-            keys_used = tile_keys(tile_mask, offs_i, offs_n, N_WORDS=N_WORDS)  # [BLOCK_N]
-            kv_ok = kv_ok & ((offs_kn < k_len) & keys_used)[:, None]
-        k = load_tile(k_src, k_rows, kt * BLOCK_N, k_len, perm_d, stride_k[1], stride_k[3],
-                      kv_ok, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D, ORDER=ORDER,
-                      TMA=TMA)  # [BLOCK_N, BLOCK_D]
-        if IS_PARTIAL and TMA:  # a TMA box has no mask
-            k = tl.where(keys_used[:, None], k, 0.0)
+            kv_ok = kv_ok & (offs_kn < k_len)[:, None]
+            # keys no row of the tile attends read as 0 (NaN there would survive dS = 0 in
+            # dS @ K), through pointer loads: a TMA box has no mask
+            keys_used = tile_keys(tile_mask, tl.arange(0, BLOCK_M), offs_n, N_WORDS=N_WORDS)
+            k = load_tile(k_plane, k_rows, kt * BLOCK_N, k_len, perm_d, stride_k[1],
+                          stride_k[3], kv_ok & keys_used[:, None], BLOCK=BLOCK_N,
+                          BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=False)  # [BLOCK_N, BLOCK_D]
+        else:
+            k = load_tile(k_src, k_rows, kt * BLOCK_N, k_len, perm_d, stride_k[1], stride_k[3],
+                          kv_ok, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
+        # (garbage in V at a key no row attends reaches dP only, which the bits mask)
         v = load_tile(v_src, k_rows, kt * BLOCK_N, k_len, perm_d, stride_v[1], stride_v[3],
                       kv_ok, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [HEADS*BLOCK_M, BLOCK_N]
@@ -291,18 +307,19 @@ def sparse_attn_bwd_dq_kernel(
     else:
         lse *= LOG2E
 
+    k_plane = head_plane(K, stride_k, b, hk)
     dq = tl.zeros([HEADS * BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, end = row_range(full_ptr, row)
     dq = _dq_tiles(
-        dq, q, do, lse, delta, k_src, v_src, bias_rows, row_ok, full_col, masks, start, end,
-        KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
+        dq, q, do, lse, delta, k_src, v_src, k_plane, bias_rows, row_ok, full_col, masks, start,
+        end, KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
         IS_PARTIAL=False, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HEADS=HEADS, ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, TMA=TMA,
         INPUT_PRECISION=INPUT_PRECISION)
     start, end = row_range(part_ptr, row)
     dq = _dq_tiles(
-        dq, q, do, lse, delta, k_src, v_src, bias_rows, row_ok, part_col, masks, start, end,
-        KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
+        dq, q, do, lse, delta, k_src, v_src, k_plane, bias_rows, row_ok, part_col, masks, start,
+        end, KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
         IS_PARTIAL=True, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HEADS=HEADS, ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, TMA=TMA,
         INPUT_PRECISION=INPUT_PRECISION)

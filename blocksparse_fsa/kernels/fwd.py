@@ -5,13 +5,14 @@ import triton
 import triton.language as tl
 
 from . import config as launch_config
-from .common import (LN2, LOG2E, bias_args, bias_rows_of, dim_args, head_map, load_bias,
-                     load_tile, log2_scores, new_empty, perm_args, query_tile, row_range,
-                     score_args, tile_bits, tile_keys, token_rows, use_tma)
+from .common import (LN2, LOG2E, bias_args, bias_rows_of, dim_args, head_map, head_plane,
+                     load_bias, load_tile, log2_scores, new_empty, perm_args, query_tile,
+                     row_range, score_args, tile_bits, tile_keys, token_rows, use_tma)
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, bias_rows, row_ok, col_ptr, masks, start, end,
+def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, v_plane, bias_rows, row_ok, col_ptr, masks,
+               start, end,
                KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
                IS_PARTIAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
@@ -36,9 +37,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, bias_rows, row_ok, col_ptr, masks
         kv_ok = d_ok[None, :]
         if IS_PARTIAL:
             tile_mask = masks + t * (BLOCK_M * N_WORDS)
-            # keys no row of the tile attends read as 0: NaN there would survive P = 0 in P @ V
-            keys_used = tile_keys(tile_mask, offs_m, offs_n, N_WORDS=N_WORDS)  # [BLOCK_N]
-            kv_ok = kv_ok & ((offs_kn < k_len) & keys_used)[:, None]
+            kv_ok = kv_ok & (offs_kn < k_len)[:, None]
         k = load_tile(k_src, k_rows, kt * BLOCK_N, k_len, perm_d, stride_k[1], stride_k[3],
                       kv_ok, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D, ORDER=ORDER,
                       TMA=TMA)  # [BLOCK_N, BLOCK_D]
@@ -48,7 +47,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, bias_rows, row_ok, col_ptr, masks
             if bias_rows is not None:
                 s += load_bias(bias_rows, k_rows, row_ok, offs_kn < k_len, stride_bias[3],
                                IS_PARTIAL=IS_PARTIAL, BIAS_ROW=BIAS_ROW)
-        if IS_PARTIAL:
+        if IS_PARTIAL:  # (garbage in K at a key no row attends ends here, as -inf)
             bits = tile_bits(tile_mask, offs_m, offs_n, N_WORDS=N_WORDS, TRANSPOSED=False)
             s = tl.where(bits, s, float("-inf"))
         if FOLD_SCALE:
@@ -71,10 +70,16 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, bias_rows, row_ok, col_ptr, masks
             p = tl.math.exp2(s - m_new_safe[:, None])
             alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(v_src, k_rows, kt * BLOCK_N, k_len, perm_d, stride_v[1], stride_v[3],
-                      kv_ok, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
-        if IS_PARTIAL and TMA:  # a TMA box has no mask
-            v = tl.where(keys_used[:, None], v, 0.0)
+        if IS_PARTIAL:
+            # keys no row of the tile attends read as 0 (NaN there would survive P = 0 in
+            # P @ V), through pointer loads: a TMA box has no mask
+            keys_used = tile_keys(tile_mask, tl.arange(0, BLOCK_M), offs_n, N_WORDS=N_WORDS)
+            v = load_tile(v_plane, k_rows, kt * BLOCK_N, k_len, perm_d, stride_v[1],
+                          stride_v[3], kv_ok & keys_used[:, None], BLOCK=BLOCK_N,
+                          BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=False)
+        else:
+            v = load_tile(v_src, k_rows, kt * BLOCK_N, k_len, perm_d, stride_v[1], stride_v[3],
+                          kv_ok, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -103,6 +108,7 @@ def sparse_attn_fwd_kernel(
         Q, K, V, QPerm, stride_q, stride_k, stride_v, heads, q_len, k_len, perm_d,
         HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEADS=HEADS,
         ORDER=ORDER, TMA=TMA)
+    v_plane = head_plane(V, stride_v, b, hk)
     bias_rows = Bias  # None: no bias
     if Bias is not None:
         bias_rows = bias_rows_of(Bias, stride_bias, b, hq0, row_heads, q_rows, bias_head_div,
@@ -112,18 +118,18 @@ def sparse_attn_fwd_kernel(
     m_i = tl.full([HEADS * BLOCK_M], float("-inf"), dtype=tl.float32)
     start, end = row_range(full_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_src, v_src, bias_rows, row_ok, full_col, masks, start, end, KPerm,
-        perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias, IS_PARTIAL=False,
-        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEADS=HEADS,
-        ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, FOLD_SCALE=FOLD_SCALE, TMA=TMA,
-        INPUT_PRECISION=INPUT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE)
+        acc, l_i, m_i, q, k_src, v_src, v_plane, bias_rows, row_ok, full_col, masks, start,
+        end, KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
+        IS_PARTIAL=False, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        HEADS=HEADS, ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, FOLD_SCALE=FOLD_SCALE,
+        TMA=TMA, INPUT_PRECISION=INPUT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE)
     start, end = row_range(part_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_src, v_src, bias_rows, row_ok, part_col, masks, start, end, KPerm,
-        perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias, IS_PARTIAL=True,
-        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEADS=HEADS,
-        ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, FOLD_SCALE=FOLD_SCALE, TMA=TMA,
-        INPUT_PRECISION=INPUT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE)
+        acc, l_i, m_i, q, k_src, v_src, v_plane, bias_rows, row_ok, part_col, masks, start,
+        end, KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
+        IS_PARTIAL=True, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        HEADS=HEADS, ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, FOLD_SCALE=FOLD_SCALE,
+        TMA=TMA, INPUT_PRECISION=INPUT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

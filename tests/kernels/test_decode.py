@@ -122,7 +122,9 @@ def test_gpu_cuda_graph_16_steps(mode, paged):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured[-1], eager[-1])
-    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[2], eager[2])
+    # the caches and lengths after the appends (unwritten cache rows hold NaN in both)
+    for got, want in ((captured[0], eager[0]), (captured[1], eager[1]), (captured[2], eager[2])):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.compile
