@@ -116,8 +116,11 @@ elif [ "$stage" = v ]; then
     [ -d "$dir/blocksparse_fsa" ] && step "kernel A/B: $label" 60 env PYTHONPATH="$dir" \
       python3 benchmarks/ab_kernels.py --label $label --out "$OUT/$stage"
   done
-  step "GPU kernel tests" 140 bash -c 'python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST \
-    -rf tests/test_gpu.py tests/kernels > "$OUT/$stage/gpu_tests.log" 2>&1'
+  # SIGINT at the limit: pytest still prints its summary of what ran
+  left=$((DEADLINE - SECONDS - 15)); [ "$left" -gt 140 ] && left=140
+  step "GPU kernel tests" $((left + 10)) bash -c "timeout -s INT $left python3 -m pytest -m gpu \
+    -q -p no:cacheprovider $XDIST -rf tests/test_gpu.py tests/kernels \
+    > '$OUT/$stage/gpu_tests.log' 2>&1"
   tail -12 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
   log "FA4 import"
   python3 -c "import flash_attn.cute as m; print('flash_attn.cute', m.__version__)" \
