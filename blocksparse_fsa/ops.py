@@ -203,6 +203,12 @@ def check_layout_tensors(layout: SparseLayout) -> None:
         _CHECKED[layout] = stamp
 
 
+def trust_layout(layout: SparseLayout) -> None:
+    """Skip the first-call value check of a layout this library just built (the check exists
+    for layouts edited after their build; on a GPU it costs a host sync)."""
+    _CHECKED[layout] = _stamp(layout)
+
+
 def _stamp(layout):
     """Each tensor's address and version counter: one of them changes when a tensor is
     written in place, resized or given new data (inference tensors have no version)."""

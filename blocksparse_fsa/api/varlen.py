@@ -36,7 +36,9 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         attn_indices: optional integer ``(Hkv|1, total_q, W)``: key positions **local to the
             query's sequence**, ``[0, Lk_s)``, -1 = unused, duplicates count once.
         layout: optional :class:`SparseLayout` of the packed batch (batch 1, ``q_len =
-            total_q``, ``k_len = total_k``), e.g. from :func:`build_varlen_layout`.
+            total_q``, ``k_len = total_k``), e.g. from :func:`build_varlen_layout`. With a
+            layout, device-side ``cu_seqlens`` and ``max_seqlen`` are not read (no host sync;
+            the layout holds the sequences); on the CPU they are still checked.
         window_size: ``(left, right)``, -1 = unbounded: query ``a`` of a sequence sees its
             local keys ``[p - left, p + right]``, ``p = a + Lk_s - Lq_s``.
         sinks: the first ``sinks`` keys of each sequence are visible to all its queries.
@@ -78,16 +80,25 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                              f"{tuple(t.shape)}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-    cu_q = _offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q")
-    if cu_seqlens_k is cu_seqlens_q and k.shape[0] == q.shape[0]:  # self-attention: one read
-        cu_k = cu_q
+    on_host = all(isinstance(c, torch.Tensor) and c.device.type == "cpu"
+                  for c in (cu_seqlens_q, cu_seqlens_k))
+    if layout is not None and not on_host:
+        # the layout holds the sequences: reading device offsets to check them would sync
+        _offsets("cu_seqlens_q", cu_seqlens_q, None, "q", read=False)
+        _offsets("cu_seqlens_k", cu_seqlens_k, None, "k", read=False)
+        _check_max("max_seqlen_q", max_seqlen_q, None)
+        _check_max("max_seqlen_k", max_seqlen_k, None)
     else:
-        cu_k = _offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k")
-    if len(cu_q) != len(cu_k):
-        raise ValueError(f"cu_seqlens_q has {len(cu_q)} entries but cu_seqlens_k has "
-                         f"{len(cu_k)}: both are [batch + 1]")
-    _check_max("max_seqlen_q", max_seqlen_q, cu_q)
-    _check_max("max_seqlen_k", max_seqlen_k, cu_k)
+        cu_q = _offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q")
+        if cu_seqlens_k is cu_seqlens_q and k.shape[0] == q.shape[0]:  # self-attention
+            cu_k = cu_q
+        else:
+            cu_k = _offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k")
+        if len(cu_q) != len(cu_k):
+            raise ValueError(f"cu_seqlens_q has {len(cu_q)} entries but cu_seqlens_k has "
+                             f"{len(cu_k)}: both are [batch + 1]")
+        _check_max("max_seqlen_q", max_seqlen_q, cu_q)
+        _check_max("max_seqlen_k", max_seqlen_k, cu_k)
     window = check_window(window_size, sinks)
     given = [name for name, x in (("attn_indices", attn_indices), ("layout", layout),
                                   ("window_size/sinks", window)) if x is not None]
@@ -131,8 +142,9 @@ def build_varlen_layout(cu_seqlens_q, cu_seqlens_k, *, attn_indices=None, window
     return packed_layout(cu_q, cu_k, window, is_causal, device, block_m, block_n)
 
 
-def _offsets(name, cu, total, tensor_name) -> list[int]:
-    """Host copy of checked ``cu_seqlens`` (one small device read)."""
+def _offsets(name, cu, total, tensor_name, read=True) -> list[int] | None:
+    """Host copy of checked ``cu_seqlens`` (one small device read; with ``read=False`` only
+    the type and shape are checked and nothing is read)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype not in _INDEX_DTYPES:
@@ -140,6 +152,8 @@ def _offsets(name, cu, total, tensor_name) -> list[int]:
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"{name} must be 1-D [batch + 1] with batch >= 1, got shape "
                          f"{tuple(cu.shape)}")
+    if not read:
+        return None
     values = cu.tolist()
     if values[0] != 0:
         raise ValueError(f"{name} must start at 0, got {values[0]}")
@@ -157,6 +171,8 @@ def _offsets(name, cu, total, tensor_name) -> list[int]:
 def _check_max(name, value, cu):
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {value!r}")
+    if cu is None:
+        return
     longest = max(b - a for a, b in zip(cu, cu[1:]))
     if value < longest:
         raise ValueError(f"{name}={value} is smaller than the longest sequence ({longest})")

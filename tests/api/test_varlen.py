@@ -315,6 +315,48 @@ def test_flash_attention_calls_run_unchanged():
     assert probs is None and torch.equal(out, want) and torch.equal(lse, want_lse)
 
 
+def test_a_given_layout_reads_no_device_offsets():
+    """With ``layout=``, device-side ``cu_seqlens`` are not read (on a GPU a read is a host
+    sync): offsets on the meta device, which cannot be read at all, work; host offsets are
+    still checked."""
+    x = torch.randn(30, 2, 16)
+    host = cu([10, 20])
+    layout = bsa.build_varlen_layout(host, host, window_size=(5, 0), is_causal=True)
+    want = bsa.sparse_attn_varlen_func(x, x, x, host, host, 20, 20, window_size=(5, 0),
+                                       causal=True, backend="torch")
+    meta = host.to("meta")
+    got = bsa.sparse_attn_varlen_func(x, x, x, meta, meta, 20, 20, layout=layout,
+                                      backend="torch")
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be 1-D"):
+        bsa.sparse_attn_varlen_func(x, x, x, meta[None], meta, 20, 20, layout=layout)
+    with pytest.raises(ValueError, match="max_seqlen_q=5 is smaller"):
+        bsa.sparse_attn_varlen_func(x, x, x, host, host, 5, 20, layout=layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+def test_gpu_varlen_calls_without_a_sync():
+    """Host offsets (a fresh layout) or ``layout=`` with device offsets: no host sync."""
+    x = torch.randn(3000, 4, 64, device="cuda", dtype=torch.bfloat16)
+    host = cu([1000, 999, 1])
+    layout = bsa.build_varlen_layout(host, host, window_size=(255, 0), is_causal=True,
+                                     device="cuda")
+    device_offsets = host.cuda()
+    want = bsa.sparse_attn_varlen_func(x, x, x, device_offsets, device_offsets, 1000, 1000,
+                                       window_size=(255, 0), causal=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fresh = bsa.sparse_attn_varlen_func(x, x, x, host, host, 1000, 1000,
+                                            window_size=(200, 0), causal=True)
+        given = bsa.sparse_attn_varlen_func(x, x, x, device_offsets, device_offsets, 1000,
+                                            1000, layout=layout)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(given, want) and fresh.isfinite().all()
+
+
 def test_empty_packed_batch():
     x = torch.randn(0, 2, 16)
     out, lse = bsa.sparse_attn_varlen_func(x, x, x, cu([0, 0]), cu([0, 0]), 0, 0,
