@@ -15,9 +15,8 @@ from .common import (DBIAS_KEYS, DBIAS_PAIRS, LOG2E, ORDER_TOKENS, bias_args, bi
 
 @triton.jit
 def _dkdv_tiles(dk, dv, dbias_cols, k, v, k_rows, offs_kn, q_src, do_src, q_plane, do_plane,
-                lse_base,
-                delta_base, bias_base, bias_col, dbias_base, row_ptr, mask_idx_ptr, masks,
-                start, end, QPerm, perm_d, q_len, k_len, qk_scale, cap_scale, stride_q,
+                lse_base, delta_base, bias_base, bias_col, dbias_base, row_ptr, mask_idx_ptr,
+                masks, start, end, QPerm, perm_d, q_len, k_len, qk_scale, cap_scale, stride_q,
                 stride_do, stride_bias, IS_PARTIAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr,
@@ -178,21 +177,19 @@ def sparse_attn_bwd_dkdv_kernel(
         start, end = row_range(full_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, k_rows, offs_n, q_src, do_src, q_plane, do_plane,
-            Lse + plane * q_len,
-            Delta + plane * q_len, bias_base, bias_col, dbias_base, full_row_t, full_row_t,
-            masks, start, end, QPerm, perm_d, q_len, k_len, qk_scale, cap_scale, stride_q,
-            stride_do, stride_bias, IS_PARTIAL=False, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW,
-            DBIAS=DBIAS, TMA=TMA, INPUT_PRECISION=INPUT_PRECISION)
+            Lse + plane * q_len, Delta + plane * q_len, bias_base, bias_col, dbias_base,
+            full_row_t, full_row_t, masks, start, end, QPerm, perm_d, q_len, k_len, qk_scale,
+            cap_scale, stride_q, stride_do, stride_bias, IS_PARTIAL=False, HEAD_DIM=HEAD_DIM,
+            BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ORDER=ORDER, SOFTCAP=SOFTCAP,
+            BIAS_ROW=BIAS_ROW, DBIAS=DBIAS, TMA=TMA, INPUT_PRECISION=INPUT_PRECISION)
         start, end = row_range(part_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, k_rows, offs_n, q_src, do_src, q_plane, do_plane,
-            Lse + plane * q_len,
-            Delta + plane * q_len, bias_base, bias_col, dbias_base, part_row_t, part_mask_t,
-            masks, start, end, QPerm, perm_d, q_len, k_len, qk_scale, cap_scale, stride_q,
-            stride_do, stride_bias, IS_PARTIAL=True, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW,
-            DBIAS=DBIAS, TMA=TMA, INPUT_PRECISION=INPUT_PRECISION)
+            Lse + plane * q_len, Delta + plane * q_len, bias_base, bias_col, dbias_base,
+            part_row_t, part_mask_t, masks, start, end, QPerm, perm_d, q_len, k_len, qk_scale,
+            cap_scale, stride_q, stride_do, stride_bias, IS_PARTIAL=True, HEAD_DIM=HEAD_DIM,
+            BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ORDER=ORDER, SOFTCAP=SOFTCAP,
+            BIAS_ROW=BIAS_ROW, DBIAS=DBIAS, TMA=TMA, INPUT_PRECISION=INPUT_PRECISION)
         if DBias is not None:
             if DBIAS == DBIAS_KEYS:
                 tl.store(dbias_base + k_rows, dbias_cols, mask=offs_n < k_len)

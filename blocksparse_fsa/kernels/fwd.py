@@ -12,8 +12,8 @@ from .common import (LN2, LOG2E, bias_args, bias_rows_of, dim_args, head_map, he
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, v_plane, bias_rows, row_ok, col_ptr, masks,
-               start, end,
-               KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
+               start, end, KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v,
+               stride_bias,
                IS_PARTIAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
                ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr,
