@@ -149,6 +149,23 @@ def range_masks():
         range_masks_triton(*i32, cu_q[-1], cu_k[-1], 40, 3, 2, causal, bm, bn)
 
 
+def _compile_variant(kwargs, bias_shape, dtype, dim, backward):
+    """Run ``sparse_attn_func`` (and its backward) on small CPU inputs: each kernel launch
+    compiles offline."""
+    q = torch.randn(1, LENGTH, 8, dim, dtype=dtype, requires_grad=backward)
+    k, v = (torch.randn(1, LENGTH, 2, dim, dtype=dtype, requires_grad=backward)
+            for _ in range(2))
+    inputs = [q, k, v]
+    if bias_shape is not None:
+        kwargs = dict(kwargs, attn_bias=torch.randn(bias_shape, dtype=dtype,
+                                                    requires_grad=backward))
+        inputs.append(kwargs["attn_bias"])
+    out = bsa.sparse_attn_func(q, k, v, backend="triton", **kwargs)
+    if backward:
+        loss = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
+        torch.autograd.grad(loss, inputs)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Compile every kernel variant for sm_90 offline.")
     ap.add_argument("--tma", type=int, choices=(0, 1), default=None,
@@ -162,34 +179,18 @@ def main(argv=None):
     # CPU tensors reach the (compile-only) kernels: the API's device check would refuse them
     attention.check_backend = lambda backend, query: "triton"
     cases = ((torch.bfloat16, 64), (torch.float16, 128), (torch.bfloat16, 256))
+    common._runs_tma = lambda t: True
     for tma, (dtype, dim), (name, kwargs, bias_shape) in itertools.product(
             (False, True) if args.tma is None else (bool(args.tma),), cases, variants()):
         # with and without TMA loads; CPU tensors, so the device check is bypassed
         config.TMA = config.TMA_DILATION = tma
-        common._runs_tma = lambda t: True
-        q = torch.randn(1, LENGTH, 8, dim, dtype=dtype, requires_grad=True)
-        k, v = (torch.randn(1, LENGTH, 2, dim, dtype=dtype, requires_grad=True)
-                for _ in range(2))
-        inputs = [q, k, v]
-        if bias_shape is not None:
-            kwargs = dict(kwargs, attn_bias=torch.randn(bias_shape, dtype=dtype,
-                                                        requires_grad=True))
-            inputs.append(kwargs["attn_bias"])
         print(f"-- {name}, {dtype}, D={dim}{', TMA' if tma else ''}", flush=True)
-        out = bsa.sparse_attn_func(q, k, v, backend="triton", **kwargs)
-        loss = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
-        torch.autograd.grad(loss, inputs)
+        _compile_variant(kwargs, bias_shape, dtype, dim, backward=True)
     if args.warp_specialize:
         config.TMA = config.TMA_DILATION = config.WARP_SPECIALIZE = True
-        common._runs_tma = lambda t: True
         for name, kwargs, bias_shape in variants():
             print(f"-- {name}, warp-specialized forward", flush=True)
-            q = torch.randn(1, LENGTH, 8, 128, dtype=torch.bfloat16)
-            k, v = (torch.randn(1, LENGTH, 2, 128, dtype=torch.bfloat16) for _ in range(2))
-            if bias_shape is not None:
-                kwargs = dict(kwargs, attn_bias=torch.randn(bias_shape, dtype=torch.bfloat16))
-            with torch.no_grad():
-                bsa.sparse_attn_func(q, k, v, backend="triton", **kwargs)
+            _compile_variant(kwargs, bias_shape, torch.bfloat16, 128, backward=False)
         config.WARP_SPECIALIZE = False
     if not args.skip_layout_build:
         layout_builds()
