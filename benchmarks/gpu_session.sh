@@ -24,11 +24,13 @@ log() { echo "== $*" | tee -a "$OUT/$stage/session.log"; }
 export PYTHONUNBUFFERED=1
 # wheels the image may lack, installed only where the import fails: .fa4a/test (pytest-xdist,
 # hypothesis) for the tests, .fa4a/extra or .fa4x (einops, cuda-bindings) for FA4
-twhl() { python3 -c "import $1" 2>/dev/null || cp .fa4a/test/"$2"-*.whl .testwhl/; }
+# need MODULE WHEEL DIR: copy the wheel WHEEL-*.whl into DIR unless MODULE imports
+need() { python3 -c "import $1" 2>/dev/null || cp "$2"-*.whl "$3"/; }
 if [ -d .fa4a/test ] && [ ! -d .testsite ]; then
   mkdir -p .testwhl
-  twhl xdist pytest_xdist; twhl execnet execnet
-  twhl hypothesis hypothesis; twhl sortedcontainers sortedcontainers
+  need xdist .fa4a/test/pytest_xdist .testwhl; need execnet .fa4a/test/execnet .testwhl
+  need hypothesis .fa4a/test/hypothesis .testwhl
+  need sortedcontainers .fa4a/test/sortedcontainers .testwhl
   ls .testwhl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps \
     --target .testsite .testwhl/*.whl > "$OUT/$stage/test_wheels.log" 2>&1
 fi
@@ -48,8 +50,8 @@ if [ "$stage" != a ] && [ ! -d .fa4site ]; then
     python3 -c "import cuda.bindings" >> "$OUT/$stage/fa4_install.log" 2>&1 ||
       echo "the image lacks cuda-bindings, which the CuTe DSL needs" >> "$OUT/$stage/fa4_install.log"
   elif [ -d .fa4b ] && [ -d "$FA4A" ]; then
-    need() { python3 -c "import $1" 2>/dev/null || cp "$FA4A"/extra/"$2"-*.whl .fa4b/; }
-    need einops einops; need cuda.bindings cuda_bindings; need cuda.pathfinder cuda_pathfinder
+    need einops "$FA4A"/extra/einops .fa4b; need cuda.bindings "$FA4A"/extra/cuda_bindings .fa4b
+    need cuda.pathfinder "$FA4A"/extra/cuda_pathfinder .fa4b
     cat "$FA4A"/libs.part.* .fa4b/libs.part.* \
       > .fa4b/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl &&
     python3 -m pip install -q --no-index --no-deps --target .fa4site .fa4b/*.whl \
