@@ -51,8 +51,9 @@ def parse_args(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--patterns", nargs="+", choices=["window", "topk"],
                     default=["window", "topk"])
-    ap.add_argument("--sweep", action="store_true",
-                    help="also time ours (graph-captured) over a grid of launch configs")
+    ap.add_argument("--sweep", nargs="?", const="full", choices=["full", "quick"],
+                    help="also time ours (graph-captured) over a grid of launch configs; "
+                         "'quick': split waves x BLOCK_N x stages at 4 warps")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # CPU, tiny shapes
     return ap.parse_args(argv)
 
@@ -218,7 +219,8 @@ def main(argv=None):
                     add(pattern, batch, length, "ours-graph",
                         lambda: (graph.replay(), static)[1], keys, ref)
                 if args.sweep:
-                    sweep(add, pattern, batch, length, ours, keys, ref, device)
+                    sweep(add, pattern, batch, length, ours, keys, ref, device,
+                          SWEEP[args.sweep])
                 add(pattern, batch, length, "flex", lambda: flex(q, k_store, v_store, allowed,
                                                                  compiled), keys, ref)
                 del allowed
@@ -242,17 +244,20 @@ def main(argv=None):
     write(args.out, gpu, copy_gbs, rows)
 
 
-SWEEP = [dict(BLOCK_N=n, num_warps=w, num_stages=st, waves=wv) for n in (32, 64, 128)
-         for w in (4, 8) for st in (2, 3, 4) for wv in (1, 2, 4)
-         if not (n == 128 and w == 4)]
+SWEEP = dict(
+    full=[dict(BLOCK_N=n, num_warps=w, num_stages=st, waves=wv) for n in (32, 64, 128)
+          for w in (4, 8) for st in (2, 3, 4) for wv in (1, 2, 4)
+          if not (n == 128 and w == 4)],
+    quick=[dict(BLOCK_N=n, num_warps=4, num_stages=st, waves=wv) for n in (32, 64)
+           for st in (2, 3) for wv in (2, 4, 8)])
 
 
-def sweep(add, pattern, batch, length, ours, keys, ref, device):
-    """``ours`` under each launch config of SWEEP (``get_decode_config`` and ``SPLIT_WAVES``
+def sweep(add, pattern, batch, length, ours, keys, ref, device, grid):
+    """``ours`` under each launch config of ``grid`` (``get_decode_config`` and ``SPLIT_WAVES``
     overridden), graph-captured where there is a GPU."""
     default_config, default_waves = decode.get_decode_config, decode.SPLIT_WAVES
     try:
-        for cfg in SWEEP:
+        for cfg in grid:
             cfg = dict(cfg)
             decode.SPLIT_WAVES = cfg.pop("waves")
             decode.get_decode_config = lambda head_dim, indices, cfg=cfg: dict(cfg)

@@ -12,12 +12,16 @@
 #                                      and BigBird
 #   bash benchmarks/gpu_session.sh v   after a kernel change: the A/B, the GPU kernel tests,
 #                                      FA4 against ours on window and documents
+#   bash benchmarks/gpu_session.sh f   the final kernels: A/B against .base/, every pattern
+#                                      against the frontier, the decode launch sweep at B=8
+#   bash benchmarks/gpu_session.sh t   forward config sweep on the window, GPU tests; the
+#                                      frontier on BigBird, NSA, dilated and top-k
 # FA4 comes from .fa4x/fa4.tar.xz (benchmarks/fa4_pack.sh; fits one call), or from
 # ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with stage b); .base/ (and optionally .head/) hold older checkouts' blocksparse_fsa for the A/B.
 # ONLY=REGEX runs only the steps whose names match (ONLY=varlen finishes a stage a that the
 # deadline cut short).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh a|b|c|v}
+stage=${1:?usage: gpu_session.sh a|b|c|f|t|v}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/$stage"
 log() { echo "== $*" | tee -a "$OUT/$stage/session.log"; }
@@ -39,7 +43,11 @@ fi
 # name, so .fa4a does not outlive its call)
 [ -d .fa4a ] && [ ! -d /tmp/fa4a ] && cp -r .fa4a /tmp/fa4a
 FA4A=.fa4a; [ -d "$FA4A" ] || FA4A=/tmp/fa4a
-if [ "$stage" != a ] && [ ! -d .fa4site ]; then
+# (a folder left by an earlier call on a warm machine may be incomplete: test the import)
+fa4_ok() { PYTHONPATH=$PWD/.fa4site/nvidia_cutlass_dsl/dsl_packages:$PWD/.fa4site \
+             python3 -c "import flash_attn.cute" 2>/dev/null; }
+if [ "$stage" != a ] && ! fa4_ok; then
+  rm -rf .fa4site
   if [ -f .fa4x/fa4.tar.xz ]; then
     python3 -c "import tarfile; tarfile.open('.fa4x/fa4.tar.xz').extractall('.fa4site')" \
       > "$OUT/$stage/fa4_install.log" 2>&1
@@ -111,6 +119,33 @@ elif [ "$stage" = c ]; then
   step "decode" 200 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
     --lengths 8192 32768 131072 --batches 1 8 64 2>&1 | tail -60 | tee -a "$OUT/$stage/session.log"'
   step "warp specialization: bigbird" 100 bash -c 'ws bigbird'
+elif [ "$stage" = t ]; then
+  # forward configs on the window pattern (tile shape x stacked heads x warps x stages), the
+  # GPU test tier, then the frontier on the patterns stage v leaves out
+  tune() { python3 benchmarks/tune_configs.py --pattern sliding_window --passes fwd \
+             --out "$OUT/$stage/tune_$1" --blocks "${@:2}" 2>&1 | tail -30; }
+  export -f tune
+  step "tune: 64x64" 90 bash -c 'tune 64 64x64 --stack 2 4 --warps 4 8 --stages 2 3'
+  step "tune: 64x128" 90 bash -c 'tune 128 64x128 --stack 1 2 --warps 4 8 --stages 2 3'
+  step "tune: 128x128" 60 bash -c 'tune 128sq 128x128 --stack 1 --warps 8 --stages 2 3'
+  step "GPU tests" 230 bash -c 'python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST \
+    --maxfail=30 -rf tests > "$OUT/$stage/gpu_tests.log" 2>&1'
+  tail -25 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
+  step "harness: the rest of the frontier" 240 bash -c 'bench bench_rest --pattern bigbird \
+    nsa_blocks dilated_reordered topk_random --systems ours flex flex_flash fa4_dense_causal'
+elif [ "$stage" = f ]; then
+  # the final kernels: the A/B against .base/, every pattern against the frontier, and the
+  # decode launch sweep where one step is latency-bound (B = 8)
+  for label in before after; do
+    dir=$PWD; [ $label = before ] && dir=$PWD/.base
+    [ -d "$dir/blocksparse_fsa" ] && step "kernel A/B: $label" 60 env PYTHONPATH="$dir" \
+      python3 benchmarks/ab_kernels.py --label $label --out "$OUT/$stage"
+  done
+  step "harness: every pattern against the frontier" 300 bash -c 'bench bench_all --pattern \
+    sliding_window documents bigbird nsa_blocks dilated_reordered topk_random --systems ours \
+    flex flex_flash fa4_window fa4_varlen fa4_dense_causal sdpa_causal'
+  step "decode sweep" 150 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
+    --lengths 32768 --batches 8 64 --sweep quick 2>&1 | tail -70 | tee -a "$OUT/$stage/session.log"'
 elif [ "$stage" = v ]; then
   # after a kernel change: the A/B against .base/ (and .head/), the GPU kernel tests, then FA4
   for label in before head after; do
