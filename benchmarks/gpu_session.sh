@@ -14,8 +14,8 @@
 #                                      FA4 against ours on window and documents
 #   bash benchmarks/gpu_session.sh f   the final kernels: A/B against .base/, every pattern
 #                                      against the frontier, the decode launch sweep at B=8
-#   bash benchmarks/gpu_session.sh t   forward config sweep on the window, GPU tests; the
-#                                      frontier on BigBird, NSA, dilated and top-k
+#   bash benchmarks/gpu_session.sh t   GPU tests; the frontier on BigBird, NSA, dilated and
+#                                      top-k; forward config sweeps on the window
 # FA4 comes from .fa4x/fa4.tar.xz (benchmarks/fa4_pack.sh; fits one call), or from
 # ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with stage b); .base/ (and optionally .head/) hold older checkouts' blocksparse_fsa for the A/B.
 # ONLY=REGEX runs only the steps whose names match (ONLY=varlen finishes a stage a that the
@@ -120,19 +120,18 @@ elif [ "$stage" = c ]; then
     --lengths 8192 32768 131072 --batches 1 8 64 2>&1 | tail -60 | tee -a "$OUT/$stage/session.log"'
   step "warp specialization: bigbird" 100 bash -c 'ws bigbird'
 elif [ "$stage" = t ]; then
-  # forward configs on the window pattern (tile shape x stacked heads x warps x stages), the
-  # GPU test tier, then the frontier on the patterns stage v leaves out
-  tune() { python3 benchmarks/tune_configs.py --pattern sliding_window --passes fwd \
-             --out "$OUT/$stage/tune_$1" --blocks "${@:2}" 2>&1 | tail -30; }
-  export -f tune
-  step "tune: 64x64" 90 bash -c 'tune 64 64x64 --stack 2 4 --warps 4 8 --stages 2 3'
-  step "tune: 64x128" 90 bash -c 'tune 128 64x128 --stack 1 2 --warps 4 8 --stages 2 3'
-  step "tune: 128x128" 60 bash -c 'tune 128sq 128x128 --stack 1 --warps 8 --stages 2 3'
+  # the GPU test tier, the frontier on the patterns stage v leaves out, then forward configs on
+  # the window pattern (tile shape x stacked heads x warps x stages) with what time is left
   step "GPU tests" 230 bash -c 'python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST \
     --maxfail=30 -rf tests > "$OUT/$stage/gpu_tests.log" 2>&1'
   tail -25 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
-  step "harness: the rest of the frontier" 240 bash -c 'bench bench_rest --pattern bigbird \
+  step "harness: the rest of the frontier" 170 bash -c 'bench bench_rest --pattern bigbird \
     nsa_blocks dilated_reordered topk_random --systems ours flex flex_flash fa4_dense_causal'
+  tune() { python3 benchmarks/tune_configs.py --pattern sliding_window --passes fwd \
+             --out "$OUT/$stage/tune_$1" --blocks "${@:2}" 2>&1 | tail -30; }
+  export -f tune
+  step "tune: 64x128" 90 bash -c 'tune 128 64x128 --stack 2 1 --warps 8 4 --stages 2 3'
+  step "tune: 64x64" 90 bash -c 'tune 64 64x64 --stack 4 2 --warps 8 4 --stages 2 3'
 elif [ "$stage" = f ]; then
   # the final kernels: the A/B against .base/, every pattern against the frontier, and the
   # decode launch sweep where one step is latency-bound (B = 8)
