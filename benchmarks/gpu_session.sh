@@ -128,7 +128,7 @@ elif [ "$stage" = t ]; then
   step "harness: the rest of the frontier" 170 bash -c 'bench bench_rest --pattern bigbird \
     nsa_blocks dilated_reordered topk_random --systems ours flex flex_flash fa4_dense_causal'
   tune() { python3 benchmarks/tune_configs.py --pattern sliding_window --passes fwd \
-             --out "$OUT/$stage/tune_$1" --blocks "${@:2}" 2>&1 | tail -30; }
+             --out "$OUT/$stage/tune_$1" --blocks "${@:2}" 2>&1 | tee "$OUT/$stage/tune_$1.log" | tail -30; }
   export -f tune
   step "tune: 64x128" 90 bash -c 'tune 128 64x128 --stack 2 1 --warps 8 4 --stages 2 3'
   step "tune: 64x64" 90 bash -c 'tune 64 64x64 --stack 4 2 --warps 8 4 --stages 2 3'
