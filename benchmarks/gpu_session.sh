@@ -127,11 +127,14 @@ elif [ "$stage" = t ]; then
   tail -25 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
   step "harness: the rest of the frontier" 170 bash -c 'bench bench_rest --pattern bigbird \
     nsa_blocks dilated_reordered topk_random --systems ours flex flex_flash fa4_dense_causal'
-  tune() { python3 benchmarks/tune_configs.py --pattern sliding_window --passes fwd \
-             --out "$OUT/$stage/tune_$1" --blocks "${@:2}" 2>&1 | tee "$OUT/$stage/tune_$1.log" | tail -30; }
+  tune() { python3 benchmarks/tune_configs.py --pattern sliding_window --out "$OUT/$stage/tune_$1" \
+             --blocks "${@:2}" 2>&1 | tee "$OUT/$stage/tune_$1.log" | tail -30; }
   export -f tune
-  step "tune: 64x128" 90 bash -c 'tune 128 64x128 --stack 2 1 --warps 8 4 --stages 2 3'
-  step "tune: 64x64" 90 bash -c 'tune 64 64x64 --stack 4 2 --warps 8 4 --stages 2 3'
+  step "tune: forward 64x128" 90 bash -c 'tune 128 64x128 --passes fwd --stack 2 1 \
+    --warps 8 4 --stages 2 3'
+  step "tune: dK/dV" 60 bash -c 'tune dkdv 64x64 --passes dkdv --warps 8 4 --stages 2 3'
+  step "tune: forward 64x64" 90 bash -c 'tune 64 64x64 --passes fwd --stack 4 2 --warps 8 4 \
+    --stages 2 3'
 elif [ "$stage" = f ]; then
   # the final kernels: the A/B against .base/, every pattern against the frontier, and the
   # decode launch sweep where one step is latency-bound (B = 8)
