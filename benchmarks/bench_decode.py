@@ -17,7 +17,8 @@ output, unsorted, unique). Rows:
 - ``sdpa-dense``: SDPA over the whole cache (what the pattern saves), checked against
   ``sparse_attn_with_kvcache`` without a pattern.
 - ``fa-kvcache``: FlashAttention's ``flash_attn_with_kvcache`` (from ``flash_attn.cute``, else
-  ``flash_attn``) on the window without sinks (it has none), checked against ours likewise;
+  ``flash_attn``; FlashAttention-4, which has none, through ``flash_attn_varlen_func`` with
+  ``seqused_k``) on the window without sinks (it has none), checked against ours likewise;
   skipped with a message when neither installs.
 
 Every candidate is checked against ours before it is timed (a mismatch is reported, not timed).
@@ -133,6 +134,14 @@ def fa_kvcache():
         fn = getattr(mod, "flash_attn_with_kvcache", None)
         if fn is not None:
             return fn, module
+        varlen = getattr(mod, "flash_attn_varlen_func", None)
+        if module.startswith("flash_attn.cute") and varlen is not None:
+            # FlashAttention-4 decodes through its varlen entry point: a batched q, whole
+            # caches and each row's length as seqused_k
+            def fn(q, k_cache, v_cache, *, cache_seqlens, causal, window_size, varlen=varlen):
+                return varlen(q, k_cache, v_cache, seqused_k=cache_seqlens, causal=causal,
+                              window_size=window_size)[0]
+            return fn, f"{module}.flash_attn_varlen_func(seqused_k=)"
         last = f"{module} has no flash_attn_with_kvcache"
     return None, last
 

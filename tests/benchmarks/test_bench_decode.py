@@ -33,3 +33,29 @@ def test_quick_sweep(tmp_path):
     swept = [r for r in rows if r["method"].startswith("sweep ")]
     assert len(swept) == len(script.SWEEP["quick"])
     assert all(r["ms"] and "FAILED" not in r["note"] for r in swept), swept
+
+
+def test_fa4_decodes_through_varlen(monkeypatch):
+    """FlashAttention-4 has no ``flash_attn_with_kvcache``: the baseline calls its varlen entry
+    point with ``seqused_k`` and keeps the output of its (out, lse)."""
+    import sys
+    import types
+
+    calls = []
+
+    def varlen(q, k, v, **kw):
+        calls.append(kw)
+        return q + 1, None
+
+    package, cute = types.ModuleType("flash_attn"), types.ModuleType("flash_attn.cute")
+    cute.flash_attn_varlen_func = varlen
+    package.cute = cute
+    monkeypatch.setitem(sys.modules, "flash_attn", package)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fn, where = script.fa_kvcache()
+    assert where == "flash_attn.cute.flash_attn_varlen_func(seqused_k=)"
+    assert fn(1, None, None, cache_seqlens="lens", causal=True, window_size=(7, 0)) == 2
+    assert calls == [dict(seqused_k="lens", causal=True, window_size=(7, 0))]
