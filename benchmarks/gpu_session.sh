@@ -120,17 +120,18 @@ elif [ "$stage" = c ]; then
     --lengths 8192 32768 131072 --batches 1 8 64 2>&1 | tail -60 | tee -a "$OUT/$stage/session.log"'
   step "warp specialization: bigbird" 100 bash -c 'ws bigbird'
 elif [ "$stage" = t ]; then
-  # the GPU test tier, the frontier on the patterns stage v leaves out, then forward configs on
-  # the window pattern (tile shape x stacked heads x warps x stages) with what time is left
-  step "GPU tests" 230 bash -c 'python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST \
-    --maxfail=30 -rf tests > "$OUT/$stage/gpu_tests.log" 2>&1'
+  # the GPU test tier (8 workers: compiling is the bottleneck), the frontier on the patterns
+  # stage v leaves out (Triton flex: stage b), then forward and dK/dV configs on the window
+  python3 -c "import xdist" 2>/dev/null && XDIST="-n 8"
+  step "GPU tests" 200 bash -c "python3 -m pytest -m gpu -q -p no:cacheprovider $XDIST \
+    --maxfail=30 -rf tests > '$OUT/$stage/gpu_tests.log' 2>&1"
   tail -25 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
-  step "harness: the rest of the frontier" 170 bash -c 'bench bench_rest --pattern bigbird \
-    nsa_blocks dilated_reordered topk_random --systems ours flex flex_flash fa4_dense_causal'
+  step "harness: the rest of the frontier" 150 bash -c 'bench bench_rest --pattern bigbird \
+    nsa_blocks dilated_reordered topk_random --systems ours flex_flash fa4_dense_causal'
   tune() { python3 benchmarks/tune_configs.py --pattern sliding_window --out "$OUT/$stage/tune_$1" \
              --blocks "${@:2}" 2>&1 | tee "$OUT/$stage/tune_$1.log" | tail -30; }
   export -f tune
-  step "tune: forward 64x128" 90 bash -c 'tune 128 64x128 --passes fwd --stack 2 1 \
+  step "tune: forward 64x128" 80 bash -c 'tune 128 64x128 --passes fwd --stack 2 1 \
     --warps 8 4 --stages 2 3'
   step "tune: dK/dV" 60 bash -c 'tune dkdv 64x64 --passes dkdv --warps 8 4 --stages 2 3'
   step "tune: forward 64x64" 90 bash -c 'tune 64 64x64 --passes fwd --stack 4 2 --warps 8 4 \
