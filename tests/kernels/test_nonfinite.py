@@ -48,9 +48,12 @@ def check(q, k, v, layout, bias=None, garbage=None, backend="triton", dtype=torc
           softcap=0.0):
     """Out, lse and gradients of ``sparse_attn_func`` on inputs spoiled with ``garbage`` (see
     ``spoil``), against the float64 reference on the clean inputs, where a bias of -inf is a
-    masked-out key (rows left without keys: out 0, lse -inf, zero gradients)."""
+    masked-out key (rows left without keys: out 0, lse -inf, zero gradients). As in
+    FlashAttention's tests, the reference sees the inputs rounded to ``dtype`` (and an upstream
+    gradient that ``dtype`` holds exactly): rounding them is not the kernel's error, and in a
+    sum over many rows (a broadcast bias' gradient) it can exceed the low-precision baseline's."""
     gen = torch.Generator().manual_seed(7)
-    dout = torch.randn(q.shape, generator=gen)
+    dout = torch.randn(q.shape, generator=gen).to(dtype).float()
     dlse = torch.randn(q.shape[0], q.shape[2], q.shape[1], generator=gen)
     mask = layout.to_dense_mask().cpu()
     ref_bias = bias
@@ -89,7 +92,8 @@ def check(q, k, v, layout, bias=None, garbage=None, backend="triton", dtype=torc
                                     backend=backend,
                                     attn_bias=None if b is None else b.to(DEVICE))
 
-    ref = run((q, k, v), ref_bias, torch.float64, reference)
+    ref = run([t.to(dtype) for t in (q, k, v)], None if ref_bias is None else ref_bias.to(dtype),
+              torch.float64, reference)
     low = run((q, k, v), ref_bias, dtype, low_reference)
     got = run(spoiled, bias, dtype, ours, dout_garbage)
     for name, g, lo, r in zip(NAMES, got, low, ref):
