@@ -13,11 +13,12 @@
 #   bash benchmarks/gpu_session.sh f   the final kernels: A/B against .base/, every pattern
 #                                      against the frontier, the decode launch sweep at B=8
 #   bash benchmarks/gpu_session.sh t   GPU tests; the frontier on BigBird, NSA, dilated and
-#                                      top-k; forward config sweeps on the window
+#                                      top-k; forward and dK/dV config sweeps on the window
 #   bash benchmarks/gpu_session.sh v   after a kernel change: the A/B, the GPU kernel tests,
 #                                      FA4 against ours on window and documents
 # FA4 comes from .fa4x/fa4.tar.xz (benchmarks/fa4_pack.sh; fits one call), or from
-# ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with stage b); .base/ (and optionally .head/) hold older checkouts' blocksparse_fsa for the A/B.
+# ../shared/tools/fa4-wheels' two folders (.fa4a sent with stage a, .fa4b with stage b);
+# .base/ (and optionally .head/) hold older checkouts' blocksparse_fsa for the A/B.
 # ONLY=REGEX runs only the steps whose names match (ONLY=varlen finishes a stage a that the
 # deadline cut short).
 set -uo pipefail
