@@ -60,6 +60,8 @@ def summary(rows: list[Row], seq_lens, sdpa_mask_max_len: int) -> list[str]:
 
     patterns = list(dict.fromkeys(r.pattern for r in rows))
     for pat in patterns:
+        if not any((pat, L, "flex", p) in idx for p in PASSES):
+            continue  # flex not among the systems: nothing to say
         parts = [f"{p} {fmt(getattr(idx.get((pat, L, 'ours', p)), 'speedup_vs_flex', None))}"
                  for p in PASSES]
         lines.append(f"  {pat:<17} ours vs flex:  " + ", ".join(parts))

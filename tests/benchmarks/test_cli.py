@@ -166,6 +166,9 @@ def test_write_results_and_summary(tmp_path):
     text = "\n".join(bench.summary(rows, [32768], 8192))
     assert "sliding_window" in text and "ours vs flex" in text
     assert bench.format_row(rows[0]).startswith("sliding_window")
+    # without flex among the systems there is no "ours vs flex" line (rather than "n/a")
+    no_flex = [r for r in rows if r.system != "flex"]
+    assert "ours vs flex" not in "\n".join(bench.summary(no_flex, [32768], 8192))
 
 
 def test_progress_lines():
