@@ -151,14 +151,12 @@ def sparse_attn_bwd_dkdv_kernel(
     for g in range(group_size):
         hq = hk * group_size + g
         row = (b * layout_batch_step * layout_heads + hq // head_div) * tl.num_programs(0) + kt
-        q_src = tile_source(head_plane(Q, stride_q, b, hq), q_len, stride_q[1], perm_d,
-                            BLOCK=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ORDER=ORDER,
-                            TMA=TMA)
-        do_src = tile_source(head_plane(DOut, stride_do, b, hq), q_len, stride_do[1], perm_d,
-                             BLOCK=BLOCK_M, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ORDER=ORDER,
-                             TMA=TMA)
         q_plane = head_plane(Q, stride_q, b, hq)
         do_plane = head_plane(DOut, stride_do, b, hq)
+        q_src = tile_source(q_plane, q_len, stride_q[1], perm_d, BLOCK=BLOCK_M,
+                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
+        do_src = tile_source(do_plane, q_len, stride_do[1], perm_d, BLOCK=BLOCK_M,
+                             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
         plane = b * num_q_heads + hq
         bias_base = Bias
         bias_col = tl.zeros([BLOCK_N], dtype=tl.float32)
