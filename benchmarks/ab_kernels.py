@@ -9,12 +9,14 @@ It times ``sparse_attn_func(q, k, v, layout=...)`` forward and forward+backward
 (``triton.testing.do_bench`` medians) on the benchmark's headline shapes (B1 Hq32 Hkv8 D128
 bf16, L=32768) for a causal sliding window of 1024 keys and a causal BigBird layout, using
 only API that every released version of the package has, and appends one JSON line per row to
-``DIR/ab_kernels.jsonl``.
+``DIR/ab_kernels.jsonl``. ``--config NAME=VALUE`` sets ``blocksparse_fsa.kernels.config.NAME``
+first (a Python literal), to compare launch options of one checkout the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import time
@@ -30,9 +32,19 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--seq-len", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=3, help="do_bench runs per row")
+    parser.add_argument("--config", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="set blocksparse_fsa.kernels.config.NAME to the literal VALUE")
     args = parser.parse_args(argv)
 
     import blocksparse_fsa as bsa
+
+    for item in args.config:
+        from blocksparse_fsa.kernels import config
+
+        name, _, value = item.partition("=")
+        if not hasattr(config, name):
+            raise SystemExit(f"blocksparse_fsa.kernels.config has no {name!r}")
+        setattr(config, name, ast.literal_eval(value))
 
     L, hq, hkv, d, dev = args.seq_len, 32, 8, 128, "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -66,6 +78,7 @@ def main(argv=None) -> None:
                            ms=ms, ms_runs=times, tflops=factor * flops / ms / 1e9,
                            gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                            triton=triton.__version__, package=bsa.__file__,
+                           config=args.config,
                            time=time.strftime("%Y-%m-%dT%H:%M:%S"))
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")

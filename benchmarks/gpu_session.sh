@@ -10,6 +10,10 @@
 #   bash benchmarks/gpu_session.sh c   bench_decode.py; the forward warp-specialized (Triton's
 #                                      tl.range option) against the default config, window
 #                                      and BigBird
+#   bash benchmarks/gpu_session.sh g   the partial-tile loads (config.PARTIAL_LOADS) against
+#                                      .base/ and each other; with the fastest: the GPU
+#                                      non-finite tests, the decode step, the frontier on the
+#                                      window and documents, then the GPU kernel tests
 #   bash benchmarks/gpu_session.sh f   the final kernels: A/B against .base/, every pattern
 #                                      against the frontier, the decode launch sweep at B=8
 #   bash benchmarks/gpu_session.sh t   GPU tests; the frontier on BigBird, NSA, dilated and
@@ -22,7 +26,7 @@
 # ONLY=REGEX runs only the steps whose names match (ONLY=varlen finishes a stage a that the
 # deadline cut short).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh a|b|c|f|t|v}
+stage=${1:?usage: gpu_session.sh a|b|c|f|g|t|v}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/$stage"
 log() { echo "== $*" | tee -a "$OUT/$stage/session.log"; }
@@ -150,6 +154,45 @@ elif [ "$stage" = f ]; then
     flex flex_flash fa4_window fa4_varlen fa4_dense_causal sdpa_causal'
   step "decode sweep" 150 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
     --lengths 32768 --batches 8 64 --sweep quick 2>&1 | tail -70 | tee -a "$OUT/$stage/session.log"'
+elif [ "$stage" = g ]; then
+  [ -d .base/blocksparse_fsa ] && step "kernel A/B: before" 60 env PYTHONPATH="$PWD/.base" \
+    python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
+  for mode in pointer select branch; do
+    step "kernel A/B: $mode" 60 python3 benchmarks/ab_kernels.py --label "$mode" \
+      --out "$OUT/$stage" --config "PARTIAL_LOADS='$mode'"
+  done
+  # the mode with the smallest total time over the A/B's rows
+  best=$(python3 -c "
+import json, collections
+tot = collections.Counter(); n = collections.Counter()
+for line in open('$OUT/$stage/ab_kernels.jsonl'):
+    r = json.loads(line)
+    if r['label'] != 'before': tot[r['label']] += r['ms']; n[r['label']] += 1
+full = [m for m in tot if n[m] == max(n.values())]
+print(min(full, key=tot.get) if full else 'pointer')" 2>/dev/null || echo pointer)
+  log "fastest PARTIAL_LOADS: $best"
+  # a pytest plugin and a runner that set the mode in every process (xdist workers too)
+  mkdir -p /tmp/bsamode
+  printf 'import os\nimport blocksparse_fsa.kernels.config as c\nc.PARTIAL_LOADS = os.environ["BSA_PARTIAL_LOADS"]\n' \
+    > /tmp/bsamode/bsa_mode.py
+  export BSA_PARTIAL_LOADS=$best PYTHONPATH=/tmp/bsamode:$PYTHONPATH
+  step "GPU non-finite tests" 90 bash -c "python3 -m pytest -m gpu -q -p no:cacheprovider \
+    -p bsa_mode $XDIST -rf tests/kernels/test_nonfinite.py tests/api/test_nonfinite.py \
+    > '$OUT/$stage/gpu_nonfinite.log' 2>&1"
+  tail -4 "$OUT/$stage/gpu_nonfinite.log" | tee -a "$OUT/$stage/session.log"
+  step "decode" 90 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
+    --lengths 32768 --batches 8 64 2>&1 | tail -40 | tee -a "$OUT/$stage/session.log"'
+  step "harness: the frontier" 200 bash -c 'python3 -c "import bsa_mode, runpy, sys
+sys.argv[0] = \"blocksparse_fsa_bench\"
+runpy.run_module(\"blocksparse_fsa_bench\", run_name=\"__main__\")" --seq-len 32768 --quick \
+    --no-plot --out "$OUT/$stage/bench_frontier" --pattern sliding_window documents bigbird \
+    --systems ours flex_flash fa4_window fa4_varlen fa4_dense_causal \
+    2>"$OUT/$stage/bench_frontier.progress" | tee "$OUT/$stage/bench_frontier.log"'
+  left=$((DEADLINE - SECONDS - 15)); [ "$left" -gt 200 ] && left=200
+  step "GPU kernel tests" $((left + 10)) bash -c "timeout -s INT $left python3 -m pytest -m gpu \
+    -q -p no:cacheprovider -p bsa_mode $XDIST -rf tests/test_gpu.py tests/kernels \
+    > '$OUT/$stage/gpu_tests.log' 2>&1"
+  tail -12 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
 elif [ "$stage" = v ]; then
   # after a kernel change: the A/B against .base/ (and .head/), the GPU kernel tests, then FA4
   for label in before head after; do

@@ -8,9 +8,10 @@ import triton.language as tl
 
 from . import config as launch_config
 from .common import (DBIAS_KEYS, DBIAS_PAIRS, LOG2E, ORDER_TOKENS, bias_args, bias_rows_of,
-                     dim_args, head_map, head_plane, load_bias, load_tile, log2_scores,
-                     new_empty, perm_args, query_tile, row_range, score_args, tile_bits,
-                     tile_keys, tile_queries, tile_source, token_rows, use_tma)
+                     dim_args, guard_arg, head_map, head_plane, load_bias, load_partial,
+                     load_tile, log2_scores, new_empty, perm_args, query_tile, row_range,
+                     score_args, tile_bits, tile_keys, tile_queries, tile_source, token_rows,
+                     use_tma)
 
 
 @triton.jit
@@ -20,7 +21,8 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, k_rows, offs_kn, q_src, do_src, q_plan
                 stride_do, stride_bias, IS_PARTIAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr,
-                DBIAS: tl.constexpr, TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                DBIAS: tl.constexpr, TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                GUARD: tl.constexpr):
     """Accumulate dK, dV of one key tile (keys ``offs_kn``, at ``k_rows``) over the query
     tiles ``row_ptr[start:end]`` of one query head (``q_src``, ``do_src``: ``tile_source``;
     ``q_plane``, ``do_plane``: the same planes for pointer loads).
@@ -47,11 +49,10 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, k_rows, offs_kn, q_src, do_src, q_plan
             # rows that attend no key of this tile read as 0: an empty row's q may be NaN,
             # which would survive dS = 0 in dS @ Q
             rows_used = tile_queries(tile_mask, offs_i, N_WORDS=N_WORDS)  # [BLOCK_M]
-            q_ok = q_ok & ((offs_m < q_len) & rows_used)[:, None]
-        if IS_PARTIAL:  # pointer loads: a TMA box has no mask to zero the unused rows with
-            q = load_tile(q_plane, q_rows, qt * BLOCK_M, q_len, perm_d, stride_q[1],
-                          stride_q[3], q_ok, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, ORDER=ORDER,
-                          TMA=False)  # [BLOCK_M, BLOCK_D]
+            q_ok = q_ok & (offs_m < q_len)[:, None]
+            q = load_partial(q_src, q_plane, q_rows, qt * BLOCK_M, q_len, perm_d, stride_q[1],
+                             stride_q[3], q_ok, rows_used, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D,
+                             ORDER=ORDER, TMA=TMA, GUARD=GUARD)  # [BLOCK_M, BLOCK_D]
         else:
             q = load_tile(q_src, q_rows, qt * BLOCK_M, q_len, perm_d, stride_q[1], stride_q[3],
                           q_ok, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
@@ -82,9 +83,9 @@ def _dkdv_tiles(dk, dv, dbias_cols, k, v, k_rows, offs_kn, q_src, do_src, q_plan
             bits_t = tile_bits(tile_mask, offs_i, offs_n, N_WORDS=N_WORDS, TRANSPOSED=True)
             p_t = tl.where(bits_t, p_t, 0.0)
         if IS_PARTIAL:  # an empty row's dO may be NaN, which would survive P = 0 in P @ dO
-            do = load_tile(do_plane, q_rows, qt * BLOCK_M, q_len, perm_d, stride_do[1],
-                           stride_do[3], q_ok, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, ORDER=ORDER,
-                           TMA=False)
+            do = load_partial(do_src, do_plane, q_rows, qt * BLOCK_M, q_len, perm_d,
+                              stride_do[1], stride_do[3], q_ok, rows_used, BLOCK=BLOCK_M,
+                              BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA, GUARD=GUARD)
         else:
             do = load_tile(do_src, q_rows, qt * BLOCK_M, q_len, perm_d, stride_do[1],
                            stride_do[3], q_ok, BLOCK=BLOCK_M, BLOCK_D=BLOCK_D, ORDER=ORDER,
@@ -121,7 +122,7 @@ def sparse_attn_bwd_dkdv_kernel(
     heads, bias_head_div, q_len, k_len, qk_scale, cap_scale, softmax_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr, DBIAS: tl.constexpr,
-    TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUARD: tl.constexpr,
 ):
     """One program = one key tile of one (batch, KV head), looping over the query heads of its
     group; grid (num_k_tiles, B * Hkv). ``tiles_t`` = (full_ptr_t, full_row_t, part_ptr_t,
@@ -179,7 +180,8 @@ def sparse_attn_bwd_dkdv_kernel(
             full_row_t, full_row_t, masks, start, end, QPerm, perm_d, q_len, k_len, qk_scale,
             cap_scale, stride_q, stride_do, stride_bias, IS_PARTIAL=False, HEAD_DIM=HEAD_DIM,
             BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ORDER=ORDER, SOFTCAP=SOFTCAP,
-            BIAS_ROW=BIAS_ROW, DBIAS=DBIAS, TMA=TMA, INPUT_PRECISION=INPUT_PRECISION)
+            BIAS_ROW=BIAS_ROW, DBIAS=DBIAS, TMA=TMA, INPUT_PRECISION=INPUT_PRECISION,
+            GUARD=GUARD)
         start, end = row_range(part_ptr_t, row)
         dk, dv, dbias_cols = _dkdv_tiles(
             dk, dv, dbias_cols, k, v, k_rows, offs_n, q_src, do_src, q_plane, do_plane,
@@ -187,7 +189,8 @@ def sparse_attn_bwd_dkdv_kernel(
             part_row_t, part_mask_t, masks, start, end, QPerm, perm_d, q_len, k_len, qk_scale,
             cap_scale, stride_q, stride_do, stride_bias, IS_PARTIAL=True, HEAD_DIM=HEAD_DIM,
             BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, ORDER=ORDER, SOFTCAP=SOFTCAP,
-            BIAS_ROW=BIAS_ROW, DBIAS=DBIAS, TMA=TMA, INPUT_PRECISION=INPUT_PRECISION)
+            BIAS_ROW=BIAS_ROW, DBIAS=DBIAS, TMA=TMA, INPUT_PRECISION=INPUT_PRECISION,
+            GUARD=GUARD)
         if DBias is not None:
             if DBIAS == DBIAS_KEYS:
                 tl.store(dbias_base + k_rows, dbias_cols, mask=offs_n < k_len)
@@ -205,7 +208,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, k_plane, bias_rows, row_ok, c
               IS_PARTIAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
               ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr,
-              TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUARD: tl.constexpr):
     """Accumulate dQ of one query tile of ``HEADS`` stacked query heads over the key tiles
     ``col_ptr[start:end]`` (keys where ``token_rows(KPerm, ..., perm_d, ORDER)`` puts them);
     ``bias_rows``, ``row_ok``: as in the forward."""
@@ -221,12 +224,11 @@ def _dq_tiles(dq, q, do, lse, delta, k_src, v_src, k_plane, bias_rows, row_ok, c
         if IS_PARTIAL:
             tile_mask = masks + t * (BLOCK_M * N_WORDS)
             kv_ok = kv_ok & (offs_kn < k_len)[:, None]
-            # keys no row of the tile attends read as 0 (NaN there would survive dS = 0 in
-            # dS @ K), through pointer loads: a TMA box has no mask
+            # keys no row of the tile attends read as 0 (dS = 0 times NaN is NaN in dS @ K)
             keys_used = tile_keys(tile_mask, tl.arange(0, BLOCK_M), offs_n, N_WORDS=N_WORDS)
-            k = load_tile(k_plane, k_rows, kt * BLOCK_N, k_len, perm_d, stride_k[1],
-                          stride_k[3], kv_ok & keys_used[:, None], BLOCK=BLOCK_N,
-                          BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=False)  # [BLOCK_N, BLOCK_D]
+            k = load_partial(k_src, k_plane, k_rows, kt * BLOCK_N, k_len, perm_d, stride_k[1],
+                             stride_k[3], kv_ok, keys_used, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D,
+                             ORDER=ORDER, TMA=TMA, GUARD=GUARD)  # [BLOCK_N, BLOCK_D]
         else:
             k = load_tile(k_src, k_rows, kt * BLOCK_N, k_len, perm_d, stride_k[1], stride_k[3],
                           kv_ok, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
@@ -260,7 +262,7 @@ def sparse_attn_bwd_dq_kernel(
     heads, bias_head_div, q_len, k_len, qk_scale, cap_scale, softmax_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEADS: tl.constexpr, ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr,
-    TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr, GUARD: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch (sharing
     a KV head and a layout row); grid (num_q_tiles, B * Hq / HEADS). ``tiles``: as in the
@@ -310,14 +312,14 @@ def sparse_attn_bwd_dq_kernel(
         end, KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
         IS_PARTIAL=False, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HEADS=HEADS, ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, TMA=TMA,
-        INPUT_PRECISION=INPUT_PRECISION)
+        INPUT_PRECISION=INPUT_PRECISION, GUARD=GUARD)
     start, end = row_range(part_ptr, row)
     dq = _dq_tiles(
         dq, q, do, lse, delta, k_src, v_src, k_plane, bias_rows, row_ok, part_col, masks, start,
         end, KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
         IS_PARTIAL=True, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HEADS=HEADS, ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, TMA=TMA,
-        INPUT_PRECISION=INPUT_PRECISION)
+        INPUT_PRECISION=INPUT_PRECISION, GUARD=GUARD)
     dq *= softmax_scale
     tl.store(DQ + b * stride_dq[0] + hs * stride_dq[2] + rows * stride_dq[1]
              + offs_d[None, :] * stride_dq[3], dq.to(DQ.dtype.element_ty), mask=ok)
@@ -345,7 +347,8 @@ def sparse_attn_bwd(do, q, k, v, out, lse, dlse, layout, softmax_scale, softcap=
     heads = head_map(q, k, layout)
     scores = score_args(softmax_scale, softcap, natural=bias is not None)
     common = dict(heads=heads, q_len=q_len, k_len=k_len, softmax_scale=softmax_scale, **scores,
-                  **perm, **dim_args(q), BLOCK_M=layout.block_m, BLOCK_N=layout.block_n)
+                  **perm, **dim_args(q), BLOCK_M=layout.block_m, BLOCK_N=layout.block_n,
+                  GUARD=guard_arg())
     dbias_mode, dbias_buf = DBIAS_PAIRS, None
     if bias is not None and bias_grad:
         dbias_mode = DBIAS_KEYS if bias.shape[2] == 1 and q_len > 1 else DBIAS_PAIRS

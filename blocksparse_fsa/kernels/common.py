@@ -30,6 +30,13 @@ ORDER_DILATION = tl.constexpr(2)  # through a dilation order, computed (``token_
 DBIAS_PAIRS = tl.constexpr(1)  # one value per (query, key): an fp32 (B, Hq, Lq, Lk) buffer
 DBIAS_KEYS = tl.constexpr(2)  # summed over the queries (a bias with one row): (B, Hq, Lk)
 
+# ``GUARD``: how a partial tile's operand is read when its unused rows may hold garbage
+# (``load_partial``; chosen by ``config.PARTIAL_LOADS``)
+GUARD_POINTER = tl.constexpr(0)  # pointer loads, zero at the unused rows
+GUARD_SELECT = tl.constexpr(1)  # the TMA box, then a select in registers
+GUARD_BRANCH = tl.constexpr(2)  # the TMA box when every row is used, else pointer loads
+_GUARDS = {"pointer": GUARD_POINTER, "select": GUARD_SELECT, "branch": GUARD_BRANCH}
+
 _poisoned = False
 
 
@@ -344,6 +351,41 @@ def load_tile(src, rows, start, n, perm_d, stride_l, stride_d, ok, BLOCK: tl.con
         tile = tl.load(src + rows[:, None] * stride_l + offs_d[None, :] * stride_d, mask=ok,
                        other=0.0)
     return tile
+
+
+@triton.jit
+def load_partial(src, plane, rows, start, n, perm_d, stride_l, stride_d, ok, used,
+                 BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ORDER: tl.constexpr,
+                 TMA: tl.constexpr, GUARD: tl.constexpr):
+    """``load_tile`` for an operand of a partial tile whose rows ``used`` is false for (no
+    pair of the tile touches them) must read as 0: they may hold garbage, and NaN survives a
+    zero factor in a dot. ``src`` as in ``load_tile``, ``plane`` the same plane for pointer
+    loads; ``GUARD`` picks how (see ``GUARD_POINTER``, ``GUARD_SELECT``, ``GUARD_BRANCH``)."""
+    if TMA and GUARD == GUARD_SELECT:
+        tile = load_tile(src, rows, start, n, perm_d, stride_l, stride_d, ok, BLOCK=BLOCK,
+                         BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=True)
+        tile = tl.where(used[:, None], tile, tl.zeros_like(tile))
+    elif TMA and GUARD == GUARD_BRANCH:
+        # most partial tiles (a diagonal, a window's edge) use every row: one box for those
+        if tl.min(used.to(tl.int32), 0) == 1:
+            tile = load_tile(src, rows, start, n, perm_d, stride_l, stride_d, ok, BLOCK=BLOCK,
+                             BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=True)
+        else:
+            tile = load_tile(plane, rows, start, n, perm_d, stride_l, stride_d,
+                             ok & used[:, None], BLOCK=BLOCK, BLOCK_D=BLOCK_D, ORDER=ORDER,
+                             TMA=False)
+    else:
+        tile = load_tile(plane, rows, start, n, perm_d, stride_l, stride_d, ok & used[:, None],
+                         BLOCK=BLOCK, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=False)
+    return tile
+
+
+def guard_arg() -> int:
+    """The ``GUARD`` kernel argument from ``config.PARTIAL_LOADS``."""
+    mode = launch_config.PARTIAL_LOADS
+    if mode not in _GUARDS:
+        raise ValueError(f"config.PARTIAL_LOADS must be one of {sorted(_GUARDS)}, got {mode!r}")
+    return _GUARDS[mode].value
 
 
 # the interpreters of triton 3.4 and 3.5 check descriptor strides in elements, not bytes

@@ -81,3 +81,7 @@ TMA_DILATION = True
 # of the tile loop (producer warps issue the TMA loads, consumer warps the MMAs). Off until it
 # measures faster on sm_90 (benchmarks/NOTES.md).
 WARP_SPECIALIZE = False
+# PARTIAL_LOADS: how the kernels read the operand of a partial tile whose unused rows must read
+# as 0 (garbage there would reach a dot): "pointer" loads with a mask, "select" (the TMA box,
+# then a select) or "branch" (the TMA box when the tile uses every row, pointer loads else).
+PARTIAL_LOADS = "pointer"

@@ -5,9 +5,10 @@ import triton
 import triton.language as tl
 
 from . import config as launch_config
-from .common import (LN2, LOG2E, bias_args, bias_rows_of, dim_args, head_map, head_plane,
-                     load_bias, load_tile, log2_scores, new_empty, perm_args, query_tile,
-                     row_range, score_args, tile_bits, tile_keys, token_rows, use_tma)
+from .common import (LN2, LOG2E, bias_args, bias_rows_of, dim_args, guard_arg, head_map,
+                     head_plane, load_bias, load_partial, load_tile, log2_scores, new_empty,
+                     perm_args, query_tile, row_range, score_args, tile_bits, tile_keys,
+                     token_rows, use_tma)
 
 
 @triton.jit
@@ -18,7 +19,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, v_plane, bias_rows, row_ok, col_p
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr,
                ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr,
                FOLD_SCALE: tl.constexpr, TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-               WARP_SPECIALIZE: tl.constexpr):
+               WARP_SPECIALIZE: tl.constexpr, GUARD: tl.constexpr):
     """Fold the key tiles ``col_ptr[start:end]`` into the running (acc, l_i, m_i) of one query
     tile of ``HEADS`` stacked query heads (rows ``h * BLOCK_M + m``; they share the tiles'
     bits). ``bias_rows``: see ``bias_rows_of`` (``None``: no bias); ``row_ok``: rows < Lq;
@@ -70,13 +71,11 @@ def _fwd_tiles(acc, l_i, m_i, q, k_src, v_src, v_plane, bias_rows, row_ok, col_p
             p = tl.math.exp2(s - m_new_safe[:, None])
             alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IS_PARTIAL:
-            # keys no row of the tile attends read as 0 (NaN there would survive P = 0 in
-            # P @ V), through pointer loads: a TMA box has no mask
+        if IS_PARTIAL:  # keys no row of the tile attends read as 0 (P = 0 times NaN is NaN)
             keys_used = tile_keys(tile_mask, tl.arange(0, BLOCK_M), offs_n, N_WORDS=N_WORDS)
-            v = load_tile(v_plane, k_rows, kt * BLOCK_N, k_len, perm_d, stride_v[1],
-                          stride_v[3], kv_ok & keys_used[:, None], BLOCK=BLOCK_N,
-                          BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=False)
+            v = load_partial(v_src, v_plane, k_rows, kt * BLOCK_N, k_len, perm_d, stride_v[1],
+                             stride_v[3], kv_ok, keys_used, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D,
+                             ORDER=ORDER, TMA=TMA, GUARD=GUARD)
         else:
             v = load_tile(v_src, k_rows, kt * BLOCK_N, k_len, perm_d, stride_v[1], stride_v[3],
                           kv_ok, BLOCK=BLOCK_N, BLOCK_D=BLOCK_D, ORDER=ORDER, TMA=TMA)
@@ -94,7 +93,7 @@ def sparse_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEADS: tl.constexpr, ORDER: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_ROW: tl.constexpr,
     FOLD_SCALE: tl.constexpr, TMA: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, GUARD: tl.constexpr,
 ):
     """One program = one query tile of ``HEADS`` consecutive query heads of one batch, which
     share a KV head and a layout row (one K/V tile load serves all of them); grid
@@ -122,14 +121,16 @@ def sparse_attn_fwd_kernel(
         end, KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
         IS_PARTIAL=False, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HEADS=HEADS, ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, FOLD_SCALE=FOLD_SCALE,
-        TMA=TMA, INPUT_PRECISION=INPUT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE)
+        TMA=TMA, INPUT_PRECISION=INPUT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE,
+        GUARD=GUARD)
     start, end = row_range(part_ptr, row)
     acc, l_i, m_i = _fwd_tiles(
         acc, l_i, m_i, q, k_src, v_src, v_plane, bias_rows, row_ok, part_col, masks, start,
         end, KPerm, perm_d, k_len, qk_scale, cap_scale, stride_k, stride_v, stride_bias,
         IS_PARTIAL=True, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HEADS=HEADS, ORDER=ORDER, SOFTCAP=SOFTCAP, BIAS_ROW=BIAS_ROW, FOLD_SCALE=FOLD_SCALE,
-        TMA=TMA, INPUT_PRECISION=INPUT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE)
+        TMA=TMA, INPUT_PRECISION=INPUT_PRECISION, WARP_SPECIALIZE=WARP_SPECIALIZE,
+        GUARD=GUARD)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -171,6 +172,6 @@ def sparse_attn_fwd(q, k, v, layout, softmax_scale, softcap=0.0, bias=None):
         **score_args(softmax_scale, softcap, natural=bias is not None), **dim_args(q),
         BLOCK_M=layout.block_m, BLOCK_N=layout.block_n, HEADS=stack, TMA=tma,
         FOLD_SCALE=bias is None and not softcap and softmax_scale > 0,
-        WARP_SPECIALIZE=warp_specialize, **cfg,
+        WARP_SPECIALIZE=warp_specialize, GUARD=guard_arg(), **cfg,
     )
     return out, lse

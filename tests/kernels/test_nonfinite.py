@@ -145,6 +145,24 @@ def test_garbage_in_unattended_keys_and_empty_rows(kernel, backend):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("mode", ["pointer", "select", "branch"])
+def test_partial_loads_modes(mode, monkeypatch):
+    """Every ``config.PARTIAL_LOADS`` keeps garbage out: scattered tiles (some keys and rows
+    unused) and a causal window with empty rows (partial tiles that use every key, read as
+    one TMA box under ``"branch"``)."""
+    monkeypatch.setattr(bsa.kernels.config, "PARTIAL_LOADS", mode)
+    q, k, v = inputs(1, 70, 75, 4, 2, 16, seed=3)
+    idx = scattered(1, 2, 70, 75, 9, seed=3)
+    check(q, k, v, bsa.build_layout(idx, 75, is_causal=True, block_m=16, block_n=16,
+                                    kernel="tiles"), garbage=float("nan"))
+    window = (torch.arange(70)[:, None] - torch.arange(20)[None, :]).clamp(min=-1)
+    window[::9] = -1
+    layout = bsa.build_layout(window.expand(1, 2, -1, -1), 75, block_m=16, block_n=16,
+                              kernel="tiles")
+    check(q, k, v, layout, garbage=float("nan"))
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bias_shape", ["full", "row"])
 def test_garbage_with_bias_and_softcap(bias_shape, backend):
@@ -280,6 +298,15 @@ def test_gpu_garbage_in_unattended_keys_and_empty_rows(garbage, kernel, dtype):
     window[::7] = -1  # empty rows
     layout = bsa.build_layout(window.expand(2, 2, -1, -1), 333, kernel=kernel)
     check(q, k, v, layout, garbage=garbage, dtype=dtype)
+
+
+@pytest.mark.parametrize("mode", ["select", "branch"])
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_partial_loads_modes(mode, monkeypatch):
+    """The non-default ``config.PARTIAL_LOADS`` on real tiles (TMA), bf16."""
+    monkeypatch.setattr(bsa.kernels.config, "PARTIAL_LOADS", mode)
+    test_gpu_garbage_in_unattended_keys_and_empty_rows(float("nan"), "tiles", torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
