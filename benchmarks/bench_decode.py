@@ -9,7 +9,9 @@ is full and one query per row attends. Patterns: a window of 1024 keys + 4 sinks
 output, unsorted, unique). Rows:
 
 - ``ours``: the split-KV kernel on the cache stored (B, Hkv, L, D) as HF keeps it, read through
-  its (B, L, Hkv, D) view; ``ours-paged``: a copy in 256-token pages through a block table
+  its (B, L, Hkv, D) view, without the data checks (``check=False``); ``ours-checked``: the
+  same eager call with the default ``check=None``, whose data checks read values back to the
+  host (one sync per call); ``ours-paged``: a copy in 256-token pages through a block table
   (where it fits in 4 GiB); ``ours-graph``: ``ours`` captured in a CUDA graph and replayed
   (the kernel time without Python's launch cost).
 - ``flex``: ``torch.compile(flex_attention)`` on the same pattern (its decoding path at one
@@ -214,11 +216,12 @@ def main(argv=None):
                 kw = dict(attn_indices=idx) if idx is not None else dict(
                     window_size=(WINDOW - 1, 0), sinks=SINKS)
 
-                def ours(kc=k_cache, vc=v_cache, bt=None, kw=kw):
+                def ours(kc=k_cache, vc=v_cache, bt=None, kw=kw, check=False):
                     return sparse_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,
-                                                    block_table=bt, check=False, **kw)
+                                                    block_table=bt, check=check, **kw)
                 ref = ours()
                 add(pattern, batch, length, "ours", ours, keys, None)
+                add(pattern, batch, length, "ours-checked", lambda: ours(check=None), keys, ref)
                 if paged is not None:
                     add(pattern, batch, length, "ours-paged", lambda: ours(*paged), keys, ref)
                 if device.type == "cuda":

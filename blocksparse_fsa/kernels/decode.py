@@ -203,8 +203,12 @@ def decode_merge_kernel(
 def get_decode_config(head_dim: int, indices: bool) -> dict:
     """Keys per step (``BLOCK_N``), warps and stages of ``decode_fwd_kernel``; replace this
     function (``kernels.decode.get_decode_config = mine``) to tune for another GPU. One query
-    row's K/V tiles stream through a small matmul: 64 keys keep a D=128 bf16 tile pair at 32 KB."""
+    row's K/V tiles stream through a small matmul: 64 keys keep a D=128 bf16 tile pair at 32 KB.
+    A window streams contiguous keys best in 32-key steps three stages deep, index lists (a
+    gather per key) in 64-key steps two deep: measured on an H100 (see benchmarks/NOTES.md)."""
     if head_dim <= 128:
+        if not indices:
+            return dict(BLOCK_N=32, num_warps=4, num_stages=3)
         return dict(BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(BLOCK_N=32, num_warps=8, num_stages=2)
 
