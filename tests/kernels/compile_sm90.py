@@ -10,7 +10,8 @@ kernels do not run: their outputs are garbage, only compilation is checked).
 Prints one line per compiled kernel variant and exits non-zero on the first failure.
 ``--tma 0`` / ``--tma 1`` compile only the variants without / with TMA loads and
 ``--skip-layout-build`` leaves out the layout build's kernels, so that the test can run the
-halves in two processes (one core each under pytest-xdist); without options, everything.
+halves in two processes (one core each under pytest-xdist); without options, everything. The
+TMA half also compiles the non-default ``config.PARTIAL_LOADS`` modes on one variant.
 """
 
 import argparse
@@ -186,6 +187,16 @@ def main(argv=None):
         config.TMA = config.TMA_DILATION = tma
         print(f"-- {name}, {dtype}, D={dim}{', TMA' if tma else ''}", flush=True)
         _compile_variant(kwargs, bias_shape, dtype, dim, backward=True)
+    if args.tma in (None, 1):  # the other ways partial tiles read a guarded operand
+        config.TMA = config.TMA_DILATION = True
+        default = config.PARTIAL_LOADS
+        for mode in ("pointer", "select", "branch"):
+            if mode != default:
+                config.PARTIAL_LOADS = mode
+                print(f"-- tiles, PARTIAL_LOADS={mode!r}, TMA", flush=True)
+                _compile_variant(dict(next(variants())[1]), None, torch.bfloat16, 128,
+                                 backward=True)
+        config.PARTIAL_LOADS = default
     if args.warp_specialize:
         config.TMA = config.TMA_DILATION = config.WARP_SPECIALIZE = True
         for name, kwargs, bias_shape in variants():
