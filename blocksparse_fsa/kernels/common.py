@@ -357,8 +357,8 @@ def load_tile(src, rows, start, n, perm_d, stride_l, stride_d, ok, BLOCK: tl.con
 def load_partial(src, plane, rows, start, n, perm_d, stride_l, stride_d, ok, used,
                  BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, ORDER: tl.constexpr,
                  TMA: tl.constexpr, GUARD: tl.constexpr):
-    """``load_tile`` for an operand of a partial tile whose rows ``used`` is false for (no
-    pair of the tile touches them) must read as 0: they may hold garbage, and NaN survives a
+    """``load_tile`` for an operand of a partial tile, with the rows where ``used`` is false
+    (no pair of the tile touches them) read as 0: they may hold garbage, and NaN survives a
     zero factor in a dot. ``src`` as in ``load_tile``, ``plane`` the same plane for pointer
     loads; ``GUARD`` picks how (see ``GUARD_POINTER``, ``GUARD_SELECT``, ``GUARD_BRANCH``)."""
     if TMA and GUARD == GUARD_SELECT:
