@@ -8,6 +8,7 @@ import torch
 
 from ..kernels.decode import decode_fwd
 from .checks import FLOAT_DTYPES, MAX_HEAD_DIM, check_backend, check_scalars
+from .window import check_window
 
 
 def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
@@ -61,14 +62,13 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     num_new = 0 if k is None else k.shape[1]
     cache_seqlens = _seqlens(cache_seqlens, batch, q.device)
-    left, right = _window(window_size)
-    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-        raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+    window = check_window(window_size, sinks)
     if attn_indices is not None:
-        if (left, right) != (-1, -1) or sinks:
+        if window is not None or sinks:
             raise ValueError("pass either attn_indices or window_size/sinks, not both: got "
                              f"attn_indices with window_size={window_size}, sinks={sinks}")
         _check_indices(attn_indices, batch, num_kv_heads, q_len, q.device)
+    left, right, sinks = window or (-1, -1, 0)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be True or False, got {is_causal!r}")
     softmax_scale, softcap = check_scalars(head_dim, is_causal, softmax_scale, softcap,
@@ -85,9 +85,12 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
                     attn_indices)
 
     path = check_backend(backend, q)
-    if k is not None:
+    if k is not None and k.numel():
         _append(k_cache, v_cache, k, v, cache_seqlens, block_table)
-    if path == "torch":
+    if q.numel() == 0:  # FlashAttention's empty result: nothing to attend with
+        out = torch.empty_like(q)
+        lse = torch.full((batch, num_q_heads, q_len), float("-inf"), device=q.device)
+    elif path == "torch":
         out, lse = _torch_decode(q, k_cache, v_cache, cache_seqlens, block_table, attn_indices,
                                  num_new, (left, right), sinks, is_causal, softmax_scale, softcap)
     else:
@@ -278,6 +281,8 @@ def _check_indices(attn_indices, batch, num_kv_heads, q_len, device):
 
 def _check_data(cache_seqlens, num_new, capacity, block_table, num_blocks, attn_indices):
     """The value checks, with one read back to the host."""
+    if cache_seqlens.numel() == 0:
+        return
     lengths = cache_seqlens.long() + num_new
     facts = [cache_seqlens.min(), lengths.max()]
     if block_table is not None:  # the pages each row uses
@@ -304,14 +309,6 @@ def _check_data(cache_seqlens, num_new, capacity, block_table, num_blocks, attn_
         if facts[-1]:
             raise ValueError("attn_indices holds a position at or beyond its row's length "
                              "(cache_seqlens + new tokens)")
-
-
-def _window(window_size):
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
-            isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got "
-                         f"{window_size!r}")
-    return tuple(window_size)
 
 
 def _capturing(t) -> bool:

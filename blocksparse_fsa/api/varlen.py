@@ -8,6 +8,7 @@ goes through one kernel launch, with no per-sequence Python loop.
 from __future__ import annotations
 
 import numbers
+import weakref
 
 import torch
 
@@ -21,7 +22,7 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             dropout_p=0.0, *, attn_indices=None, layout=None,
-                            window_size=(-1, -1), sinks=0, is_causal=False, softmax_scale=None,
+                            window_size=(-1, -1), sinks=0, is_causal=None, softmax_scale=None,
                             softcap=0.0, return_lse=False, backend="auto", causal=None,
                             deterministic=True, alibi_slopes=None, return_attn_probs=False):
     """Attention over packed variable-length sequences, FlashAttention's varlen conventions.
@@ -42,7 +43,11 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         window_size: ``(left, right)``, -1 = unbounded: query ``a`` of a sequence sees its
             local keys ``[p - left, p + right]``, ``p = a + Lk_s - Lq_s``.
         sinks: the first ``sinks`` keys of each sequence are visible to all its queries.
-        is_causal: bottom-right aligned causality per sequence (key ``b`` <= ``p``).
+        is_causal: bottom-right aligned causality per sequence (key ``b`` <= ``p``); ``None``
+            (default) is ``False``, or with ``layout`` whatever the layout holds. A layout
+            built here (``build_varlen_layout`` or an earlier call) remembers its offsets and
+            causality: host ``cu_seqlens`` or an explicit ``is_causal`` that contradict them
+            are an error.
         softmax_scale, softcap, backend: as for :func:`sparse_attn_func`.
         return_lse: also return ``lse`` ``(Hq, total_q)`` float32 (-inf for rows without keys).
         dropout_p, causal, deterministic, alibi_slopes, return_attn_probs: FlashAttention's
@@ -55,7 +60,7 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     Returns ``out`` ``(total_q, Hq, D)`` in the input dtype, and ``lse`` if asked.
     """
     if causal is not None:
-        if is_causal:
+        if is_causal is not None:
             raise ValueError("pass causal (FlashAttention's name) or is_causal, not both")
         is_causal = causal
     if dropout_p != 0:
@@ -78,7 +83,7 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         if t.dim() != 3:
             raise ValueError(f"{name} must have shape (total, heads, head_dim), got "
                              f"{tuple(t.shape)}")
-    if not isinstance(is_causal, bool):
+    if is_causal is not None and not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     on_host = all(isinstance(c, torch.Tensor) and c.device.type == "cpu"
                   for c in (cu_seqlens_q, cu_seqlens_k))
@@ -105,17 +110,24 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     if len(given) > 1:
         raise ValueError(f"pass at most one of attn_indices, layout, window_size/sinks; got "
                          f"{' and '.join(given)}")
+    if layout is not None:
+        if not isinstance(layout, SparseLayout):
+            raise TypeError(f"layout must be a SparseLayout, got {type(layout).__name__}")
+        if layout.batch != 1:
+            raise ValueError(f"layout must have batch 1 (the packed batch), got {layout.batch}")
+        _check_built_for(layout, cu_q if on_host else None, cu_k if on_host else None,
+                         is_causal)
+    causal_rows = bool(is_causal)
     if q.shape[0] == 0 or k.shape[0] == 0:  # no pairs: sparse_attn_func's zeros and -inf
+        if attn_indices is not None:
+            _local_indices(attn_indices, cu_q, cu_k)  # still checked
         layout = None
     elif layout is None:
         if attn_indices is not None:
-            layout = _indices_layout(attn_indices, cu_q, cu_k, is_causal, q)
+            layout = _indices_layout(attn_indices, cu_q, cu_k, causal_rows, q)
         else:
-            layout = packed_layout(cu_q, cu_k, window, is_causal, q.device)
-    elif not isinstance(layout, SparseLayout):
-        raise TypeError(f"layout must be a SparseLayout, got {type(layout).__name__}")
-    elif layout.batch != 1:
-        raise ValueError(f"layout must have batch 1 (the packed batch), got {layout.batch}")
+            layout = _remember(packed_layout(cu_q, cu_k, window, causal_rows, q.device),
+                               cu_q, cu_k, causal_rows)
     out, lse = sparse_attn_func(q[None], k[None], v[None], softmax_scale=softmax_scale,
                                 layout=layout, return_lse=True, softcap=softcap,
                                 backend=backend)
@@ -137,9 +149,11 @@ def build_varlen_layout(cu_seqlens_q, cu_seqlens_k, *, attn_indices=None, window
     if attn_indices is not None:
         if window is not None:
             raise ValueError("pass at most one of attn_indices, window_size/sinks")
-        return _build_indices_layout(attn_indices, cu_q, cu_k, is_causal, block_m, block_n)
+        return _remember(_build_indices_layout(attn_indices, cu_q, cu_k, is_causal, block_m,
+                                               block_n), cu_q, cu_k, is_causal)
     device = cu_seqlens_q.device if device is None else device
-    return packed_layout(cu_q, cu_k, window, is_causal, device, block_m, block_n)
+    return _remember(packed_layout(cu_q, cu_k, window, is_causal, device, block_m, block_n),
+                     cu_q, cu_k, is_causal)
 
 
 def _offsets(name, cu, total, tensor_name, read=True) -> list[int] | None:
@@ -186,12 +200,24 @@ def _indices_layout(attn_indices, cu_q, cu_k, is_causal, q):
         raise ValueError(f"attn_indices must have shape (Hkv|1, total_q={q.shape[0]}, W), got "
                          f"{tuple(attn_indices.shape)}")
     return cached_layout(attn_indices, ("varlen", tuple(cu_q), tuple(cu_k), is_causal,
-                                        str(q.device)), lambda: _build_indices_layout(
-        attn_indices.to(q.device), cu_q, cu_k, is_causal, None, None))
+                                        str(q.device)), lambda: _remember(_build_indices_layout(
+        attn_indices.to(q.device), cu_q, cu_k, is_causal, None, None), cu_q, cu_k, is_causal))
 
 
 def _build_indices_layout(attn_indices, cu_q, cu_k, is_causal, block_m, block_n):
     """Local per-sequence indices -> global key indices (checked, causal applied) -> layout."""
+    idx, cq, ck, rows, seq, n_k = _local_indices(attn_indices, cu_q, cu_k)
+    keep = idx >= 0
+    if is_causal:
+        pos = (rows - cq[seq] + n_k[0, :, 0] - (cq[seq + 1] - cq[seq]))[None, :, None]
+        keep &= idx <= pos
+    glob = torch.where(keep, idx + ck[seq][None, :, None], -1)
+    return build_layout(glob[None], cu_k[-1], block_m=block_m, block_n=block_n)
+
+
+def _local_indices(attn_indices, cu_q, cu_k):
+    """Checked local indices: ``(idx, cq, ck, rows, seq, n_k)`` (int64 indices, the offsets on
+    their device, each query's row and sequence, and its sequence's key count)."""
     if not isinstance(attn_indices, torch.Tensor) or attn_indices.dtype not in (
             torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
         raise TypeError("attn_indices must be an integer torch.Tensor, got "
@@ -215,9 +241,29 @@ def _build_indices_layout(attn_indices, cu_q, cu_k, is_causal, block_m, block_n)
                 f"attn_indices[{h}, {row}, {w}] = {int(idx[h, row, w])} is outside its "
                 f"sequence: query {row} is in sequence {s}, which has {int(n_k[0, row, 0])} "
                 "keys; entries are local key positions in [0, Lk_s), or -1")
-    keep = idx >= 0
-    if is_causal:
-        pos = (rows - cq[seq] + n_k[0, :, 0] - (cq[seq + 1] - cq[seq]))[None, :, None]
-        keep &= idx <= pos
-    glob = torch.where(keep, idx + ck[seq][None, :, None], -1)
-    return build_layout(glob[None], cu_k[-1], block_m=block_m, block_n=block_n)
+    return idx, cq, ck, rows, seq, n_k
+
+
+# what a layout built here was built for: id(layout) -> (cu_q, cu_k, is_causal)
+_BUILT_FOR: dict[int, tuple] = {}
+
+
+def _remember(layout: SparseLayout, cu_q, cu_k, is_causal) -> SparseLayout:
+    if id(layout) not in _BUILT_FOR:
+        _BUILT_FOR[id(layout)] = (tuple(cu_q), tuple(cu_k), bool(is_causal))
+        weakref.finalize(layout, _BUILT_FOR.pop, id(layout), None)
+    return layout
+
+
+def _check_built_for(layout, cu_q, cu_k, is_causal) -> None:
+    """A layout built here must match the call's host offsets (``None``: on the device, not
+    read) and an explicit ``is_causal``; other layouts are taken as they are."""
+    built = _BUILT_FOR.get(id(layout))
+    if built is None:
+        return
+    for name, cu, want in (("cu_seqlens_q", cu_q, built[0]), ("cu_seqlens_k", cu_k, built[1])):
+        if cu is not None and tuple(cu) != want:
+            raise ValueError(f"layout was built for {name} = {list(want)}, got {list(cu)}")
+    if is_causal is not None and is_causal != built[2]:
+        raise ValueError(f"layout was built with is_causal={built[2]}, got is_causal="
+                         f"{is_causal}")

@@ -272,10 +272,16 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
     config = get_decode_config(head_dim, attn_indices is not None)
     block_n = config["BLOCK_N"]
     left, right = window_size
+    # the kernel reads these as contiguous arrays (a copy only for strided views)
+    cache_seqlens = cache_seqlens.contiguous()
+    if paged:
+        block_table = block_table.contiguous()
     if attn_indices is not None:  # sorted, so that a duplicate sits next to its twin
         n_idx = attn_indices.shape[-1]
+        if attn_indices.dtype == torch.int64:  # beyond int32, an entry is past every row
+            attn_indices = attn_indices.clamp(-1, 2**31 - 1)
         attn_indices = torch.sort(attn_indices.to(torch.int32).expand(
-            batch, num_kv_heads, q_len, n_idx), dim=-1).values
+            batch, num_kv_heads, q_len, n_idx), dim=-1).values.contiguous()
         max_keys = n_idx
     else:
         n_idx = 0

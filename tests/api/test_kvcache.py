@@ -259,3 +259,79 @@ def test_noncausal_windows(backend, window):
         window_size=window, sinks=7, is_causal=False, return_lse=True, backend=backend)
     mask = oracle_mask(seqlens, q_len, l_max, window, 7, is_causal=False)
     check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, None, seqlens, mask))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_small_tensors(backend):
+    """Views of ``attn_indices``, ``cache_seqlens`` and ``block_table`` with any strides (a
+    selector's (B, Lq, Hkv, W) output permuted, a strided or expanded length, a transposed
+    table) give what their contiguous copies give."""
+    batch, q_len, hq, hkv, d, l_max, page = 2, 3, 4, 2, 16, 32, 8
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(batch, q_len, hq, d, generator=g).to(DEVICE)
+    k_cache = torch.randn(batch, l_max, hkv, d, generator=g).to(DEVICE)
+    v_cache = torch.randn(batch, l_max, hkv, d, generator=g).to(DEVICE)
+    lens = torch.tensor([12, 20], dtype=torch.int32)
+    idx = torch.randint(-1, 12, (batch, q_len, hkv, 6), generator=g).permute(0, 2, 1, 3)
+
+    def run(**kw):
+        return sparse_attn_with_kvcache(q, k_cache, v_cache, backend=backend, **kw)
+
+    ref = run(cache_seqlens=lens.to(DEVICE), attn_indices=idx.contiguous().to(DEVICE))
+    assert torch.equal(run(cache_seqlens=lens.to(DEVICE), attn_indices=idx.to(DEVICE)), ref)
+    strided = torch.tensor([12, 0, 20, 0], dtype=torch.int32)[::2]
+    assert torch.equal(run(cache_seqlens=strided.to(DEVICE), window_size=(5, 0)),
+                       run(cache_seqlens=lens.to(DEVICE), window_size=(5, 0)))
+    same = torch.tensor([9], dtype=torch.int32).expand(batch)
+    assert torch.equal(run(cache_seqlens=same.to(DEVICE)),
+                       run(cache_seqlens=same.contiguous().to(DEVICE)))
+    # paged: pages in a shuffled order, the table transposed twice (strides (1, B))
+    pages = l_max // page
+    perm = torch.randperm(batch * pages, generator=g).view(batch, pages).int()
+    kp, vp = (torch.empty(batch * pages, page, hkv, d) for _ in range(2))
+    for b in range(batch):
+        for j in range(pages):
+            kp[perm[b, j]] = k_cache[b, j * page:(j + 1) * page].cpu()
+            vp[perm[b, j]] = v_cache[b, j * page:(j + 1) * page].cpu()
+    table = perm.t().contiguous().t()
+    assert table.stride() == (1, batch)
+    out = sparse_attn_with_kvcache(q, kp.to(DEVICE), vp.to(DEVICE), backend=backend,
+                                   cache_seqlens=lens.to(DEVICE), block_table=table.to(DEVICE))
+    assert torch.equal(out, run(cache_seqlens=lens.to(DEVICE)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_queries(backend):
+    """B = 0 and Lq = 0 give FlashAttention's empty results; new tokens are still appended."""
+    q = torch.randn(2, 1, 4, 16).to(DEVICE)
+    k_cache = torch.zeros(2, 32, 2, 16).to(DEVICE)
+    lens = torch.tensor([5, 9], dtype=torch.int32).to(DEVICE)
+    out, lse = sparse_attn_with_kvcache(q[:0], k_cache[:0], k_cache[:0], cache_seqlens=lens[:0],
+                                        return_lse=True, backend=backend)
+    assert out.shape == (0, 1, 4, 16) and lse.shape == (0, 4, 1)
+    new = torch.ones(2, 1, 2, 16).to(DEVICE)
+    out, lse = sparse_attn_with_kvcache(q[:, :0], k_cache, k_cache.clone(), new, new,
+                                        cache_seqlens=lens, return_lse=True, backend=backend)
+    assert out.shape == (2, 0, 4, 16) and lse.shape == (2, 4, 0)
+    assert (k_cache[0, 5] == 1).all() and (k_cache[1, 9] == 1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_indices_past_int32_are_ignored(backend):
+    """With ``check=False``, an int64 entry past every row is ignored (not wrapped to a small
+    position); numpy integers are taken for ``window_size`` and ``sinks``."""
+    np = pytest.importorskip("numpy")
+    q = torch.randn(1, 1, 2, 16).to(DEVICE)
+    k_cache, v_cache = torch.randn(1, 16, 1, 16).to(DEVICE), torch.randn(1, 16, 1, 16).to(DEVICE)
+    lens = torch.tensor([10], dtype=torch.int32).to(DEVICE)
+    idx = torch.tensor([[[[2, 2**32 + 4, -2**32 + 5]]]]).to(DEVICE)
+    got = sparse_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, attn_indices=idx,
+                                   check=False, backend=backend)
+    want = sparse_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend=backend,
+                                    attn_indices=torch.tensor([[[[2]]]]).to(DEVICE))
+    torch.testing.assert_close(got, want)
+    a = sparse_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend=backend,
+                                 window_size=(np.int64(3), np.int32(0)), sinks=np.int64(1))
+    b = sparse_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend=backend,
+                                 window_size=(3, 0), sinks=1)
+    assert torch.equal(a, b)

@@ -334,6 +334,42 @@ def test_a_given_layout_reads_no_device_offsets():
         bsa.sparse_attn_varlen_func(x, x, x, host, host, 5, 20, layout=layout)
 
 
+def test_a_layout_built_here_must_match_the_call():
+    """A layout from ``build_varlen_layout`` (or an earlier call) remembers its offsets and
+    causality: host offsets or an explicit ``is_causal`` that contradict it are an error, not a
+    silently different pattern; left unsaid, ``is_causal`` follows the layout."""
+    x = torch.randn(10, 2, 16)
+    host = cu([4, 6])
+    layout = bsa.build_varlen_layout(host, host, is_causal=True)
+    want = bsa.sparse_attn_varlen_func(x, x, x, host, host, 6, 6, causal=True)
+    assert torch.equal(bsa.sparse_attn_varlen_func(x, x, x, host, host, 6, 6, layout=layout),
+                       want)
+    assert torch.equal(bsa.sparse_attn_varlen_func(x, x, x, host, host, 6, 6, layout=layout,
+                                                   causal=True), want)
+    with pytest.raises(ValueError, match="built with is_causal=True, got is_causal=False"):
+        bsa.sparse_attn_varlen_func(x, x, x, host, host, 6, 6, layout=layout, is_causal=False)
+    other = cu([7, 3])
+    with pytest.raises(ValueError, match=r"built for cu_seqlens_q = \[0, 4, 10\]"):
+        bsa.sparse_attn_varlen_func(x, x, x, other, other, 7, 7, layout=layout)
+    # a layout from a call with local indices remembers the same way
+    idx = torch.zeros(1, 10, 1, dtype=torch.int32)
+    bsa.sparse_attn_varlen_func(x, x, x, host, host, 6, 6, attn_indices=idx)
+    built = bsa.build_varlen_layout(host, host, attn_indices=idx)
+    with pytest.raises(ValueError, match="cu_seqlens_k"):
+        bsa.sparse_attn_varlen_func(x, x, x, host, cu([5, 5]), 6, 6, layout=built)
+
+
+def test_indices_are_checked_without_keys_or_queries():
+    """No pairs to compute is no reason to accept bad indices."""
+    q, none = torch.randn(10, 4, 16), torch.randn(0, 2, 16)
+    with pytest.raises(ValueError, match="outside its sequence"):
+        bsa.sparse_attn_varlen_func(q, none, none, cu([4, 6]), cu([0, 0]), 6, 0,
+                                    attn_indices=torch.full((2, 10, 3), 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="attn_indices must have shape"):
+        bsa.sparse_attn_varlen_func(none.new_empty(0, 4, 16), none, none, cu([0]), cu([0]), 0,
+                                    0, attn_indices=torch.zeros(2, 3, 1, dtype=torch.int32))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
 def test_gpu_varlen_calls_without_a_sync():
