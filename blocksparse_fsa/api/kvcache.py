@@ -13,8 +13,11 @@ from .window import check_window
 
 def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens,
                              block_table=None, attn_indices=None, window_size=(-1, -1), sinks=0,
-                             is_causal=True, softmax_scale=None, softcap=0.0, return_lse=False,
-                             backend="auto", check=None):
+                             is_causal=None, softmax_scale=None, softcap=0.0, return_lse=False,
+                             backend="auto", check=None, causal=None, return_softmax_lse=None,
+                             num_splits=0, rotary_cos=None, rotary_sin=None,
+                             rotary_interleaved=True, cache_batch_idx=None, cache_leftpad=None,
+                             alibi_slopes=None):
     """Attention of new queries against a KV cache, appending the new keys first.
 
     Args:
@@ -36,13 +39,23 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
             at position ``p`` sees keys ``p - left .. p + right``. Not with ``attn_indices``.
         sinks: the first ``sinks`` positions are visible to every query (attention sinks).
         is_causal: bottom-right aligned: the query ``i`` sits at position
-            ``cache_seqlens[b] + L_new - Lq_new + i`` and sees no later key.
+            ``cache_seqlens[b] + L_new - Lq_new + i`` and sees no later key. ``None``
+            (default) is True: unlike FlashAttention's ``causal=False`` default (a decode step
+            of one query sees the whole row either way; a chunk of new queries should not see
+            its own future).
         softmax_scale: defaults to ``1 / sqrt(D)``; softcap: ``softcap * tanh(s / softcap)``.
         return_lse: also return ``lse`` ``(B, Hq, Lq_new)`` float32 (natural log).
         backend: ``"auto"`` (the split-KV Triton kernel on CUDA or under ``TRITON_INTERPRET=1``,
             else PyTorch), ``"triton"`` or ``"torch"``.
         check: validate the data (cache overflow, pages, index ranges), which reads values back
             to the host; ``None`` (default) does so except while a CUDA graph is being captured.
+        causal, return_softmax_lse, num_splits, rotary_cos, rotary_sin, rotary_interleaved,
+            cache_batch_idx, cache_leftpad, alibi_slopes: FlashAttention's
+            ``flash_attn_with_kvcache`` keywords, so that its calls run unchanged: ``causal``
+            is ``is_causal``, ``return_softmax_lse`` is ``return_lse``; ``num_splits`` > 0
+            fixes the split-KV kernel's key splits (0: from shapes); the rotary embedding,
+            ``cache_batch_idx``, ``cache_leftpad`` and ``alibi_slopes`` are not supported and
+            must stay ``None`` (apply rotary embeddings to q and k before the call).
 
     Rows without any visible key give 0 and lse = -inf. Inference only: there is no backward.
     Returns ``out`` ``(B, Lq_new, Hq, D)`` (and ``lse``).
@@ -56,6 +69,10 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
     the cache for the longest generation. The PyTorch path reads lengths on the host and does
     not capture.
     """
+    is_causal, return_lse, num_splits = _flash_attention_keywords(
+        is_causal, causal, return_lse, return_softmax_lse, num_splits, rotary_interleaved,
+        rotary_cos=rotary_cos, rotary_sin=rotary_sin, cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad, alibi_slopes=alibi_slopes)
     batch, q_len, num_q_heads, head_dim = _check_tensors(q, k_cache, v_cache, k, v, block_table)
     num_kv_heads = k_cache.shape[2]
     paged = block_table is not None
@@ -97,8 +114,33 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
         out, lse = decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table=block_table,
                               attn_indices=attn_indices, num_new=num_new,
                               window_size=(left, right), sinks=sinks, is_causal=is_causal,
-                              softmax_scale=softmax_scale, softcap=softcap)
+                              softmax_scale=softmax_scale, softcap=softcap,
+                              num_splits=num_splits or None)
     return (out, lse) if return_lse else out
+
+
+def _flash_attention_keywords(is_causal, causal, return_lse, return_softmax_lse, num_splits,
+                              rotary_interleaved, **unsupported):
+    """``(is_causal, return_lse, num_splits)`` from ours and FlashAttention's names."""
+    if causal is not None:
+        if is_causal is not None:
+            raise ValueError("pass causal (FlashAttention's name) or is_causal, not both")
+        is_causal = causal
+    if return_softmax_lse is not None:
+        if return_lse:
+            raise ValueError("pass return_softmax_lse (FlashAttention's name) or return_lse, "
+                             "not both")
+        return_lse = return_softmax_lse
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0: from shapes), got {num_splits!r}")
+    if not isinstance(rotary_interleaved, bool):
+        raise TypeError(f"rotary_interleaved must be a bool, got {rotary_interleaved!r}")
+    for name, value in unsupported.items():
+        if value is not None:
+            raise ValueError(f"{name} is not supported: leave it None"
+                             + (" and apply the rotary embedding to q and k before the call"
+                                if name.startswith("rotary") else ""))
+    return True if is_causal is None else is_causal, return_lse, num_splits
 
 
 def _append(k_cache, v_cache, k, v, cache_seqlens, block_table):

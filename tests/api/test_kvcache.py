@@ -335,3 +335,43 @@ def test_unchecked_indices_past_int32_are_ignored(backend):
     b = sparse_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, backend=backend,
                                  window_size=(3, 0), sinks=1)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flash_attention_calls_run_unchanged(backend):
+    """A ``flash_attn_with_kvcache`` call, keyword for keyword (FlashAttention's names)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 3, 4, 16, generator=g).to(DEVICE)
+    k_cache, v_cache = (torch.randn(2, 40, 2, 16, generator=g).to(DEVICE) for _ in range(2))
+    k, v = (torch.randn(2, 3, 2, 16, generator=g).to(DEVICE) for _ in range(2))
+    lens = torch.tensor([10, 30], dtype=torch.int32).to(DEVICE)
+    ours = sparse_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), k, v,
+                                    cache_seqlens=lens, is_causal=True, window_size=(6, 0),
+                                    softmax_scale=0.3, return_lse=True, backend=backend)
+    theirs = sparse_attn_with_kvcache(
+        q, k_cache.clone(), v_cache.clone(), k, v, rotary_cos=None, rotary_sin=None,
+        cache_seqlens=lens, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+        softmax_scale=0.3, causal=True, window_size=(6, 0), softcap=0.0,
+        rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=True,
+        backend=backend)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    split = sparse_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), k, v,
+                                     cache_seqlens=lens, causal=True, window_size=(6, 0),
+                                     softmax_scale=0.3, num_splits=3, backend=backend)
+    torch.testing.assert_close(split, ours[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(causal=True, is_causal=True), "causal .* or is_causal, not both"),
+    (dict(return_softmax_lse=True, return_lse=True), "not both"),
+    (dict(num_splits=-1), "num_splits"),
+    (dict(rotary_cos=torch.ones(1)), "rotary_cos is not supported.*rotary embedding"),
+    (dict(cache_batch_idx=torch.zeros(2, dtype=torch.int32)), "cache_batch_idx"),
+    (dict(cache_leftpad=torch.zeros(2, dtype=torch.int32)), "cache_leftpad"),
+    (dict(alibi_slopes=torch.ones(4)), "alibi_slopes"),
+])
+def test_flash_attention_keywords_we_do_not_serve(kwargs, match):
+    q, cache = torch.randn(2, 1, 4, 16), torch.randn(2, 8, 2, 16)
+    with pytest.raises(ValueError, match=match):
+        sparse_attn_with_kvcache(q, cache, cache, cache_seqlens=4, **kwargs)
