@@ -122,6 +122,17 @@ def tile_queries(mask_ptr, offs_q, N_WORDS: tl.constexpr):
     return used != 0
 
 
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host ints (Triton's is a constexpr function whose every call costs
+    microseconds, which a launch-bound decode step notices)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """``triton.next_power_of_2`` for host ints (see ``cdiv``)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def head_map(q, k, pattern) -> tuple:
     """The ``heads`` kernel argument: ``(num_q_heads, group_size, head_div, layout_heads,
     layout_batch_step)``, how query heads map to KV heads (``group_size`` per KV head) and to
@@ -136,7 +147,7 @@ def head_map(q, k, pattern) -> tuple:
 def dim_args(q) -> dict:
     """The head dim, its padded block and the dot precision of inputs like ``q``."""
     head_dim = q.shape[3]
-    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
                 # fp32 inputs get exact fp32 products; tf32 would miss the fp32 accuracy bar
                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, log2_scores, new_empty, score_args
+from .common import LN2, cdiv, dim_args, log2_scores, new_empty, next_pow2, score_args
 
 # pattern modes (constexpr)
 WINDOW = tl.constexpr(0)
@@ -200,16 +200,6 @@ def decode_merge_kernel(
     tl.store(Lse + rows_l, lse, mask=h_ok)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2(n: int) -> int:
-    """``triton.next_power_of_2`` in plain Python: Triton's is a constexpr function whose call
-    costs microseconds, and a decode step is launch-bound."""
-    return 1 << (n - 1).bit_length() if n > 0 else 0
-
-
 def get_decode_config(head_dim: int, indices: bool) -> dict:
     """Keys per step (``BLOCK_N``), warps and stages of ``decode_fwd_kernel``; replace this
     function (``kernels.decode.get_decode_config = mine``) to tune for another GPU. One query
@@ -227,10 +217,10 @@ def decode_blocks(q_len: int, group_size: int, indices: bool) -> tuple[int, int]
     """``(BLOCK_M, GROUP_PAD)``: the rows one program stacks (query rows x the padded head
     group, at least 16 for the matmul) and the padded group. Index lists differ per query
     row, so a program then holds one row."""
-    group_pad = _pow2(group_size)
+    group_pad = next_pow2(group_size)
     if indices:
         return max(16, group_pad), max(16, group_pad)
-    rows = min(_pow2(q_len), max(1, 64 // group_pad))
+    rows = min(next_pow2(q_len), max(1, 64 // group_pad))
     return max(16, rows * group_pad), group_pad
 
 
@@ -288,7 +278,7 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
         span = capacity if left < 0 or (right < 0 and not is_causal) else (
             left + block_q + (0 if is_causal else right))
         max_keys = min(capacity, span + sinks)
-    grid_rows = _cdiv(q_len, block_q)
+    grid_rows = cdiv(q_len, block_q)
     programs = grid_rows * batch * num_kv_heads
     splits = num_splits or num_splits_for(programs, max_keys, block_n, q.device)
     if splits == 1:
@@ -298,6 +288,7 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
                          device=q.device)
         part_lse = new_empty(splits, batch, num_q_heads, q_len, dtype=torch.float32,
                              device=q.device)
+    dims = dim_args(q)
     decode_fwd_kernel[(splits, grid_rows, batch * num_kv_heads)](
         Q=q.contiguous(), KCache=k_cache, VCache=v_cache, CacheSeqlens=cache_seqlens,
         BlockTable=block_table, Indices=attn_indices, Out=part, Lse=part_lse,
@@ -307,18 +298,16 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
         **{f"stride_k{a}": s for a, s in zip("blhd", k_cache.stride())},
         **{f"stride_v{a}": s for a, s in zip("blhd", v_cache.stride())},
         stride_bt_b=block_table.stride(0) if paged else 0,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, _pow2(head_dim)), BLOCK_M=block_m,
-        GROUP_PAD=group_pad, NUM_SPLITS=splits,
+        **dims, BLOCK_M=block_m, GROUP_PAD=group_pad, NUM_SPLITS=splits,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
         MODE=(INDICES if attn_indices is not None else WINDOW).value, IS_CAUSAL=bool(is_causal),
-        INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **config,
+        **config,
     )
     if splits > 1:
-        block_h = min(16, _pow2(num_q_heads))
-        decode_merge_kernel[(batch * q_len, _cdiv(num_q_heads, block_h))](
+        block_h = min(16, next_pow2(num_q_heads))
+        decode_merge_kernel[(batch * q_len, cdiv(num_q_heads, block_h))](
             OutPart=part, LsePart=part_lse, Out=out, Lse=lse, batch=batch, q_len=q_len,
-            num_q_heads=num_q_heads, HEAD_DIM=head_dim,
-            BLOCK_D=max(16, _pow2(head_dim)), BLOCK_H=block_h,
-            NUM_SPLITS=splits, num_warps=4)
+            num_q_heads=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=dims["BLOCK_D"],
+            BLOCK_H=block_h, NUM_SPLITS=splits, num_warps=4)
     return out, lse
 

@@ -15,7 +15,8 @@ import triton.language as tl
 
 from ..layout.core import GatherIndex
 from . import config as launch_config
-from .common import LN2, LOG2E, dim_args, head_map, log2_scores, new_empty, row_range, score_args
+from .common import (LN2, LOG2E, cdiv, dim_args, head_map, log2_scores, new_empty, next_pow2,
+                     row_range, score_args)
 
 
 @triton.jit
@@ -292,7 +293,7 @@ def gather_attn_fwd(q, k, v, gidx, softmax_scale, softcap=0.0, bias=None):
         Q=q, K=k, V=v, Out=out, Lse=lse, row_ptr=gidx.row_ptr, col=gidx.col,
         stride_q=q.stride(), stride_k=k.stride(), stride_v=v.stride(), stride_o=out.stride(),
         heads=heads, q_len=q_len, **score_args(softmax_scale, softcap), **dim_args(q),
-        HEADS=stack, ROWS=max(16, triton.next_power_of_2(stack)),
+        HEADS=stack, ROWS=max(16, next_pow2(stack)),
         **launch_config.get_gather_config("fwd", head_dim, stack))
     return out, lse
 
@@ -314,7 +315,7 @@ def gather_attn_bwd(q, k, v, out, lse, dout, gidx, softmax_scale, softcap=0.0, d
     heads, stack = _stack(q, k, gidx)
     if q_len and batch * num_q_heads:
         block_m = 64
-        gather_attn_bwd_preprocess[(triton.cdiv(q_len, block_m), batch * num_q_heads)](
+        gather_attn_bwd_preprocess[(cdiv(q_len, block_m), batch * num_q_heads)](
             Out=out, DOut=dout, DLse=None if dlse is None else dlse.float().contiguous(),
             Delta=delta, stride_o=out.stride(), stride_do=dout.stride(), q_len=q_len,
             num_q_heads=num_q_heads, HEAD_DIM=head_dim, BLOCK_M=block_m,
@@ -324,7 +325,7 @@ def gather_attn_bwd(q, k, v, out, lse, dout, gidx, softmax_scale, softcap=0.0, d
             col=gidx.col, stride_q=q.stride(), stride_k=k.stride(), stride_v=v.stride(),
             stride_do=dout.stride(), stride_dq=dq.stride(), heads=heads, q_len=q_len,
             softmax_scale=softmax_scale, **score_args(softmax_scale, softcap), **dim_args(q),
-            HEADS=stack, ROWS=max(16, triton.next_power_of_2(stack)),
+            HEADS=stack, ROWS=max(16, next_pow2(stack)),
             **launch_config.get_gather_config("dq", head_dim, stack))
     dk, dv = gather_attn_bwd_dkdv(q, k, v, dout, lse, delta, gidx, softmax_scale, softcap)
     return dq, dk, dv
@@ -345,7 +346,7 @@ def gather_attn_bwd_dkdv(q, k, v, dout, lse, delta, gidx, softmax_scale, softcap
     if split < 1 or group_size % split:
         raise ValueError(f"head_split {split} must divide the group size {group_size}")
     stack = math.gcd(group_size // split, head_div)
-    stack_p = triton.next_power_of_2(stack)
+    stack_p = next_pow2(stack)
     block_q = max(1, cfg.pop("ROWS") // stack_p)
     if split == 1:
         dk, dv = new_empty(like=k), new_empty(like=v)

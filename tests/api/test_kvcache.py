@@ -266,38 +266,31 @@ def test_strided_small_tensors(backend):
     """Views of ``attn_indices``, ``cache_seqlens`` and ``block_table`` with any strides (a
     selector's (B, Lq, Hkv, W) output permuted, a strided or expanded length, a transposed
     table) give what their contiguous copies give."""
-    batch, q_len, hq, hkv, d, l_max, page = 2, 3, 4, 2, 16, 32, 8
+    batch, q_len, hq, hkv, d, l_max = 2, 3, 4, 2, 16, 32
+    lens = torch.tensor([12, 20], dtype=torch.int32).to(DEVICE)
+    k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, lens.tolist(), torch.float32, seed=4)
     g = torch.Generator().manual_seed(4)
     q = torch.randn(batch, q_len, hq, d, generator=g).to(DEVICE)
-    k_cache = torch.randn(batch, l_max, hkv, d, generator=g).to(DEVICE)
-    v_cache = torch.randn(batch, l_max, hkv, d, generator=g).to(DEVICE)
-    lens = torch.tensor([12, 20], dtype=torch.int32)
     idx = torch.randint(-1, 12, (batch, q_len, hkv, 6), generator=g).permute(0, 2, 1, 3)
 
     def run(**kw):
         return sparse_attn_with_kvcache(q, k_cache, v_cache, backend=backend, **kw)
 
-    ref = run(cache_seqlens=lens.to(DEVICE), attn_indices=idx.contiguous().to(DEVICE))
-    assert torch.equal(run(cache_seqlens=lens.to(DEVICE), attn_indices=idx.to(DEVICE)), ref)
-    strided = torch.tensor([12, 0, 20, 0], dtype=torch.int32)[::2]
-    assert torch.equal(run(cache_seqlens=strided.to(DEVICE), window_size=(5, 0)),
-                       run(cache_seqlens=lens.to(DEVICE), window_size=(5, 0)))
-    same = torch.tensor([9], dtype=torch.int32).expand(batch)
-    assert torch.equal(run(cache_seqlens=same.to(DEVICE)),
-                       run(cache_seqlens=same.contiguous().to(DEVICE)))
-    # paged: pages in a shuffled order, the table transposed twice (strides (1, B))
-    pages = l_max // page
-    perm = torch.randperm(batch * pages, generator=g).view(batch, pages).int()
-    kp, vp = (torch.empty(batch * pages, page, hkv, d) for _ in range(2))
-    for b in range(batch):
-        for j in range(pages):
-            kp[perm[b, j]] = k_cache[b, j * page:(j + 1) * page].cpu()
-            vp[perm[b, j]] = v_cache[b, j * page:(j + 1) * page].cpu()
-    table = perm.t().contiguous().t()
+    ref = run(cache_seqlens=lens, attn_indices=idx.contiguous().to(DEVICE))
+    assert torch.equal(run(cache_seqlens=lens, attn_indices=idx.to(DEVICE)), ref)
+    strided = torch.tensor([12, 0, 20, 0], dtype=torch.int32).to(DEVICE)[::2]
+    assert torch.equal(run(cache_seqlens=strided, window_size=(5, 0)),
+                       run(cache_seqlens=lens, window_size=(5, 0)))
+    same = torch.tensor([9], dtype=torch.int32).to(DEVICE).expand(batch)
+    assert torch.equal(run(cache_seqlens=same), run(cache_seqlens=same.contiguous()))
+    # the same content in shuffled pages, the table transposed twice (strides (1, B))
+    kp, vp, table = make_cache(batch, l_max, hkv, d, lens.tolist(), torch.float32, page=8,
+                               seed=4)
+    table = table.t().contiguous().t()
     assert table.stride() == (1, batch)
-    out = sparse_attn_with_kvcache(q, kp.to(DEVICE), vp.to(DEVICE), backend=backend,
-                                   cache_seqlens=lens.to(DEVICE), block_table=table.to(DEVICE))
-    assert torch.equal(out, run(cache_seqlens=lens.to(DEVICE)))
+    out = sparse_attn_with_kvcache(q, kp, vp, backend=backend, cache_seqlens=lens,
+                                   block_table=table)
+    assert torch.equal(out, run(cache_seqlens=lens))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
