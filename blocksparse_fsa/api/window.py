@@ -193,25 +193,17 @@ def analytic_layout(cu_q, cu_k, window: tuple[int, int, int], is_causal: bool,
         raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
     if bit_kernel is None:
         bit_kernel = device.type == "cuda"
-    lists = list(tiles[:9])
-    if bit_kernel:  # what the kernel reads besides part_col: query tiles and offsets
-        lists += [tiles.part_qt, np.asarray(cu_q), np.asarray(cu_k)]
-    # each list starts 16-byte aligned, as a tensor of its own would (the kernels specialise
-    # on pointer alignment)
-    offsets = [0]
-    for a in lists:
-        offsets.append(offsets[-1] + -(-a.size // 4) * 4)
-    host = torch.empty(offsets[-1], dtype=torch.int32, pin_memory=device.type == "cuda")
-    buffer = host.numpy()
-    for a, start in zip(lists, offsets):
-        buffer[start:start + a.size] = a
-    packed = host.to(device, non_blocking=True)  # pinned: the one copy is asynchronous
-    views = [packed[start:start + a.size] for a, start in zip(lists, offsets)]
+    # every list (and the offsets the bit kernel reads) in one buffer: one copy to the device,
+    # asynchronous from pinned memory, and views that start 16-byte aligned as tensors of
+    # their own would (the kernels specialise on pointer alignment)
+    host = torch.from_numpy(tiles.buffer)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    packed = host.to(device, non_blocking=True)
+    views = [packed[a:a + n.size] for a, n in zip(tiles.starts, tiles[:9])]
     if bit_kernel:
         from ..preprocess.triton.ranges import range_masks_triton
-        part_qt, cq, ck = views[9:]
-        masks = range_masks_triton(part_qt, views[3], cq, ck, q_len, k_len, *window, is_causal,
-                                   bm, bn)
+        masks = range_masks_triton(packed, tiles.part_qt.size, is_causal, bm, bn)
     else:
         masks = torch.from_numpy(range_masks_numpy(tiles.part_qt, tiles.part_col, cu_q, cu_k,
                                                    *window, is_causal, bm, bn)).to(device)

@@ -129,12 +129,9 @@ def kernel_case(cu_q, cu_k, window, causal, block, device):
     tiles = range_tiles(cu_q, cu_k, *window, causal, *block)
     want = range_masks_numpy(tiles.part_qt, tiles.part_col, cu_q, cu_k, *window, causal, *block)
 
-    def i32(a):
-        return torch.tensor(np.asarray(a), dtype=torch.int32, device=device)
-
     from blocksparse_fsa.preprocess.triton.ranges import range_masks_triton
-    got = range_masks_triton(i32(tiles.part_qt), i32(tiles.part_col), i32(cu_q), i32(cu_k),
-                             cu_q[-1], cu_k[-1], *window, causal, *block)
+    lists = torch.from_numpy(tiles.buffer).to(device)
+    got = range_masks_triton(lists, tiles.part_qt.size, causal, *block)
     assert torch.equal(got.cpu(), torch.from_numpy(want)), (cu_q, cu_k, window, causal, block)
 
 

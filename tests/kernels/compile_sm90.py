@@ -141,13 +141,11 @@ def range_masks():
     from blocksparse_fsa.preprocess.triton.ranges import range_masks_triton
     for (cu_q, cu_k), causal, (bm, bn) in itertools.product(
             (([0, 300], [0, 300]), ([0, 70, 300], [0, 90, 300])), (False, True),
-            ((64, 64), (128, 32), (16, 256))):  # one sequence: n_seq = 1 becomes a constant
+            ((64, 64), (128, 32), (16, 256))):
         print(f"-- window bits, {len(cu_q) - 1} sequence(s), causal={causal}, {bm}x{bn}",
               flush=True)
         tiles = range_tiles(cu_q, cu_k, 40, 3, 2, causal, bm, bn)
-        i32 = [torch.tensor(a, dtype=torch.int32) for a in (tiles.part_qt, tiles.part_col,
-                                                            cu_q, cu_k)]
-        range_masks_triton(*i32, cu_q[-1], cu_k[-1], 40, 3, 2, causal, bm, bn)
+        range_masks_triton(torch.from_numpy(tiles.buffer), tiles.part_qt.size, causal, bm, bn)
 
 
 def _compile_variant(kwargs, bias_shape, dtype, dim, backward):

@@ -5,23 +5,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ranges import normalized_window
 from .launch import new_int
 
 
 @triton.jit
-def range_masks_kernel(masks_ptr, part_qt_ptr, part_col_ptr, cu_q_ptr, cu_k_ptr, q_len, n_seq,
-                       n_steps, left, right, sinks, stride_masks_tile, stride_masks_row,
-                       IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       N_WORDS: tl.constexpr):
+def range_masks_kernel(masks_ptr, lists_ptr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, N_WORDS: tl.constexpr):
     """One program per partial tile ``t`` (grid ``[Tp]``): its ``BLOCK_M`` query rows find their
-    sequence in ``cu_q`` (binary search, ``n_steps`` rounds), their window and sink key ranges,
-    and write ``masks[t]`` (int32 ``[Tp, BLOCK_M, N_WORDS]``, bit ``c % 32`` of word ``c // 32``
-    = key column ``c`` of tile ``part_col[t]``). Offsets ``cu_q`` / ``cu_k``: int32 ``[n_seq + 1]``.
+    sequence in ``cu_q`` (binary search), their window and sink key ranges, and write
+    ``masks[t]`` (int32 ``[Tp, BLOCK_M, N_WORDS]``, contiguous; bit ``c % 32`` of word
+    ``c // 32`` = key column ``c`` of tile ``part_col[t]``). ``lists_ptr``: the int32 buffer of
+    ``preprocess.ranges_numba.range_lists``, whose header holds the scalars (a launch costs
+    microseconds per argument) and where ``part_qt``, ``part_col``, ``cu_q`` and ``cu_k`` start.
     """
     t = tl.program_id(0)
-    q_tile = tl.load(part_qt_ptr + t)
-    k_tile = tl.load(part_col_ptr + t)
+    q_len = tl.load(lists_ptr + 0)
+    n_seq = tl.load(lists_ptr + 1)
+    n_steps = tl.load(lists_ptr + 2)
+    left = tl.load(lists_ptr + 3)
+    right = tl.load(lists_ptr + 4)
+    sinks = tl.load(lists_ptr + 5)
+    cu_q_ptr = lists_ptr + tl.load(lists_ptr + 8)
+    cu_k_ptr = lists_ptr + tl.load(lists_ptr + 9)
+    q_tile = tl.load(lists_ptr + tl.load(lists_ptr + 6) + t)
+    k_tile = tl.load(lists_ptr + tl.load(lists_ptr + 7) + t)
     offs_m = tl.arange(0, BLOCK_M)
     rows = q_tile * BLOCK_M + offs_m  # [BLOCK_M]
     # the sequence of each row: how many of cu_q[1:] are <= row
@@ -47,7 +54,7 @@ def range_masks_kernel(masks_ptr, part_qt_ptr, part_col_ptr, cu_q_ptr, cu_k_ptr,
     hi = tl.minimum(pos + right, top)
     s_hi = tl.minimum(sinks - 1, top)
     bit = tl.arange(0, 32)
-    out = masks_ptr + t.to(tl.int64) * stride_masks_tile + offs_m.to(tl.int64) * stride_masks_row
+    out = masks_ptr + t.to(tl.int64) * (BLOCK_M * N_WORDS) + offs_m * N_WORDS
     for w in tl.static_range(N_WORDS):
         in_tile = w * 32 + bit  # [32]
         key = k_tile * BLOCK_N + in_tile[None, :] - k0[:, None]  # [BLOCK_M, 32] local key
@@ -58,21 +65,14 @@ def range_masks_kernel(masks_ptr, part_qt_ptr, part_col_ptr, cu_q_ptr, cu_k_ptr,
         tl.store(out + w, word)
 
 
-def range_masks_triton(part_qt: torch.Tensor, part_col: torch.Tensor, cu_q: torch.Tensor,
-                       cu_k: torch.Tensor, q_len: int, k_len: int, left: int, right: int,
-                       sinks: int, causal: bool, block_m: int, block_n: int) -> torch.Tensor:
-    """Launch :func:`range_masks_kernel` on int32 tensors of one device (CUDA, or CPU under
-    ``TRITON_INTERPRET=1``); ``q_len`` / ``k_len`` are the offsets' totals, given so that the
-    launch reads nothing back. Returns int32 ``[Tp, block_m, ceil(block_n / 32)]``."""
+def range_masks_triton(lists: torch.Tensor, n_part: int, causal: bool, block_m: int,
+                       block_n: int) -> torch.Tensor:
+    """Launch :func:`range_masks_kernel` on ``lists`` (``RangeTiles.buffer`` on a CUDA device,
+    or on the CPU under ``TRITON_INTERPRET=1``) for its ``n_part`` partial tiles; reads nothing
+    back. Returns int32 ``[n_part, block_m, ceil(block_n / 32)]``."""
     n_words = -(-block_n // 32)
-    masks = new_int((part_qt.numel(), block_m, n_words), torch.int32, part_qt.device)
-    if part_qt.numel():
-        n_seq = cu_q.numel() - 1
-        left, right, sinks = normalized_window(q_len, k_len, left, right, sinks)
-        range_masks_kernel[(part_qt.numel(),)](
-            masks_ptr=masks, part_qt_ptr=part_qt, part_col_ptr=part_col, cu_q_ptr=cu_q,
-            cu_k_ptr=cu_k, q_len=q_len, n_seq=n_seq, n_steps=n_seq.bit_length(), left=left,
-            right=right, sinks=sinks, stride_masks_tile=masks.stride(0),
-            stride_masks_row=masks.stride(1), IS_CAUSAL=bool(causal), BLOCK_M=block_m,
-            BLOCK_N=block_n, N_WORDS=n_words, num_warps=4)
+    masks = new_int((n_part, block_m, n_words), torch.int32, lists.device)
+    if n_part:
+        range_masks_kernel[(n_part,)](masks, lists, IS_CAUSAL=bool(causal), BLOCK_M=block_m,
+                                      BLOCK_N=block_n, N_WORDS=n_words, num_warps=4)
     return masks

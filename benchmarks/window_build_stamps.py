@@ -1,0 +1,91 @@
+"""Where the time of one fresh analytic window layout goes (``sparse_attn_func(window_size=)``'s
+build, uncached), step by step on the host, and the whole build synced.
+
+    python benchmarks/window_build_stamps.py [--seq-len 32768] [--window 1023] [--sinks 0]
+
+Each step is stamped with ``time.perf_counter`` (median of ``--runs`` builds after a warm-up);
+``whole, synced`` is ``window_layout`` on an empty cache between two ``synchronize`` calls,
+as ``bench_varlen.py``'s ``build_fresh_ms``. The steps are those of
+``api.window.analytic_layout``; their sum is host time only (the copy and the bit kernel run
+asynchronously).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from blocksparse_fsa.api import window as window_mod
+from blocksparse_fsa.layout import SparseLayout
+from blocksparse_fsa.preprocess.ranges import range_tiles
+from blocksparse_fsa.preprocess.triton.ranges import range_masks_triton
+
+
+def steps(length, left, sinks, device):
+    """One build through ``analytic_layout``'s steps; yields (name, seconds)."""
+    t = time.perf_counter()
+
+    def stamp(name):
+        nonlocal t
+        now = time.perf_counter()
+        out = (name, now - t)
+        t = now
+        return out
+
+    tiles = range_tiles([0, length], [0, length], left, 0, sinks, True, 64, 64)
+    yield stamp("range_tiles (numba lists)")
+    host = torch.from_numpy(tiles.buffer).pin_memory()
+    yield stamp("pin_memory")
+    packed = host.to(device, non_blocking=True)
+    yield stamp("host-to-device copy (launch)")
+    views = [packed[a:a + n.size] for a, n in zip(tiles.starts, tiles[:9])]
+    yield stamp("views")
+    masks = range_masks_triton(packed, tiles.part_qt.size, True, 64, 64)
+    yield stamp("bit kernel (launch)")
+    names = ("full_ptr", "full_col", "part_ptr", "part_col", "full_ptr_t", "full_row_t",
+             "part_ptr_t", "part_row_t", "part_mask_t")
+    SparseLayout(q_len=length, k_len=length, block_m=64, block_n=64, batch=1, heads=1,
+                 is_causal=True, nnz=tiles.nnz, masks=masks, **dict(zip(names, views)))
+    yield stamp("SparseLayout")
+    torch.cuda.synchronize()
+    yield stamp("synchronize")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq-len", type=int, default=32768)
+    ap.add_argument("--window", type=int, default=1023, help="window_size[0]")
+    ap.add_argument("--sinks", type=int, default=0)
+    ap.add_argument("--runs", type=int, default=50)
+    args = ap.parse_args()
+    device = torch.device("cuda", torch.cuda.current_device())
+    window = (args.window, 0, args.sinks)
+    for _ in range(5):
+        list(steps(args.seq_len, args.window, args.sinks, device))
+    per = {}
+    for _ in range(args.runs):
+        for name, sec in steps(args.seq_len, args.window, args.sinks, device):
+            per.setdefault(name, []).append(sec * 1e6)
+    whole, host = [], []
+    for _ in range(args.runs):
+        window_mod.clear_cache()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        window_mod.window_layout(args.seq_len, args.seq_len, window, True, device)
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        host.append((t1 - t0) * 1e6)
+        whole.append((t2 - t0) * 1e6)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; L={args.seq_len}, "
+          f"window ({args.window}, 0), sinks {args.sinks}, 64x64 tiles; median of {args.runs}")
+    for name, us in per.items():
+        print(f"  {name:32s} {statistics.median(us):8.1f} us")
+    print(f"  {'sum of the steps':32s} {sum(statistics.median(u) for u in per.values()):8.1f} us")
+    print(f"window_layout, fresh: host {statistics.median(host):.1f} us, synced "
+          f"{statistics.median(whole):.1f} us (min {min(whole):.1f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""The tile lists of :func:`preprocess.ranges.range_tiles` in scalar loops (numba).
+
+One pass over the (query tile, sequence) segments finds each segment's key-tile intervals in
+closed form (at most two active ranges, sinks and window, and two full ranges inside them);
+one pass over the tiles those intervals name writes both CSRs, and a counting sort by key tile
+writes the transposes. O(segments + tiles) scalar work: tens of microseconds at L = 32768 where
+the same lists from whole-array numpy calls took a few hundred.
+
+Imported on the first analytic layout (numba takes about a second to import); numba compiles
+these functions once per machine and caches them next to this file.
+"""
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def _segments(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt):
+    """Per segment: its query tile and eight interval bounds ``[a0, a1, b0, b1, f0, f1, g0,
+    g1]``: active ranges ``[a0, a1]``, ``[b0, b1]`` and full ranges ``[f0, f1]``, ``[g0, g1]``
+    (sorted, disjoint; empty where end < start). Returns ``(seg_qt, bounds, upper)``, ``upper``
+    the tile count bound of both lists together."""
+    n_seq = cu_q.size - 1
+    q_len = cu_q[n_seq]
+    per_qt = np.zeros(n_qt, np.int64)
+    n_seg = 0
+    for s in range(n_seq):
+        if cu_q[s + 1] > cu_q[s]:
+            t0, t1 = cu_q[s] // bm, (cu_q[s + 1] - 1) // bm
+            per_qt[t0:t1 + 1] += 1
+            n_seg += t1 - t0 + 1
+    seg_qt = np.empty(n_seg, np.int64)
+    bounds = np.empty((n_seg, 8), np.int64)
+    first_w = max(-right, 0) if causal else -right  # the first position with a window
+    upper = 0
+    i = 0
+    for s in range(n_seq):
+        q0, k0 = cu_q[s], cu_k[s]
+        nq, nk = cu_q[s + 1] - q0, cu_k[s + 1] - k0
+        if nq == 0:
+            continue
+        shift = nk - nq - q0  # row -> position
+        for qt in range(q0 // bm, (q0 + nq - 1) // bm + 1):
+            pa = max(q0, qt * bm) + shift
+            pb = min(q0 + nq, qt * bm + bm) - 1 + shift
+            top_a = min(nk - 1, pa) if causal else nk - 1
+            top_b = min(nk - 1, pb) if causal else nk - 1
+            # the union of the rows' windows is one range: lo(p + 1) <= hi(p) + 1
+            p_w = max(pa, first_w)
+            has_w = p_w <= pb and nk > 0
+            tw0, tw1 = 0, -1
+            if has_w:
+                tw0 = (k0 + max(p_w - left, 0)) // bn
+                tw1 = (k0 + min(pb + right, top_b)) // bn
+            a0, a1, b0, b1 = tw0, tw1, 0, -1
+            if sinks > 0:
+                s_hi = min(sinks - 1, top_b)
+                if s_hi >= 0:
+                    ts1 = (k0 + s_hi) // bn
+                    if has_w and tw0 > ts1 + 1:  # sinks and window apart
+                        a0, a1, b0, b1 = k0 // bn, ts1, tw0, tw1
+                    else:
+                        a0, a1 = k0 // bn, max(ts1, tw1) if has_w else ts1
+            # full tiles: one segment in the query tile, no inactive pair above the first
+            # row's reach (it only grows) nor in the last row's gap [sinks, pb - left - 1]
+            hi_a = min(pa + right, top_a) if pa >= first_w and nk > 0 else -1
+            cap = max(min(sinks - 1, top_a), hi_a)
+            lo_f = -(-k0 // bn)
+            hi_f = (k0 + cap + 1) // bn - 1
+            if per_qt[qt] > 1 or (qt == n_qt - 1 and q_len % bm):
+                hi_f = -1
+            gap_end = pb - left
+            above = -(-(k0 + gap_end) // bn)  # the first key tile after the gap
+            f0, f1, g0, g1 = max(lo_f, above), hi_f, 0, -1
+            if sinks > 0:
+                below = (k0 + sinks) // bn - 1  # the last key tile before the gap
+                if gap_end <= sinks or above <= below + 1:  # no key tile inside the gap
+                    f0 = lo_f
+                else:
+                    f0, f1, g0, g1 = lo_f, min(hi_f, below), max(lo_f, above), hi_f
+            b = bounds[i]
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7] = a0, a1, b0, b1, f0, f1, g0, g1
+            seg_qt[i] = qt
+            upper += max(a1 - a0 + 1, 0) + max(b1 - b0 + 1, 0) + max(f1 - f0 + 1, 0) + max(
+                g1 - g0 + 1, 0)
+            i += 1
+    return seg_qt, bounds, upper
+
+
+@njit(cache=True)
+def _transpose(ptr_out, rows_out, idx_out, cols, rows, n_kt):
+    """Counting sort of the tiles ``(rows, cols)`` by key tile, stable (query tiles stay
+    ascending): ``ptr_out [n_kt + 1]``, ``rows_out`` and ``idx_out`` (forward index)."""
+    ptr_out[:] = 0
+    for t in range(cols.size):
+        ptr_out[cols[t] + 1] += 1
+    for kt in range(n_kt):
+        ptr_out[kt + 1] += ptr_out[kt]
+    fill = ptr_out[:n_kt].copy()
+    for t in range(cols.size):
+        j = fill[cols[t]]
+        fill[cols[t]] += 1
+        rows_out[j] = rows[t]
+        idx_out[j] = t
+
+
+HEADER = 16  # int32 scalars before the lists: what the bit kernel reads besides them
+
+
+@njit(cache=True)
+def _bit_length(n):
+    b = 0
+    while n:
+        n >>= 1
+        b += 1
+    return b
+
+
+@njit(cache=True)
+def range_lists(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt, n_kt):
+    """Both CSRs, their transposes, each partial tile's query tile, then ``cu_q`` and
+    ``cu_k``, as int32 slices of one buffer, each 16-byte aligned (a tensor of its own would
+    be), after a header of ``HEADER`` ints: ``q_len, n_seq, n_seq.bit_length(), left, right,
+    sinks`` and where ``part_qt``, ``part_col``, ``cu_q`` and ``cu_k`` start (what
+    ``preprocess.triton.ranges`` reads). Returns ``(buffer, starts, sizes)``. Offsets are int64 with a normalized window
+    (``ranges.normalized_window``). Tiles of a query tile are in key order; partial tiles of
+    neighbouring sequences that share a key tile are listed once."""
+    seg_qt, bounds, upper = _segments(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt)
+    full_ptr = np.zeros(n_qt + 1, np.int64)
+    part_ptr = np.zeros(n_qt + 1, np.int64)
+    full_col = np.empty(upper, np.int32)
+    part_col = np.empty(upper, np.int32)
+    part_qt = np.empty(upper, np.int32)
+    n_f = n_p = 0
+    last = -1  # the last partial key tile of the current query tile
+    for i in range(seg_qt.size):
+        qt = seg_qt[i]
+        if i == 0 or seg_qt[i - 1] != qt:
+            last = -1
+        a0, a1, b0, b1 = bounds[i, 0], bounds[i, 1], bounds[i, 2], bounds[i, 3]
+        f0, f1, g0, g1 = bounds[i, 4], bounds[i, 5], bounds[i, 6], bounds[i, 7]
+        for kt in range(f0, f1 + 1):
+            full_col[n_f] = kt
+            n_f += 1
+        for kt in range(g0, g1 + 1):
+            full_col[n_f] = kt
+            n_f += 1
+        for kt in range(max(a0, last + 1), a1 + 1):
+            if not (f0 <= kt <= f1 or g0 <= kt <= g1):
+                part_col[n_p] = kt
+                part_qt[n_p] = qt
+                n_p += 1
+                last = kt
+        for kt in range(max(b0, last + 1), b1 + 1):
+            if not (f0 <= kt <= f1 or g0 <= kt <= g1):
+                part_col[n_p] = kt
+                part_qt[n_p] = qt
+                n_p += 1
+                last = kt
+        full_ptr[qt + 1] = n_f
+        part_ptr[qt + 1] = n_p
+    sizes = np.array([n_qt + 1, n_f, n_qt + 1, n_p, n_kt + 1, n_f, n_kt + 1, n_p, n_p, n_p,
+                      cu_q.size, cu_k.size], np.int64)
+    starts = np.empty(sizes.size, np.int64)
+    starts[0] = HEADER
+    for j in range(1, sizes.size):
+        starts[j] = starts[j - 1] + (sizes[j - 1] + 3) // 4 * 4
+    out = np.zeros(starts[-1] + sizes[-1], np.int32)
+    n_seq = cu_q.size - 1
+    header = (cu_q[n_seq], n_seq, _bit_length(n_seq), left, right, sinks, starts[9],
+              starts[3], starts[10], starts[11])
+    for j in range(len(header)):
+        out[j] = header[j]
+    views = [out[starts[j]:starts[j] + sizes[j]] for j in range(sizes.size)]
+    for qt in range(n_qt):  # a query tile without a segment ends where its predecessor does
+        views[0][qt + 1] = max(full_ptr[qt + 1], views[0][qt])
+        views[2][qt + 1] = max(part_ptr[qt + 1], views[2][qt])
+    views[1][:] = full_col[:n_f]
+    views[3][:] = part_col[:n_p]
+    views[9][:] = part_qt[:n_p]
+    views[10][:] = cu_q
+    views[11][:] = cu_k
+    full_qt = np.empty(n_f, np.int32)
+    for qt in range(n_qt):
+        full_qt[views[0][qt]:views[0][qt + 1]] = qt
+    _transpose(views[4], views[5], np.empty(n_f, np.int32), views[1], full_qt, n_kt)
+    _transpose(views[6], views[7], views[8], views[3], views[9], n_kt)
+    return out, starts, sizes
