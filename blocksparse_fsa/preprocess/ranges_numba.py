@@ -167,22 +167,27 @@ def range_lists(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt, n_kt):
         starts[j] = starts[j - 1] + (sizes[j - 1] + 3) // 4 * 4
     out = np.zeros(starts[-1] + sizes[-1], np.int32)
     n_seq = cu_q.size - 1
-    header = (cu_q[n_seq], n_seq, _bit_length(n_seq), left, right, sinks, starts[9],
-              starts[3], starts[10], starts[11])
-    for j in range(len(header)):
-        out[j] = header[j]
-    views = [out[starts[j]:starts[j] + sizes[j]] for j in range(sizes.size)]
+    out[0], out[1], out[2] = cu_q[n_seq], n_seq, _bit_length(n_seq)
+    out[3], out[4], out[5] = left, right, sinks
+    out[6], out[7], out[8], out[9] = starts[9], starts[3], starts[10], starts[11]
+    f_ptr = out[starts[0]:starts[0] + sizes[0]]
+    p_ptr = out[starts[2]:starts[2] + sizes[2]]
     for qt in range(n_qt):  # a query tile without a segment ends where its predecessor does
-        views[0][qt + 1] = max(full_ptr[qt + 1], views[0][qt])
-        views[2][qt + 1] = max(part_ptr[qt + 1], views[2][qt])
-    views[1][:] = full_col[:n_f]
-    views[3][:] = part_col[:n_p]
-    views[9][:] = part_qt[:n_p]
-    views[10][:] = cu_q
-    views[11][:] = cu_k
+        f_ptr[qt + 1] = max(full_ptr[qt + 1], f_ptr[qt])
+        p_ptr[qt + 1] = max(part_ptr[qt + 1], p_ptr[qt])
+    f_col = out[starts[1]:starts[1] + n_f]
+    p_col = out[starts[3]:starts[3] + n_p]
+    p_qt = out[starts[9]:starts[9] + n_p]
+    f_col[:] = full_col[:n_f]
+    p_col[:] = part_col[:n_p]
+    p_qt[:] = part_qt[:n_p]
+    out[starts[10]:starts[10] + cu_q.size] = cu_q
+    out[starts[11]:starts[11] + cu_k.size] = cu_k
     full_qt = np.empty(n_f, np.int32)
     for qt in range(n_qt):
-        full_qt[views[0][qt]:views[0][qt + 1]] = qt
-    _transpose(views[4], views[5], np.empty(n_f, np.int32), views[1], full_qt, n_kt)
-    _transpose(views[6], views[7], views[8], views[3], views[9], n_kt)
+        full_qt[f_ptr[qt]:f_ptr[qt + 1]] = qt
+    _transpose(out[starts[4]:starts[4] + n_kt + 1], out[starts[5]:starts[5] + n_f],
+               np.empty(n_f, np.int32), f_col, full_qt, n_kt)
+    _transpose(out[starts[6]:starts[6] + n_kt + 1], out[starts[7]:starts[7] + n_p],
+               out[starts[8]:starts[8] + n_p], p_col, p_qt, n_kt)
     return out, starts, sizes
