@@ -14,8 +14,10 @@
 #                                      .base/ and each other; with the fastest: the GPU
 #                                      non-finite tests, the decode step, the frontier on the
 #                                      window and documents, then the GPU kernel tests
-#   bash benchmarks/gpu_session.sh h   stage g without the frontier, with the window layout
-#                                      build's steps stamped, its GPU tests and bench_varlen.py
+#   bash benchmarks/gpu_session.sh h   the window layout build's steps stamped; the GPU window,
+#                                      varlen and decode tests; decode against .head/
+#                                      (ab_decode.py); the partial-tile loads against .base/;
+#                                      bench_varlen.py; the GPU kernel tests
 #   bash benchmarks/gpu_session.sh f   the final kernels: A/B against .base/, every pattern
 #                                      against the frontier, the decode launch sweep at B=8
 #   bash benchmarks/gpu_session.sh t   GPU tests; the frontier on BigBird, NSA, dilated and
@@ -156,7 +158,7 @@ elif [ "$stage" = f ]; then
     flex flex_flash fa4_window fa4_varlen fa4_dense_causal sdpa_causal'
   step "decode sweep" 150 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
     --lengths 32768 --batches 8 64 --sweep quick 2>&1 | tail -70 | tee -a "$OUT/$stage/session.log"'
-elif [ "$stage" = g ] || [ "$stage" = h ]; then
+elif [ "$stage" = g ]; then
   [ -d .base/blocksparse_fsa ] && step "kernel A/B: before" 60 env PYTHONPATH="$PWD/.base" \
     python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
   for mode in pointer select branch; do
@@ -178,24 +180,13 @@ print(min(full, key=tot.get) if full else 'pointer')" 2>/dev/null || echo pointe
   printf 'import os\nimport blocksparse_fsa.kernels.config as c\nc.PARTIAL_LOADS = os.environ["BSA_PARTIAL_LOADS"]\n' \
     > /tmp/bsamode/bsa_mode.py
   export BSA_PARTIAL_LOADS=$best PYTHONPATH=/tmp/bsamode:$PYTHONPATH
-  if [ "$stage" = h ]; then
-    step "window build stamps" 60 bash -c 'python3 benchmarks/window_build_stamps.py 2>&1 \
-      | tee -a "$OUT/$stage/session.log"; python3 benchmarks/window_build_stamps.py --sinks 4 \
-      2>&1 | tail -3 | tee -a "$OUT/$stage/session.log"'
-    step "GPU window and varlen tests" 60 bash -c "python3 -m pytest -m gpu -q \
-      -p no:cacheprovider -rf tests/api/test_window_layout.py tests/api/test_varlen.py \
-      > '$OUT/$stage/gpu_window_tests.log' 2>&1"
-    tail -3 "$OUT/$stage/gpu_window_tests.log" | tee -a "$OUT/$stage/session.log"
-  fi
   step "GPU non-finite tests" 90 bash -c "python3 -m pytest -m gpu -q -p no:cacheprovider \
     -p bsa_mode $XDIST -rf tests/kernels/test_nonfinite.py tests/api/test_nonfinite.py \
     > '$OUT/$stage/gpu_nonfinite.log' 2>&1"
   tail -4 "$OUT/$stage/gpu_nonfinite.log" | tee -a "$OUT/$stage/session.log"
   step "decode" 90 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
     --lengths 32768 --batches 8 64 2>&1 | tail -40 | tee -a "$OUT/$stage/session.log"'
-  [ "$stage" = h ] && step "varlen" 150 bash -c 'python3 benchmarks/bench_varlen.py \
-    --out "$OUT/$stage/varlen" 2>&1 | tail -30 | tee -a "$OUT/$stage/session.log"'
-  [ "$stage" = g ] && step "harness: the frontier" 200 bash -c 'python3 -c "import bsa_mode, runpy, sys
+  step "harness: the frontier" 200 bash -c 'python3 -c "import bsa_mode, runpy, sys
 sys.argv[0] = \"blocksparse_fsa_bench\"
 runpy.run_module(\"blocksparse_fsa_bench\", run_name=\"__main__\")" --seq-len 32768 --quick \
     --no-plot --out "$OUT/$stage/bench_frontier" --pattern sliding_window documents bigbird \
@@ -204,6 +195,35 @@ runpy.run_module(\"blocksparse_fsa_bench\", run_name=\"__main__\")" --seq-len 32
   left=$((DEADLINE - SECONDS - 15)); [ "$left" -gt 200 ] && left=200
   step "GPU kernel tests" $((left + 10)) bash -c "timeout -s INT $left python3 -m pytest -m gpu \
     -q -p no:cacheprovider -p bsa_mode $XDIST -rf tests/test_gpu.py tests/kernels \
+    > '$OUT/$stage/gpu_tests.log' 2>&1"
+  tail -12 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
+elif [ "$stage" = h ]; then
+  # the window layout's host steps and its GPU tests; the one-launch decode against .head/
+  # (two launches) with its GPU tests; the partial-tile loads against .base/; bench_varlen
+  step "window build stamps" 60 bash -c 'python3 benchmarks/window_build_stamps.py 2>&1 \
+    | tee -a "$OUT/$stage/session.log"; python3 benchmarks/window_build_stamps.py --sinks 4 \
+    2>&1 | tail -1 | tee -a "$OUT/$stage/session.log"'
+  step "GPU window, varlen and decode tests" 100 bash -c "python3 -m pytest -m gpu -q \
+    -p no:cacheprovider $XDIST -rf tests/api/test_window_layout.py tests/api/test_varlen.py \
+    tests/kernels/test_decode.py tests/api/test_kvcache.py \
+    > '$OUT/$stage/gpu_window_decode_tests.log' 2>&1"
+  tail -4 "$OUT/$stage/gpu_window_decode_tests.log" | tee -a "$OUT/$stage/session.log"
+  for label in head after; do
+    dir=$PWD; [ $label = head ] && dir=$PWD/.head
+    [ -d "$dir/blocksparse_fsa" ] && step "decode A/B: $label" 75 env PYTHONPATH="$dir" \
+      python3 benchmarks/ab_decode.py --label $label --out "$OUT/$stage"
+  done
+  [ -d .base/blocksparse_fsa ] && step "kernel A/B: before" 60 env PYTHONPATH="$PWD/.base" \
+    python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
+  for mode in pointer branch select; do
+    step "kernel A/B: $mode" 60 python3 benchmarks/ab_kernels.py --label "$mode" \
+      --out "$OUT/$stage" --config "PARTIAL_LOADS='$mode'"
+  done
+  step "varlen" 150 bash -c 'python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" \
+    2>&1 | tail -30 | tee -a "$OUT/$stage/session.log"'
+  left=$((DEADLINE - SECONDS - 15)); [ "$left" -gt 200 ] && left=200
+  step "GPU kernel tests" $((left + 10)) bash -c "timeout -s INT $left python3 -m pytest -m gpu \
+    -q -p no:cacheprovider $XDIST -rf tests/test_gpu.py tests/kernels \
     > '$OUT/$stage/gpu_tests.log' 2>&1"
   tail -12 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
 elif [ "$stage" = v ]; then

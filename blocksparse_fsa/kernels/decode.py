@@ -1,10 +1,10 @@
 """Split-KV (flash-decoding) attention over a KV cache: a window + sinks evaluated from positions,
 or per-query lists of cache positions; contiguous or paged caches.
 
-Each program folds one slice of a query block's keys into a partial ``(out, lse)``; a second
-kernel merges the slices in split order, so results do not depend on scheduling. Grid sizes and
-buffers depend on shapes only (never on ``cache_seqlens``), so a decode step captures in a CUDA
-graph. The same kernel serves chunked prefill: a window block of query rows walks the union of
+Each program folds one slice of a query block's keys into a partial ``(out, lse)``; the last
+program of a block to finish (a ticket from an atomic counter) merges the slices in split order,
+so results do not depend on scheduling and a step is one launch. Grid sizes and buffers depend
+on shapes only (never on ``cache_seqlens``), so a decode step captures in a CUDA graph. The same kernel serves chunked prefill: a window block of query rows walks the union of
 their windows, an index list is walked row by row (the gather kernels' strategy).
 """
 
@@ -34,10 +34,9 @@ def _key_rows(pos, ok, b, BlockTable, stride_bt_b, stride_kb, stride_kl, PAGE_SI
 
 @triton.jit
 def decode_fwd_kernel(
-    Q, KCache, VCache, CacheSeqlens, BlockTable, Indices, Out, Lse,
+    Q, KCache, VCache, CacheSeqlens, BlockTable, Indices, Out, Lse, OutPart, LsePart, Tickets,
     qk_scale, cap_scale, q_len, num_kv_heads, group_size, num_new, left, right, sinks, n_idx,
-    stride_kb, stride_kl, stride_kh, stride_kd,
-    stride_vb, stride_vl, stride_vh, stride_vd, stride_bt_b,
+    stride_k, stride_v, stride_bt_b,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGED: tl.constexpr, MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -46,9 +45,12 @@ def decode_fwd_kernel(
     """One program = split ``program_id(0)`` of the keys of ``BLOCK_M // GROUP_PAD`` query rows
     x the query heads of one KV head (stacked as the matmul's rows, one K/V load serves them);
     grid (NUM_SPLITS, ceil(Lq / rows), B * Hkv). Q (B, Lq, Hq, D) and Indices (B, Hkv, Lq, W)
-    contiguous, caches with any strides. Writes the slice's normalised out and lse (log2 units)
-    to contiguous ``Out``/``Lse`` (NUM_SPLITS, B, Lq, Hq, D) / (NUM_SPLITS, B, Hq, Lq), or, with
-    NUM_SPLITS == 1, the final out (B, Lq, Hq, D) and lse (B, Hq, Lq) in natural log."""
+    contiguous, caches with any strides (``stride_k`` / ``stride_v``: (b, l, h, d)). Writes the
+    final out (B, Lq, Hq, D) and lse (B, Hq, Lq, natural log) to contiguous ``Out``/``Lse``.
+    With NUM_SPLITS > 1 each program writes its slice's normalised out and lse (log2 units) to
+    ``OutPart``/``LsePart`` (NUM_SPLITS, B, Lq, Hq, D) / (NUM_SPLITS, B, Hq, Lq) and takes a
+    ticket from ``Tickets`` (int32, one per program of a split, zero on entry, zero again on
+    exit): the last of a block's programs merges the slices (:func:`_merge_splits`)."""
     split = tl.program_id(0)
     b = tl.program_id(2) // num_kv_heads
     hk = tl.program_id(2) % num_kv_heads
@@ -101,8 +103,8 @@ def decode_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    k_head = KCache + hk.to(tl.int64) * stride_kh
-    v_head = VCache + hk.to(tl.int64) * stride_vh
+    k_head = KCache + hk.to(tl.int64) * stride_k[2]
+    v_head = VCache + hk.to(tl.int64) * stride_v[2]
     for t0 in range(start, end, BLOCK_N):
         t = t0 + offs_n
         in_range = t < end
@@ -125,12 +127,12 @@ def decode_fwd_kernel(
         hit = hit & in_range[None, :] & row_ok[:, None]  # [BLOCK_M, BLOCK_N]
         # keys no row of the block attends are never read: garbage there cannot leak
         used = tl.max(hit.to(tl.int32), 0) > 0
-        rows_k = _key_rows(pos, used, b64, BlockTable, stride_bt_b, stride_kb, stride_kl,
+        rows_k = _key_rows(pos, used, b64, BlockTable, stride_bt_b, stride_k[0], stride_k[1],
                            PAGE_SIZE, PAGED)
-        rows_v = _key_rows(pos, used, b64, BlockTable, stride_bt_b, stride_vb, stride_vl,
+        rows_v = _key_rows(pos, used, b64, BlockTable, stride_bt_b, stride_v[0], stride_v[1],
                            PAGE_SIZE, PAGED)
         kv_ok = used[:, None] & d_ok[None, :]
-        k = tl.load(k_head + rows_k[:, None] + offs_d[None, :] * stride_kd, mask=kv_ok,
+        k = tl.load(k_head + rows_k[:, None] + offs_d[None, :] * stride_k[3], mask=kv_ok,
                     other=0.0)  # [BLOCK_N, BLOCK_D]
         s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # [BLOCK_M, BLOCK_N]
         s, _ = log2_scores(s, qk_scale, cap_scale, SOFTCAP)
@@ -140,7 +142,7 @@ def decode_fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + rows_v[:, None] + offs_d[None, :] * stride_vd, mask=kv_ok,
+        v = tl.load(v_head + rows_v[:, None] + offs_d[None, :] * stride_v[3], mask=kv_ok,
                     other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
@@ -149,55 +151,59 @@ def decode_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
+    o_ok = row_ok[:, None] & d_ok[None, :]
+    rows_l = (b64 * num_q_heads + hq) * q_len + qi  # entries of (B, Hq, Lq)
     if NUM_SPLITS == 1:
-        lse = lse * LN2
-    batch = tl.num_programs(2) // num_kv_heads
-    rows_o = split.to(tl.int64) * batch * q_len * num_q_heads + rows_q
-    tl.store(Out + rows_o[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
-    rows_l = ((split.to(tl.int64) * batch + b64) * num_q_heads + hq) * q_len + qi
-    tl.store(Lse + rows_l, lse, mask=row_ok)
+        tl.store(Out + rows_q[:, None] * HEAD_DIM + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=o_ok)
+        tl.store(Lse + rows_l, lse * LN2, mask=row_ok)
+    else:
+        # rows of (B, Lq, Hq) per split, int64
+        split_rows = (b64 * 0 + tl.num_programs(2) // num_kv_heads) * q_len * num_q_heads
+        split_first = split * split_rows
+        tl.store(OutPart + (split_first + rows_q)[:, None] * HEAD_DIM + offs_d[None, :], out,
+                 mask=o_ok)
+        tl.store(LsePart + split_first + rows_l, lse, mask=row_ok)
+        # every thread's stores come before the ticket (a barrier, then a release); the merge
+        # loads after it (an acquire) and skips L1 (.cg), which is not coherent across SMs
+        tl.debug_barrier()
+        block = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+        ticket = tl.atomic_add(Tickets + block, 1, sem="acq_rel", scope="gpu")
+        if ticket == NUM_SPLITS - 1:
+            _merge_splits(Out, Lse, OutPart, LsePart, rows_q, rows_l, row_ok, o_ok, offs_d,
+                          split_rows, HEAD_DIM, BLOCK_M, BLOCK_D, NUM_SPLITS)
+            tl.atomic_xchg(Tickets + block, 0, sem="relaxed", scope="gpu")  # for the next step
 
 
 @triton.jit
-def decode_merge_kernel(
-    OutPart, LsePart, Out, Lse, batch, q_len, num_q_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-):
-    """One program = one query row of one batch, ``BLOCK_H`` query heads: merges the splits'
-    partial (out, lse) in split order; grid (B * Lq, ceil(Hq / BLOCK_H)). Partials as
-    ``decode_fwd_kernel`` writes them; out (B, Lq, Hq, D), lse (B, Hq, Lq) natural log, all
-    contiguous."""
-    b = (tl.program_id(0) // q_len).to(tl.int64)
-    qi = (tl.program_id(0) % q_len).to(tl.int64)
-    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    h_ok = offs_h < num_q_heads
-    ok = h_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows_o = (b * q_len + qi) * num_q_heads + offs_h  # [BLOCK_H] rows of (B, Lq, Hq, D)
-    rows_l = (b * num_q_heads + offs_h) * q_len + qi  # [BLOCK_H] entries of (B, Hq, Lq)
-    split_o = (b * 0 + batch) * q_len * num_q_heads  # rows per split, int64 (as b)
-    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+def _merge_splits(Out, Lse, OutPart, LsePart, rows_q, rows_l, row_ok, o_ok, offs_d, split_rows,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr):
+    """Merge the ``NUM_SPLITS`` partial (out, lse) of one program's rows in split order (the
+    same arithmetic whichever program merges); ``split_rows`` (int64) rows of (B, Lq, Hq) per
+    split."""
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for s in range(NUM_SPLITS):
-        part = tl.load(LsePart + s * split_o + rows_l, mask=h_ok, other=float("-inf"))
+        part = tl.load(LsePart + s * split_rows + rows_l, mask=row_ok, other=float("-inf"),
+                       cache_modifier=".cg")
         m = tl.maximum(m, part)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    denom = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
     for s in range(NUM_SPLITS):
-        part = tl.load(LsePart + s * split_o + rows_l, mask=h_ok, other=float("-inf"))
-        w = tl.math.exp2(part - m_safe)  # [BLOCK_H]; 0 for an empty split
-        o = tl.load(OutPart + (s * split_o + rows_o)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=ok & (w > 0)[:, None], other=0.0)  # [BLOCK_H, BLOCK_D]
+        part = tl.load(LsePart + s * split_rows + rows_l, mask=row_ok, other=float("-inf"),
+                       cache_modifier=".cg")
+        w = tl.math.exp2(part - m_safe)  # [BLOCK_M]; 0 for an empty split
+        o = tl.load(OutPart + (s * split_rows + rows_q)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=o_ok & (w > 0)[:, None], other=0.0, cache_modifier=".cg")
         acc += w[:, None] * o
         denom += w
     empty = denom == 0.0
     d_safe = tl.where(empty, 1.0, denom)
     lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(d_safe)) * LN2)
-    tl.store(Out + rows_o[:, None] * HEAD_DIM + offs_d[None, :],
-             (acc / d_safe[:, None]).to(Out.dtype.element_ty), mask=ok)
-    tl.store(Lse + rows_l, lse, mask=h_ok)
+    tl.store(Out + rows_q[:, None] * HEAD_DIM + offs_d[None, :],
+             (acc / d_safe[:, None]).to(Out.dtype.element_ty), mask=o_ok)
+    tl.store(Lse + rows_l, lse, mask=row_ok)
 
 
 def get_decode_config(head_dim: int, indices: bool) -> dict:
@@ -243,7 +249,7 @@ def num_splits_for(programs: int, max_keys: int, block_n: int, device: torch.dev
 def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_indices=None,
                num_new=0, window_size=(-1, -1), sinks=0, is_causal=True, softmax_scale,
                softcap=0.0, num_splits=None):
-    """Launch the split-KV kernel (and the merge). ``q`` (B, Lq, Hq, D); caches
+    """Launch the split-KV kernel (which merges its splits itself). ``q`` (B, Lq, Hq, D); caches
     (B, L_max, Hkv, D) or paged (num_blocks, page, Hkv, D) with ``block_table`` (B, pages)
     int32; ``cache_seqlens`` (B,) int32 (the rows' lengths before ``num_new`` appended keys);
     ``attn_indices`` (B|1, Hkv|1, Lq, W) in any order; ``num_splits``: None = from shapes
@@ -281,33 +287,27 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
     grid_rows = cdiv(q_len, block_q)
     programs = grid_rows * batch * num_kv_heads
     splits = num_splits or num_splits_for(programs, max_keys, block_n, q.device)
-    if splits == 1:
-        part, part_lse = out, lse
-    else:
+    part = part_lse = tickets = None
+    if splits > 1:
         part = new_empty(splits, batch, q_len, num_q_heads, head_dim, dtype=torch.float32,
                          device=q.device)
         part_lse = new_empty(splits, batch, num_q_heads, q_len, dtype=torch.float32,
                              device=q.device)
-    dims = dim_args(q)
+        # zeroed per call, not kept between calls: a shared counter would mix two streams' steps
+        tickets = torch.zeros(grid_rows * batch * num_kv_heads, dtype=torch.int32,
+                              device=q.device)
     decode_fwd_kernel[(splits, grid_rows, batch * num_kv_heads)](
         Q=q.contiguous(), KCache=k_cache, VCache=v_cache, CacheSeqlens=cache_seqlens,
-        BlockTable=block_table, Indices=attn_indices, Out=part, Lse=part_lse,
-        **score_args(softmax_scale, softcap),
+        BlockTable=block_table, Indices=attn_indices, Out=out, Lse=lse, OutPart=part,
+        LsePart=part_lse, Tickets=tickets, **score_args(softmax_scale, softcap),
         q_len=q_len, num_kv_heads=num_kv_heads, group_size=group, num_new=num_new,
-        left=left, right=right, sinks=sinks, n_idx=n_idx,
-        **{f"stride_k{a}": s for a, s in zip("blhd", k_cache.stride())},
-        **{f"stride_v{a}": s for a, s in zip("blhd", v_cache.stride())},
-        stride_bt_b=block_table.stride(0) if paged else 0,
-        **dims, BLOCK_M=block_m, GROUP_PAD=group_pad, NUM_SPLITS=splits,
+        left=left, right=right, sinks=sinks, n_idx=n_idx, stride_k=k_cache.stride(),
+        stride_v=v_cache.stride(), stride_bt_b=block_table.stride(0) if paged else 0,
+        **dim_args(q), BLOCK_M=block_m, GROUP_PAD=group_pad, NUM_SPLITS=splits,
         PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
         MODE=(INDICES if attn_indices is not None else WINDOW).value, IS_CAUSAL=bool(is_causal),
         **config,
     )
-    if splits > 1:
-        block_h = min(16, next_pow2(num_q_heads))
-        decode_merge_kernel[(batch * q_len, cdiv(num_q_heads, block_h))](
-            OutPart=part, LsePart=part_lse, Out=out, Lse=lse, batch=batch, q_len=q_len,
-            num_q_heads=num_q_heads, HEAD_DIM=head_dim, BLOCK_D=dims["BLOCK_D"],
-            BLOCK_H=block_h, NUM_SPLITS=splits, num_warps=4)
+    return out, lse
     return out, lse
 

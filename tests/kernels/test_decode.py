@@ -137,3 +137,23 @@ def test_decode_kernels_compile_for_sm90():
                          timeout=1200, cwd=script.parent)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     assert "compiled" in res.stdout.splitlines()[-1]
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_split_tickets_repeat():
+    """Many programs racing for each block's ticket: whichever finishes last merges, and the
+    counters it resets serve the next call; 50 calls give the same bits."""
+    batch, hq, hkv, d, l_max = 16, 32, 8, 128, 8192
+    seqlens = [l_max - 7 * i for i in range(batch)]
+    k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, seqlens, torch.bfloat16)
+    q = torch.randn(batch, 1, hq, d, device="cuda", dtype=torch.bfloat16)
+    lens = torch.tensor(seqlens, dtype=torch.int32, device="cuda")
+    kw = dict(window_size=(4095, 0), sinks=4, softmax_scale=d ** -0.5, num_splits=16)
+    first = decode_fwd(q, k_cache, v_cache, lens, **kw)
+    for _ in range(50):
+        out, lse = decode_fwd(q, k_cache, v_cache, lens, **kw)
+        assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
+    mask = oracle_mask(seqlens, 1, l_max, (4095, 0), 4)
+    check_kvcache(q, *first, *kvcache_reference(q, k_cache, v_cache, None, seqlens, mask,
+                                                d ** -0.5))
