@@ -87,6 +87,41 @@ def _segments(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt):
     return seg_qt, bounds, upper
 
 
+@njit(cache=True, inline="always")
+def _partial_tiles(b, qt, last, col, qts, n, write):
+    """The partial tiles of one segment (bounds ``b``): its active ranges minus its full ones,
+    in key order, none at or below ``last`` (the query tile's last partial tile so far: a key
+    tile shared with the previous sequence is listed once). Counts them, or with ``write``
+    also stores them at ``col[n:]`` / ``qts[n:]``. Returns ``(last, n)``."""
+    # the non-empty full ranges, in key order: [u0, u1], then [w0, w1]
+    n_full = 0
+    u0, u1, w0, w1 = b[4], b[5], b[6], b[7]
+    if b[5] >= b[4]:
+        n_full = 1
+    if b[7] >= b[6]:
+        if n_full == 0:
+            u0, u1 = b[6], b[7]
+        n_full += 1
+    for lo, hi in ((b[0], b[1]), (b[2], b[3])):
+        cur = lo
+        for cut in range(n_full + 1):  # the pieces before, between and after them
+            x0, x1 = (u0, u1) if cut == 0 else (w0, w1)
+            e = min(hi, x0 - 1) if cut < n_full else hi
+            s = max(cur, last + 1)
+            if e >= s:
+                if write:
+                    for kt in range(s, e + 1):
+                        col[n] = kt
+                        qts[n] = qt
+                        n += 1
+                else:
+                    n += e - s + 1
+                last = e
+            if cut < n_full:
+                cur = max(cur, x1 + 1)
+    return last, n
+
+
 @njit(cache=True)
 def _transpose(ptr_out, rows_out, idx_out, cols, rows, n_kt):
     """Counting sort of the tiles ``(rows, cols)`` by key tile, stable (query tiles stay
@@ -125,38 +160,19 @@ def range_lists(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt, n_kt):
     ``preprocess.triton.ranges`` reads). Returns ``(buffer, starts, sizes)``. Offsets are int64 with a normalized window
     (``ranges.normalized_window``). Tiles of a query tile are in key order; partial tiles of
     neighbouring sequences that share a key tile are listed once."""
-    seg_qt, bounds, upper = _segments(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt)
+    seg_qt, bounds, _ = _segments(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt)
+    # counts first (O(segments)), so every list is written once, in place
     full_ptr = np.zeros(n_qt + 1, np.int64)
     part_ptr = np.zeros(n_qt + 1, np.int64)
-    full_col = np.empty(upper, np.int32)
-    part_col = np.empty(upper, np.int32)
-    part_qt = np.empty(upper, np.int32)
     n_f = n_p = 0
-    last = -1  # the last partial key tile of the current query tile
+    last = -1
     for i in range(seg_qt.size):
         qt = seg_qt[i]
         if i == 0 or seg_qt[i - 1] != qt:
             last = -1
-        a0, a1, b0, b1 = bounds[i, 0], bounds[i, 1], bounds[i, 2], bounds[i, 3]
-        f0, f1, g0, g1 = bounds[i, 4], bounds[i, 5], bounds[i, 6], bounds[i, 7]
-        for kt in range(f0, f1 + 1):
-            full_col[n_f] = kt
-            n_f += 1
-        for kt in range(g0, g1 + 1):
-            full_col[n_f] = kt
-            n_f += 1
-        for kt in range(max(a0, last + 1), a1 + 1):
-            if not (f0 <= kt <= f1 or g0 <= kt <= g1):
-                part_col[n_p] = kt
-                part_qt[n_p] = qt
-                n_p += 1
-                last = kt
-        for kt in range(max(b0, last + 1), b1 + 1):
-            if not (f0 <= kt <= f1 or g0 <= kt <= g1):
-                part_col[n_p] = kt
-                part_qt[n_p] = qt
-                n_p += 1
-                last = kt
+        b = bounds[i]
+        n_f += max(b[5] - b[4] + 1, 0) + max(b[7] - b[6] + 1, 0)
+        last, n_p = _partial_tiles(b, qt, last, part_ptr, part_ptr, n_p, False)
         full_ptr[qt + 1] = n_f
         part_ptr[qt + 1] = n_p
     sizes = np.array([n_qt + 1, n_f, n_qt + 1, n_p, n_kt + 1, n_f, n_kt + 1, n_p, n_p, n_p,
@@ -178,16 +194,33 @@ def range_lists(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt, n_kt):
     f_col = out[starts[1]:starts[1] + n_f]
     p_col = out[starts[3]:starts[3] + n_p]
     p_qt = out[starts[9]:starts[9] + n_p]
-    f_col[:] = full_col[:n_f]
-    p_col[:] = part_col[:n_p]
-    p_qt[:] = part_qt[:n_p]
+    f_ptr_t = out[starts[4]:starts[4] + n_kt + 1]
+    n = m = 0
+    last = -1
+    for i in range(seg_qt.size):
+        qt = seg_qt[i]
+        if i == 0 or seg_qt[i - 1] != qt:
+            last = -1
+        b = bounds[i]
+        for lo, hi in ((b[4], b[5]), (b[6], b[7])):
+            for kt in range(lo, hi + 1):
+                f_col[n] = kt
+                f_ptr_t[kt + 1] += 1
+                n += 1
+        last, m = _partial_tiles(b, qt, last, p_col, p_qt, m, True)
     out[starts[10]:starts[10] + cu_q.size] = cu_q
     out[starts[11]:starts[11] + cu_k.size] = cu_k
-    full_qt = np.empty(n_f, np.int32)
-    for qt in range(n_qt):
-        full_qt[f_ptr[qt]:f_ptr[qt + 1]] = qt
-    _transpose(out[starts[4]:starts[4] + n_kt + 1], out[starts[5]:starts[5] + n_f],
-               np.empty(n_f, np.int32), f_col, full_qt, n_kt)
+    # the full tiles by key tile: query tiles ascend within each (segments come in order)
+    for kt in range(n_kt):
+        f_ptr_t[kt + 1] += f_ptr_t[kt]
+    fill = f_ptr_t[:n_kt].copy()
+    f_row_t = out[starts[5]:starts[5] + n_f]
+    for i in range(seg_qt.size):
+        b = bounds[i]
+        for lo, hi in ((b[4], b[5]), (b[6], b[7])):
+            for kt in range(lo, hi + 1):
+                f_row_t[fill[kt]] = seg_qt[i]
+                fill[kt] += 1
     _transpose(out[starts[6]:starts[6] + n_kt + 1], out[starts[7]:starts[7] + n_p],
                out[starts[8]:starts[8] + n_p], p_col, p_qt, n_kt)
     return out, starts, sizes
