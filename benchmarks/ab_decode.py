@@ -16,7 +16,6 @@ same process. Appends one JSON line per row to ``DIR/ab_decode.jsonl``.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import time
@@ -24,26 +23,9 @@ import time
 import torch
 from triton.testing import do_bench
 
+from profile_kernels import kernel_times  # this script's folder is first on sys.path
+
 HQ, HKV, D, LENGTH, WINDOW, SINKS, TOPK = 32, 8, 128, 32768, 1024, 4, 2048
-
-
-def kernel_times(fn, reps=20):
-    """GPU microseconds per call of each kernel ``fn`` launches (its CUDA graph's too)."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    per = collections.Counter()
-    for e in prof.key_averages():  # kernels carry device time of their own, host ops none
-        t = getattr(e, "self_device_time_total", None)
-        if t is None:
-            t = getattr(e, "self_cuda_time_total", 0)
-        if t > 0:
-            per[e.key[:60]] += t / reps
-    return {k: round(v, 2) for k, v in per.most_common(6)}
 
 
 def main(argv=None) -> None:
@@ -91,7 +73,7 @@ def main(argv=None) -> None:
                 assert torch.equal(static, ref), "graph replay differs from eager"
                 bytes_read = batch * HKV * keys * D * 2 * 2
                 try:
-                    kernels = kernel_times(graph.replay)
+                    kernels = kernel_times(graph.replay, calls=20)
                 except Exception as e:  # noqa: BLE001 (the profiler is a bonus, not the A/B)
                     kernels = f"{type(e).__name__}: {e}"
                 for mode, fn in (("eager", eager), ("graph", graph.replay)):

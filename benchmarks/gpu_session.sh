@@ -96,6 +96,16 @@ bench() { python3 -m blocksparse_fsa_bench --seq-len 32768 --quick --no-plot \
             --out "$OUT/$stage/$1" "${@:2}" 2>"$OUT/$stage/$1.progress" | tee "$OUT/$stage/$1.log"; }
 export -f bench
 
+# the kernels of .base/ against this tree's three ways of loading partial tiles
+partial_loads_ab() {
+  [ -d .base/blocksparse_fsa ] && step "kernel A/B: before" 60 env PYTHONPATH="$PWD/.base" \
+    python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
+  for mode in pointer branch select; do
+    step "kernel A/B: $mode" 60 python3 benchmarks/ab_kernels.py --label "$mode" \
+      --out "$OUT/$stage" --config "PARTIAL_LOADS='$mode'"
+  done
+}
+
 log "environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -159,12 +169,7 @@ elif [ "$stage" = f ]; then
   step "decode sweep" 150 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
     --lengths 32768 --batches 8 64 --sweep quick 2>&1 | tail -70 | tee -a "$OUT/$stage/session.log"'
 elif [ "$stage" = g ]; then
-  [ -d .base/blocksparse_fsa ] && step "kernel A/B: before" 60 env PYTHONPATH="$PWD/.base" \
-    python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
-  for mode in pointer select branch; do
-    step "kernel A/B: $mode" 60 python3 benchmarks/ab_kernels.py --label "$mode" \
-      --out "$OUT/$stage" --config "PARTIAL_LOADS='$mode'"
-  done
+  partial_loads_ab
   # the mode with the smallest total time over the A/B's rows
   best=$(python3 -c "
 import json, collections
@@ -213,12 +218,7 @@ elif [ "$stage" = h ]; then
     [ -d "$dir/blocksparse_fsa" ] && step "decode A/B: $label" 75 env PYTHONPATH="$dir" \
       python3 benchmarks/ab_decode.py --label $label --out "$OUT/$stage"
   done
-  [ -d .base/blocksparse_fsa ] && step "kernel A/B: before" 60 env PYTHONPATH="$PWD/.base" \
-    python3 benchmarks/ab_kernels.py --label before --out "$OUT/$stage"
-  for mode in pointer branch select; do
-    step "kernel A/B: $mode" 60 python3 benchmarks/ab_kernels.py --label "$mode" \
-      --out "$OUT/$stage" --config "PARTIAL_LOADS='$mode'"
-  done
+  partial_loads_ab
   step "varlen" 150 bash -c 'python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" \
     2>&1 | tail -30 | tee -a "$OUT/$stage/session.log"'
   left=$((DEADLINE - SECONDS - 15)); [ "$left" -gt 200 ] && left=200

@@ -18,8 +18,7 @@ from numba import njit
 def _segments(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt):
     """Per segment: its query tile and eight interval bounds ``[a0, a1, b0, b1, f0, f1, g0,
     g1]``: active ranges ``[a0, a1]``, ``[b0, b1]`` and full ranges ``[f0, f1]``, ``[g0, g1]``
-    (sorted, disjoint; empty where end < start). Returns ``(seg_qt, bounds, upper)``, ``upper``
-    the tile count bound of both lists together."""
+    (sorted, disjoint; empty where end < start). Returns ``(seg_qt, bounds)``."""
     n_seq = cu_q.size - 1
     q_len = cu_q[n_seq]
     per_qt = np.zeros(n_qt, np.int64)
@@ -32,7 +31,6 @@ def _segments(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt):
     seg_qt = np.empty(n_seg, np.int64)
     bounds = np.empty((n_seg, 8), np.int64)
     first_w = max(-right, 0) if causal else -right  # the first position with a window
-    upper = 0
     i = 0
     for s in range(n_seq):
         q0, k0 = cu_q[s], cu_k[s]
@@ -81,10 +79,8 @@ def _segments(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt):
             b = bounds[i]
             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7] = a0, a1, b0, b1, f0, f1, g0, g1
             seg_qt[i] = qt
-            upper += max(a1 - a0 + 1, 0) + max(b1 - b0 + 1, 0) + max(f1 - f0 + 1, 0) + max(
-                g1 - g0 + 1, 0)
             i += 1
-    return seg_qt, bounds, upper
+    return seg_qt, bounds
 
 
 @njit(cache=True, inline="always")
@@ -123,6 +119,34 @@ def _partial_tiles(b, qt, last, col, qts, n, write):
 
 
 @njit(cache=True)
+def _walk(seg_qt, bounds, full_ptr, part_ptr, f_col, f_count_t, p_col, p_qt, write):
+    """Every segment's tiles in order: counts them per query tile (``full_ptr``, ``part_ptr``
+    at ``qt + 1``), or with ``write`` stores the full tiles' key tiles in ``f_col`` (counting
+    them per key tile at ``f_count_t[kt + 1]``) and the partial tiles' in ``p_col`` /
+    ``p_qt``. Returns the numbers of full and partial tiles."""
+    n_f = n_p = 0
+    last = -1  # the last partial key tile of the current query tile
+    for i in range(seg_qt.size):
+        qt = seg_qt[i]
+        if i == 0 or seg_qt[i - 1] != qt:
+            last = -1
+        b = bounds[i]
+        for lo, hi in ((b[4], b[5]), (b[6], b[7])):
+            if write:
+                for kt in range(lo, hi + 1):
+                    f_col[n_f] = kt
+                    f_count_t[kt + 1] += 1
+                    n_f += 1
+            else:
+                n_f += max(hi - lo + 1, 0)
+        last, n_p = _partial_tiles(b, qt, last, p_col, p_qt, n_p, write)
+        if not write:
+            full_ptr[qt + 1] = n_f
+            part_ptr[qt + 1] = n_p
+    return n_f, n_p
+
+
+@njit(cache=True)
 def _transpose(ptr_out, rows_out, idx_out, cols, rows, n_kt):
     """Counting sort of the tiles ``(rows, cols)`` by key tile, stable (query tiles stay
     ascending): ``ptr_out [n_kt + 1]``, ``rows_out`` and ``idx_out`` (forward index)."""
@@ -157,24 +181,15 @@ def range_lists(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt, n_kt):
     ``cu_k``, as int32 slices of one buffer, each 16-byte aligned (a tensor of its own would
     be), after a header of ``HEADER`` ints: ``q_len, n_seq, n_seq.bit_length(), left, right,
     sinks`` and where ``part_qt``, ``part_col``, ``cu_q`` and ``cu_k`` start (what
-    ``preprocess.triton.ranges`` reads). Returns ``(buffer, starts, sizes)``. Offsets are int64 with a normalized window
-    (``ranges.normalized_window``). Tiles of a query tile are in key order; partial tiles of
-    neighbouring sequences that share a key tile are listed once."""
-    seg_qt, bounds, _ = _segments(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt)
+    ``preprocess.triton.ranges`` reads). Returns ``(buffer, starts, sizes)``. Offsets are
+    int64, the window normalized (``ranges.normalized_window``). Tiles of a query tile are in
+    key order; partial tiles of neighbouring sequences that share a key tile are listed once."""
+    seg_qt, bounds = _segments(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt)
     # counts first (O(segments)), so every list is written once, in place
     full_ptr = np.zeros(n_qt + 1, np.int64)
     part_ptr = np.zeros(n_qt + 1, np.int64)
-    n_f = n_p = 0
-    last = -1
-    for i in range(seg_qt.size):
-        qt = seg_qt[i]
-        if i == 0 or seg_qt[i - 1] != qt:
-            last = -1
-        b = bounds[i]
-        n_f += max(b[5] - b[4] + 1, 0) + max(b[7] - b[6] + 1, 0)
-        last, n_p = _partial_tiles(b, qt, last, part_ptr, part_ptr, n_p, False)
-        full_ptr[qt + 1] = n_f
-        part_ptr[qt + 1] = n_p
+    n_f, n_p = _walk(seg_qt, bounds, full_ptr, part_ptr, full_ptr, full_ptr, full_ptr,
+                     full_ptr, False)
     sizes = np.array([n_qt + 1, n_f, n_qt + 1, n_p, n_kt + 1, n_f, n_kt + 1, n_p, n_p, n_p,
                       cu_q.size, cu_k.size], np.int64)
     starts = np.empty(sizes.size, np.int64)
@@ -195,19 +210,7 @@ def range_lists(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt, n_kt):
     p_col = out[starts[3]:starts[3] + n_p]
     p_qt = out[starts[9]:starts[9] + n_p]
     f_ptr_t = out[starts[4]:starts[4] + n_kt + 1]
-    n = m = 0
-    last = -1
-    for i in range(seg_qt.size):
-        qt = seg_qt[i]
-        if i == 0 or seg_qt[i - 1] != qt:
-            last = -1
-        b = bounds[i]
-        for lo, hi in ((b[4], b[5]), (b[6], b[7])):
-            for kt in range(lo, hi + 1):
-                f_col[n] = kt
-                f_ptr_t[kt + 1] += 1
-                n += 1
-        last, m = _partial_tiles(b, qt, last, p_col, p_qt, m, True)
+    _walk(seg_qt, bounds, full_ptr, part_ptr, f_col, f_ptr_t, p_col, p_qt, True)
     out[starts[10]:starts[10] + cu_q.size] = cu_q
     out[starts[11]:starts[11] + cu_k.size] = cu_k
     # the full tiles by key tile: query tiles ascend within each (segments come in order)
