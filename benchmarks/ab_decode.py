@@ -5,6 +5,9 @@ Run once per checkout, in separate processes, on the same GPU and back to back::
     PYTHONPATH=/path/to/old python benchmarks/ab_decode.py --label before --out DIR
     PYTHONPATH=$PWD        python benchmarks/ab_decode.py --label after  --out DIR
 
+or within one checkout, ``--config NAME=VALUE`` setting ``blocksparse_fsa.kernels.config.NAME``
+first (``--config "DECODE_MERGE='ticket'"``).
+
 Hq 32, Hkv 8, D 128, bf16, a full 32k cache per row, one query: a window of 1024 keys + 4 sinks
 and 2048 random indices per (row, KV head), at each ``--batches``. Times ``do_bench`` medians of
 the eager call (``check=False``) and of the call replayed from a CUDA graph, and, from
@@ -23,7 +26,8 @@ import time
 import torch
 from triton.testing import do_bench
 
-from profile_kernels import kernel_times  # this script's folder is first on sys.path
+from ab_kernels import set_config  # this script's folder is first on sys.path
+from profile_kernels import kernel_times
 
 HQ, HKV, D, LENGTH, WINDOW, SINKS, TOPK = 32, 8, 128, 32768, 1024, 4, 2048
 
@@ -33,9 +37,13 @@ def main(argv=None) -> None:
     ap.add_argument("--label", required=True)
     ap.add_argument("--out", default=".")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--config", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="set blocksparse_fsa.kernels.config.NAME to the literal VALUE")
     args = ap.parse_args(argv)
 
     import blocksparse_fsa as bsa
+
+    set_config(args.config)
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -82,7 +90,7 @@ def main(argv=None) -> None:
                                of_copy=bytes_read / ms / 1e6 / copy_gbs, copy_gbs=copy_gbs,
                                kernels_us=kernels if mode == "graph" else None,
                                gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                               package=bsa.__file__, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                               package=bsa.__file__, config=args.config, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
                     print(json.dumps(row), flush=True)
                     log.write(json.dumps(row) + "\n")
                 del graph, static

@@ -26,6 +26,17 @@ import triton
 from triton.testing import do_bench
 
 
+def set_config(items) -> None:
+    """``NAME=VALUE`` items: set ``blocksparse_fsa.kernels.config.NAME`` to the literal VALUE."""
+    for item in items:
+        from blocksparse_fsa.kernels import config
+
+        name, _, value = item.partition("=")
+        if not hasattr(config, name):
+            raise SystemExit(f"blocksparse_fsa.kernels.config has no {name!r}")
+        setattr(config, name, ast.literal_eval(value))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True)
@@ -38,13 +49,7 @@ def main(argv=None) -> None:
 
     import blocksparse_fsa as bsa
 
-    for item in args.config:
-        from blocksparse_fsa.kernels import config
-
-        name, _, value = item.partition("=")
-        if not hasattr(config, name):
-            raise SystemExit(f"blocksparse_fsa.kernels.config has no {name!r}")
-        setattr(config, name, ast.literal_eval(value))
+    set_config(args.config)
 
     L, hq, hkv, d, dev = args.seq_len, 32, 8, 128, "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)

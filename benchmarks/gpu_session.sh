@@ -15,8 +15,8 @@
 #                                      non-finite tests, the decode step, the frontier on the
 #                                      window and documents, then the GPU kernel tests
 #   bash benchmarks/gpu_session.sh h   the window layout build's steps stamped; the GPU window,
-#                                      varlen and decode tests; decode against .head/
-#                                      (ab_decode.py); the partial-tile loads against .base/;
+#                                      varlen and decode tests; the decode merges against
+#                                      each other (ab_decode.py); the loads against .base/;
 #                                      bench_varlen.py; the GPU kernel tests
 #   bash benchmarks/gpu_session.sh f   the final kernels: A/B against .base/, every pattern
 #                                      against the frontier, the decode launch sweep at B=8
@@ -203,8 +203,9 @@ runpy.run_module(\"blocksparse_fsa_bench\", run_name=\"__main__\")" --seq-len 32
     > '$OUT/$stage/gpu_tests.log' 2>&1"
   tail -12 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
 elif [ "$stage" = h ]; then
-  # the window layout's host steps and its GPU tests; the one-launch decode against .head/
-  # (two launches) with its GPU tests; the partial-tile loads against .base/; bench_varlen
+  # the window layout's host steps and its GPU tests; the decode tests and the two ways of
+  # merging its splits (config.DECODE_MERGE); the partial-tile loads against .base/;
+  # bench_varlen
   step "window build stamps" 60 bash -c 'python3 benchmarks/window_build_stamps.py 2>&1 \
     | tee -a "$OUT/$stage/session.log"; python3 benchmarks/window_build_stamps.py --sinks 4 \
     2>&1 | tail -1 | tee -a "$OUT/$stage/session.log"'
@@ -213,10 +214,9 @@ elif [ "$stage" = h ]; then
     tests/kernels/test_decode.py tests/api/test_kvcache.py \
     > '$OUT/$stage/gpu_window_decode_tests.log' 2>&1"
   tail -4 "$OUT/$stage/gpu_window_decode_tests.log" | tee -a "$OUT/$stage/session.log"
-  for label in head after; do
-    dir=$PWD; [ $label = head ] && dir=$PWD/.head
-    [ -d "$dir/blocksparse_fsa" ] && step "decode A/B: $label" 75 env PYTHONPATH="$dir" \
-      python3 benchmarks/ab_decode.py --label $label --out "$OUT/$stage"
+  for merge in kernel ticket; do
+    step "decode A/B: $merge" 75 python3 benchmarks/ab_decode.py --label "$merge" \
+      --out "$OUT/$stage" --config "DECODE_MERGE='$merge'"
   done
   partial_loads_ab
   step "varlen" 150 bash -c 'python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" \

@@ -85,3 +85,7 @@ WARP_SPECIALIZE = False
 # as 0 (garbage there would reach a dot): "pointer" loads with a mask, "select" (the TMA box,
 # then a select) or "branch" (the TMA box when the tile uses every row, pointer loads else).
 PARTIAL_LOADS = "pointer"
+# DECODE_MERGE: how a decode step with several key splits merges them (``kernels/decode.py``):
+# "kernel", a second launch, or "ticket", in the split kernel, by the last of a query block's
+# programs to finish (one launch per step; not yet run on a GPU, benchmarks/NOTES.md).
+DECODE_MERGE = "kernel"

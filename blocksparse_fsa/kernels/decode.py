@@ -1,10 +1,12 @@
 """Split-KV (flash-decoding) attention over a KV cache: a window + sinks evaluated from positions,
 or per-query lists of cache positions; contiguous or paged caches.
 
-Each program folds one slice of a query block's keys into a partial ``(out, lse)``; the last
-program of a block to finish (a ticket from an atomic counter) merges the slices in split order,
-so results do not depend on scheduling and a step is one launch. Grid sizes and buffers depend
-on shapes only (never on ``cache_seqlens``), so a decode step captures in a CUDA graph. The same kernel serves chunked prefill: a window block of query rows walks the union of
+Each program folds one slice of a query block's keys into a partial ``(out, lse)``; the slices
+are merged in split order, so results do not depend on scheduling: by a second kernel, or
+(``config.DECODE_MERGE = "ticket"``) by the last program of the block to finish, which knows it
+is last from a ticket it takes from an atomic counter (one launch per step). Grid sizes and
+buffers depend on shapes only (never on ``cache_seqlens``), so a decode step captures in a
+CUDA graph. The same kernel serves chunked prefill: a window block of query rows walks the union of
 their windows, an index list is walked row by row (the gather kernels' strategy).
 """
 
@@ -12,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import config
 from .common import LN2, cdiv, dim_args, log2_scores, new_empty, next_pow2, score_args
 
 # pattern modes (constexpr)
@@ -33,26 +36,14 @@ def _key_rows(pos, ok, b, BlockTable, stride_bt_b, stride_kb, stride_kl, PAGE_SI
 
 
 @triton.jit
-def decode_fwd_kernel(
-    Q, KCache, VCache, CacheSeqlens, BlockTable, Indices, Out, Lse, OutPart, LsePart, Tickets,
-    qk_scale, cap_scale, q_len, num_kv_heads, group_size, num_new, left, right, sinks, n_idx,
-    stride_k, stride_v, stride_bt_b,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    PAGED: tl.constexpr, MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """One program = split ``program_id(0)`` of the keys of ``BLOCK_M // GROUP_PAD`` query rows
-    x the query heads of one KV head (stacked as the matmul's rows, one K/V load serves them);
-    grid (NUM_SPLITS, ceil(Lq / rows), B * Hkv). Q (B, Lq, Hq, D) and Indices (B, Hkv, Lq, W)
-    contiguous, caches with any strides (``stride_k`` / ``stride_v``: (b, l, h, d)). Writes the
-    final out (B, Lq, Hq, D) and lse (B, Hq, Lq, natural log) to contiguous ``Out``/``Lse``.
-    With NUM_SPLITS > 1 each program writes its slice's normalised out and lse (log2 units) to
-    ``OutPart``/``LsePart`` (NUM_SPLITS, B, Lq, Hq, D) / (NUM_SPLITS, B, Hq, Lq) and takes a
-    ticket from ``Tickets`` (int32, one per program of a split, zero on entry, zero again on
-    exit): the last of a block's programs merges the slices (:func:`_merge_splits`)."""
-    split = tl.program_id(0)
-    b = tl.program_id(2) // num_kv_heads
+def _block_rows(q_len, num_kv_heads, group_size, BLOCK_M: tl.constexpr,
+                GROUP_PAD: tl.constexpr):
+    """The rows of this program's query block (grid axes 1 and 2 of the decode kernels):
+    ``BLOCK_M // GROUP_PAD`` query rows x the padded head group of KV head ``hk`` of batch
+    ``b``. Returns ``(b, hk, qi, row_ok, rows_q, rows_l, split_rows)``: ``b`` int64, the query
+    row of each row, which rows exist, their rows of (B, Lq, Hq) and entries of (B, Hq, Lq)
+    (int64), and the rows of (B, Lq, Hq) (int64), a split's stride in the partials."""
+    b = (tl.program_id(2) // num_kv_heads).to(tl.int64)
     hk = tl.program_id(2) % num_kv_heads
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     offs_r = tl.arange(0, BLOCK_M)
@@ -60,16 +51,42 @@ def decode_fwd_kernel(
     g = offs_r % GROUP_PAD
     hq = hk * group_size + g
     row_ok = (qi < q_len) & (g < group_size)
+    num_q_heads = num_kv_heads * group_size
+    rows_q = (b * q_len + qi.to(tl.int64)) * num_q_heads + hq
+    rows_l = (b * num_q_heads + hq) * q_len + qi
+    split_rows = (b * 0 + tl.num_programs(2) // num_kv_heads) * q_len * num_q_heads
+    return b, hk, qi, row_ok, rows_q, rows_l, split_rows
+
+
+@triton.jit
+def decode_fwd_kernel(
+    Q, KCache, VCache, CacheSeqlens, BlockTable, Indices, Out, Lse, OutPart, LsePart, Tickets,
+    qk_scale, cap_scale, q_len, num_kv_heads, group_size, num_new, left, right, sinks, n_idx,
+    stride_k, stride_v, stride_bt_b,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr, MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, TICKETS: tl.constexpr,
+):
+    """One program = split ``program_id(0)`` of the keys of ``BLOCK_M // GROUP_PAD`` query rows
+    x the query heads of one KV head (stacked as the matmul's rows, one K/V load serves them);
+    grid (NUM_SPLITS, ceil(Lq / rows), B * Hkv). Q (B, Lq, Hq, D) and Indices (B, Hkv, Lq, W)
+    contiguous, caches with any strides (``stride_k`` / ``stride_v``: (b, l, h, d)). Writes the
+    final out (B, Lq, Hq, D) and lse (B, Hq, Lq, natural log) to contiguous ``Out``/``Lse``.
+    With NUM_SPLITS > 1 each program writes its slice's normalised out and lse (log2 units) to
+    ``OutPart``/``LsePart`` (NUM_SPLITS, B, Lq, Hq, D) / (NUM_SPLITS, B, Hq, Lq), merged by
+    :func:`decode_merge_kernel`, or with ``TICKETS`` by the block's last program: each takes a
+    ticket from ``Tickets`` (int32, one per block, zero on entry and again on exit)."""
+    split = tl.program_id(0)
+    b64, hk, qi, row_ok, rows_q, rows_l, split_rows = _block_rows(
+        q_len, num_kv_heads, group_size, BLOCK_M, GROUP_PAD)
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    b64 = b.to(tl.int64)
-    num_q_heads = num_kv_heads * group_size
-    # row (b, qi, hq) of the contiguous (B, Lq, Hq, D) query and output
-    rows_q = (b64 * q_len + qi.to(tl.int64)) * num_q_heads + hq
     q = tl.load(Q + rows_q[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
-    seqlen = tl.load(CacheSeqlens + b).to(tl.int64) + num_new  # keys after the append
+    seqlen = tl.load(CacheSeqlens + b64).to(tl.int64) + num_new  # keys after the append
     pos_q = seqlen - q_len + qi  # bottom-right aligned position of each row, [BLOCK_M]
     if MODE == WINDOW:
         last = seqlen - 1
@@ -152,34 +169,46 @@ def decode_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe))
     o_ok = row_ok[:, None] & d_ok[None, :]
-    rows_l = (b64 * num_q_heads + hq) * q_len + qi  # entries of (B, Hq, Lq)
     if NUM_SPLITS == 1:
         tl.store(Out + rows_q[:, None] * HEAD_DIM + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=o_ok)
         tl.store(Lse + rows_l, lse * LN2, mask=row_ok)
     else:
-        # rows of (B, Lq, Hq) per split, int64
-        split_rows = (b64 * 0 + tl.num_programs(2) // num_kv_heads) * q_len * num_q_heads
         split_first = split * split_rows
         tl.store(OutPart + (split_first + rows_q)[:, None] * HEAD_DIM + offs_d[None, :], out,
                  mask=o_ok)
         tl.store(LsePart + split_first + rows_l, lse, mask=row_ok)
-        # every thread's stores come before the ticket (a barrier, then a release); the merge
-        # loads after it (an acquire) and skips L1 (.cg), which is not coherent across SMs
-        tl.debug_barrier()
-        block = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
-        ticket = tl.atomic_add(Tickets + block, 1, sem="acq_rel", scope="gpu")
-        if ticket == NUM_SPLITS - 1:
-            _merge_splits(Out, Lse, OutPart, LsePart, rows_q, rows_l, row_ok, o_ok, offs_d,
-                          split_rows, HEAD_DIM, BLOCK_M, BLOCK_D, NUM_SPLITS)
-            tl.atomic_xchg(Tickets + block, 0, sem="relaxed", scope="gpu")  # for the next step
+        if TICKETS:
+            # every thread's stores come before the ticket (a barrier, then a release); the
+            # merge loads after it (an acquire) and skips L1 (.cg): not coherent across SMs
+            tl.debug_barrier()
+            block = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+            ticket = tl.atomic_add(Tickets + block, 1, sem="acq_rel", scope="gpu")
+            if ticket == NUM_SPLITS - 1:
+                _merge_splits(Out, Lse, OutPart, LsePart, rows_q, rows_l, row_ok, o_ok, offs_d,
+                              split_rows, HEAD_DIM, BLOCK_M, BLOCK_D, NUM_SPLITS)
+                tl.atomic_xchg(Tickets + block, 0, sem="relaxed", scope="gpu")  # next step's
+
+
+@triton.jit
+def decode_merge_kernel(Out, Lse, OutPart, LsePart, q_len, num_kv_heads, group_size,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        GROUP_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """Merge the partials :func:`decode_fwd_kernel` wrote, one program per query block (grid
+    (1, ceil(Lq / rows), B * Hkv), the split kernel's without its splits)."""
+    _, _, _, row_ok, rows_q, rows_l, split_rows = _block_rows(
+        q_len, num_kv_heads, group_size, BLOCK_M, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    o_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    _merge_splits(Out, Lse, OutPart, LsePart, rows_q, rows_l, row_ok, o_ok, offs_d, split_rows,
+                  HEAD_DIM, BLOCK_M, BLOCK_D, NUM_SPLITS)
 
 
 @triton.jit
 def _merge_splits(Out, Lse, OutPart, LsePart, rows_q, rows_l, row_ok, o_ok, offs_d, split_rows,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                   NUM_SPLITS: tl.constexpr):
-    """Merge the ``NUM_SPLITS`` partial (out, lse) of one program's rows in split order (the
+    """Merge the ``NUM_SPLITS`` partial (out, lse) of one query block's rows in split order (the
     same arithmetic whichever program merges); ``split_rows`` (int64) rows of (B, Lq, Hq) per
     split."""
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -249,7 +278,7 @@ def num_splits_for(programs: int, max_keys: int, block_n: int, device: torch.dev
 def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_indices=None,
                num_new=0, window_size=(-1, -1), sinks=0, is_causal=True, softmax_scale,
                softcap=0.0, num_splits=None):
-    """Launch the split-KV kernel (which merges its splits itself). ``q`` (B, Lq, Hq, D); caches
+    """Launch the split-KV kernel and the merge of its splits. ``q`` (B, Lq, Hq, D); caches
     (B, L_max, Hkv, D) or paged (num_blocks, page, Hkv, D) with ``block_table`` (B, pages)
     int32; ``cache_seqlens`` (B,) int32 (the rows' lengths before ``num_new`` appended keys);
     ``attn_indices`` (B|1, Hkv|1, Lq, W) in any order; ``num_splits``: None = from shapes
@@ -265,8 +294,8 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     block_m, group_pad = decode_blocks(q_len, group, attn_indices is not None)
     block_q = block_m // group_pad
-    config = get_decode_config(head_dim, attn_indices is not None)
-    block_n = config["BLOCK_N"]
+    launch = get_decode_config(head_dim, attn_indices is not None)
+    block_n = launch["BLOCK_N"]
     left, right = window_size
     # the kernel reads these as contiguous arrays (a copy only for strided views)
     cache_seqlens = cache_seqlens.contiguous()
@@ -288,14 +317,20 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
     programs = grid_rows * batch * num_kv_heads
     splits = num_splits or num_splits_for(programs, max_keys, block_n, q.device)
     part = part_lse = tickets = None
+    tickets_on = config.DECODE_MERGE == "ticket"
+    if config.DECODE_MERGE not in ("kernel", "ticket"):
+        raise ValueError(f"kernels.config.DECODE_MERGE must be 'kernel' or 'ticket', got "
+                         f"{config.DECODE_MERGE!r}")
     if splits > 1:
         part = new_empty(splits, batch, q_len, num_q_heads, head_dim, dtype=torch.float32,
                          device=q.device)
         part_lse = new_empty(splits, batch, num_q_heads, q_len, dtype=torch.float32,
                              device=q.device)
-        # zeroed per call, not kept between calls: a shared counter would mix two streams' steps
-        tickets = torch.zeros(grid_rows * batch * num_kv_heads, dtype=torch.int32,
-                              device=q.device)
+        if tickets_on:  # zeroed per call, not kept: a shared counter would mix two streams
+            tickets = torch.zeros(grid_rows * batch * num_kv_heads, dtype=torch.int32,
+                                  device=q.device)
+    dims = dim_args(q)
+    blocks = dict(BLOCK_M=block_m, GROUP_PAD=group_pad, NUM_SPLITS=splits)
     decode_fwd_kernel[(splits, grid_rows, batch * num_kv_heads)](
         Q=q.contiguous(), KCache=k_cache, VCache=v_cache, CacheSeqlens=cache_seqlens,
         BlockTable=block_table, Indices=attn_indices, Out=out, Lse=lse, OutPart=part,
@@ -303,11 +338,15 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
         q_len=q_len, num_kv_heads=num_kv_heads, group_size=group, num_new=num_new,
         left=left, right=right, sinks=sinks, n_idx=n_idx, stride_k=k_cache.stride(),
         stride_v=v_cache.stride(), stride_bt_b=block_table.stride(0) if paged else 0,
-        **dim_args(q), BLOCK_M=block_m, GROUP_PAD=group_pad, NUM_SPLITS=splits,
-        PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
+        **dims, **blocks, PAGE_SIZE=k_cache.shape[1] if paged else 1, PAGED=paged,
         MODE=(INDICES if attn_indices is not None else WINDOW).value, IS_CAUSAL=bool(is_causal),
-        **config,
+        TICKETS=tickets_on, **launch,
     )
+    if splits > 1 and not tickets_on:
+        decode_merge_kernel[(1, grid_rows, batch * num_kv_heads)](
+            Out=out, Lse=lse, OutPart=part, LsePart=part_lse, q_len=q_len,
+            num_kv_heads=num_kv_heads, group_size=group, HEAD_DIM=head_dim,
+            BLOCK_D=dims["BLOCK_D"], **blocks, num_warps=4)
     return out, lse
     return out, lse
 

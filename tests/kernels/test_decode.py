@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from blocksparse_fsa import sparse_attn_with_kvcache
+from blocksparse_fsa.kernels import config
 from blocksparse_fsa.kernels.decode import decode_fwd
 
 from ..helpers import (DEVICE, HAS_CUDA, REPO, check_kvcache, kvcache_reference, make_cache,
@@ -19,9 +20,16 @@ from ..helpers import (DEVICE, HAS_CUDA, REPO, check_kvcache, kvcache_reference,
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
+@pytest.fixture(params=["kernel", "ticket"])
+def merge(request, monkeypatch):
+    """Both ways of merging the splits (``config.DECODE_MERGE``)."""
+    monkeypatch.setattr(config, "DECODE_MERGE", request.param)
+    return request.param
+
+
 @needs_kernels
 @pytest.mark.parametrize("mode", ["window", "indices"])
-def test_splits_agree_and_repeat(mode):
+def test_splits_agree_and_repeat(mode, merge):
     batch, q_len, hq, hkv, d, l_max = 2, 2, 4, 2, 32, 160
     seqlens = [160, 57]
     k_cache, v_cache, table = make_cache(batch, l_max, hkv, d, seqlens, torch.float32, page=32)
@@ -41,6 +49,10 @@ def test_splits_agree_and_repeat(mode):
         check_kvcache(q, out, lse, hi, lo)
         again = decode_fwd(q, k_cache, v_cache, lens, num_splits=splits, **kw)
         assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
+        config.DECODE_MERGE = "kernel" if merge == "ticket" else "ticket"
+        other = decode_fwd(q, k_cache, v_cache, lens, num_splits=splits, **kw)
+        config.DECODE_MERGE = merge
+        assert torch.equal(out, other[0]) and torch.equal(lse, other[1])  # the same arithmetic
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -75,7 +87,7 @@ def test_gpu_serving_sizes(mode, paged, dtype):
 @pytest.mark.parametrize("mode", ["window", "indices"])
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_cuda_graph_16_steps(mode, paged):
+def test_gpu_cuda_graph_16_steps(mode, paged, merge):
     """16 decode steps (append + attend + advance the lengths) captured once and replayed
     match the same steps run eagerly, bit for bit."""
     batch, hq, hkv, d, l_max, steps = 4, 16, 4, 128, 2048, 16
@@ -141,9 +153,11 @@ def test_decode_kernels_compile_for_sm90():
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gpu_split_tickets_repeat():
-    """Many programs racing for each block's ticket: whichever finishes last merges, and the
-    counters it resets serve the next call; 50 calls give the same bits."""
+def test_gpu_split_tickets_repeat(monkeypatch):
+    """Many programs racing for each block's ticket (``DECODE_MERGE = "ticket"``): whichever
+    finishes last merges, and the counters it resets serve the next call; 50 calls give the
+    same bits, and the bits of the two-launch merge."""
+    monkeypatch.setattr(config, "DECODE_MERGE", "ticket")
     batch, hq, hkv, d, l_max = 16, 32, 8, 128, 8192
     seqlens = [l_max - 7 * i for i in range(batch)]
     k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, seqlens, torch.bfloat16)
@@ -154,6 +168,9 @@ def test_gpu_split_tickets_repeat():
     for _ in range(50):
         out, lse = decode_fwd(q, k_cache, v_cache, lens, **kw)
         assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
+    monkeypatch.setattr(config, "DECODE_MERGE", "kernel")
+    two = decode_fwd(q, k_cache, v_cache, lens, **kw)
+    assert torch.equal(two[0], first[0]) and torch.equal(two[1], first[1])
     mask = oracle_mask(seqlens, 1, l_max, (4095, 0), 4)
     check_kvcache(q, *first, *kvcache_reference(q, k_cache, v_cache, None, seqlens, mask,
                                                 d ** -0.5))
