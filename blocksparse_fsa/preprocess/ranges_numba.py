@@ -190,6 +190,8 @@ def range_lists(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt, n_kt):
     part_ptr = np.zeros(n_qt + 1, np.int64)
     n_f, n_p = _walk(seg_qt, bounds, full_ptr, part_ptr, full_ptr, full_ptr, full_ptr,
                      full_ptr, False)
+    if max(n_f, n_p) >= 2**31:  # before anything that large is allocated
+        raise ValueError("layout has more than 2**31 tiles; use larger block_m / block_n")
     sizes = np.array([n_qt + 1, n_f, n_qt + 1, n_p, n_kt + 1, n_f, n_kt + 1, n_p, n_p, n_p,
                       cu_q.size, cu_k.size], np.int64)
     starts = np.empty(sizes.size, np.int64)
