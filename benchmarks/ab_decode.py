@@ -90,7 +90,8 @@ def main(argv=None) -> None:
                                of_copy=bytes_read / ms / 1e6 / copy_gbs, copy_gbs=copy_gbs,
                                kernels_us=kernels if mode == "graph" else None,
                                gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                               package=bsa.__file__, config=args.config, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                               package=bsa.__file__, config=args.config,
+                               time=time.strftime("%Y-%m-%dT%H:%M:%S"))
                     print(json.dumps(row), flush=True)
                     log.write(json.dumps(row) + "\n")
                 del graph, static

@@ -188,7 +188,7 @@ def analytic_layout(cu_q, cu_k, window: tuple[int, int, int], is_causal: bool,
         ck = torch.tensor(list(cu_k), dtype=torch.int64, device=device)
         ranges = row_ranges(cq, ck, q_len, *window, is_causal)
         return ranges_layout(ranges, q_len, k_len, layout_causal, bm, bn, device)
-    tiles = range_tiles(cu_q, cu_k, *window, is_causal, bm, bn)  # (refuses 2**31 tiles)
+    tiles = range_tiles(cu_q, cu_k, *window, is_causal, bm, bn)  # (refuses int32 overflow)
     if bit_kernel is None:
         bit_kernel = device.type == "cuda"
     # every list (and the offsets the bit kernel reads) in one buffer: one copy to the device,

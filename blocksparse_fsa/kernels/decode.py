@@ -6,8 +6,8 @@ are merged in split order, so results do not depend on scheduling: by a second k
 (``config.DECODE_MERGE = "ticket"``) by the last program of the block to finish, which knows it
 is last from a ticket it takes from an atomic counter (one launch per step). Grid sizes and
 buffers depend on shapes only (never on ``cache_seqlens``), so a decode step captures in a
-CUDA graph. The same kernel serves chunked prefill: a window block of query rows walks the union of
-their windows, an index list is walked row by row (the gather kernels' strategy).
+CUDA graph. The same kernel serves chunked prefill: a window block of query rows walks the
+union of their windows, an index list is walked row by row (the gather kernels' strategy).
 """
 
 import torch

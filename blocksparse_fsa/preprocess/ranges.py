@@ -23,7 +23,8 @@ _BIG = 2**40  # an upper bound no position or tile index reaches
 
 class RangeTiles(NamedTuple):
     """A layout's int32 tile lists (batch 1, heads 1) in ``SparseLayout``'s field order, the
-    query tile of each partial tile (what the bit kernels read) and the active pairs."""
+    query tile of each partial tile (what the bit kernels read) and the active pairs; the
+    lists are views of ``buffer``, which also holds the bit kernel's header and offsets."""
 
     full_ptr: np.ndarray
     full_col: np.ndarray
