@@ -215,7 +215,7 @@ elif [ "$stage" = h ]; then
     > '$OUT/$stage/gpu_window_decode_tests.log' 2>&1"
   tail -4 "$OUT/$stage/gpu_window_decode_tests.log" | tee -a "$OUT/$stage/session.log"
   for merge in kernel ticket; do
-    step "decode A/B: $merge" 75 python3 benchmarks/ab_decode.py --label "$merge" \
+    step "decode A/B: $merge" 90 python3 benchmarks/ab_decode.py --label "$merge" \
       --out "$OUT/$stage" --config "DECODE_MERGE='$merge'"
   done
   partial_loads_ab
