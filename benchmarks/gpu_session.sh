@@ -15,9 +15,9 @@
 #                                      non-finite tests, the decode step, the frontier on the
 #                                      window and documents, then the GPU kernel tests
 #   bash benchmarks/gpu_session.sh h   the window layout build's steps stamped; the GPU window,
-#                                      varlen and decode tests; the decode merges against
-#                                      each other (ab_decode.py); the loads against .base/;
-#                                      bench_varlen.py; the GPU kernel tests
+#                                      varlen, decode and non-finite tests; the loads against
+#                                      .base/; the decode merges against each other
+#                                      (ab_decode.py); bench_varlen.py; the GPU kernel tests
 #   bash benchmarks/gpu_session.sh f   the final kernels: A/B against .base/, every pattern
 #                                      against the frontier, the decode launch sweep at B=8
 #   bash benchmarks/gpu_session.sh t   GPU tests; the frontier on BigBird, NSA, dilated and
@@ -203,22 +203,22 @@ runpy.run_module(\"blocksparse_fsa_bench\", run_name=\"__main__\")" --seq-len 32
     > '$OUT/$stage/gpu_tests.log' 2>&1"
   tail -12 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
 elif [ "$stage" = h ]; then
-  # the window layout's host steps and its GPU tests; the decode tests and the two ways of
-  # merging its splits (config.DECODE_MERGE); the partial-tile loads against .base/;
-  # bench_varlen
+  # the window layout's host steps; the GPU window, varlen, decode and non-finite tests (every
+  # PARTIAL_LOADS mode, both decode merges); the partial-tile loads against .base/; the two
+  # ways of merging decode splits (config.DECODE_MERGE); bench_varlen
   step "window build stamps" 60 bash -c 'python3 benchmarks/window_build_stamps.py 2>&1 \
     | tee -a "$OUT/$stage/session.log"; python3 benchmarks/window_build_stamps.py --sinks 4 \
     2>&1 | tail -1 | tee -a "$OUT/$stage/session.log"'
-  step "GPU window, varlen and decode tests" 100 bash -c "python3 -m pytest -m gpu -q \
-    -p no:cacheprovider $XDIST -rf tests/api/test_window_layout.py tests/api/test_varlen.py \
-    tests/kernels/test_decode.py tests/api/test_kvcache.py \
+  step "GPU window, varlen, decode and non-finite tests" 120 bash -c "python3 -m pytest -m gpu \
+    -q -p no:cacheprovider $XDIST -rf tests/api/test_window_layout.py tests/api/test_varlen.py \
+    tests/kernels/test_decode.py tests/api/test_kvcache.py tests/kernels/test_nonfinite.py \
     > '$OUT/$stage/gpu_window_decode_tests.log' 2>&1"
   tail -4 "$OUT/$stage/gpu_window_decode_tests.log" | tee -a "$OUT/$stage/session.log"
+  partial_loads_ab  # issue 21's last item first
   for merge in kernel ticket; do
     step "decode A/B: $merge" 90 python3 benchmarks/ab_decode.py --label "$merge" \
       --out "$OUT/$stage" --config "DECODE_MERGE='$merge'"
   done
-  partial_loads_ab
   step "varlen" 150 bash -c 'python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" \
     2>&1 | tail -30 | tee -a "$OUT/$stage/session.log"'
   left=$((DEADLINE - SECONDS - 15)); [ "$left" -gt 200 ] && left=200
