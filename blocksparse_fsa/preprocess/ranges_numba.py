@@ -188,8 +188,8 @@ def range_lists(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt, n_kt):
     # counts first (O(segments)), so every list is written once, in place
     full_ptr = np.zeros(n_qt + 1, np.int64)
     part_ptr = np.zeros(n_qt + 1, np.int64)
-    n_f, n_p = _walk(seg_qt, bounds, full_ptr, part_ptr, full_ptr, full_ptr, full_ptr,
-                     full_ptr, False)
+    none = np.empty(0, np.int32)  # the write pass's arrays, unused: one compiled signature
+    n_f, n_p = _walk(seg_qt, bounds, full_ptr, part_ptr, none, none, none, none, False)
     # every entry of the buffer is addressed by an int32 offset (the header's, the kernels');
     # refused before anything that large is allocated
     if 2 * n_f + 4 * n_p + 2 * (n_qt + n_kt) + cu_q.size + cu_k.size + 64 >= 2**31:
