@@ -82,9 +82,9 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     q_len, k_len = int(cu_q[-1]), int(cu_k[-1])
     left, right, sinks = normalized_window(q_len, k_len, left, right, sinks)
     n_qt, n_kt = -(-q_len // block_m), -(-k_len // block_n)
-    buffer, starts, sizes = range_lists(np.asarray(cu_q, dtype=np.int64),
-                                        np.asarray(cu_k, dtype=np.int64), left, right, sinks,
-                                        bool(causal), block_m, block_n, n_qt, n_kt)
+    cq, ck = np.asarray(cu_q, dtype=np.int64), np.asarray(cu_k, dtype=np.int64)
+    buffer, starts, sizes = range_lists(cq, ck, left, right, sinks, bool(causal), block_m,
+                                        block_n, n_qt, n_kt)
     lists = [buffer[a:a + n] for a, n in zip(starts.tolist(), sizes.tolist())]
 
     # active pairs per sequence: |[0, max(s_hi, hi)]| (clip(p + c, lo, nk)) minus the gap
@@ -92,8 +92,7 @@ def range_tiles(cu_q, cu_k, left: int, right: int, sinks: int, causal: bool, blo
     if len(cu_q) == 2:
         a, b, n_k, mx, mn = k_len - q_len, k_len - 1, k_len, max, min
     else:
-        nq = np.diff(np.asarray(cu_q, dtype=np.int64))
-        nk = np.diff(np.asarray(cu_k, dtype=np.int64))
+        nq, nk = np.diff(cq), np.diff(ck)
         a, b, n_k, mx, mn = nk - nq, nk - 1, nk, np.maximum, np.minimum
     c, lo = (1, 0) if causal else (right + 1, mn(sinks, n_k))
     pairs = (_sum_clip(a, b, c, lo, n_k, mx, mn)

@@ -119,11 +119,10 @@ def _partial_tiles(b, qt, last, col, qts, n, write):
 
 
 @njit(cache=True)
-def _walk(seg_qt, bounds, full_ptr, part_ptr, f_col, f_count_t, p_col, p_qt, write):
+def _walk(seg_qt, bounds, full_ptr, part_ptr, f_col, p_col, p_qt, write):
     """Every segment's tiles in order: counts them per query tile (``full_ptr``, ``part_ptr``
-    at ``qt + 1``), or with ``write`` stores the full tiles' key tiles in ``f_col`` (counting
-    them per key tile at ``f_count_t[kt + 1]``) and the partial tiles' in ``p_col`` /
-    ``p_qt``. Returns the numbers of full and partial tiles."""
+    at ``qt + 1``), or with ``write`` stores the full tiles' key tiles in ``f_col`` and the
+    partial tiles' in ``p_col`` / ``p_qt``. Returns the numbers of full and partial tiles."""
     n_f = n_p = 0
     last = -1  # the last partial key tile of the current query tile
     for i in range(seg_qt.size):
@@ -135,7 +134,6 @@ def _walk(seg_qt, bounds, full_ptr, part_ptr, f_col, f_count_t, p_col, p_qt, wri
             if write:
                 for kt in range(lo, hi + 1):
                     f_col[n_f] = kt
-                    f_count_t[kt + 1] += 1
                     n_f += 1
             else:
                 n_f += max(hi - lo + 1, 0)
@@ -189,7 +187,7 @@ def range_lists(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt, n_kt):
     full_ptr = np.zeros(n_qt + 1, np.int64)
     part_ptr = np.zeros(n_qt + 1, np.int64)
     none = np.empty(0, np.int32)  # the write pass's arrays, unused: one compiled signature
-    n_f, n_p = _walk(seg_qt, bounds, full_ptr, part_ptr, none, none, none, none, False)
+    n_f, n_p = _walk(seg_qt, bounds, full_ptr, part_ptr, none, none, none, False)
     # every entry of the buffer is addressed by an int32 offset (the header's, the kernels');
     # refused before anything that large is allocated
     if 2 * n_f + 4 * n_p + 2 * (n_qt + n_kt) + cu_q.size + cu_k.size + 64 >= 2**31:
@@ -206,29 +204,20 @@ def range_lists(cu_q, cu_k, left, right, sinks, causal, bm, bn, n_qt, n_kt):
     out[0], out[1], out[2] = cu_q[n_seq], n_seq, _bit_length(n_seq)
     out[3], out[4], out[5] = left, right, sinks
     out[6], out[7], out[8], out[9] = starts[9], starts[3], starts[10], starts[11]
-    f_ptr = out[starts[0]:starts[0] + sizes[0]]
-    p_ptr = out[starts[2]:starts[2] + sizes[2]]
-    for qt in range(n_qt):  # a query tile without a segment ends where its predecessor does
-        f_ptr[qt + 1] = max(full_ptr[qt + 1], f_ptr[qt])
-        p_ptr[qt + 1] = max(part_ptr[qt + 1], p_ptr[qt])
+    # every query tile has a segment (cu_q starts at 0 and ends at q_len)
+    out[starts[0]:starts[0] + sizes[0]] = full_ptr
+    out[starts[2]:starts[2] + sizes[2]] = part_ptr
     f_col = out[starts[1]:starts[1] + n_f]
     p_col = out[starts[3]:starts[3] + n_p]
     p_qt = out[starts[9]:starts[9] + n_p]
-    f_ptr_t = out[starts[4]:starts[4] + n_kt + 1]
-    _walk(seg_qt, bounds, full_ptr, part_ptr, f_col, f_ptr_t, p_col, p_qt, True)
+    _walk(seg_qt, bounds, full_ptr, part_ptr, f_col, p_col, p_qt, True)
     out[starts[10]:starts[10] + cu_q.size] = cu_q
     out[starts[11]:starts[11] + cu_k.size] = cu_k
-    # the full tiles by key tile: query tiles ascend within each (segments come in order)
-    for kt in range(n_kt):
-        f_ptr_t[kt + 1] += f_ptr_t[kt]
-    fill = f_ptr_t[:n_kt].copy()
-    f_row_t = out[starts[5]:starts[5] + n_f]
-    for i in range(seg_qt.size):
-        b = bounds[i]
-        for lo, hi in ((b[4], b[5]), (b[6], b[7])):
-            for kt in range(lo, hi + 1):
-                f_row_t[fill[kt]] = seg_qt[i]
-                fill[kt] += 1
+    f_qt = np.empty(n_f, np.int32)  # each full tile's query tile, what the transpose lists
+    for qt in range(n_qt):
+        f_qt[full_ptr[qt]:full_ptr[qt + 1]] = qt
+    _transpose(out[starts[4]:starts[4] + n_kt + 1], out[starts[5]:starts[5] + n_f],
+               np.empty(n_f, np.int32), f_col, f_qt, n_kt)
     _transpose(out[starts[6]:starts[6] + n_kt + 1], out[starts[7]:starts[7] + n_p],
                out[starts[8]:starts[8] + n_p], p_col, p_qt, n_kt)
     return out, starts, sizes
