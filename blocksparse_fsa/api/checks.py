@@ -52,6 +52,15 @@ def check_qkv(query, key, value):
     return batch, q_len, num_q_heads, head_dim
 
 
+def flash_causal(is_causal, causal):
+    """``is_causal`` from ours or FlashAttention's ``causal`` (None if neither was given)."""
+    if causal is None:
+        return is_causal
+    if is_causal is not None:
+        raise ValueError("pass causal (FlashAttention's name) or is_causal, not both")
+    return causal
+
+
 def check_scalars(head_dim, is_causal, softmax_scale, softcap, return_lse, backend):
     """The validated ``softmax_scale`` (its default filled in) and ``softcap`` as floats."""
     if is_causal is not None and not isinstance(is_causal, bool):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.decode import decode_fwd
-from .checks import FLOAT_DTYPES, MAX_HEAD_DIM, check_backend, check_scalars
+from .checks import FLOAT_DTYPES, MAX_HEAD_DIM, check_backend, check_scalars, flash_causal
 from .window import check_window
 
 
@@ -122,10 +122,7 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
 def _flash_attention_keywords(is_causal, causal, return_lse, return_softmax_lse, num_splits,
                               rotary_interleaved, **unsupported):
     """``(is_causal, return_lse, num_splits)`` from ours and FlashAttention's names."""
-    if causal is not None:
-        if is_causal is not None:
-            raise ValueError("pass causal (FlashAttention's name) or is_causal, not both")
-        is_causal = causal
+    is_causal = flash_causal(is_causal, causal)
     if return_softmax_lse is not None:
         if return_lse:
             raise ValueError("pass return_softmax_lse (FlashAttention's name) or return_lse, "

@@ -15,6 +15,7 @@ import torch
 from ..layout import SparseLayout, build_layout
 from .attention import sparse_attn_func
 from .cache import cached_layout
+from .checks import flash_causal
 from .window import check_window, packed_layout
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -59,10 +60,7 @@ def sparse_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     At most one of ``attn_indices``, ``layout``, ``window_size``/``sinks``.
     Returns ``out`` ``(total_q, Hq, D)`` in the input dtype, and ``lse`` if asked.
     """
-    if causal is not None:
-        if is_causal is not None:
-            raise ValueError("pass causal (FlashAttention's name) or is_causal, not both")
-        is_causal = causal
+    is_causal = flash_causal(is_causal, causal)
     if dropout_p != 0:
         raise ValueError(f"dropout_p must be 0: there is no attention dropout, got {dropout_p!r}")
     if alibi_slopes is not None:
