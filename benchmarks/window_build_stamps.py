@@ -20,7 +20,7 @@ import torch
 
 from blocksparse_fsa.api import window as window_mod
 from blocksparse_fsa.layout import SparseLayout
-from blocksparse_fsa.preprocess.ranges import range_tiles
+from blocksparse_fsa.preprocess.ranges import RangeTiles, range_tiles
 from blocksparse_fsa.preprocess.triton.ranges import range_masks_triton
 
 
@@ -48,10 +48,9 @@ def steps(length, left, sinks, device, sync, out=None):
     yield stamp("views")
     masks = range_masks_triton(packed, tiles.part_qt.size, True, 64, 64)
     yield stamp("bit kernel (launch)")
-    names = ("full_ptr", "full_col", "part_ptr", "part_col", "full_ptr_t", "full_row_t",
-             "part_ptr_t", "part_row_t", "part_mask_t")
     layout = SparseLayout(q_len=length, k_len=length, block_m=64, block_n=64, batch=1, heads=1,
-                          is_causal=True, nnz=tiles.nnz, masks=masks, **dict(zip(names, views)))
+                          is_causal=True, nnz=tiles.nnz, masks=masks,
+                          **dict(zip(RangeTiles._fields[:9], views)))
     yield stamp("SparseLayout")
     sync()
     yield stamp("synchronize")
@@ -92,9 +91,8 @@ def main(argv=None):
         t2 = time.perf_counter()
         host.append((t1 - t0) * 1e6)
         whole.append((t2 - t0) * 1e6)
-    same = all(torch.equal(getattr(built[0], f), getattr(layout, f)) for f in (
-        "full_ptr", "full_col", "part_ptr", "part_col", "masks", "full_ptr_t", "full_row_t",
-        "part_ptr_t", "part_row_t", "part_mask_t"))
+    same = all(torch.equal(getattr(built[0], f), getattr(layout, f))
+               for f in RangeTiles._fields[:9] + ("masks",))
     print(f"{name}, torch {torch.__version__}; L={args.seq_len}, window ({args.window}, 0), "
           f"sinks {args.sinks}, 64x64 tiles; median of {args.runs}; {layout.num_tiles} tiles, "
           f"{'the same' if same else 'NOT the same'} as window_layout's")

@@ -205,8 +205,6 @@ def analytic_layout(cu_q, cu_k, window: tuple[int, int, int], is_causal: bool,
     else:
         masks = torch.from_numpy(range_masks_numpy(tiles.part_qt, tiles.part_col, cu_q, cu_k,
                                                    *window, is_causal, bm, bn)).to(device)
-    names = ("full_ptr", "full_col", "part_ptr", "part_col", "full_ptr_t", "full_row_t",
-             "part_ptr_t", "part_row_t", "part_mask_t")
     return SparseLayout(q_len=q_len, k_len=k_len, block_m=bm, block_n=bn, batch=1, heads=1,
                         is_causal=layout_causal, nnz=tiles.nnz, masks=masks,
-                        **dict(zip(names, views)))
+                        **dict(zip(tiles._fields[:9], views)))  # the same names
