@@ -17,9 +17,11 @@
 #   bash benchmarks/gpu_session.sh h   the window layout build's steps stamped; the GPU window,
 #                                      varlen, decode and non-finite tests; the loads against
 #                                      .base/; the decode merges against each other
-#                                      (ab_decode.py); bench_varlen.py; the GPU kernel tests
-#   bash benchmarks/gpu_session.sh f   the final kernels: A/B against .base/, every pattern
-#                                      against the frontier, the decode launch sweep at B=8
+#                                      (ab_decode.py), the fastest written to .gpu_choice;
+#                                      bench_varlen.py; the GPU kernel tests
+#   bash benchmarks/gpu_session.sh f   the final kernels (with .gpu_choice's modes where a
+#                                      stage h left one): every pattern against the frontier,
+#                                      the A/B against .base/, the decode launch sweep at B=8
 #   bash benchmarks/gpu_session.sh t   GPU tests; the frontier on BigBird, NSA, dilated and
 #                                      top-k; forward and dK/dV config sweeps on the window
 #   bash benchmarks/gpu_session.sh v   after a kernel change: the A/B, the GPU kernel tests,
@@ -156,16 +158,24 @@ elif [ "$stage" = t ]; then
   step "tune: forward 64x64" 90 bash -c 'tune 64 64x64 --passes fwd --stack 4 2 --warps 8 4 \
     --stages 2 3'
 elif [ "$stage" = f ]; then
-  # the final kernels: the A/B against .base/, every pattern against the frontier, and the
-  # decode launch sweep where one step is latency-bound (B = 8)
+  # the final kernels, with the modes a stage h on this machine chose (.gpu_choice, written
+  # into this copy's config.py): every pattern against the frontier, the A/B against .base/,
+  # the decode launch sweep where one step is latency-bound (B = 8)
+  if [ -f .gpu_choice ]; then
+    while IFS== read -r name value; do
+      sed -i "s/^$name = .*/$name = \"$value\"/" blocksparse_fsa/kernels/config.py
+    done < .gpu_choice
+    grep -E '^(PARTIAL_LOADS|DECODE_MERGE) =' blocksparse_fsa/kernels/config.py \
+      | tee -a "$OUT/$stage/session.log"
+  fi
+  step "harness: every pattern against the frontier" 300 bash -c 'bench bench_all --pattern \
+    sliding_window documents bigbird nsa_blocks dilated_reordered topk_random --systems ours \
+    flex flex_flash fa4_window fa4_varlen fa4_dense_causal sdpa_causal'
   for label in before after; do
     dir=$PWD; [ $label = before ] && dir=$PWD/.base
     [ -d "$dir/blocksparse_fsa" ] && step "kernel A/B: $label" 60 env PYTHONPATH="$dir" \
       python3 benchmarks/ab_kernels.py --label $label --out "$OUT/$stage"
   done
-  step "harness: every pattern against the frontier" 300 bash -c 'bench bench_all --pattern \
-    sliding_window documents bigbird nsa_blocks dilated_reordered topk_random --systems ours \
-    flex flex_flash fa4_window fa4_varlen fa4_dense_causal sdpa_causal'
   step "decode sweep" 150 bash -c 'python3 benchmarks/bench_decode.py --out "$OUT/$stage/decode" \
     --lengths 32768 --batches 8 64 --sweep quick 2>&1 | tail -70 | tee -a "$OUT/$stage/session.log"'
 elif [ "$stage" = g ]; then
@@ -219,6 +229,9 @@ elif [ "$stage" = h ]; then
     step "decode A/B: $merge" 90 python3 benchmarks/ab_decode.py --label "$merge" \
       --out "$OUT/$stage" --config "DECODE_MERGE='$merge'"
   done
+  # the modes measured fastest (tests passing), for a stage f that follows on this machine
+  python3 benchmarks/gpu_choice.py "$OUT/$stage" --write .gpu_choice 2>&1 \
+    | tee -a "$OUT/$stage/session.log"
   step "varlen" 150 bash -c 'python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" \
     2>&1 | tail -30 | tee -a "$OUT/$stage/session.log"'
   left=$((DEADLINE - SECONDS - 15)); [ "$left" -gt 200 ] && left=200

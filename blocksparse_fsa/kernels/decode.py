@@ -348,5 +348,4 @@ def decode_fwd(q, k_cache, v_cache, cache_seqlens, *, block_table=None, attn_ind
             num_kv_heads=num_kv_heads, group_size=group, HEAD_DIM=head_dim,
             BLOCK_D=dims["BLOCK_D"], **blocks, num_warps=4)
     return out, lse
-    return out, lse
 

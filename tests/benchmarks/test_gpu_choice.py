@@ -1,0 +1,40 @@
+"""``benchmarks/gpu_choice.py`` (a GPU session's step): a mode replaces the default only when
+it ran every row, beat the default by more than the margin, and the tests passed."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_choice.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("gpu_choice", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_choice(tmp_path, capsys):
+    script = _script()
+    kernels = [dict(label=label, pattern=p, pass_name=s, ms=ms)
+               for label, ms in (("before", 0.5), ("pointer", 1.0), ("branch", 0.95),
+                                 ("select", 0.995))
+               for p in ("window", "bigbird") for s in ("fwd", "fwdbwd")]
+    kernels.append(dict(label="select", pattern="extra", pass_name="fwd", ms=0.0))
+    _write(tmp_path / "ab_kernels.jsonl", kernels)
+    _write(tmp_path / "ab_decode.jsonl",
+           [dict(label=label, pattern="window", batch=8, mode=m, ms=ms)
+            for label, ms in (("kernel", 1.0), ("ticket", 0.995)) for m in ("eager", "graph")])
+    (tmp_path / "gpu_window_decode_tests.log").write_text("40 passed in 9.1s\n")
+    script.main([str(tmp_path), "--write", str(tmp_path / "choice")])
+    # "before" (another checkout) and rows one mode alone ran do not count; 0.5% is noise
+    assert (tmp_path / "choice").read_text() == "PARTIAL_LOADS=branch\nDECODE_MERGE=kernel\n"
+    (tmp_path / "gpu_window_decode_tests.log").write_text("1 failed, 39 passed in 9.1s\n")
+    script.main([str(tmp_path)])
+    assert capsys.readouterr().out.splitlines()[-2:] == ["PARTIAL_LOADS=pointer",
+                                                         "DECODE_MERGE=kernel"]
