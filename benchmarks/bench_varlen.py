@@ -8,7 +8,9 @@ the same patterns through other routes, side by side in one run.
 Rows, all at ``--total`` tokens, causal, GQA ``--hq`` / ``--hkv``, head dim ``--dim``:
 
 - ``documents``: 9 uneven documents (their lengths scaled to ``--total``) through
-  ``sparse_attn_varlen_func`` (``varlen``), the same pattern as ``patterns.document`` +
+  ``sparse_attn_varlen_func`` (``varlen``: device ``cu_seqlens``, read back by every call;
+  ``varlen_layout``: with ``layout=build_varlen_layout(...)`` built once, nothing read back),
+  the same pattern as ``patterns.document`` +
   ``sparse_attn_func(layout=)`` (``document``), compiled FlexAttention with a document
   ``mask_mod`` (``flex``) and FlashAttention-4's ``flash_attn_varlen_func`` (``fa4``, skipped
   with a message when ``flash_attn.cute`` does not import).
@@ -25,7 +27,8 @@ backward). ``build_first_ms`` is the first (uncached) layout or block-mask build
 ``build_fresh_ms`` the median of ``--fresh`` more uncached builds (the layout cache cleared
 before each, outside the timing; each between two ``synchronize`` calls: host and device time
 together, what a first call costs once compilers and allocators are warm), ``build_ms`` a
-repeated one: for ``varlen`` / ``window`` the cached call the API makes on every later layer,
+repeated one: for ``varlen`` / ``window`` the cached call the API makes on every later layer
+(``varlen_layout``: the builder's own cache),
 for ``document`` / ``indices`` / ``flex`` a rebuild (they have no cache).
 Writes ``bench_varlen.csv`` and ``bench_varlen.md`` to ``--out``.
 """
@@ -148,6 +151,12 @@ def document_systems(args, lengths, device):
         "varlen": (lambda: bsa.build_varlen_layout(cu, cu, is_causal=causal),
             lambda lay, q, k, v: bsa.sparse_attn_varlen_func(
                 q, k, v, cu, cu, longest, longest, is_causal=causal, backend=args.backend)),
+        # the layout built once per batch and passed to every call: device cu_seqlens are
+        # then never read back (the call above reads them, one host sync per call)
+        "varlen_layout": (lambda: bsa.build_varlen_layout(cu, cu, is_causal=causal),
+            lambda lay, q, k, v: bsa.sparse_attn_varlen_func(
+                q, k, v, cu, cu, longest, longest, layout=lay, is_causal=causal,
+                backend=args.backend)),
         "document": (lambda: bsa.patterns.document(cu, is_causal=causal, device=device),
                      lambda lay, q, k, v: bsa.sparse_attn_func(
                          q[None], k[None], v[None], layout=lay, backend=args.backend)[0]),
@@ -215,7 +224,7 @@ def run_row(row, systems, nnz, args, device, time_ms):
         result = dict(row=row, system=name, total=args.total, hq=args.hq, hkv=args.hkv,
                       dim=args.dim, dtype=args.dtype, device=device_name(device))
         try:
-            cached = name in ("varlen", "window")
+            cached = name in ("varlen", "varlen_layout", "window")
             if cached:
                 window_cache.clear_cache()
             state, result["build_first_ms"] = once_ms(build, device)

@@ -219,7 +219,7 @@ elif [ "$stage" = h ]; then
   step "window build stamps" 60 bash -c 'python3 benchmarks/window_build_stamps.py 2>&1 \
     | tee -a "$OUT/$stage/session.log"; python3 benchmarks/window_build_stamps.py --sinks 4 \
     2>&1 | tail -1 | tee -a "$OUT/$stage/session.log"'
-  step "GPU window, varlen, decode and non-finite tests" 120 bash -c "python3 -m pytest -m gpu \
+  step "GPU window, varlen, decode and non-finite tests" 240 bash -c "python3 -m pytest -m gpu \
     -q -p no:cacheprovider $XDIST -rf tests/api/test_window_layout.py tests/api/test_varlen.py \
     tests/kernels/test_decode.py tests/api/test_kvcache.py tests/kernels/test_nonfinite.py \
     > '$OUT/$stage/gpu_window_decode_tests.log' 2>&1"

@@ -87,5 +87,6 @@ WARP_SPECIALIZE = False
 PARTIAL_LOADS = "pointer"
 # DECODE_MERGE: how a decode step with several key splits merges them (``kernels/decode.py``):
 # "kernel", a second launch, or "ticket", in the split kernel, by the last of a query block's
-# programs to finish (one launch per step; not yet run on a GPU, benchmarks/NOTES.md).
+# programs to finish (one launch per step: faster eager, the same under a CUDA graph; opt-in
+# until its GPU tests have passed, benchmarks/NOTES.md).
 DECODE_MERGE = "kernel"

@@ -18,9 +18,9 @@ def test_smoke_run_writes_checked_rows(tmp_path):
                           "--window", "20", "--backend", "torch", "--systems", "",
                           "--reps", "1"])
     assert [(r["row"], r["system"]) for r in results] == [
-        ("documents", "varlen"), ("documents", "document"), ("window(20,0)", "window"),
-        ("window(20,0)", "indices")]
+        ("documents", "varlen"), ("documents", "varlen_layout"), ("documents", "document"),
+        ("window(20,0)", "window"), ("window(20,0)", "indices")]
     assert all(r["status"] == "ok" and r["check_max_abs"] <= 1e-4 for r in results)
     with open(tmp_path / "bench_varlen.csv") as f:
-        assert len(list(csv.DictReader(f))) == 4
+        assert len(list(csv.DictReader(f))) == 5
     assert "| documents | varlen | ok |" in (tmp_path / "bench_varlen.md").read_text()

@@ -1,5 +1,5 @@
 """``benchmarks/gpu_choice.py`` (a GPU session's step): a mode replaces the default only when
-it ran every row, beat the default by more than the margin, and the tests passed."""
+it ran every row, beat the default by more than the margin, and the tests ran to a pass."""
 
 import importlib.util
 import json
@@ -34,7 +34,9 @@ def test_choice(tmp_path, capsys):
     script.main([str(tmp_path), "--write", str(tmp_path / "choice")])
     # "before" (another checkout) and rows one mode alone ran do not count; 0.5% is noise
     assert (tmp_path / "choice").read_text() == "PARTIAL_LOADS=branch\nDECODE_MERGE=kernel\n"
-    (tmp_path / "gpu_window_decode_tests.log").write_text("1 failed, 39 passed in 9.1s\n")
-    script.main([str(tmp_path)])
-    assert capsys.readouterr().out.splitlines()[-2:] == ["PARTIAL_LOADS=pointer",
-                                                         "DECODE_MERGE=kernel"]
+    # a failure, or a run a timeout cut before pytest's summary, keeps the defaults
+    for log in ("1 failed, 39 passed in 9.1s\n", "bringing up nodes...\n........\n"):
+        (tmp_path / "gpu_window_decode_tests.log").write_text(log)
+        script.main([str(tmp_path)])
+        assert capsys.readouterr().out.splitlines()[-2:] == ["PARTIAL_LOADS=pointer",
+                                                             "DECODE_MERGE=kernel"]
