@@ -1,18 +1,9 @@
 """``benchmarks/gpu_choice.py`` (a GPU session's step): a mode replaces the default only when
 it ran every row, beat the default by more than the margin, and the tests ran to a pass."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_choice.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("gpu_choice", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
+import gpu_choice as script  # benchmarks/ is on the path (conftest)
 
 
 def _write(path, rows):
@@ -20,7 +11,6 @@ def _write(path, rows):
 
 
 def test_choice(tmp_path, capsys):
-    script = _script()
     kernels = [dict(label=label, pattern=p, pass_name=s, ms=ms)
                for label, ms in (("before", 0.5), ("pointer", 1.0), ("branch", 0.95),
                                  ("select", 0.995))
