@@ -406,11 +406,14 @@ def test_empty_packed_batch():
 
 
 def test_readme_varlen_snippet_runs_as_pasted(tmp_path):
-    """The README's "Packed and padded batches" code, in a fresh interpreter (CPU: torch path),
-    against the per-sequence oracle."""
+    """The README's "Packed and padded batches" code (the call, then the same call with a
+    layout built once), in a fresh interpreter (CPU: torch path), against the per-sequence
+    oracle."""
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Packed and padded batches"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = section[:section.index("\n### ")]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
+    assert "layout=" in code
     check = textwrap.dedent("""
         from blocksparse_fsa.reference import dense_attention
         from tests.api.test_varlen import oracle_mask
