@@ -147,14 +147,16 @@ def document_systems(args, lengths, device):
     cu = offsets(lengths, device)
     longest = max(lengths)
     causal = True
+
+    def build():
+        return bsa.build_varlen_layout(cu, cu, is_causal=causal)
+
     systems = {
-        "varlen": (lambda: bsa.build_varlen_layout(cu, cu, is_causal=causal),
-            lambda lay, q, k, v: bsa.sparse_attn_varlen_func(
+        "varlen": (build, lambda lay, q, k, v: bsa.sparse_attn_varlen_func(
                 q, k, v, cu, cu, longest, longest, is_causal=causal, backend=args.backend)),
         # the layout built once per batch and passed to every call: device cu_seqlens are
         # then never read back (the call above reads them, one host sync per call)
-        "varlen_layout": (lambda: bsa.build_varlen_layout(cu, cu, is_causal=causal),
-            lambda lay, q, k, v: bsa.sparse_attn_varlen_func(
+        "varlen_layout": (build, lambda lay, q, k, v: bsa.sparse_attn_varlen_func(
                 q, k, v, cu, cu, longest, longest, layout=lay, is_causal=causal,
                 backend=args.backend)),
         "document": (lambda: bsa.patterns.document(cu, is_causal=causal, device=device),

@@ -19,8 +19,9 @@ import os
 import re
 
 MARGIN = 0.01
-DEFAULTS = {"PARTIAL_LOADS": ("pointer", "ab_kernels.jsonl", ("pointer", "branch", "select")),
-            "DECODE_MERGE": ("kernel", "ab_decode.jsonl", ("kernel", "ticket"))}
+# config name: (its default, the A/B file, the labels it compares)
+MODES = {"PARTIAL_LOADS": ("pointer", "ab_kernels.jsonl", ("pointer", "branch", "select")),
+         "DECODE_MERGE": ("kernel", "ab_decode.jsonl", ("kernel", "ticket"))}
 
 
 def fastest(path: str, labels, default: str) -> str:
@@ -28,11 +29,11 @@ def fastest(path: str, labels, default: str) -> str:
     another beats it by more than MARGIN."""
     times = collections.defaultdict(dict)
     if os.path.exists(path):
-        for line in open(path):
-            row = json.loads(line)
-            if row["label"] in labels:
-                key = tuple(row.get(k) for k in ("pattern", "pass_name", "batch", "mode"))
-                times[row["label"]][key] = row["ms"]
+        with open(path) as f:
+            for row in map(json.loads, f):
+                if row["label"] in labels:
+                    key = tuple(row.get(k) for k in ("pattern", "pass_name", "batch", "mode"))
+                    times[row["label"]][key] = row["ms"]
     if default not in times:
         return default
     common = set.intersection(*(set(t) for t in times.values()))
@@ -44,8 +45,10 @@ def fastest(path: str, labels, default: str) -> str:
 def passed(log: str) -> bool:
     """Whether pytest finished the run that ``log`` holds with passes and nothing else: a run
     cut short by a timeout ends without its summary line and does not count."""
-    lines = [line for line in open(log).read().splitlines() if line.strip()] \
-        if os.path.exists(log) else []
+    if not os.path.exists(log):
+        return False
+    with open(log) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
     summary = lines[-1] if lines else ""
     return (re.fullmatch(r"=* ?\d+ passed(, \d+ (skipped|deselected|warnings?))* in .*", summary)
             is not None)
@@ -58,7 +61,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     tests_ok = passed(os.path.join(args.dir, "gpu_window_decode_tests.log"))
     lines = []
-    for name, (default, file, labels) in DEFAULTS.items():
+    for name, (default, file, labels) in MODES.items():
         value = fastest(os.path.join(args.dir, file), labels, default)
         if not tests_ok:
             value = default
