@@ -13,11 +13,11 @@ def test_smoke(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.main(["--smoke", "--out", str(tmp_path), "--lengths", "160", "--batches", "2",
-                 "--patterns", "window"])
+                 "--patterns", "window", "topk"])
     rows = list(csv.DictReader(open(tmp_path / "bench_decode_cpu.csv")))
     methods = {r["method"] for r in rows}
-    assert {"ours", "ours-paged", "flex", "sdpa-dense", "ours (kvcache)",
-            "tile walker"} <= methods
+    assert {"ours", "ours-paged", "ours-graph-32-layers", "flex", "sdpa-dense",
+            "ours (kvcache)", "tile walker"} <= methods
     assert all(r["ms"] and "FAILED" not in r["note"] for r in rows), rows
     assert (tmp_path / "bench_decode_cpu.md").read_text().count("\n| ") == len(rows) + 1
 
