@@ -32,8 +32,9 @@ Times are ``triton.testing.do_bench`` medians. ``GB/s`` counts the K/V bytes the
 1 GiB device-to-device copy measured in the same run. A chunked-prefill pair (2048 new queries
 against 32k, window + sinks) compares this kernel with the tile walker on the analytic window
 layout. ``--sweep`` adds ``ours`` under a grid of launch configs (``BLOCK_N``, warps, stages,
-split waves) to tune ``kernels.decode.get_decode_config`` / ``SPLIT_WAVES``. Writes
-``bench_decode_<gpu>.csv`` and ``.md`` to ``--out``.
+split waves) to tune ``kernels.decode.get_decode_config`` / ``SPLIT_WAVES``; ``--config
+NAME=VALUE`` sets ``blocksparse_fsa.kernels.config.NAME`` first (``--config
+"DECODE_MERGE='ticket'"``). Writes ``bench_decode_<gpu>.csv`` and ``.md`` to ``--out``.
 """
 
 import argparse
@@ -61,6 +62,9 @@ def parse_args(argv=None):
     ap.add_argument("--sweep", nargs="?", const="full", choices=["full", "quick"],
                     help="also time ours (graph-captured) over a grid of launch configs; "
                          "'quick': split waves x BLOCK_N x stages at 4 warps")
+    ap.add_argument("--config", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="set blocksparse_fsa.kernels.config.NAME to the literal VALUE first "
+                         "(--config \"DECODE_MERGE='ticket'\")")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # CPU, tiny shapes
     return ap.parse_args(argv)
 
@@ -154,6 +158,10 @@ def fa_kvcache():
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.config:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from ab_kernels import set_config
+        set_config(args.config)
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
         global HQ, HKV, D, WINDOW, SINKS, TOPK, PAGE

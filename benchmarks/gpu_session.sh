@@ -22,6 +22,10 @@
 #   bash benchmarks/gpu_session.sh f   the final kernels (with .gpu_choice's modes where a
 #                                      stage h left one): every pattern against the frontier,
 #                                      the A/B against .base/, the decode launch sweep at B=8
+#   bash benchmarks/gpu_session.sh d   one call: the GPU window, varlen, decode and non-finite
+#                                      tests; bench_decode at 32k (the ticket merge where those
+#                                      tests passed, written to .gpu_choice); bench_varlen.py;
+#                                      the frontier on the window and documents
 #   bash benchmarks/gpu_session.sh t   GPU tests; the frontier on BigBird, NSA, dilated and
 #                                      top-k; forward and dK/dV config sweeps on the window
 #   bash benchmarks/gpu_session.sh v   after a kernel change: the A/B, the GPU kernel tests,
@@ -32,7 +36,7 @@
 # ONLY=REGEX runs only the steps whose names match (ONLY=varlen finishes a stage a that the
 # deadline cut short).
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh a|b|c|f|g|h|t|v}
+stage=${1:?usage: gpu_session.sh a|b|c|d|f|g|h|t|v}
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/$stage"
 log() { echo "== $*" | tee -a "$OUT/$stage/session.log"; }
@@ -239,6 +243,25 @@ elif [ "$stage" = h ]; then
     -q -p no:cacheprovider $XDIST -rf tests/test_gpu.py tests/kernels \
     > '$OUT/$stage/gpu_tests.log' 2>&1"
   tail -12 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
+elif [ "$stage" = d ]; then
+  step "GPU window, varlen, decode and non-finite tests" 200 bash -c "python3 -m pytest -m gpu \
+    -q -p no:cacheprovider $XDIST -rf tests/api/test_window_layout.py tests/api/test_varlen.py \
+    tests/kernels/test_decode.py tests/api/test_kvcache.py tests/kernels/test_nonfinite.py \
+    > '$OUT/$stage/gpu_window_decode_tests.log' 2>&1"
+  tail -4 "$OUT/$stage/gpu_window_decode_tests.log" | tee -a "$OUT/$stage/session.log"
+  # the ticket merge measured faster eager and equal under a graph (ab_decode, H100): taken
+  # once its GPU tests have passed
+  merge=kernel
+  python3 -c "import gpu_choice, sys
+sys.exit(not gpu_choice.passed('$OUT/$stage/gpu_window_decode_tests.log'))" && merge=ticket
+  log "DECODE_MERGE: $merge"; echo "DECODE_MERGE=$merge" > .gpu_choice
+  step "decode" 150 bash -c "python3 benchmarks/bench_decode.py --out '$OUT/$stage/decode' \
+    --lengths 32768 --batches 1 8 64 --config \"DECODE_MERGE='$merge'\" 2>&1 | tail -60 \
+    | tee -a '$OUT/$stage/session.log'"
+  step "varlen" 150 bash -c 'python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" \
+    2>&1 | tail -30 | tee -a "$OUT/$stage/session.log"'
+  step "harness: the frontier" 200 bash -c 'bench bench_frontier --pattern sliding_window \
+    documents --systems ours flex flex_flash fa4_window fa4_varlen fa4_dense_causal'
 elif [ "$stage" = v ]; then
   # after a kernel change: the A/B against .base/ (and .head/), the GPU kernel tests, then FA4
   for label in before head after; do
