@@ -29,12 +29,13 @@ output, unsorted, unique). Rows:
 Every candidate is checked against ours before it is timed (a mismatch is reported, not timed).
 Times are ``triton.testing.do_bench`` medians. ``GB/s`` counts the K/V bytes the pattern reads
 (keys x Hkv x D x 2 tensors x 2 bytes per row); ``of copy`` divides it by the bandwidth of a
-1 GiB device-to-device copy measured in the same run. A chunked-prefill pair (2048 new queries
-against 32k, window + sinks) compares this kernel with the tile walker on the analytic window
-layout. ``--sweep`` adds ``ours`` under a grid of launch configs (``BLOCK_N``, warps, stages,
-split waves) to tune ``kernels.decode.get_decode_config`` / ``SPLIT_WAVES``; ``--config
-NAME=VALUE`` sets ``blocksparse_fsa.kernels.config.NAME`` first (``--config
-"DECODE_MERGE='ticket'"``). Writes ``bench_decode_<gpu>.csv`` and ``.md`` to ``--out``.
+1 GiB device-to-device copy measured in the same run. Chunked prefill (128, 512 and 2048 new
+queries against 32k, window + sinks) compares this kernel with the tile walker on the analytic
+window layout, both through ``sparse_attn_with_kvcache``. ``--sweep`` adds ``ours`` under a
+grid of launch configs (``BLOCK_N``, warps, stages, split waves) to tune
+``kernels.decode.get_decode_config`` / ``SPLIT_WAVES``; ``--config NAME=VALUE`` sets
+``blocksparse_fsa.kernels.config.NAME`` first (``--config "DECODE_MERGE='ticket'"``). Writes
+``bench_decode_<gpu>.csv`` and ``.md`` to ``--out``.
 """
 
 import argparse
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from blocksparse_fsa import sparse_attn_func, sparse_attn_with_kvcache
+from blocksparse_fsa import sparse_attn_with_kvcache
 from blocksparse_fsa.kernels import decode
 
 HQ, HKV, D, WINDOW, SINKS, TOPK, PAGE = 32, 8, 128, 1024, 4, 2048, 256
@@ -336,27 +337,40 @@ def sweep(add, pattern, batch, length, ours, keys, ref, device, grid):
 
 
 def prefill(rows, bench, device, dtype, gen, copy_gbs):
-    """Chunked prefill: 2048 new queries (already appended) against 32k keys, window + sinks,
-    through this kernel and through the tile walker (sparse_attn_func's analytic layout)."""
-    length, new = (32768, 2048) if device.type == "cuda" else (512, 64)
+    """Chunked prefill: 128 / 512 / 2048 new queries (already appended) against 32k keys,
+    window + sinks, through the split kernel and through the tile walker (the analytic layout)
+    forced by ``config.PREFILL_TILES_MIN_ROWS``, and through the default choice."""
+    from blocksparse_fsa.kernels import config
+
+    length, chunks = (32768, (128, 512, 2048)) if device.type == "cuda" else (512, (16, 64))
     k = torch.randn(1, length, HKV, D, device=device, dtype=dtype, generator=gen)
     v = torch.randn_like(k)
-    q = torch.randn(1, new, HQ, D, device=device, dtype=dtype, generator=gen)
     kw = dict(window_size=(WINDOW - 1, 0), sinks=SINKS)
-    ref = sparse_attn_with_kvcache(q, k, v, cache_seqlens=length, check=False, **kw)
-    walker = sparse_attn_func(q, k, v, is_causal=True, **kw)
-    for method, fn, out in (
-            ("ours (kvcache)", lambda: sparse_attn_with_kvcache(q, k, v, cache_seqlens=length,
-                                                                check=False, **kw), ref),
-            ("tile walker", lambda: sparse_attn_func(q, k, v, is_causal=True, **kw), walker)):
-        ok = agree(out, ref)
-        ms = bench(fn) if ok else float("nan")
-        tflops = 4 * new * (WINDOW + SINKS) * D * HQ / ms / 1e9 if ok else float("nan")
-        row = dict(pattern=f"prefill {new} new", batch=1, cache_len=length, method=method,
-                   keys=WINDOW + SINKS, ms=f"{ms:.4f}",
-                   note=f"{tflops:.0f} TFLOP/s" if ok else "CHECK FAILED vs ours")
-        rows.append(row)
-        print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    default = config.PREFILL_TILES_MIN_ROWS
+    for new in chunks:
+        q = torch.randn(1, new, HQ, D, device=device, dtype=dtype, generator=gen)
+
+        def call(threshold, q=q):
+            config.PREFILL_TILES_MIN_ROWS = threshold
+            try:
+                return sparse_attn_with_kvcache(q, k, v, cache_seqlens=length, check=False,
+                                                **kw)
+            finally:
+                config.PREFILL_TILES_MIN_ROWS = default
+        ref = call(2**62)
+        for method, threshold in (("ours (kvcache, split kernel)", 2**62),
+                                  ("ours (kvcache, tile walker)", 1),
+                                  (f"ours (kvcache, default: walker from {default} rows)",
+                                   default)):
+            out = call(threshold)
+            ok = agree(out, ref)
+            ms = bench(lambda: call(threshold)) if ok else float("nan")
+            tflops = 4 * new * (WINDOW + SINKS) * D * HQ / ms / 1e9 if ok else float("nan")
+            row = dict(pattern=f"prefill {new} new", batch=1, cache_len=length, method=method,
+                       keys=WINDOW + SINKS, ms=f"{ms:.4f}",
+                       note=f"{tflops:.0f} TFLOP/s" if ok else "CHECK FAILED vs the split kernel")
+            rows.append(row)
+            print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
 
 
 def write(out_dir, gpu, copy_gbs, rows):

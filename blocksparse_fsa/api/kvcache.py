@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import config
 from ..kernels.decode import decode_fwd
+from .attention import sparse_attn_func
 from .checks import FLOAT_DTYPES, MAX_HEAD_DIM, check_backend, check_scalars, flash_causal
 from .window import check_window
 
@@ -58,6 +60,10 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
             must stay ``None`` (apply rotary embeddings to q and k before the call).
 
     Rows without any visible key give 0 and lse = -inf. Inference only: there is no backward.
+    A chunk of at least ``kernels.config.PREFILL_TILES_MIN_ROWS`` rows (batch x new queries)
+    with a window, sinks or no pattern, on a contiguous cache whose rows share one length the
+    host knows (an int ``cache_seqlens``, or the data check's read-back), runs the tile walker
+    (:func:`sparse_attn_func` on the cache's first keys); everything else the split kernel.
     Returns ``out`` ``(B, Lq_new, Hq, D)`` (and ``lse``).
 
     CUDA graphs: the Triton path allocates by shape only and never reads values back, so a
@@ -78,6 +84,8 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     num_new = 0 if k is None else k.shape[1]
+    # every row's length after the append, where the host knows it without reading it back
+    host_len = cache_seqlens + num_new if type(cache_seqlens) is int else None
     cache_seqlens = _seqlens(cache_seqlens, batch, q.device)
     window = check_window(window_size, sinks)
     if attn_indices is not None:
@@ -98,8 +106,10 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
                          "under torch.no_grad() or torch.inference_mode(), or train with "
                          "sparse_attn_func")
     if check or (check is None and not _capturing(q)):
-        _check_data(cache_seqlens, num_new, capacity, block_table, k_cache.shape[0],
-                    attn_indices)
+        lengths = _check_data(cache_seqlens, num_new, capacity, block_table, k_cache.shape[0],
+                              attn_indices)
+        if lengths is not None and lengths[0] == lengths[1]:
+            host_len = lengths[0]
 
     path = check_backend(backend, q)
     if k is not None and k.numel():
@@ -110,6 +120,14 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
     elif path == "torch":
         out, lse = _torch_decode(q, k_cache, v_cache, cache_seqlens, block_table, attn_indices,
                                  num_new, (left, right), sinks, is_causal, softmax_scale, softcap)
+    elif (attn_indices is None and block_table is None and host_len is not None
+          and 0 < host_len <= capacity and batch * q_len >= config.PREFILL_TILES_MIN_ROWS):
+        # a prefill chunk over rows of one known length: the tile walker on the analytic
+        # window layout (cached per chunk and length) reads each K/V tile once per 64 queries
+        out, lse = sparse_attn_func(q, k_cache[:, :host_len], v_cache[:, :host_len],
+                                    is_causal=is_causal, softmax_scale=softmax_scale,
+                                    softcap=softcap, window_size=(left, right), sinks=sinks,
+                                    return_lse=True, backend=path)
     else:
         out, lse = decode_fwd(q, k_cache, v_cache, cache_seqlens, block_table=block_table,
                               attn_indices=attn_indices, num_new=num_new,
@@ -319,9 +337,10 @@ def _check_indices(attn_indices, batch, num_kv_heads, q_len, device):
 
 
 def _check_data(cache_seqlens, num_new, capacity, block_table, num_blocks, attn_indices):
-    """The value checks, with one read back to the host."""
+    """The value checks, with one read back to the host. Returns the shortest and the longest
+    row's length after the append (None for an empty batch)."""
     if cache_seqlens.numel() == 0:
-        return
+        return None
     lengths = cache_seqlens.long() + num_new
     facts = [cache_seqlens.min(), lengths.max()]
     if block_table is not None:  # the pages each row uses
@@ -348,6 +367,7 @@ def _check_data(cache_seqlens, num_new, capacity, block_table, num_blocks, attn_
         if facts[-1]:
             raise ValueError("attn_indices holds a position at or beyond its row's length "
                              "(cache_seqlens + new tokens)")
+    return facts[0] + num_new, facts[1]
 
 
 def _capturing(t) -> bool:

@@ -368,3 +368,76 @@ def test_flash_attention_keywords_we_do_not_serve(kwargs, match):
     q, cache = torch.randn(2, 1, 4, 16), torch.randn(2, 8, 2, 16)
     with pytest.raises(ValueError, match=match):
         sparse_attn_with_kvcache(q, cache, cache, cache_seqlens=4, **kwargs)
+
+
+PREFILL_CASES = {  # name: (Lq, seqlens before the append, n_new, window, sinks, causal, how)
+    # how: "int" (an int cache_seqlens), "checked" (a tensor, read back by the data check),
+    # "unchecked" (a tensor with check=False: nothing known on the host)
+    "window-sinks-int": (24, [40, 40], 24, (7, 0), 2, True, "int"),
+    "window-checked": (17, [50, 50], 0, (9, 0), 0, True, "checked"),
+    "noncausal-window": (12, [30, 30], 12, (5, 3), 3, False, "checked"),
+    "dense-longer-than-cache": (9, [3, 3], 2, (-1, -1), 0, True, "int"),
+    "ragged": (16, [20, 44], 16, (7, 0), 2, True, "checked"),
+    "unchecked": (16, [30, 30], 16, (7, 0), 2, True, "unchecked"),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list(PREFILL_CASES))
+def test_prefill_chunks_through_the_tile_walker(monkeypatch, name):
+    """A chunk of new queries over rows of one length the host knows (an int, or the data
+    check's read-back) runs the tile walker on the analytic layout over the cache's first keys;
+    ragged rows, or lengths only the device knows, stay on the split kernel. Both agree with
+    the float64 oracle; garbage past the rows' length is never read."""
+    from blocksparse_fsa.api import kvcache
+    from blocksparse_fsa.kernels import config
+
+    q_len, seqlens, n_new, window, sinks, causal, how = PREFILL_CASES[name]
+    batch, hq, hkv, d, l_max = 2, 4, 2, 16, 80
+    monkeypatch.setattr(config, "PREFILL_TILES_MIN_ROWS", 16)
+    walked = []
+    walker = kvcache.sparse_attn_func
+    monkeypatch.setattr(kvcache, "sparse_attn_func",
+                        lambda *a, **kw: walked.append(a[1].shape[1]) or walker(*a, **kw))
+    k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, seqlens, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(batch, q_len, hq, d, generator=g).to(DEVICE)
+    k = torch.randn(batch, n_new, hkv, d, generator=g).to(DEVICE) if n_new else None
+    v = torch.randn(batch, n_new, hkv, d, generator=g).to(DEVICE) if n_new else None
+    lens = seqlens[0] if how == "int" else torch.tensor(seqlens, dtype=torch.int32,
+                                                          device=DEVICE)
+    out, lse = sparse_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens,
+                                        window_size=window, sinks=sinks, is_causal=causal,
+                                        return_lse=True, check=how != "unchecked")
+    lengths = [s + n_new for s in seqlens]
+    uniform = how != "unchecked" and len(set(lengths)) == 1
+    assert walked == ([lengths[0]] if uniform else [])
+    mask = oracle_mask(lengths, q_len, l_max, window, sinks, is_causal=causal)
+    check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, None, lengths, mask))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpu_prefill_chunk_walks_tiles(monkeypatch, dtype):
+    """A 300-query chunk appended to two rows of 3000 keys (600 rows: over the default
+    threshold; the lengths from the eager check's read-back): the tile walker, within the rule
+    of the float64 oracle."""
+    from blocksparse_fsa.api import kvcache
+
+    batch, q_len, hq, hkv, d, l_max, start = 2, 300, 16, 4, 128, 4096, 3000
+    walked = []
+    walker = kvcache.sparse_attn_func
+    monkeypatch.setattr(kvcache, "sparse_attn_func",
+                        lambda *a, **kw: walked.append(a[1].shape[1]) or walker(*a, **kw))
+    k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, [start] * batch, dtype)
+    q = torch.randn(batch, q_len, hq, d, device="cuda", dtype=dtype)
+    k = torch.randn(batch, q_len, hkv, d, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    lens = torch.full((batch,), start, dtype=torch.int32, device="cuda")
+    out, lse = sparse_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens,
+                                        window_size=(1023, 0), sinks=4, return_lse=True)
+    lengths = [start + q_len] * batch
+    assert walked == [lengths[0]]
+    mask = oracle_mask(lengths, q_len, l_max, (1023, 0), 4)
+    check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, None, lengths, mask))

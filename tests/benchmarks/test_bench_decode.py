@@ -17,7 +17,7 @@ def test_smoke(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "bench_decode_cpu.csv")))
     methods = {r["method"] for r in rows}
     assert {"ours", "ours-paged", "ours-graph-32-layers", "flex", "sdpa-dense",
-            "ours (kvcache)", "tile walker"} <= methods
+            "ours (kvcache, split kernel)", "ours (kvcache, tile walker)"} <= methods
     assert all(r["ms"] and "FAILED" not in r["note"] for r in rows), rows
     assert (tmp_path / "bench_decode_cpu.md").read_text().count("\n| ") == len(rows) + 1
 
