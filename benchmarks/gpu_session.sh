@@ -244,7 +244,7 @@ elif [ "$stage" = h ]; then
     > '$OUT/$stage/gpu_tests.log' 2>&1"
   tail -12 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
 elif [ "$stage" = d ]; then
-  step "GPU window, varlen, decode and non-finite tests" 200 bash -c "python3 -m pytest -m gpu \
+  step "GPU window, varlen, decode and non-finite tests" 180 bash -c "python3 -m pytest -m gpu \
     -q -p no:cacheprovider $XDIST -rf tests/api/test_window_layout.py tests/api/test_varlen.py \
     tests/kernels/test_decode.py tests/api/test_kvcache.py tests/kernels/test_nonfinite.py \
     > '$OUT/$stage/gpu_window_decode_tests.log' 2>&1"
@@ -255,8 +255,8 @@ elif [ "$stage" = d ]; then
   python3 -c "import gpu_choice, sys
 sys.exit(not gpu_choice.passed('$OUT/$stage/gpu_window_decode_tests.log'))" && merge=ticket
   log "DECODE_MERGE: $merge"; echo "DECODE_MERGE=$merge" > .gpu_choice
-  step "decode" 150 bash -c "python3 benchmarks/bench_decode.py --out '$OUT/$stage/decode' \
-    --lengths 32768 --batches 1 8 64 --config \"DECODE_MERGE='$merge'\" 2>&1 | tail -60 \
+  step "decode" 200 bash -c "python3 benchmarks/bench_decode.py --out '$OUT/$stage/decode' \
+    --lengths 32768 --batches 8 64 --config \"DECODE_MERGE='$merge'\" 2>&1 | tail -60 \
     | tee -a '$OUT/$stage/session.log'"
   step "varlen" 150 bash -c 'python3 benchmarks/bench_varlen.py --out "$OUT/$stage/varlen" \
     2>&1 | tail -30 | tee -a "$OUT/$stage/session.log"'
