@@ -340,28 +340,28 @@ def sweep(add, pattern, batch, length, ours, keys, ref, device, grid):
 def prefill(rows, bench, device, dtype, gen, copy_gbs):
     """Chunked prefill: 128 / 512 / 2048 new queries (already appended) against 32k keys,
     window + sinks, through the split kernel and through the tile walker (the analytic layout)
-    forced by ``config.PREFILL_TILES_MIN_ROWS``, and through the default choice."""
+    forced by ``config.PREFILL_TILES_MIN_QUERIES``, and through the default choice."""
     from blocksparse_fsa.kernels import config
 
     length, chunks = (32768, (128, 512, 2048)) if device.type == "cuda" else (512, (16, 64))
     k = torch.randn(1, length, HKV, D, device=device, dtype=dtype, generator=gen)
     v = torch.randn_like(k)
     kw = dict(window_size=(WINDOW - 1, 0), sinks=SINKS)
-    default = config.PREFILL_TILES_MIN_ROWS
+    default = config.PREFILL_TILES_MIN_QUERIES
     for new in chunks:
         q = torch.randn(1, new, HQ, D, device=device, dtype=dtype, generator=gen)
 
         def call(threshold, q=q):
-            config.PREFILL_TILES_MIN_ROWS = threshold
+            config.PREFILL_TILES_MIN_QUERIES = threshold
             try:
                 return sparse_attn_with_kvcache(q, k, v, cache_seqlens=length, check=False,
                                                 **kw)
             finally:
-                config.PREFILL_TILES_MIN_ROWS = default
+                config.PREFILL_TILES_MIN_QUERIES = default
         ref = call(2**62)
         for method, threshold in (("ours (kvcache, split kernel)", 2**62),
                                   ("ours (kvcache, tile walker)", 1),
-                                  (f"ours (kvcache, default: walker from {default} rows)",
+                                  (f"ours (kvcache, default: walker from {default} queries)",
                                    default)):
             out = call(threshold)
             ok = agree(out, ref)

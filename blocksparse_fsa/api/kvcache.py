@@ -60,8 +60,8 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
             must stay ``None`` (apply rotary embeddings to q and k before the call).
 
     Rows without any visible key give 0 and lse = -inf. Inference only: there is no backward.
-    A chunk of at least ``kernels.config.PREFILL_TILES_MIN_ROWS`` rows (batch x new queries)
-    with a window, sinks or no pattern, on a contiguous cache whose rows share one length the
+    A chunk of at least ``kernels.config.PREFILL_TILES_MIN_QUERIES`` new queries per row with
+    a window, sinks or no pattern, on a contiguous cache whose rows share one length the
     host knows (an int ``cache_seqlens``, or the data check's read-back), runs the tile walker
     (:func:`sparse_attn_func` on the cache's first keys); everything else the split kernel.
     Returns ``out`` ``(B, Lq_new, Hq, D)`` (and ``lse``).
@@ -121,7 +121,7 @@ def sparse_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqle
         out, lse = _torch_decode(q, k_cache, v_cache, cache_seqlens, block_table, attn_indices,
                                  num_new, (left, right), sinks, is_causal, softmax_scale, softcap)
     elif (attn_indices is None and block_table is None and host_len is not None
-          and 0 < host_len <= capacity and batch * q_len >= config.PREFILL_TILES_MIN_ROWS):
+          and 0 < host_len <= capacity and q_len >= config.PREFILL_TILES_MIN_QUERIES):
         # a prefill chunk over rows of one known length: the tile walker on the analytic
         # window layout (cached per chunk and length) reads each K/V tile once per 64 queries
         out, lse = sparse_attn_func(q, k_cache[:, :host_len], v_cache[:, :host_len],

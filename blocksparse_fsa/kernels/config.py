@@ -90,10 +90,10 @@ PARTIAL_LOADS = "pointer"
 # programs to finish (one launch per step: faster eager, the same under a CUDA graph; opt-in
 # until its GPU tests have passed, benchmarks/NOTES.md).
 DECODE_MERGE = "kernel"
-# PREFILL_TILES_MIN_ROWS: sparse_attn_with_kvcache runs a window / sinks / dense chunk of at
-# least this many query rows (batch x new queries) through the tile walker (sparse_attn_func on
-# the analytic layout) when every row has one length the host knows without a sync (an int
-# cache_seqlens, or the eager data check's read-back) and the cache is contiguous; the split
-# kernel otherwise. The walker reads each K/V tile once per 64 queries, the split kernel once
-# per 16 (benchmarks/NOTES.md has the crossover).
-PREFILL_TILES_MIN_ROWS = 512
+# PREFILL_TILES_MIN_QUERIES: sparse_attn_with_kvcache runs a window / sinks / dense chunk of at
+# least this many new queries per row through the tile walker (sparse_attn_func on the analytic
+# layout) when every row has one length the host knows without a sync (an int cache_seqlens,
+# or the eager data check's read-back) and the cache is contiguous; the split kernel otherwise
+# (decode steps always: a query tile of one row wastes the walker). The walker reads each K/V
+# tile once per 64 queries, the split kernel once per 16 (benchmarks/NOTES.md).
+PREFILL_TILES_MIN_QUERIES = 512

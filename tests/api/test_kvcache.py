@@ -394,7 +394,7 @@ def test_prefill_chunks_through_the_tile_walker(monkeypatch, name):
 
     q_len, seqlens, n_new, window, sinks, causal, how = PREFILL_CASES[name]
     batch, hq, hkv, d, l_max = 2, 4, 2, 16, 80
-    monkeypatch.setattr(config, "PREFILL_TILES_MIN_ROWS", 16)
+    monkeypatch.setattr(config, "PREFILL_TILES_MIN_QUERIES", 8)
     walked = []
     walker = kvcache.sparse_attn_func
     monkeypatch.setattr(kvcache, "sparse_attn_func",
@@ -420,12 +420,12 @@ def test_prefill_chunks_through_the_tile_walker(monkeypatch, name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gpu_prefill_chunk_walks_tiles(monkeypatch, dtype):
-    """A 300-query chunk appended to two rows of 3000 keys (600 rows: over the default
-    threshold; the lengths from the eager check's read-back): the tile walker, within the rule
-    of the float64 oracle."""
+    """A 600-query chunk appended to two rows of 3000 keys (over the default threshold; the
+    lengths from the eager check's read-back): the tile walker, within the rule of the float64
+    oracle."""
     from blocksparse_fsa.api import kvcache
 
-    batch, q_len, hq, hkv, d, l_max, start = 2, 300, 16, 4, 128, 4096, 3000
+    batch, q_len, hq, hkv, d, l_max, start = 2, 600, 8, 2, 128, 4096, 3000
     walked = []
     walker = kvcache.sparse_attn_func
     monkeypatch.setattr(kvcache, "sparse_attn_func",
