@@ -379,6 +379,9 @@ PREFILL_CASES = {  # name: (Lq, seqlens before the append, n_new, window, sinks,
     "dense-longer-than-cache": (9, [3, 3], 2, (-1, -1), 0, True, "int"),
     "ragged": (16, [20, 44], 16, (7, 0), 2, True, "checked"),
     "unchecked": (16, [30, 30], 16, (7, 0), 2, True, "unchecked"),
+    # then keywords: MQA, a softcap and a scale, in fp16
+    "mqa-softcap-fp16": (20, [33, 33], 20, (11, 0), 1, True, "int",
+                         dict(hkv=1, softcap=5.0, scale=0.3, dtype=torch.float16)),
 }
 
 
@@ -392,28 +395,32 @@ def test_prefill_chunks_through_the_tile_walker(monkeypatch, name):
     from blocksparse_fsa.api import kvcache
     from blocksparse_fsa.kernels import config
 
-    q_len, seqlens, n_new, window, sinks, causal, how = PREFILL_CASES[name]
-    batch, hq, hkv, d, l_max = 2, 4, 2, 16, 80
+    q_len, seqlens, n_new, window, sinks, causal, how, *extra = PREFILL_CASES[name]
+    opts = {"hkv": 2, "softcap": 0.0, "scale": None, "dtype": torch.float32,
+            **(extra[0] if extra else {})}
+    batch, hq, hkv, d, l_max, dtype = 2, 4, opts["hkv"], 16, 80, opts["dtype"]
     monkeypatch.setattr(config, "PREFILL_TILES_MIN_QUERIES", 8)
     walked = []
     walker = kvcache.sparse_attn_func
     monkeypatch.setattr(kvcache, "sparse_attn_func",
                         lambda *a, **kw: walked.append(a[1].shape[1]) or walker(*a, **kw))
-    k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, seqlens, torch.float32)
+    k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, seqlens, dtype)
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(batch, q_len, hq, d, generator=g).to(DEVICE)
-    k = torch.randn(batch, n_new, hkv, d, generator=g).to(DEVICE) if n_new else None
-    v = torch.randn(batch, n_new, hkv, d, generator=g).to(DEVICE) if n_new else None
+    q, k, v = (torch.randn(batch, n, h, d, generator=g).to(dtype).to(DEVICE)
+               for n, h in ((q_len, hq), (n_new, hkv), (n_new, hkv)))
     lens = seqlens[0] if how == "int" else torch.tensor(seqlens, dtype=torch.int32,
                                                           device=DEVICE)
-    out, lse = sparse_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens,
+    out, lse = sparse_attn_with_kvcache(q, k_cache, v_cache, k if n_new else None,
+                                        v if n_new else None, cache_seqlens=lens,
                                         window_size=window, sinks=sinks, is_causal=causal,
+                                        softmax_scale=opts["scale"], softcap=opts["softcap"],
                                         return_lse=True, check=how != "unchecked")
     lengths = [s + n_new for s in seqlens]
     uniform = how != "unchecked" and len(set(lengths)) == 1
     assert walked == ([lengths[0]] if uniform else [])
     mask = oracle_mask(lengths, q_len, l_max, window, sinks, is_causal=causal)
-    check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, None, lengths, mask))
+    check_kvcache(q, out, lse, *kvcache_reference(q, k_cache, v_cache, None, lengths, mask,
+                                                  opts["scale"], opts["softcap"]))
 
 
 @pytest.mark.gpu
