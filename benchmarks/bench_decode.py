@@ -240,11 +240,8 @@ def main(argv=None):
                 if paged is not None:
                     add(pattern, batch, length, "ours-paged", lambda: ours(*paged), keys, ref)
                 if device.type == "cuda":
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        static = ours()
-                    add(pattern, batch, length, "ours-graph",
-                        lambda: (graph.replay(), static)[1], keys, ref)
+                    add(pattern, batch, length, "ours-graph", capture([ours], device), keys,
+                        ref)
                 layers = layer_calls(q, k_cache, v_cache, lens, idx, kw, length)
                 add(pattern, batch, length, f"ours-graph-{LAYERS}-layers",
                     capture(layers, device), keys, ref, calls=LAYERS)
@@ -323,16 +320,9 @@ def sweep(add, pattern, batch, length, ours, keys, ref, device, grid):
             cfg = dict(cfg)
             decode.SPLIT_WAVES = cfg.pop("waves")
             decode.get_decode_config = lambda head_dim, indices, cfg=cfg: dict(cfg)
-            fn = ours
-            if device.type == "cuda":
-                ours()  # compile outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static = ours()
-                fn = lambda graph=graph, static=static: (graph.replay(), static)[1]  # noqa
             add(pattern, batch, length, "sweep " + " ".join(
-                f"{k}={v}" for k, v in cfg.items()) + f" waves={decode.SPLIT_WAVES}", fn,
-                keys, ref)
+                f"{k}={v}" for k, v in cfg.items()) + f" waves={decode.SPLIT_WAVES}",
+                capture([ours], device), keys, ref)
     finally:
         decode.get_decode_config, decode.SPLIT_WAVES = default_config, default_waves
 

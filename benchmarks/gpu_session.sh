@@ -102,6 +102,15 @@ bench() { python3 -m blocksparse_fsa_bench --seq-len 32768 --quick --no-plot \
             --out "$OUT/$stage/$1" "${@:2}" 2>"$OUT/$stage/$1.progress" | tee "$OUT/$stage/$1.log"; }
 export -f bench
 
+# the GPU window, varlen, decode and non-finite tests under a limit of $1 seconds, their log
+# where gpu_choice.py reads it
+window_decode_tests() {
+  step "GPU window, varlen, decode and non-finite tests" "$1" bash -c "python3 -m pytest -m gpu \
+    -q -p no:cacheprovider $XDIST -rf tests/api/test_window_layout.py tests/api/test_varlen.py \
+    tests/kernels/test_decode.py tests/api/test_kvcache.py tests/kernels/test_nonfinite.py \
+    > '$OUT/$stage/gpu_window_decode_tests.log' 2>&1"
+  tail -4 "$OUT/$stage/gpu_window_decode_tests.log" | tee -a "$OUT/$stage/session.log"
+}
 # the kernels of .base/ against this tree's three ways of loading partial tiles
 partial_loads_ab() {
   [ -d .base/blocksparse_fsa ] && step "kernel A/B: before" 60 env PYTHONPATH="$PWD/.base" \
@@ -223,11 +232,7 @@ elif [ "$stage" = h ]; then
   step "window build stamps" 60 bash -c 'python3 benchmarks/window_build_stamps.py 2>&1 \
     | tee -a "$OUT/$stage/session.log"; python3 benchmarks/window_build_stamps.py --sinks 4 \
     2>&1 | tail -1 | tee -a "$OUT/$stage/session.log"'
-  step "GPU window, varlen, decode and non-finite tests" 240 bash -c "python3 -m pytest -m gpu \
-    -q -p no:cacheprovider $XDIST -rf tests/api/test_window_layout.py tests/api/test_varlen.py \
-    tests/kernels/test_decode.py tests/api/test_kvcache.py tests/kernels/test_nonfinite.py \
-    > '$OUT/$stage/gpu_window_decode_tests.log' 2>&1"
-  tail -4 "$OUT/$stage/gpu_window_decode_tests.log" | tee -a "$OUT/$stage/session.log"
+  window_decode_tests 240
   partial_loads_ab  # issue 21's last item first
   for merge in kernel ticket; do
     step "decode A/B: $merge" 90 python3 benchmarks/ab_decode.py --label "$merge" \
@@ -244,11 +249,7 @@ elif [ "$stage" = h ]; then
     > '$OUT/$stage/gpu_tests.log' 2>&1"
   tail -12 "$OUT/$stage/gpu_tests.log" | tee -a "$OUT/$stage/session.log"
 elif [ "$stage" = d ]; then
-  step "GPU window, varlen, decode and non-finite tests" 180 bash -c "python3 -m pytest -m gpu \
-    -q -p no:cacheprovider $XDIST -rf tests/api/test_window_layout.py tests/api/test_varlen.py \
-    tests/kernels/test_decode.py tests/api/test_kvcache.py tests/kernels/test_nonfinite.py \
-    > '$OUT/$stage/gpu_window_decode_tests.log' 2>&1"
-  tail -4 "$OUT/$stage/gpu_window_decode_tests.log" | tee -a "$OUT/$stage/session.log"
+  window_decode_tests 180
   # the ticket merge measured faster eager and equal under a graph (ab_decode, H100): taken
   # once its GPU tests have passed
   merge=kernel

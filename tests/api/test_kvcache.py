@@ -370,6 +370,17 @@ def test_flash_attention_keywords_we_do_not_serve(kwargs, match):
         sparse_attn_with_kvcache(q, cache, cache, cache_seqlens=4, **kwargs)
 
 
+def walker_calls(monkeypatch):
+    """A list that records the key length of every tile-walker call sparse_attn_with_kvcache
+    makes from now on."""
+    from blocksparse_fsa.api import kvcache
+
+    walked, walker = [], kvcache.sparse_attn_func
+    monkeypatch.setattr(kvcache, "sparse_attn_func",
+                        lambda *a, **kw: walked.append(a[1].shape[1]) or walker(*a, **kw))
+    return walked
+
+
 PREFILL_CASES = {  # name: (Lq, seqlens before the append, n_new, window, sinks, causal, how)
     # how: "int" (an int cache_seqlens), "checked" (a tensor, read back by the data check),
     # "unchecked" (a tensor with check=False: nothing known on the host)
@@ -392,7 +403,6 @@ def test_prefill_chunks_through_the_tile_walker(monkeypatch, name):
     check's read-back) runs the tile walker on the analytic layout over the cache's first keys;
     ragged rows, or lengths only the device knows, stay on the split kernel. Both agree with
     the float64 oracle; garbage past the rows' length is never read."""
-    from blocksparse_fsa.api import kvcache
     from blocksparse_fsa.kernels import config
 
     q_len, seqlens, n_new, window, sinks, causal, how, *extra = PREFILL_CASES[name]
@@ -400,10 +410,7 @@ def test_prefill_chunks_through_the_tile_walker(monkeypatch, name):
             **(extra[0] if extra else {})}
     batch, hq, hkv, d, l_max, dtype = 2, 4, opts["hkv"], 16, 80, opts["dtype"]
     monkeypatch.setattr(config, "PREFILL_TILES_MIN_QUERIES", 8)
-    walked = []
-    walker = kvcache.sparse_attn_func
-    monkeypatch.setattr(kvcache, "sparse_attn_func",
-                        lambda *a, **kw: walked.append(a[1].shape[1]) or walker(*a, **kw))
+    walked = walker_calls(monkeypatch)
     k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, seqlens, dtype)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(batch, n, h, d, generator=g).to(dtype).to(DEVICE)
@@ -430,13 +437,8 @@ def test_gpu_prefill_chunk_walks_tiles(monkeypatch, dtype):
     """A 600-query chunk appended to two rows of 3000 keys (over the default threshold; the
     lengths from the eager check's read-back): the tile walker, within the rule of the float64
     oracle."""
-    from blocksparse_fsa.api import kvcache
-
     batch, q_len, hq, hkv, d, l_max, start = 2, 600, 8, 2, 128, 4096, 3000
-    walked = []
-    walker = kvcache.sparse_attn_func
-    monkeypatch.setattr(kvcache, "sparse_attn_func",
-                        lambda *a, **kw: walked.append(a[1].shape[1]) or walker(*a, **kw))
+    walked = walker_calls(monkeypatch)
     k_cache, v_cache, _ = make_cache(batch, l_max, hkv, d, [start] * batch, dtype)
     q = torch.randn(batch, q_len, hq, d, device="cuda", dtype=dtype)
     k = torch.randn(batch, q_len, hkv, d, device="cuda", dtype=dtype)
